@@ -1,0 +1,30 @@
+# Set-up and main jobs. torch is installed first, pinned: a bare torch requirement on a machine
+# without torch pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup quickstart test lint bench clean
+
+$(BIN)/lmtune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/lmtune
+
+setup: $(BIN)/lmtune
+
+quickstart: setup
+	$(BIN)/lmtune train examples/quickstart.yaml overwrite_output_dir=true
+	$(BIN)/lmtune chat out/quickstart --prompt "What is your name?"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) out

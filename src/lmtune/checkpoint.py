@@ -1,0 +1,223 @@
+"""Checkpoints that are never half-written, an index that can be trusted, rotation by step.
+
+A checkpoint is written into `.checkpoint-<step>.tmp/`, every file fsynced, a completion mark
+written last, and only then renamed to `checkpoint-<step>/`. `checkpoints.json` is replaced
+atomically after each save and each deletion. Writing happens on a background thread from a copy
+of the state taken on the training thread, one save in flight at a time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmtune.schedule import rotation
+
+log = logging.getLogger("lmtune")
+
+INDEX_NAME = "checkpoints.json"
+COMPLETE_MARK = "checkpoint_complete.json"
+TRAIN_STATE = "train_state.json"
+PREFIX = "checkpoint-"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+# --- the index --------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointIndex:
+    run_dir: Path
+    save_total_limit: int | None = None
+    best_metric: str | None = None
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> CheckpointIndex:
+        path = Path(run_dir) / INDEX_NAME
+        index = cls(Path(run_dir))
+        if path.is_file():
+            data = json.loads(path.read_text())
+            index.save_total_limit = data.get("save_total_limit")
+            index.best_metric = data.get("best_metric")
+            index.entries = data.get("checkpoints", [])
+        index._note_incomplete_folders()
+        return index
+
+    def _note_incomplete_folders(self) -> None:
+        """Folders on disk that are not complete checkpoints are listed, never used."""
+        known = {entry["path"] for entry in self.entries}
+        for folder in sorted(self.run_dir.glob(f"{PREFIX}*")) + sorted(self.run_dir.glob(f".{PREFIX}*.tmp")):
+            if folder.is_dir() and not (folder / COMPLETE_MARK).is_file() and folder.name not in known:
+                step = _step_of(folder.name)
+                if step is not None:
+                    self.entries.append({"step": step, "path": folder.name, "status": "incomplete",
+                                         "reasons": [], "metrics": {}, "best": False})
+
+    def write(self) -> None:
+        data = {"version": 1, "save_total_limit": self.save_total_limit, "best_metric": self.best_metric,
+                "checkpoints": sorted(self.entries, key=lambda e: (e["step"], e["path"]))}
+        atomic_write_text(self.run_dir / INDEX_NAME, json.dumps(data, indent=1))
+
+    def kept(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["status"] == "kept"]
+
+    def newest_complete(self) -> Path | None:
+        complete = [e for e in self.kept() if (self.run_dir / e["path"] / COMPLETE_MARK).is_file()]
+        return self.run_dir / max(complete, key=lambda e: e["step"])["path"] if complete else None
+
+
+def _step_of(name: str) -> int | None:
+    digits = name.removeprefix(".").removeprefix(PREFIX).removesuffix(".tmp")
+    return int(digits) if digits.isdigit() else None
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / COMPLETE_MARK).is_file() and (Path(folder) / TRAIN_STATE).is_file()
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """A copy of everything a checkpoint holds, taken on the training thread."""
+
+    step: int
+    weights: dict[str, torch.Tensor]
+    weights_name: str  # adapter_model.safetensors or model.safetensors
+    write_model_files: Any  # callable(folder): configs and tokenizer
+    optimizer: dict | None
+    scheduler: dict | None
+    rng: dict[str, Any]
+    train_state: dict[str, Any]
+    entry: dict[str, Any]
+
+
+class CheckpointStore:
+    def __init__(self, run_dir: Path, save_total_limit: int | None, best_metric: str | None,
+                 greater_is_better: bool = False):
+        self.run_dir = Path(run_dir)
+        self.index = CheckpointIndex.load(self.run_dir)
+        self.index.save_total_limit = save_total_limit
+        self.index.best_metric = best_metric
+        self.greater_is_better = greater_is_better
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, snapshot: Snapshot, on_saved: Any = None) -> None:
+        """Start writing `snapshot`; waits first for the save before it to finish."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, on_saved), daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_guarded(self, snapshot: Snapshot, on_saved: Any) -> None:
+        try:
+            path = self.write(snapshot)
+            if on_saved is not None:
+                on_saved(path)
+        except BaseException as error:  # reported on the training thread by wait()
+            self._error = error
+
+    def write(self, snapshot: Snapshot) -> Path:
+        final = self.run_dir / f"{PREFIX}{snapshot.step}"
+        tmp = self.run_dir / f".{PREFIX}{snapshot.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._write_files(tmp, snapshot)
+        _fsync_tree(tmp)
+        (tmp / COMPLETE_MARK).write_text(json.dumps({"step": snapshot.step}))
+        _fsync_tree(tmp)
+        if final.exists():  # an older checkpoint of the same step (a rerun after a crash)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.run_dir)
+        self._record(final, snapshot)
+        return final
+
+    def _write_files(self, folder: Path, snapshot: Snapshot) -> None:
+        save_file(snapshot.weights, str(folder / snapshot.weights_name), metadata={"format": "pt"})
+        snapshot.write_model_files(folder)
+        if snapshot.optimizer is not None:
+            torch.save(snapshot.optimizer, folder / "optimizer.pt")
+            torch.save(snapshot.scheduler, folder / "scheduler.pt")
+        torch.save(snapshot.rng, folder / "rng_state.pth")
+        (folder / TRAIN_STATE).write_text(json.dumps(snapshot.train_state, indent=1))
+
+    def _record(self, folder: Path, snapshot: Snapshot) -> None:
+        entry = dict(snapshot.entry)
+        entry.update(path=folder.name, status="kept", best=False,
+                     size_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+                     created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        self.index.entries = [e for e in self.index.entries if e["path"] != folder.name] + [entry]
+        self._mark_best()
+        self.index.write()
+        self._rotate()
+
+    def _mark_best(self) -> None:
+        metric = self.index.best_metric
+        scored = [e for e in self.index.kept() if metric and e.get("metrics", {}).get(metric) is not None]
+        for entry in self.index.entries:
+            entry["best"] = False
+        if scored:
+            pick = max if self.greater_is_better else min
+            pick(scored, key=lambda e: (e["metrics"][metric], -e["step"]))["best"] = True
+
+    def best_step(self) -> int | None:
+        return next((e["step"] for e in self.index.entries if e.get("best")), None)
+
+    def _rotate(self) -> None:
+        kept_steps = sorted(e["step"] for e in self.index.kept())
+        _, doomed = rotation(kept_steps, self.index.save_total_limit, self.best_step())
+        if not doomed:
+            return
+        for entry in self.index.kept():
+            if entry["step"] in doomed:
+                entry["status"] = "deleted"
+        self.index.write()  # the index says deleted before the folder goes
+        for step in doomed:
+            shutil.rmtree(self.run_dir / f"{PREFIX}{step}", ignore_errors=True)
+            log.info("rotation (save_total_limit %s): deleted %s%d", self.index.save_total_limit, PREFIX, step)

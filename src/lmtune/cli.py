@@ -1,0 +1,202 @@
+"""The `lmtune` command: a thin layer over config, data, schedule, engine and checkpoint store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmtune.errors import RunFailed, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune causal language models from one YAML file.")
+model_app = typer.Typer(no_args_is_help=True, help="Models: import a GGUF file or the built-in model.")
+app.add_typer(model_app, name="model")
+log = logging.getLogger("lmtune")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides of the config file")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="only warnings and errors")]
+Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="debug output")]
+
+
+def setup_logging(level: str = "info", quiet: bool = False, verbose: bool = False) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    chosen = "warning" if quiet else "debug" if verbose else level
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and chosen in ("info", "debug"):
+        chosen = "warning"  # one process talks; the others only warn
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
+                          log_time_format="[%X]")
+    logger = logging.getLogger("lmtune")
+    logger.handlers[:] = [handler]
+    logger.setLevel(chosen.upper())
+    logger.propagate = False
+
+
+def _load(config_path: Path | None, overrides: list[str] | None):
+    from lmtune.config import load_config
+
+    return load_config(config_path, overrides or [])
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="the run's YAML file")] = None,
+    overrides: Overrides = None,
+    help_config: Annotated[bool, typer.Option("--help-config", help="list every config key and exit")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run (or auto-resume) a training run."""
+    if help_config:
+        _print_config_help()
+        return
+    if config is None:
+        raise UserError("lmtune train needs a config file: lmtune train CONFIG.yaml [key=value ...]")
+    run_config = _load(config, overrides)
+    setup_logging(run_config.log_level, quiet, verbose)
+    from lmtune.engine import train as run_training
+
+    out = run_training(run_config)
+    log.info("done: %s", out)
+
+
+def _print_config_help() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmtune.config import config_help_rows
+
+    table = Table(title="lmtune config keys", show_lines=False)
+    for column in ("key", "type", "default", "help"):
+        table.add_column(column, overflow="fold")
+    for row in config_help_rows():
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="the run's YAML file")],
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the plan as JSON")] = False,
+) -> None:
+    """Print the schedule of a run without training: steps, saves, evals, rotation, disk."""
+    from lmtune.planning import plan_for_config, render_plan
+
+    run_config = _load(config, overrides)
+    setup_logging("warning")
+    the_plan = plan_for_config(run_config)
+    if as_json:
+        typer.echo(json.dumps(the_plan.to_json(), indent=1))
+    else:
+        render_plan(the_plan, run_config)
+
+
+@app.command()
+def checkpoints(
+    run_dir: Annotated[Path, typer.Argument(help="the run's output_dir")],
+    as_json: Annotated[bool, typer.Option("--json", help="the index as JSON")] = False,
+) -> None:
+    """The checkpoint index of a run (kept, deleted, best, incomplete)."""
+    from lmtune.checkpoint import CheckpointIndex
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a folder")
+    index = CheckpointIndex.load(run_dir)
+    if not index.entries and not (run_dir / "checkpoints.json").exists():
+        raise UserError(f"{run_dir} holds no checkpoints.json and no checkpoint folders: not a run folder?")
+    entries = sorted(index.entries, key=lambda e: e["step"])
+    if as_json:
+        typer.echo(json.dumps({"save_total_limit": index.save_total_limit, "best_metric": index.best_metric,
+                               "checkpoints": entries}, indent=1))
+        return
+    _print_checkpoints(index, entries)
+
+
+def _print_checkpoints(index, entries) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"checkpoints of {index.run_dir} (save_total_limit {index.save_total_limit})")
+    for column in ("step", "epoch", "reasons", "loss", "eval loss", "size", "status"):
+        table.add_column(column)
+    for e in entries:
+        metrics = e.get("metrics", {})
+        status = e["status"] + (" best" if e.get("best") else "")
+        table.add_row(str(e["step"]), _fmt(e.get("epoch")), ",".join(e.get("reasons", [])),
+                      _fmt(metrics.get("loss")), _fmt(metrics.get("eval_loss")), _size(e.get("size_bytes")), status)
+    Console().print(table)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _size(value) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+@app.command()
+def chat(
+    target: Annotated[str, typer.Argument(help="a base model, a run folder or a checkpoint folder")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="answer this once and exit")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 answers greedily")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+) -> None:
+    """Talk to a base model, a run's final model or any checkpoint (adapter applied)."""
+    from lmtune.chat import chat_loop, load_for_chat
+
+    setup_logging("warning")
+    session = load_for_chat(target)
+    chat_loop(session, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+
+@model_app.command("import")
+def model_import(
+    source: Annotated[str, typer.Argument(help="a .gguf file or the built-in name smollm2-135m-instruct")],
+    out: Annotated[Path, typer.Option("--out", help="the HF folder to write")],
+) -> None:
+    """Convert a GGUF file (or the built-in model) into a Hugging Face folder."""
+    from lmtune.config import BUILTIN_MODEL
+    from lmtune.models import import_builtin, import_gguf
+
+    setup_logging("info")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; choose a new folder")
+    if source == BUILTIN_MODEL:
+        path = import_builtin(out)
+    elif source.endswith(".gguf") and Path(source).is_file():
+        path = import_gguf(Path(source), out)
+    else:
+        raise UserError(f"'{source}' is neither a .gguf file nor the built-in name '{BUILTIN_MODEL}'")
+    typer.echo(f"model written to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv)
+    except UserError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        sys.exit(error.exit_code)
+    except RunFailed as error:
+        typer.secho(f"failed: {error}", fg="red", err=True)
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()

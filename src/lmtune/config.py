@@ -1,0 +1,329 @@
+"""Every config key: its type, default and help, YAML + `key=value` loading, cross-key checks.
+
+Key names follow LLaMA-Factory and the Hugging Face `TrainingArguments` where the meaning is the
+same, so that an existing config can be brought over.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmtune.errors import UserError
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+
+
+class SavePhase(BaseModel):
+    """One phase of `save_schedule`: its own save rules until an epoch or a step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    until_epoch: float | None = Field(None, gt=0, description="the phase ends at this epoch")
+    until_step: int | None = Field(None, gt=0, description="the phase ends at this step")
+    save_steps: int | None = Field(None, gt=0, description="save every N optimizer steps")
+    save_epochs: float | None = Field(None, gt=0, description="save every X epochs (float)")
+    saves_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced saves per epoch")
+
+    @model_validator(mode="after")
+    def _one_end(self) -> SavePhase:
+        if (self.until_epoch is None) == (self.until_step is None):
+            raise ValueError("each save_schedule phase needs exactly one of until_epoch or until_step")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """The whole run, one flat set of keys."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model
+    model_name_or_path: str = Field(
+        BUILTIN_MODEL, description=f"local HF folder, a .gguf file, or the built-in '{BUILTIN_MODEL}'"
+    )
+    template: str | None = Field(
+        None, description="chat template name (chatml, llama3, mistral, qwen, alpaca, ...); "
+        "null uses the tokenizer's own chat template"
+    )
+    trust_remote_code: bool = Field(False, description="allow code shipped with a model folder to run")
+
+    # method
+    stage: Literal["pt", "sft"] = Field("sft", description="pt: continued pre-training on text; sft: supervised")
+    finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained")
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r")
+    lora_alpha: int | None = Field(None, gt=0, description="LoRA alpha; null means 2 x lora_rank")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
+    lora_target: str | list[str] = Field(
+        "all", description="'all' linear layers but the output head, or module names (list or comma separated)"
+    )
+    freeze_trainable_layers: int = Field(
+        2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)"
+    )
+
+    # data
+    dataset: str | list[str] | None = Field(
+        None, description="names in dataset_dir/dataset_info.json, or file paths, comma separated"
+    )
+    dataset_dir: str = Field("data", description="folder holding dataset_info.json and the data files")
+    cutoff_len: int = Field(1024, gt=0, description="longest tokenised example; longer ones are truncated")
+    max_samples: int | None = Field(None, gt=0, description="use at most this many examples of each data set")
+    val_size: float = Field(
+        0.0, ge=0, description="held-out eval data: a fraction (< 1) or a number of examples"
+    )
+    packing: bool | None = Field(
+        None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft"
+    )
+    streaming: bool = Field(False, description="read the data as a stream (needs max_steps)")
+    buffer_size: int = Field(16384, gt=0, description="shuffle buffer of a streamed data set")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        "concat", description="how several data sets are mixed"
+    )
+    interleave_probs: str | list[float] | None = Field(
+        None, description="sampling probabilities of the data sets when interleaving"
+    )
+    preprocessing_num_workers: int | None = Field(
+        None, gt=0, description="processes for tokenisation (datasets num_proc); null: one"
+    )
+    dataloader_num_workers: int = Field(0, ge=0, description="worker processes of the data loader")
+    preview_samples: int = Field(1, ge=0, description="processed examples printed when training starts")
+
+    # optimisation
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    num_train_epochs: float = Field(3.0, gt=0, description="epochs to train when max_steps is not set")
+    max_steps: int | None = Field(
+        None, description="optimizer steps to train; overrides num_train_epochs (-1 or null: unset)"
+    )
+    per_device_train_batch_size: int = Field(4, gt=0, description="examples per micro-batch per process")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt",
+        "cosine_with_restarts",
+    ] = Field("cosine", description="learning rate schedule after warm-up")
+    warmup_steps: float = Field(
+        0, ge=0, description="warm-up steps (int), or a fraction of total steps (float < 1)"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
+    seed: int = Field(42, description="seed of the data order, initialisation and dropout")
+    bf16: bool = Field(False, description="train in bfloat16 mixed precision where the hardware has it")
+
+    # saving
+    save_steps: int | None = Field(None, description="save every N optimizer steps (int)")
+    save_epochs: float | None = Field(None, gt=0, description="save every X epochs, e.g. 0.25")
+    saves_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced saves in every epoch")
+    save_minutes: float | None = Field(None, gt=0, description="save every M minutes of wall clock")
+    save_strategy: Literal["steps", "epoch", "no"] | None = Field(
+        None, description="for configs brought from elsewhere: epoch = save_epochs 1, no = final only"
+    )
+    save_total_limit: int | None = Field(
+        None, gt=0, description="keep at most this many checkpoints (+ the best); null keeps all"
+    )
+    metric_for_best_model: str | None = Field(
+        None, description="metric that marks the best checkpoint, e.g. eval_loss"
+    )
+    save_on_eval: bool = Field(False, description="save a checkpoint at every evaluation")
+    save_only_model: bool = Field(False, description="checkpoints without optimizer state (not resumable)")
+    save_schedule: list[SavePhase] | None = Field(
+        None, description="phases, each with until_epoch or until_step and its own save rules"
+    )
+
+    # evaluation
+    eval_steps: int | None = Field(None, description="evaluate every N optimizer steps")
+    eval_epochs: float | None = Field(None, gt=0, description="evaluate every X epochs")
+    evals_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced evaluations per epoch")
+    eval_minutes: float | None = Field(None, gt=0, description="evaluate every M minutes")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="examples per eval batch per process")
+
+    # resuming
+    resume_from_checkpoint: str | bool = Field(
+        "auto", description="auto: newest complete checkpoint in output_dir; false: fresh; or a path"
+    )
+    resume_lr: Literal["keep", "config"] = Field(
+        "keep", description="on resume, keep the saved LR schedule or apply the config's from now on"
+    )
+    overwrite_output_dir: bool = Field(False, description="start fresh in an output_dir that holds a run")
+
+    # logging
+    output_dir: str = Field("out", description="folder of the run: checkpoints, metrics, final model")
+    logging_steps: int = Field(10, gt=0, description="log the loss every N optimizer steps")
+    report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="tensorboard or none")
+    plot_loss: bool = Field(True, description="write loss.png at the end of the run")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="terminal verbosity")
+
+    # extension
+    callbacks: list[str] = Field(
+        default_factory=list, description="import paths of callback classes, e.g. mypkg.cbs:MyCallback"
+    )
+
+    @field_validator("max_steps", mode="before")
+    @classmethod
+    def _unset_max_steps(cls, value: Any) -> Any:
+        return None if value in (-1, "-1") else value
+
+    @field_validator("save_steps", "eval_steps", mode="before")
+    @classmethod
+    def _whole_steps(cls, value: Any, info) -> Any:
+        if isinstance(value, float) and not value.is_integer():
+            hint = "save_epochs" if info.field_name == "save_steps" else "eval_epochs"
+            raise ValueError(
+                f"a float {info.field_name} ({value}) is not a number of steps; "
+                f"for a fraction of an epoch use {hint}: {value}"
+            )
+        return value
+
+    @field_validator("lora_target", "dataset", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("resume_from_checkpoint", mode="before")
+    @classmethod
+    def _resume_value(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.lower() in ("false", "no", "none", "null")):
+            return False
+        if value is True:
+            return "auto"
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError("max_steps must be a positive number of steps (or -1 / null for unset)")
+        for key in ("save_steps", "eval_steps"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"{key} must be a positive number of steps")
+        if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
+            raise ValueError("warmup_steps is a whole number of steps, or a fraction < 1 of the total steps")
+        if self.streaming and self.max_steps is None:
+            raise ValueError(
+                "streaming: true needs max_steps: the length of a stream is unknown, so the number "
+                "of epochs cannot tell when to stop"
+            )
+        return self
+
+    # --- derived values -------------------------------------------------------------------------
+
+    @property
+    def datasets(self) -> list[str]:
+        if self.dataset is None:
+            return []
+        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+
+    @property
+    def use_packing(self) -> bool:
+        return self.stage == "pt" if self.packing is None else self.packing
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps < 1:
+            return int(round(self.warmup_steps * total_steps))
+        return int(self.warmup_steps)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise UserError(f"'{text}' is not a key=value override (for example: learning_rate=2e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def nearest_key(key: str) -> str | None:
+    matches = difflib.get_close_matches(key, list(TrainConfig.model_fields), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _check_known_keys(values: dict[str, Any], source: str) -> None:
+    for key in values:
+        if key not in TrainConfig.model_fields:
+            suggestion = nearest_key(key)
+            hint = f"; did you mean '{suggestion}'?" if suggestion else "; see `lmtune train --help-config`"
+            raise UserError(f"{source}: unknown key '{key}'{hint}")
+
+
+def _describe_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        given = item.get("input")
+        if item["loc"] and not isinstance(given, dict):
+            lines.append(f"{source}: {key}: {message} (got {given!r})")
+        else:
+            lines.append(f"{source}: {message}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: the config must be a mapping of key: value lines")
+    return values
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    _check_known_keys(values, source)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        raise UserError(_describe_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config of a run: the YAML file, then each `key=value` override on top."""
+    values = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    parsed = dict(parse_override(item) for item in overrides or [])
+    _check_known_keys(parsed, "command line")
+    values.update(parsed)
+    config = build_config(values, source)
+    return _resolve_relative_paths(config, Path(path).parent if path is not None else Path.cwd())
+
+
+def _resolve_relative_paths(config: TrainConfig, base: Path) -> TrainConfig:
+    """A dataset_dir written relative to the config file is found from anywhere; output_dir stays
+    relative to where the user runs the command, as in the Hugging Face Trainer."""
+    dataset_dir = Path(config.dataset_dir)
+    if not dataset_dir.is_absolute() and not dataset_dir.exists() and (base / dataset_dir).exists():
+        config.dataset_dir = str(base / dataset_dir)
+    return config
+
+
+def config_help_rows() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every key, in the order of the config sections."""
+    rows = []
+    for name, field in TrainConfig.model_fields.items():
+        annotation = str(field.annotation).replace("typing.", "").replace("lmtune.config.", "")
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append((name, annotation, repr(default), field.description or ""))
+    return rows
+
+
+def write_run_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))

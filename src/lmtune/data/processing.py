@@ -1,0 +1,258 @@
+"""From files to training rows: convert, tokenise with label masks, truncate, split, pack, cache.
+
+A processed row holds `input_ids`, `labels` and `position_ids`. Position ids restart at 0 where a
+packed example starts, which is how the model keeps packed examples from attending to each other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from lmtune.config import TrainConfig
+from lmtune.data.registry import DatasetSpec, load_rows, resolve_datasets, standard_row
+from lmtune.data.templates import IGNORE_INDEX, chat_template_for, encode_conversation
+from lmtune.errors import UserError
+from lmtune.paths import cache_home
+
+log = logging.getLogger("lmtune")
+CACHE_VERSION = 1
+
+
+@dataclass
+class DataStats:
+    """What happened to the data on its way to the model."""
+
+    examples_read: int = 0
+    examples_after_max_samples: int = 0
+    truncated: int = 0
+    dropped_no_response: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    train_tokens: int = 0
+    trained_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ProcessedData:
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    stats: DataStats
+    cache_dir: Path | None = None
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) -> ProcessedData:
+    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
+    template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
+    cache_dir = cache_home() / "data" / _cache_key(config, specs, tokenizer, template)
+    if use_cache and (cache_dir / "done").exists():
+        log.info("using processed data from the cache: %s", cache_dir)
+        return _load_cached(cache_dir)
+    data = _process(config, specs, tokenizer, template)
+    if use_cache:
+        _save_cached(data, cache_dir)
+        data.cache_dir = cache_dir
+    return data
+
+
+def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, template: str | None) -> ProcessedData:
+    stats = DataStats()
+    parts = []
+    for spec in specs:
+        part = _tokenize_dataset(config, spec, tokenizer, template, stats)
+        parts.append(part)
+    examples = _mix(parts, config)
+    if len(examples) == 0:
+        raise UserError(_empty_message(config, stats))
+    train, evaluation = _split(examples, config)
+    stats.train_examples, stats.eval_examples = len(train), len(evaluation) if evaluation else 0
+    train = _finish(train, config)
+    evaluation = _finish(evaluation, config) if evaluation is not None else None
+    stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation else 0
+    stats.lengths = [len(ids) for ids in examples["input_ids"]]
+    stats.train_tokens = sum(len(ids) for ids in train["input_ids"])
+    stats.trained_tokens = sum(sum(1 for x in labels[1:] if x != IGNORE_INDEX) for labels in train["labels"])
+    return ProcessedData(train, evaluation, stats)
+
+
+def _tokenize_dataset(
+    config: TrainConfig, spec: DatasetSpec, tokenizer: Any, template: str | None, stats: DataStats
+) -> datasets.Dataset:
+    tokenized = []
+    remaining = config.max_samples
+    for file in spec.files:
+        rows = load_rows(file)
+        stats.examples_read += len(rows)
+        if remaining is not None:
+            rows = rows.select(range(min(remaining, len(rows))))
+            remaining -= len(rows)
+        stats.examples_after_max_samples += len(rows)
+        if len(rows) == 0:
+            continue
+        encode = _encoder(config, spec, file, tokenizer, template)
+        tokenized.append(
+            rows.map(
+                encode,
+                with_indices=True,
+                batched=True,
+                remove_columns=rows.column_names,
+                num_proc=config.preprocessing_num_workers if len(rows) > 1000 else None,
+                desc=f"tokenising {file.name}",
+                load_from_cache_file=False,
+            )
+        )
+    if not tokenized:
+        raise UserError(f"data set '{spec.name}' has no rows ({', '.join(map(str, spec.files))})")
+    part = datasets.concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
+    stats.truncated += int(sum(part["truncated"]))
+    kept = part.filter(lambda row: row["has_labels"], desc="dropping examples with nothing to train")
+    stats.dropped_no_response += len(part) - len(kept)
+    return kept.remove_columns(["truncated", "has_labels"])
+
+
+def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any, template: str | None):
+    """A batched map function: rows of the file to token ids and labels."""
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "has_labels": []}
+        for offset, index in enumerate(indices):
+            row = {key: values[offset] for key, values in batch.items()}
+            try:
+                standard = standard_row(spec, row)
+            except ValueError as error:
+                raise UserError(f"{file}, row {index + 1}: {error} (data set '{spec.name}')") from None
+            for input_ids, labels in _encode_standard(standard, tokenizer, template, config):
+                out["input_ids"].append(input_ids[: config.cutoff_len])
+                out["labels"].append(labels[: config.cutoff_len])
+                out["truncated"].append(len(input_ids) > config.cutoff_len)
+                out["has_labels"].append(any(x != IGNORE_INDEX for x in labels[1 : config.cutoff_len]))
+        return out
+
+    return encode
+
+
+def _encode_standard(standard: dict, tokenizer: Any, template: str | None, config: TrainConfig):
+    """One SFT example, or one text split into cutoff_len chunks for pre-training."""
+    if "messages" in standard:
+        yield encode_conversation(tokenizer, template, standard["messages"])
+        return
+    ids = tokenizer(standard["text"], add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
+        ids = [tokenizer.bos_token_id] + ids
+    ids = ids + [tokenizer.eos_token_id]
+    for start in range(0, len(ids), config.cutoff_len):
+        chunk = ids[start : start + config.cutoff_len]
+        if len(chunk) > 1:
+            yield chunk, list(chunk)
+
+
+def _mix(parts: list[datasets.Dataset], config: TrainConfig) -> datasets.Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    if config.mix_strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    probs = config.interleave_probs
+    if isinstance(probs, str):
+        probs = [float(p) for p in probs.split(",")]
+    if probs is not None and len(probs) != len(parts):
+        raise UserError(f"interleave_probs has {len(probs)} values for {len(parts)} data sets")
+    stopping = "first_exhausted" if config.mix_strategy == "interleave_under" else "all_exhausted"
+    return datasets.interleave_datasets(parts, probabilities=probs, seed=config.seed, stopping_strategy=stopping)
+
+
+def _split(examples: datasets.Dataset, config: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    if config.val_size <= 0:
+        return examples, None
+    size = int(config.val_size) if config.val_size >= 1 else config.val_size
+    if (isinstance(size, int) and size >= len(examples)) or (isinstance(size, float) and size * len(examples) < 1):
+        raise UserError(f"val_size {config.val_size} leaves no train or no eval data out of {len(examples)} "
+                        "examples")
+    split = examples.train_test_split(test_size=size, seed=config.seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def _finish(examples: datasets.Dataset, config: TrainConfig) -> datasets.Dataset:
+    if config.use_packing:
+        return pack(examples, config.cutoff_len)
+    return examples.map(
+        lambda row: {"position_ids": list(range(len(row["input_ids"])))}, desc="position ids"
+    )
+
+
+def pack(examples: datasets.Dataset, cutoff_len: int) -> datasets.Dataset:
+    """First-fit decreasing: whole examples into rows of at most cutoff_len tokens."""
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, bin index), kept sorted
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        slot = bisect.bisect_left(room, (lengths[index], -1))
+        if slot == len(room):
+            bins.append([index])
+            bisect.insort(room, (cutoff_len - lengths[index], len(bins) - 1))
+        else:
+            free, bin_index = room.pop(slot)
+            bins[bin_index].append(index)
+            bisect.insort(room, (free - lengths[index], bin_index))
+    input_ids, labels = examples["input_ids"], examples["labels"]
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in bins:
+        members.sort()
+        rows["input_ids"].append([t for i in members for t in input_ids[i]])
+        # The first token of an example is never a target: it would be predicted from the example before.
+        rows["labels"].append([IGNORE_INDEX if p == 0 else t for i in members for p, t in enumerate(labels[i])])
+        rows["position_ids"].append([p for i in members for p in range(lengths[i])])
+    return datasets.Dataset.from_dict(rows)
+
+
+def _empty_message(config: TrainConfig, stats: DataStats) -> str:
+    if stats.examples_after_max_samples and stats.dropped_no_response == stats.examples_after_max_samples:
+        return (f"no example is left to train on: all {stats.dropped_no_response} lose their whole response "
+                f"to cutoff_len {config.cutoff_len}; raise cutoff_len (see `lmtune preview` for lengths)")
+    return f"the data set {', '.join(config.datasets)} is empty after filtering ({stats.examples_read} read)"
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+
+def _cache_key(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, template: str | None) -> str:
+    files = [
+        {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime_ns}
+        for spec in specs for f in spec.files
+    ]
+    keys = ("stage", "cutoff_len", "max_samples", "val_size", "seed", "mix_strategy", "interleave_probs")
+    description = {
+        "version": CACHE_VERSION,
+        "files": files,
+        "specs": [(s.name, s.formatting, s.columns, s.tags) for s in specs],
+        "config": {k: getattr(config, k) for k in keys},
+        "packing": config.use_packing,
+        "template": template,
+        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token, tokenizer.bos_token],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _save_cached(data: ProcessedData, cache_dir: Path) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data.train.save_to_disk(str(cache_dir / "train"))
+    if data.eval is not None:
+        data.eval.save_to_disk(str(cache_dir / "eval"))
+    (cache_dir / "stats.json").write_text(json.dumps(asdict(data.stats)))
+    (cache_dir / "done").touch()
+
+
+def _load_cached(cache_dir: Path) -> ProcessedData:
+    train = datasets.load_from_disk(str(cache_dir / "train"))
+    evaluation = datasets.load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").exists() else None
+    stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
+    return ProcessedData(train, evaluation, stats, cache_dir)

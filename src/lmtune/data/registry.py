@@ -1,0 +1,190 @@
+"""Where the data comes from: `dataset_info.json` entries (as in LLaMA-Factory) or plain file paths,
+read into rows of one shape: `{"messages": [...]}` for SFT or `{"text": ...}` for pre-training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from lmtune.errors import UserError
+
+FILE_LOADERS = {
+    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text",
+}
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                  "history": "history"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system"}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+               "assistant_tag": "assistant", "system_tag": "system"}
+
+
+@dataclass
+class DatasetSpec:
+    """One data set: its files and how its rows are laid out."""
+
+    name: str
+    files: list[Path]
+    formatting: str  # alpaca | sharegpt | text
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    num_samples: int | None = None  # a size hint for streamed data
+
+
+def resolve_datasets(names: list[str], dataset_dir: str, stage: str) -> list[DatasetSpec]:
+    if not names:
+        raise UserError("no data: set `dataset` to a name in dataset_info.json or to a file path")
+    registry = _read_registry(Path(dataset_dir))
+    return [_resolve_one(name, Path(dataset_dir), registry, stage) for name in names]
+
+
+def _read_registry(dataset_dir: Path) -> dict[str, Any]:
+    info_path = dataset_dir / "dataset_info.json"
+    if not info_path.is_file():
+        return {}
+    try:
+        return json.loads(info_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{info_path}: not valid JSON (line {error.lineno}): {error.msg}") from None
+
+
+def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: str) -> DatasetSpec:
+    if name in registry:
+        entry = registry[name]
+        if "file_name" not in entry:
+            raise UserError(f"dataset_info.json: entry '{name}' needs a file_name (hub datasets are not read)")
+        files = _files_of(dataset_dir / entry["file_name"], name)
+        formatting = "text" if stage == "pt" else entry.get("formatting", "alpaca")
+        columns = dict(entry.get("columns", {}))
+        tags = dict(entry.get("tags", {}))
+        return DatasetSpec(name, files, formatting, columns, tags, entry.get("num_samples"))
+    path = Path(name)
+    if not path.exists() and (dataset_dir / name).exists():
+        path = dataset_dir / name
+    if not path.exists():
+        known = ", ".join(sorted(registry)) or "none"
+        raise UserError(
+            f"dataset '{name}' is neither a name in {dataset_dir / 'dataset_info.json'} "
+            f"(known: {known}) nor an existing file"
+        )
+    files = _files_of(path, name)
+    formatting = "text" if stage == "pt" else _guess_formatting(files[0])
+    return DatasetSpec(name, files, formatting)
+
+
+def _files_of(path: Path, name: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_LOADERS)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"dataset '{name}': file not found: {path}")
+    if not files:
+        raise UserError(f"dataset '{name}': no data files ({', '.join(FILE_LOADERS)}) in {path}")
+    unknown = [f for f in files if f.suffix not in FILE_LOADERS]
+    if unknown:
+        raise UserError(f"dataset '{name}': {unknown[0]} is not one of {', '.join(FILE_LOADERS)}")
+    return files
+
+
+def _guess_formatting(file: Path) -> str:
+    """A plain file path for SFT: alpaca if it has instruction/output, sharegpt if it has messages."""
+    columns = set(_first_row(file))
+    if {"messages"} & columns or {"conversations"} & columns:
+        return "sharegpt"
+    return "alpaca"
+
+
+def _first_row(file: Path) -> dict[str, Any]:
+    try:
+        rows = load_rows(file)
+    except UserError:
+        return {}
+    return rows[0] if len(rows) else {}
+
+
+def load_rows(file: Path) -> datasets.Dataset:
+    loader = FILE_LOADERS[file.suffix]
+    try:
+        return datasets.load_dataset(loader, data_files=str(file), split="train")
+    except Exception as error:  # datasets wraps parser errors in several types
+        raise UserError(f"{file}: could not be read as {loader}: {_root_cause(error)}") from None
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# --- rows to one shape ------------------------------------------------------------------------
+
+
+def standard_row(spec: DatasetSpec, row: dict[str, Any]) -> dict[str, Any]:
+    """`{"messages": [...]}` or `{"text": ...}`; ValueError says what the row lacks."""
+    convert = {"alpaca": _alpaca_row, "sharegpt": _sharegpt_row, "text": _text_row}[spec.formatting]
+    try:
+        return convert(row, spec)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(f"malformed row ({error})") from None
+
+
+def _column(row: dict[str, Any], spec: DatasetSpec, defaults: dict[str, str], key: str) -> Any:
+    return row.get(spec.columns.get(key, defaults[key]))
+
+
+def _alpaca_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    instruction = _column(row, spec, ALPACA_COLUMNS, "prompt")
+    query = _column(row, spec, ALPACA_COLUMNS, "query")
+    response = _column(row, spec, ALPACA_COLUMNS, "response")
+    needed = ", ".join(spec.columns.get(k, ALPACA_COLUMNS[k]) for k in ("prompt", "response"))
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"no '{spec.columns.get('prompt', 'instruction')}' text (alpaca rows need {needed})")
+    if not isinstance(response, str) or not response.strip():
+        raise ValueError(f"no '{spec.columns.get('response', 'output')}' text (alpaca rows need {needed})")
+    messages = []
+    system = _column(row, spec, ALPACA_COLUMNS, "system")
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for turn in _column(row, spec, ALPACA_COLUMNS, "history") or []:
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    user = instruction if not query else f"{instruction}\n{query}"
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    return {"messages": messages}
+
+
+def _sharegpt_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    key = spec.columns.get("messages") or ("messages" if "messages" in row else "conversations")
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"no '{key}' list of messages")
+    tags = {**(OPENAI_TAGS if "role" in turns[0] else SHAREGPT_TAGS), **spec.tags}
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    messages = []
+    system = row.get(spec.columns.get("system", "system"))
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for turn in turns:
+        role = roles.get(turn.get(tags["role_tag"]))
+        content = turn.get(tags["content_tag"])
+        if role is None:
+            raise ValueError(f"unknown role {turn.get(tags['role_tag'])!r} (expected one of {sorted(roles)})")
+        if not isinstance(content, str):
+            raise ValueError(f"a message without '{tags['content_tag']}' text")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message to train on")
+    return {"messages": messages}
+
+
+def _text_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    column = spec.columns.get("prompt", "text")
+    text = row.get(column)
+    if not isinstance(text, str):
+        raise ValueError(f"no '{column}' text column (pre-training reads raw text)")
+    return {"text": text}

@@ -1,0 +1,471 @@
+"""The training loop, top to bottom.
+
+    set up (devices, data, model, optimizer, schedule)  ->  for each optimizer step:
+        take `gradient_accumulation_steps` micro-batches, count their trained tokens on all
+        processes, forward + backward each with the loss divided by that count (every token
+        weighs the same), clip, step, schedule the LR, log, evaluate and save as the plan says
+    ->  the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from lmtune.batching import Collator, Counts, epoch_batches
+from lmtune.callbacks import (
+    CallbackList,
+    LossPlot,
+    MetricsFile,
+    ProgressBar,
+    RunState,
+    TensorBoardWriter,
+    TerminalLog,
+    load_user_callbacks,
+)
+from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot
+from lmtune.config import TrainConfig, write_run_config
+from lmtune.data import ProcessedData, prepare_data
+from lmtune.errors import UserError
+from lmtune.models import count_parameters, load_model, load_tokenizer, resolve_model_path
+from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
+from lmtune.schedule import Plan, make_plan
+
+log = logging.getLogger("lmtune")
+
+RUN_FILES = ("run_config.yaml", "metrics.jsonl", "checkpoints.json", "loss.png", "adapter_model.safetensors",
+             "adapter_config.json", "model.safetensors", "config.json")
+
+
+@dataclass
+class Setup:
+    accelerator: Accelerator
+    config: TrainConfig
+    output_dir: Path
+    tokenizer: Any
+    data: ProcessedData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: Plan
+    collator: Collator
+
+
+def train(config: TrainConfig) -> Path:
+    """Run `config` to the end; returns the output folder."""
+    setup = set_up(config)
+    state = RunState(config, setup.output_dir, setup.accelerator.is_main_process, setup.plan.total_steps,
+                     setup.plan.steps_per_epoch)
+    return TrainingLoop(setup, state).run()
+
+
+def set_up(config: TrainConfig) -> Setup:
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
+                              cpu=not torch.cuda.is_available())
+    output_dir = Path(config.output_dir)
+    _check_output_dir(config, output_dir)
+    _seed_everything(config.seed)
+    with accelerator.main_process_first():
+        model_path = resolve_model_path(config.model_name_or_path)
+        tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+        data = prepare_data(config, tokenizer)
+    model = load_model(model_path, config)
+    trainable, total = count_parameters(model)
+    log.info("model %s: %s trainable of %s parameters (%s)", config.model_name_or_path, f"{trainable:,}",
+             f"{total:,}", config.finetuning_type)
+    plan = make_plan(config, len(data.train), accelerator.num_processes, data.eval is not None,
+                     checkpoint_bytes=checkpoint_bytes(trainable, config))
+    if accelerator.is_main_process:
+        for line in plan_summary_lines(plan, config):
+            log.info("%s", line)
+    check_disk(plan, config)
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config, plan.total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    collator = Collator(tokenizer.pad_token_id, packed=config.use_packing)
+    return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, plan, collator)
+
+
+def _mixed_precision(config: TrainConfig) -> str:
+    if not config.bf16:
+        return "no"
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        log.warning("bf16: this GPU has no bfloat16; training in float32")
+        return "no"
+    return "bf16"
+
+
+def _check_output_dir(config: TrainConfig, output_dir: Path) -> None:
+    existing = [name for name in RUN_FILES if (output_dir / name).exists()] + [
+        p.name for p in output_dir.glob(f"{PREFIX}*")
+    ]
+    if not existing:
+        return
+    if not config.overwrite_output_dir:
+        raise UserError(
+            f"output_dir {output_dir} holds another run ({', '.join(sorted(existing)[:3])}); choose another "
+            "output_dir, or set overwrite_output_dir: true to replace it"
+        )
+    for name in existing:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(output_dir / "runs", ignore_errors=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_for(total_steps),
+                         num_training_steps=total_steps)
+
+
+class TrainingLoop:
+    def __init__(self, setup: Setup, state: RunState):
+        self.s = setup
+        self.state = state
+        self.accelerator = setup.accelerator
+        self.config = setup.config
+        self.metrics = MetricsFile(setup.output_dir / "metrics.jsonl")
+        self.store = CheckpointStore(setup.output_dir, self.config.save_total_limit,
+                                     self.config.metric_for_best_model)
+        self.callbacks = CallbackList(self._callbacks())
+        self._interval = _Interval()
+        self._last_save_time = self._last_eval_time = time.monotonic()
+
+    def _callbacks(self) -> list[Any]:
+        user = load_user_callbacks(self.config.callbacks)
+        if not self.accelerator.is_main_process:
+            return user
+        built_in: list[Any] = [self.metrics, TerminalLog(), ProgressBar()]
+        if self.config.report_to == "tensorboard":
+            built_in.append(TensorBoardWriter(self.s.output_dir / "runs"))
+        if self.config.plot_loss:
+            built_in.append(LossPlot())
+        return built_in + user
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        config, plan = self.config, self.s.plan
+        if self.accelerator.is_main_process:
+            self.s.output_dir.mkdir(parents=True, exist_ok=True)
+            write_run_config(config, self.s.output_dir / "run_config.yaml")
+            log.info(
+                "%d training rows, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
+                len(self.s.data.train), plan.steps_per_epoch, plan.total_steps, config.per_device_train_batch_size,
+                config.gradient_accumulation_steps, self.accelerator.num_processes,
+            )
+        self.accelerator.wait_for_everyone()
+        self.callbacks.fire("on_train_begin", self.state, self.s.model)
+        self._start = time.monotonic()
+        for group in self._step_groups():
+            self._optimizer_step(group)
+            self._after_step()
+            if self.state.should_stop:
+                break
+        self.store.wait()
+        self._save_final_model()
+        self.callbacks.fire("on_train_end", self.state)
+        return self.s.output_dir
+
+    def _step_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
+        """Micro-batches, `gradient_accumulation_steps` at a time; a step never spans two epochs."""
+        accumulation = self.config.gradient_accumulation_steps
+        epoch = 0
+        while self.state.step < self.state.total_steps:
+            group: list = []
+            for batch in self._epoch_loader(epoch):
+                group.append(batch)
+                if len(group) == accumulation:
+                    yield group
+                    group = []
+                    if self.state.step >= self.state.total_steps:
+                        return
+            if group:
+                yield group
+            epoch += 1
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
+        batches = epoch_batches(len(self.s.data.train), self.config.per_device_train_batch_size, self.config.seed,
+                                epoch, self.accelerator.process_index, self.accelerator.num_processes)
+        return self._loader(self.s.data.train, batches, epoch)
+
+    def _loader(self, dataset: Any, batches: list[list[int]], epoch: int = 0) -> DataLoader:
+        # Its own generator, so that creating the loader does not draw from the global RNG.
+        return DataLoader(
+            dataset, batch_sampler=batches, collate_fn=self.s.collator,
+            num_workers=self.config.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.config.seed + epoch),
+        )
+
+    def _optimizer_step(self, group: list[tuple[dict, Counts]]) -> None:
+        accelerator, model = self.accelerator, self.s.model
+        model.train()
+        counts = torch.tensor([sum(getattr(c, k) for _, c in group) for k in ("trained_tokens", "tokens", "samples")],
+                              device=accelerator.device, dtype=torch.float64)
+        if accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts, reduction="sum")
+        trained_tokens = counts[0].clamp(min=1)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for index, (batch, _) in enumerate(group):
+            batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+            last = index == len(group) - 1
+            with _maybe_no_sync(accelerator, model, skip=last), accelerator.autocast():
+                loss = model(**batch, num_items_in_batch=trained_tokens).loss
+                # The gradient is averaged over processes; the count above is already global.
+                accelerator.backward(loss * accelerator.num_processes)
+            step_loss += loss.detach().float()
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        lr = self.s.scheduler.get_last_lr()[0]
+        self.s.optimizer.step()
+        self.s.scheduler.step()
+        self.s.optimizer.zero_grad(set_to_none=True)
+        if accelerator.num_processes > 1:
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
+        self._interval.add(step_loss, grad_norm, lr, counts)
+
+    def _after_step(self) -> None:
+        state, plan = self.state, self.s.plan
+        state.step += 1
+        state.samples_seen, state.tokens_seen = self._interval.samples_total, self._interval.tokens_total
+        state.epoch = state.step / plan.steps_per_epoch if plan.steps_per_epoch else None
+        state.elapsed_s = time.monotonic() - self._start
+        row = None
+        if state.step % self.config.logging_steps == 0 or state.step == state.total_steps:
+            row = self._train_row()
+        state.save_reasons = set(plan.save_steps.get(state.step, []))
+        self.callbacks.fire("on_step_end", state, row)
+        if self._evaluation_due():
+            self._evaluate()
+        if self.config.save_minutes and time.monotonic() - self._last_save_time >= self.config.save_minutes * 60:
+            state.save_reasons.add("minutes")
+        if state.save_reasons and state.step != state.total_steps:
+            self._save_checkpoint(sorted(state.save_reasons))
+
+    def _train_row(self) -> dict[str, Any]:
+        state, interval = self.state, self._interval
+        loss, grad_norm, lr, tokens_per_s, seconds_per_step = interval.flush()
+        row = {
+            "type": "train", "step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
+            "tokens_seen": state.tokens_seen, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(state.elapsed_s, 2),
+            "eta_s": round(seconds_per_step * (state.total_steps - state.step), 1),
+            "mem_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        if torch.cuda.is_available():
+            row["gpu_mem_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+            row["gpu_mem_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+            row["gpu_mem_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        state.last_metrics["loss"] = loss
+        return row
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def _evaluation_due(self) -> bool:
+        if self.s.data.eval is None:
+            return False
+        if self.state.step in self.s.plan.eval_steps:
+            return True
+        minutes = self.config.eval_minutes
+        return bool(minutes) and time.monotonic() - self._last_eval_time >= minutes * 60
+
+    def _evaluate(self) -> None:
+        accelerator, model, data = self.accelerator, self.s.model, self.s.data.eval
+        model.eval()
+        sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+        batches = epoch_batches(len(data), self.config.per_device_eval_batch_size, 0, 0,
+                                accelerator.process_index, accelerator.num_processes, shuffle=False)
+        with torch.no_grad():
+            for batch, counts in self._loader(data, batches):
+                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                with accelerator.autocast():
+                    loss_sum = model(**batch, num_items_in_batch=1).loss
+                sums += torch.stack([loss_sum.double(), torch.tensor(counts.trained_tokens, dtype=torch.float64,
+                                                                     device=accelerator.device)])
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        eval_loss = float(sums[0] / sums[1].clamp(min=1))
+        self._last_eval_time = time.monotonic()
+        row = {"type": "eval", "step": self.state.step, "epoch": _round(self.state.epoch), "eval_loss": eval_loss}
+        self.state.last_metrics["eval_loss"] = eval_loss
+        self.callbacks.fire("on_evaluate", self.state, row)
+        self._save_if_best(eval_loss)
+
+    def _save_if_best(self, eval_loss: float) -> None:
+        metric = self.config.metric_for_best_model
+        if metric is None:
+            return
+        value = self.state.last_metrics.get(metric, eval_loss)
+        if self.state.best_metric is None or value < self.state.best_metric:
+            self.state.best_metric = value
+            self.state.save_reasons.add("best")
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, reasons: list[str]) -> None:
+        self._last_save_time = time.monotonic()
+        snapshot = self._snapshot(reasons)  # every process takes part (RNG and data position)
+        if self.accelerator.is_main_process:
+            self.store.save(snapshot, on_saved=lambda path: self.callbacks.fire("on_save", self.state, path))
+        self.accelerator.wait_for_everyone()
+
+    def _snapshot(self, reasons: list[str]) -> Snapshot:
+        state, model = self.state, self.accelerator.unwrap_model(self.s.model)
+        weights, weights_name = _weights_copy(model)
+        keep_optimizer = not self.config.save_only_model
+        per_epoch = state.steps_per_epoch
+        train_state = {
+            "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+            "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "best_metric": state.best_metric,
+            "data_epoch": state.step // per_epoch if per_epoch else None,
+            "data_steps_in_epoch": state.step % per_epoch if per_epoch else None,
+            "config": self.config.to_yaml_dict(),
+        }
+        entry = {"step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
+                 "tokens_seen": state.tokens_seen, "reasons": reasons,
+                 "metrics": {k: v for k, v in state.last_metrics.items() if v is not None}}
+        tokenizer = self.s.tokenizer
+        return Snapshot(
+            step=state.step, weights=weights, weights_name=weights_name,
+            write_model_files=lambda folder: _write_model_files(model, tokenizer, folder),
+            optimizer=_cpu_copy(self.s.optimizer.state_dict()) if keep_optimizer else None,
+            scheduler=self.s.scheduler.state_dict() if keep_optimizer else None,
+            rng=_rng_state(), train_state=train_state, entry=entry,
+        )
+
+    def _save_final_model(self) -> None:
+        self._save_checkpoint(sorted(self.state.save_reasons | {"final"}))
+        self.store.wait()
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.s.model)
+        model.save_pretrained(str(self.s.output_dir), safe_serialization=True)
+        self.s.tokenizer.save_pretrained(str(self.s.output_dir))
+        log.info("final model written to %s", self.s.output_dir)
+
+
+class _Interval:
+    """Sums between two logging steps, kept on the device so the step does not wait for the host."""
+
+    def __init__(self) -> None:
+        self.samples_total = 0
+        self.tokens_total = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum: Any = 0.0
+        self.steps = 0
+        self.tokens = 0
+        self.started = time.monotonic()
+        self.grad_norm: Any = 0.0
+        self.lr = 0.0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, counts: torch.Tensor) -> None:
+        self.loss_sum = self.loss_sum + loss
+        self.grad_norm, self.lr = grad_norm, lr
+        self.steps += 1
+        samples, tokens = int(counts[2]), int(counts[1])
+        self.samples_total += samples
+        self.tokens_total += tokens
+        self.tokens += tokens
+
+    def flush(self) -> tuple[float, float, float, float, float]:
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        result = (float(self.loss_sum) / max(self.steps, 1), float(self.grad_norm), self.lr,
+                  self.tokens / seconds, seconds / max(self.steps, 1))
+        self._reset()
+        return result
+
+
+def _maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, skip: bool):
+    from contextlib import nullcontext
+
+    if skip or accelerator.num_processes == 1:
+        return nullcontext()
+    return accelerator.no_sync(model)
+
+
+def _weights_copy(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        state = get_peft_model_state_dict(model)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}, "adapter_model.safetensors"
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        if value.data_ptr() in seen:  # tied weights are written once
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value.detach().to("cpu", copy=True).contiguous()
+    return state, "model.safetensors"
+
+
+def _write_model_files(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.peft_config["default"].save_pretrained(str(folder))
+    else:
+        model.config.save_pretrained(str(folder))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def _cpu_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+

@@ -1,0 +1,13 @@
+"""Errors that reach the user as one clear message and an exit code."""
+
+
+class UserError(Exception):
+    """Bad config or bad input: exit code 2, nothing written, nothing deleted."""
+
+    exit_code = 2
+
+
+class RunFailed(Exception):
+    """A failure while running: exit code 1."""
+
+    exit_code = 1

