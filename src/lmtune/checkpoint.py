@@ -80,14 +80,18 @@ class CheckpointIndex:
         return index
 
     def _note_incomplete_folders(self) -> None:
-        """Folders on disk that are not complete checkpoints are listed, never used."""
+        """Folders on disk that the index does not list: complete ones (a crash between the rename and
+        the index update, or a checkpoint copied in) are taken in; the others are listed, never used."""
         known = {entry["path"] for entry in self.entries}
         for folder in sorted(self.run_dir.glob(f"{PREFIX}*")) + sorted(self.run_dir.glob(f".{PREFIX}*.tmp")):
-            if folder.is_dir() and not (folder / COMPLETE_MARK).is_file() and folder.name not in known:
-                step = _step_of(folder.name)
-                if step is not None:
-                    self.entries.append({"step": step, "path": folder.name, "status": "incomplete",
-                                         "reasons": [], "metrics": {}, "best": False})
+            step = _step_of(folder.name)
+            if not folder.is_dir() or folder.name in known or step is None:
+                continue
+            if is_complete_checkpoint(folder):
+                self.entries.append(_entry_from_folder(folder, step))
+            else:
+                self.entries.append({"step": step, "path": folder.name, "status": "incomplete",
+                                     "reasons": [], "metrics": {}, "best": False})
 
     def write(self) -> None:
         data = {"version": 1, "save_total_limit": self.save_total_limit, "best_metric": self.best_metric,
@@ -105,6 +109,14 @@ class CheckpointIndex:
 def _step_of(name: str) -> int | None:
     digits = name.removeprefix(".").removeprefix(PREFIX).removesuffix(".tmp")
     return int(digits) if digits.isdigit() else None
+
+
+def _entry_from_folder(folder: Path, step: int) -> dict[str, Any]:
+    state = json.loads((folder / TRAIN_STATE).read_text())
+    return {"step": step, "epoch": state.get("epoch"), "samples_seen": state.get("samples_seen"),
+            "tokens_seen": state.get("tokens_seen"), "path": folder.name, "reasons": ["found"],
+            "metrics": state.get("last_metrics", {}), "status": "kept", "best": False,
+            "size_bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())}
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

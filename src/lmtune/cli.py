@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from lmtune.errors import RunFailed, UserError
+from lmtune.errors import RunFailed, Stopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune causal language models from one YAML file.")
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except RunFailed as error:
         typer.secho(f"failed: {error}", fg="red", err=True)
+        sys.exit(error.exit_code)
+    except Stopped as error:
+        typer.secho(f"stopped: {error}", fg="yellow", err=True)
         sys.exit(error.exit_code)
 
 

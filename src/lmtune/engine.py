@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import resource
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,9 +42,19 @@ from lmtune.callbacks import (
 from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import ProcessedData, prepare_data
-from lmtune.errors import UserError
+from lmtune.errors import Stopped, UserError
 from lmtune.models import count_parameters, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
+from lmtune.resume import (
+    ResumePoint,
+    describe_changes,
+    find_resume_point,
+    load_weights,
+    restore_rng,
+    rng_state,
+    set_learning_rate_from,
+    truncate_metrics,
+)
 from lmtune.schedule import Plan, make_plan
 
 log = logging.getLogger("lmtune")
@@ -62,6 +75,7 @@ class Setup:
     scheduler: Any
     plan: Plan
     collator: Collator
+    resume: ResumePoint | None = None
 
 
 def train(config: TrainConfig) -> Path:
@@ -69,20 +83,34 @@ def train(config: TrainConfig) -> Path:
     setup = set_up(config)
     state = RunState(config, setup.output_dir, setup.accelerator.is_main_process, setup.plan.total_steps,
                      setup.plan.steps_per_epoch)
+    if setup.resume is not None:
+        _restore_counters(state, setup.resume)
     return TrainingLoop(setup, state).run()
+
+
+def _restore_counters(state: RunState, point: ResumePoint) -> None:
+    saved = point.train_state
+    state.step, state.epoch = point.step, saved.get("epoch")
+    state.samples_seen, state.tokens_seen = saved["samples_seen"], saved["tokens_seen"]
+    state.elapsed_s, state.best_metric = saved.get("elapsed_s", 0.0), saved.get("best_metric")
+    state.last_metrics = dict(saved.get("last_metrics", {}))
 
 
 def set_up(config: TrainConfig) -> Setup:
     accelerator = Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())
     output_dir = Path(config.output_dir)
-    _check_output_dir(config, output_dir)
+    point = find_resume_point(config, output_dir)
+    if point is None or point.path.parent.resolve() != output_dir.resolve():
+        _check_output_dir(config, output_dir)
     _seed_everything(config.seed)
     with accelerator.main_process_first():
         model_path = resolve_model_path(config.model_name_or_path)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
         data = prepare_data(config, tokenizer)
     model = load_model(model_path, config)
+    if point is not None:
+        load_weights(model, point.path)
     trainable, total = count_parameters(model)
     log.info("model %s: %s trainable of %s parameters (%s)", config.model_name_or_path, f"{trainable:,}",
              f"{total:,}", config.finetuning_type)
@@ -95,8 +123,33 @@ def set_up(config: TrainConfig) -> Setup:
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if point is not None:
+        scheduler = _restore_training_state(point, config, optimizer, scheduler, plan, accelerator)
     collator = Collator(tokenizer.pad_token_id, packed=config.use_packing)
-    return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, plan, collator)
+    return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, plan, collator,
+                 point)
+
+
+def _restore_training_state(point: ResumePoint, config: TrainConfig, optimizer: Any, scheduler: Any, plan: Plan,
+                            accelerator: Accelerator) -> Any:
+    """Optimizer, scheduler (or the config's new schedule) and, last of all, every RNG."""
+    if accelerator.is_main_process:
+        log.info("resuming from %s at step %d", point.path, point.step)
+        for line in describe_changes(point, config):
+            log.info("changed since the checkpoint: %s", line)
+    optimizer.load_state_dict(torch.load(point.path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(point.path / "scheduler.pt", weights_only=False))
+    if config.resume_lr == "config":
+        old, scheduler = set_learning_rate_from(lambda: _scheduler(optimizer, config, plan.total_steps),
+                                                optimizer, config, point.step)
+        point.train_state["lr_change"] = [old, scheduler.get_last_lr()[0]]
+        if accelerator.is_main_process:
+            log.info("learning rate: %.3g -> %.3g (resume_lr: config)", old, scheduler.get_last_lr()[0])
+    elif accelerator.is_main_process and point.saved_config.get("learning_rate") != config.learning_rate:
+        log.info("learning_rate in the config differs from the checkpoint's; resume_lr: keep continues the saved "
+                 "schedule (lr now %.3g); set resume_lr: config to apply the new one", scheduler.get_last_lr()[0])
+    restore_rng(point.path, accelerator.process_index)
+    return scheduler
 
 
 def _mixed_precision(config: TrainConfig) -> str:
@@ -157,7 +210,8 @@ class TrainingLoop:
         self.store = CheckpointStore(setup.output_dir, self.config.save_total_limit,
                                      self.config.metric_for_best_model)
         self.callbacks = CallbackList(self._callbacks())
-        self._interval = _Interval()
+        self._interval = _Interval(state.samples_seen, state.tokens_seen)
+        self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
 
     def _callbacks(self) -> list[Any]:
@@ -178,6 +232,8 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             self.s.output_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(config, self.s.output_dir / "run_config.yaml")
+            if self.s.resume is not None:
+                self._log_resume(self.s.resume)
             log.info(
                 "%d training rows, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
                 len(self.s.data.train), plan.steps_per_epoch, plan.total_steps, config.per_device_train_batch_size,
@@ -185,24 +241,37 @@ class TrainingLoop:
             )
         self.accelerator.wait_for_everyone()
         self.callbacks.fire("on_train_begin", self.state, self.s.model)
-        self._start = time.monotonic()
-        for group in self._step_groups():
-            self._optimizer_step(group)
-            self._after_step()
-            if self.state.should_stop:
-                break
-        self.store.wait()
-        self._save_final_model()
+        self._start = time.monotonic() - self.state.elapsed_s
+        with self._signals:
+            for group in self._step_groups():
+                self._optimizer_step(group)
+                self._after_step()
+                if self.state.should_stop:
+                    break
+            self.store.wait()
+            if self._signals.requested:
+                self.callbacks.fire("on_train_end", self.state)
+                raise Stopped(f"a resumable checkpoint of step {self.state.step} is in {self.s.output_dir}; "
+                              "run the same command again to continue")
+            self._save_final_model()
         self.callbacks.fire("on_train_end", self.state)
         return self.s.output_dir
+
+    def _log_resume(self, point: ResumePoint) -> None:
+        truncate_metrics(self.metrics.path, point.step)
+        details = {"from": str(point.path), "changes": describe_changes(point, self.config)}
+        if "lr_change" in point.train_state:
+            details["lr_old"], details["lr_new"] = point.train_state["lr_change"]
+        self.metrics.event(self.state, "resume", **details)
 
     def _step_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
         """Micro-batches, `gradient_accumulation_steps` at a time; a step never spans two epochs."""
         accumulation = self.config.gradient_accumulation_steps
-        epoch = 0
+        per_epoch = self.state.steps_per_epoch
+        epoch, skip = (self.state.step // per_epoch, self.state.step % per_epoch) if per_epoch else (0, 0)
         while self.state.step < self.state.total_steps:
             group: list = []
-            for batch in self._epoch_loader(epoch):
+            for batch in self._epoch_loader(epoch, skip_micro_batches=skip * accumulation):
                 group.append(batch)
                 if len(group) == accumulation:
                     yield group
@@ -211,12 +280,12 @@ class TrainingLoop:
                         return
             if group:
                 yield group
-            epoch += 1
+            epoch, skip = epoch + 1, 0
 
-    def _epoch_loader(self, epoch: int) -> DataLoader:
+    def _epoch_loader(self, epoch: int, skip_micro_batches: int = 0) -> DataLoader:
         batches = epoch_batches(len(self.s.data.train), self.config.per_device_train_batch_size, self.config.seed,
                                 epoch, self.accelerator.process_index, self.accelerator.num_processes)
-        return self._loader(self.s.data.train, batches, epoch)
+        return self._loader(self.s.data.train, batches[skip_micro_batches:], epoch)
 
     def _loader(self, dataset: Any, batches: list[list[int]], epoch: int = 0) -> DataLoader:
         # Its own generator, so that creating the loader does not draw from the global RNG.
@@ -264,12 +333,24 @@ class TrainingLoop:
             row = self._train_row()
         state.save_reasons = set(plan.save_steps.get(state.step, []))
         self.callbacks.fire("on_step_end", state, row)
+        if self._stop_requested():
+            state.save_reasons.add("signal")
+            state.should_stop = True
         if self._evaluation_due():
             self._evaluate()
         if self.config.save_minutes and time.monotonic() - self._last_save_time >= self.config.save_minutes * 60:
             state.save_reasons.add("minutes")
         if state.save_reasons and state.step != state.total_steps:
             self._save_checkpoint(sorted(state.save_reasons))
+
+    def _stop_requested(self) -> bool:
+        """Every process stops at the same step, when any of them was signalled."""
+        flag = self._signals.requested
+        if self.accelerator.num_processes > 1:
+            flag = bool(self.accelerator.reduce(torch.tensor([int(flag)], device=self.accelerator.device),
+                                                reduction="sum").item())
+            self._signals.requested = flag
+        return flag
 
     def _train_row(self) -> dict[str, Any]:
         state, interval = self.state, self._interval
@@ -333,12 +414,13 @@ class TrainingLoop:
 
     def _save_checkpoint(self, reasons: list[str]) -> None:
         self._last_save_time = time.monotonic()
-        snapshot = self._snapshot(reasons)  # every process takes part (RNG and data position)
+        rng = self._all_rng_states()  # every process takes part
         if self.accelerator.is_main_process:
+            snapshot = self._snapshot(reasons, rng)
             self.store.save(snapshot, on_saved=lambda path: self.callbacks.fire("on_save", self.state, path))
         self.accelerator.wait_for_everyone()
 
-    def _snapshot(self, reasons: list[str]) -> Snapshot:
+    def _snapshot(self, reasons: list[str], rng: list[dict[str, Any]]) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
         weights, weights_name = _weights_copy(model)
         keep_optimizer = not self.config.save_only_model
@@ -348,7 +430,7 @@ class TrainingLoop:
             "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "best_metric": state.best_metric,
             "data_epoch": state.step // per_epoch if per_epoch else None,
             "data_steps_in_epoch": state.step % per_epoch if per_epoch else None,
-            "config": self.config.to_yaml_dict(),
+            "last_metrics": dict(state.last_metrics), "config": self.config.to_yaml_dict(),
         }
         entry = {"step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
                  "tokens_seen": state.tokens_seen, "reasons": reasons,
@@ -359,8 +441,16 @@ class TrainingLoop:
             write_model_files=lambda folder: _write_model_files(model, tokenizer, folder),
             optimizer=_cpu_copy(self.s.optimizer.state_dict()) if keep_optimizer else None,
             scheduler=self.s.scheduler.state_dict() if keep_optimizer else None,
-            rng=_rng_state(), train_state=train_state, entry=entry,
+            rng=rng, train_state=train_state, entry=entry,
         )
+
+    def _all_rng_states(self) -> list[dict[str, Any]]:
+        """The RNG state of every process, in process order (each continues its own on resume)."""
+        if self.accelerator.num_processes == 1:
+            return [rng_state()]
+        from accelerate.utils import gather_object
+
+        return gather_object([rng_state()])
 
     def _save_final_model(self) -> None:
         self._save_checkpoint(sorted(self.state.save_reasons | {"final"}))
@@ -377,9 +467,9 @@ class TrainingLoop:
 class _Interval:
     """Sums between two logging steps, kept on the device so the step does not wait for the host."""
 
-    def __init__(self) -> None:
-        self.samples_total = 0
-        self.tokens_total = 0
+    def __init__(self, samples_total: int = 0, tokens_total: int = 0) -> None:
+        self.samples_total = samples_total
+        self.tokens_total = tokens_total
         self._reset()
 
     def _reset(self) -> None:
@@ -405,6 +495,32 @@ class _Interval:
                   self.tokens / seconds, seconds / max(self.steps, 1))
         self._reset()
         return result
+
+
+class _SignalStop:
+    """SIGINT / SIGTERM: the first asks for a stop after the current step (with a checkpoint); a second
+    stops at once, leaving the checkpoints already written as they are."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            os._exit(130)
+        self.requested = True
+        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
 
 
 def _maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, skip: bool):
@@ -450,13 +566,6 @@ def _cpu_copy(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_cpu_copy(v) for v in value)
     return value
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def _round(value: float | None) -> float | None:

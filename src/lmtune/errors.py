@@ -11,3 +11,9 @@ class RunFailed(Exception):
     """A failure while running: exit code 1."""
 
     exit_code = 1
+
+
+class Stopped(Exception):
+    """Stopped by SIGINT or SIGTERM after writing a resumable checkpoint: exit code 130."""
+
+    exit_code = 130
