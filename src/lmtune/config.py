@@ -29,6 +29,14 @@ class SavePhase(BaseModel):
     save_epochs: float | None = Field(None, gt=0, description="save every X epochs (float)")
     saves_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced saves per epoch")
 
+    @field_validator("save_steps", mode="before")
+    @classmethod
+    def _whole_steps(cls, value: Any) -> Any:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"a float save_steps ({value}) is not a number of steps; "
+                             f"for a fraction of an epoch use save_epochs: {value}")
+        return value
+
     @model_validator(mode="after")
     def _one_end(self) -> SavePhase:
         if (self.until_epoch is None) == (self.until_step is None):
@@ -190,6 +198,17 @@ class TrainConfig(BaseModel):
         if value is True:
             return "auto"
         return value
+
+    @model_validator(mode="after")
+    def _save_checks(self) -> TrainConfig:
+        if self.save_strategy == "no":
+            others = [key for key in ("save_steps", "save_epochs", "saves_per_epoch", "save_minutes", "save_schedule",
+                                      "metric_for_best_model") if getattr(self, key) is not None]
+            others += ["save_on_eval"] if self.save_on_eval else []
+            if others:
+                raise ValueError(f"save_strategy: no (only the final save) contradicts {', '.join(others)}; "
+                                 "remove save_strategy or " + (" and ".join(others)))
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:

@@ -3,17 +3,35 @@
 `lmtune plan` prints it and the engine obeys it, so the two cannot disagree. Steps are optimizer
 steps, counted from 1. An epoch is `steps_per_epoch` steps; an optimizer step never spans two
 epochs, so epoch k ends exactly at step k * steps_per_epoch (the last epoch may be cut short).
+
+The rules, each naming steps of the whole run (a step named by several rules is saved once, with
+all their reasons):
+
+- `save_steps: N`: steps N, 2N, 3N, ...
+- `save_epochs: X`: the first step at which X, 2X, 3X, ... real epochs are done (exact decimal
+  arithmetic: 0.3 is three tenths, not the nearest binary float).
+- `saves_per_epoch: K`: in every epoch of length L (a shorter last epoch too), the first step at
+  which j/K of that epoch is done, j = 1..K; the last is the epoch's end.
+- `save_schedule` phases: phase i covers the steps after the end of phase i-1 up to its own end
+  (`until_step`, or the first step at which `until_epoch` epochs are done); its rules name the same
+  step numbers as they would on their own, restricted to that range.
+- the final step, always.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from lmtune.config import SavePhase, TrainConfig
 
 HF_DEFAULT_SAVE_STEPS = 500
+# A checkpoint this big written at a large share of the steps is worth a warning.
+BIG_CHECKPOINT_BYTES = 100 * 1000**2
+DENSE_SAVE_SHARE = 0.25
+DENSE_SAVE_MIN_COUNT = 20
+SAVE_KEYS = ("save_epochs", "saves_per_epoch")
 
 
 @dataclass
@@ -30,24 +48,31 @@ class Plan:
     save_minutes: float | None = None
     eval_minutes: float | None = None
     checkpoint_bytes: int | None = None
+    save_total_limit: int | None = None
+    keeps_best: bool = False
 
     @property
     def disk_bytes(self) -> int | None:
-        """Peak disk use: the checkpoints that rotation keeps at once, one more being written."""
+        """Peak disk use of the checkpoints: those rotation keeps at once, plus one being written before
+        rotation deletes the oldest, plus the best when it has fallen out of the newest ones."""
         if self.checkpoint_bytes is None:
             return None
-        limit = len(self.kept) + (1 if self.deleted else 0)
-        return self.checkpoint_bytes * max(limit, 1)
+        at_once = len(self.kept)
+        if self.deleted:
+            at_once += 1 + (1 if self.keeps_best else 0)
+        return self.checkpoint_bytes * max(at_once, 1)
 
     def to_json(self) -> dict:
         return {
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "epochs": self.epochs,
-            "saves": [{"step": s, "reasons": r} for s, r in sorted(self.save_steps.items())],
-            "evals": [{"step": s, "reasons": r} for s, r in sorted(self.eval_steps.items())],
+            "saves": [{"step": s, "reasons": sorted(r)} for s, r in sorted(self.save_steps.items())],
+            "evals": [{"step": s, "reasons": sorted(r)} for s, r in sorted(self.eval_steps.items())],
+            "save_total_limit": self.save_total_limit,
             "kept": self.kept,
             "deleted": self.deleted,
+            "keeps_best": self.keeps_best,
             "phases": self.phases,
             "save_minutes": self.save_minutes,
             "eval_minutes": self.eval_minutes,
@@ -67,37 +92,53 @@ def make_plan(
     config: TrainConfig, train_rows: int | None, world_size: int = 1, has_eval_data: bool = False,
     checkpoint_bytes: int | None = None,
 ) -> Plan:
+    """The plan of `config` on `train_rows` rows; None for a stream of unknown length, where a rule
+    counted in epochs is an error that names its key."""
     per_epoch = None
     if train_rows is not None:
         per_epoch = steps_per_epoch(
             train_rows, config.per_device_train_batch_size, config.gradient_accumulation_steps, world_size
         )
-    total = config.max_steps if config.max_steps is not None else math.ceil(config.num_train_epochs * per_epoch)
+    if config.max_steps is not None:
+        total = config.max_steps
+    elif per_epoch is None:
+        from lmtune.errors import UserError
+
+        raise UserError("max_steps is needed: the length of the data is unknown, so num_train_epochs cannot tell "
+                        "when to stop")
+    else:
+        total = max(1, math.ceil(_exact(config.num_train_epochs) * per_epoch))
     epochs = total / per_epoch if per_epoch else None
     warnings: list[str] = []
 
     saves = _save_rules(config, per_epoch, total, warnings)
     phases = []
     for index, phase in enumerate(config.save_schedule or []):
-        start, end = _phase_range(config.save_schedule, index, per_epoch, total)
-        phase_saves = _phase_rules(phase, per_epoch, total, start, end)
-        phases.append({"from_step": start + 1, "until_step": end, "saves": sorted(phase_saves)})
+        start, end = _phase_range(config.save_schedule, index, per_epoch, total, warnings)
+        phase_saves = _rule_steps(phase.save_steps, phase.save_epochs, phase.saves_per_epoch, per_epoch, total,
+                                  start, end, "phase steps", "phase epoch",
+                                  (f"save_schedule[{index}].save_epochs", f"save_schedule[{index}].saves_per_epoch"))
+        phases.append({"phase": index, "from_step": start + 1, "until_step": end, "saves": sorted(phase_saves)})
         _merge(saves, phase_saves)
     evals = _eval_rules(config, per_epoch, total, has_eval_data, warnings)
     if config.save_on_eval:
         _merge(saves, {step: ["eval"] for step in evals})
     _merge(saves, {total: ["final"]})
     kept, deleted = rotation(sorted(saves), config.save_total_limit)
+    keeps_best = config.metric_for_best_model is not None and has_eval_data
+    _warn_dense_saves(config, len(saves), total, checkpoint_bytes, warnings)
     return Plan(
         per_epoch, total, epochs, saves, evals, kept, deleted, warnings, phases,
         config.save_minutes, config.eval_minutes if has_eval_data else None, checkpoint_bytes,
+        config.save_total_limit, keeps_best,
     )
 
 
 def rotation(steps: list[int], limit: int | None, best: int | None = None) -> tuple[list[int], list[int]]:
     """Which of the saved steps survive `save_total_limit`: the newest `limit`, plus the best."""
+    steps = sorted(steps)
     if limit is None or len(steps) <= limit:
-        return list(steps), []
+        return steps, []
     kept = set(steps[-limit:])
     if best is not None and best in steps:
         kept.add(best)
@@ -111,12 +152,24 @@ def _save_rules(config: TrainConfig, per_epoch: int | None, total: int, warnings
     save_steps, save_epochs, per = config.save_steps, config.save_epochs, config.saves_per_epoch
     if config.save_strategy == "steps" and save_steps is None:
         save_steps = HF_DEFAULT_SAVE_STEPS
+        warnings.append(f"save_strategy: steps without save_steps saves every {HF_DEFAULT_SAVE_STEPS} steps "
+                        "(the Hugging Face default); set save_steps to choose")
     if config.save_strategy == "epoch" and per is None and save_epochs is None:
+        if per_epoch is None:
+            raise_unknown_epoch("save_strategy: epoch")
         per = 1
+    if config.save_strategy == "epoch" and save_steps is not None:
+        warnings.append(f"save_strategy: epoch and save_steps: {save_steps} are both used (every epoch and every "
+                        f"{save_steps} steps); the Hugging Face Trainer would ignore save_steps")
     if save_steps is not None and save_steps > total:
-        warnings.append(f"save_steps {save_steps} is larger than the run ({total} steps): only the final save")
-    if per_epoch is None and (save_epochs is not None or per is not None):
-        raise_unknown_epoch("save_epochs" if save_epochs is not None else "saves_per_epoch")
+        warnings.append(f"save_steps {save_steps} is larger than the run ({total} steps): it never saves; "
+                        "only the final save is written")
+    if save_epochs is not None and per_epoch is not None and epoch_to_step(save_epochs, per_epoch) > total:
+        warnings.append(f"save_epochs {save_epochs:g} is longer than the run ({total / per_epoch:.3g} epochs): "
+                        "only the final save is written")
+    if per is not None and per_epoch is not None and per > per_epoch:
+        warnings.append(f"saves_per_epoch {per} is more than the {per_epoch} steps of an epoch: it saves at every "
+                        "step")
     return _rule_steps(save_steps, save_epochs, per, per_epoch, total, 0, total, "steps", "epoch")
 
 
@@ -125,60 +178,90 @@ def _eval_rules(config: TrainConfig, per_epoch: int | None, total: int, has_eval
     if not has_eval:
         if any(r is not None for r in rules) or config.eval_minutes:
             warnings.append("eval_* rules are set but there is no eval data (val_size is 0): no evaluation")
+        if config.save_on_eval or config.metric_for_best_model:
+            key = "save_on_eval" if config.save_on_eval else "metric_for_best_model"
+            warnings.append(f"{key} is set but there is no eval data (val_size is 0): it has no effect")
         return {}
-    if per_epoch is None and (config.eval_epochs is not None or config.evals_per_epoch is not None):
-        raise_unknown_epoch("eval_epochs" if config.eval_epochs is not None else "evals_per_epoch")
-    evals = _rule_steps(*rules, per_epoch, total, 0, total, "steps", "epoch")
+    if config.eval_steps is not None and config.eval_steps > total:
+        warnings.append(f"eval_steps {config.eval_steps} is larger than the run ({total} steps): "
+                        "only the final evaluation")
+    evals = _rule_steps(*rules, per_epoch, total, 0, total, "steps", "epoch", ("eval_epochs", "evals_per_epoch"))
     if not evals and not config.eval_minutes:
         evals = {total: ["final"]}
     return evals
 
 
-def _phase_rules(phase: SavePhase, per_epoch: int | None, total: int, start: int, end: int) -> dict:
-    if per_epoch is None and (phase.save_epochs is not None or phase.saves_per_epoch is not None):
-        raise_unknown_epoch("save_schedule")
-    return _rule_steps(phase.save_steps, phase.save_epochs, phase.saves_per_epoch, per_epoch, total, start, end,
-                       "phase steps", "phase epoch")
+def _phase_range(phases: list[SavePhase], index: int, per_epoch: int | None, total: int,
+                 warnings: list[str]) -> tuple[int, int]:
+    """The steps (start, end] of phase `index`; ends must grow from one phase to the next."""
+    from lmtune.errors import UserError
 
-
-def _phase_range(phases: list[SavePhase], index: int, per_epoch: int | None, total: int) -> tuple[int, int]:
-    def end_of(phase: SavePhase) -> int:
+    def end_of(i: int) -> int:
+        phase = phases[i]
         if phase.until_step is not None:
-            return min(phase.until_step, total)
+            return phase.until_step
         if per_epoch is None:
-            raise_unknown_epoch("save_schedule until_epoch")
-        return min(epoch_to_step(phase.until_epoch, per_epoch), total)
+            raise_unknown_epoch(f"save_schedule[{i}].until_epoch")
+        return epoch_to_step(phase.until_epoch, per_epoch)
 
-    start = end_of(phases[index - 1]) if index else 0
-    return start, max(start, end_of(phases[index]))
+    start = end_of(index - 1) if index else 0
+    end = end_of(index)
+    if end <= start:
+        def name(i: int) -> str:
+            if phases[i].until_step is not None:
+                return f"until_step {phases[i].until_step}"
+            return f"until_epoch {phases[i].until_epoch:g} (step {end_of(i)})"
+
+        raise UserError(
+            f"save_schedule[{index}] ends at {name(index)}, not after the end of save_schedule[{index - 1}] "
+            f"({name(index - 1)}); phases are listed in order and each must end later than the one before"
+        )
+    if start >= total:
+        warnings.append(f"save_schedule[{index}] starts after the run's last step ({total}): it never applies")
+    elif end > total:
+        warnings.append(f"save_schedule[{index}] ends after the run's last step ({total}): it is cut there")
+    return min(start, total), min(end, total)
 
 
 def _rule_steps(
     every_steps: int | None, every_epochs: float | None, per_epoch_count: int | None, per_epoch: int | None,
-    total: int, start: int, end: int, steps_reason: str, epoch_reason: str,
+    total: int, start: int, end: int, steps_reason: str, epoch_reason: str, keys: tuple[str, str] = SAVE_KEYS,
 ) -> dict[int, list[str]]:
-    """The steps in (start, end] named by each rule, with the rule's reason."""
+    """The steps in (start, end] named by each rule, with the rule's reason; `keys` name the two epoch
+    rules in an error."""
     found: dict[int, list[str]] = {}
     if every_steps is not None:
-        _merge(found, {s: [steps_reason] for s in range(start + every_steps, end + 1, every_steps)})
+        first = (start // every_steps + 1) * every_steps
+        _merge(found, {s: [steps_reason] for s in range(first, end + 1, every_steps)})
     if every_epochs is not None:
-        _merge(found, {s: [epoch_reason] for s in _every_epochs(every_epochs, per_epoch, total) if start < s <= end})
+        if per_epoch is None:
+            raise_unknown_epoch(keys[0])
+        _merge(found, {s: [epoch_reason] for s in _every_epochs(every_epochs, per_epoch, end) if s > start})
     if per_epoch_count is not None:
+        if per_epoch is None:
+            raise_unknown_epoch(keys[1])
         steps = _evenly_per_epoch(per_epoch_count, per_epoch, total)
         _merge(found, {s: [epoch_reason] for s in steps if start < s <= end})
     return found
 
 
+def _exact(value: float) -> Fraction:
+    """A config number as the decimal the user wrote: 0.3 is 3/10."""
+    return Fraction(repr(float(value)))
+
+
 def epoch_to_step(epoch: float, per_epoch: int) -> int:
-    """The first step at which `epoch` epochs are done (a tiny tolerance absorbs float error)."""
-    return max(1, math.ceil(epoch * per_epoch - 1e-9))
+    """The first step at which `epoch` epochs are done."""
+    return max(1, math.ceil(_exact(epoch) * per_epoch))
 
 
-def _every_epochs(every: float, per_epoch: int, total: int) -> Iterable[int]:
-    count = 1
-    while (step := epoch_to_step(count * every, per_epoch)) <= total:
-        yield step
+def _every_epochs(every: float, per_epoch: int, last: int) -> list[int]:
+    step_size = _exact(every) * per_epoch
+    steps, count = [], 1
+    while (step := max(1, math.ceil(count * step_size))) <= last:
+        steps.append(step)
         count += 1
+    return steps
 
 
 def _evenly_per_epoch(count: int, per_epoch: int, total: int) -> set[int]:
@@ -186,8 +269,7 @@ def _evenly_per_epoch(count: int, per_epoch: int, total: int) -> set[int]:
     steps = set()
     for epoch_start in range(0, total, per_epoch):
         length = min(per_epoch, total - epoch_start)
-        steps.update(epoch_start + math.ceil(j * length / count - 1e-9) for j in range(1, count + 1))
-    steps.discard(0)
+        steps.update(epoch_start + -(-j * length // count) for j in range(1, count + 1))
     return steps
 
 
@@ -197,10 +279,26 @@ def _merge(into: dict[int, list[str]], more: dict[int, list[str]]) -> None:
         bucket.extend(r for r in reasons if r not in bucket)
 
 
+def _warn_dense_saves(config: TrainConfig, written: int, total: int, size: int | None, warnings: list[str]) -> None:
+    """Saving at a large share of the steps of a big model spends the run writing checkpoints."""
+    if size is None or size < BIG_CHECKPOINT_BYTES or written < DENSE_SAVE_MIN_COUNT:
+        return
+    if written < DENSE_SAVE_SHARE * total:
+        return
+    keys = [key for key in ("save_steps", "save_epochs", "saves_per_epoch", "save_schedule", "save_on_eval")
+            if getattr(config, key) not in (None, False)]
+    every = "every step" if written >= total else f"{written} of {total} steps"
+    warnings.append(
+        f"{' + '.join(keys) or 'the save rules'} save at {every}, a checkpoint of about {size / 1000**3:.1f} GB "
+        f"each ({written * size / 1000**3:.0f} GB written in all): saving will take much of the run; "
+        "save less often, or set save_only_model: true"
+    )
+
+
 def raise_unknown_epoch(key: str) -> None:
     from lmtune.errors import UserError
 
     raise UserError(
-        f"{key} needs the size of an epoch, which a stream without a known size does not have; "
-        "use save_steps / eval_steps or save_minutes, or add num_samples to the data set's entry"
+        f"{key} needs the size of an epoch, which a stream (streaming: true) without a known size does not have; "
+        "use save_steps / eval_steps / until_step or save_minutes instead, or set streaming: false"
     )
