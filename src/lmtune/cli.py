@@ -101,6 +101,22 @@ def plan(
 
 
 @app.command()
+def preview(
+    config: Annotated[Path, typer.Argument(help="the run's YAML file")],
+    overrides: Overrides = None,
+    n: Annotated[int, typer.Option("-n", help="how many processed examples (rows) to show")] = 3,
+    split: Annotated[str, typer.Option("--split", help="train or eval")] = "train",
+    as_json: Annotated[bool, typer.Option("--json", help="the examples and statistics as JSON")] = False,
+) -> None:
+    """Print N processed examples (token ids, decoded input, labels with the masked part marked) and statistics."""
+    from lmtune.data.preview import run_preview
+
+    run_config = _load(config, overrides)
+    setup_logging("warning")
+    run_preview(run_config, n=n, split=split, as_json=as_json)
+
+
+@app.command()
 def checkpoints(
     run_dir: Annotated[Path, typer.Argument(help="the run's output_dir")],
     as_json: Annotated[bool, typer.Option("--json", help="the index as JSON")] = False,

@@ -108,6 +108,10 @@ def set_up(config: TrainConfig) -> Setup:
         model_path = resolve_model_path(config.model_name_or_path)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
         data = prepare_data(config, tokenizer)
+    if accelerator.is_main_process:
+        from lmtune.data.preview import log_sample
+
+        log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does
     model = load_model(model_path, config)
     if point is not None:
         load_weights(model, point.path)

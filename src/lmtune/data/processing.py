@@ -10,6 +10,8 @@ import bisect
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,24 +25,32 @@ from lmtune.errors import UserError
 from lmtune.paths import cache_home
 
 log = logging.getLogger("lmtune")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
 class DataStats:
-    """What happened to the data on its way to the model."""
+    """What happened to the data on its way to the model; saved as stats.json next to the cached data."""
 
-    examples_read: int = 0
+    examples_read: int = 0  # rows in the files
     examples_after_max_samples: int = 0
-    truncated: int = 0
-    dropped_no_response: int = 0
+    examples_encoded: int = 0  # examples after conversion (stage pt: one per cutoff_len chunk of a text)
+    truncated: int = 0  # examples longer than cutoff_len, cut to it (the dropped ones included)
+    dropped_no_response: int = 0  # examples with no trained token left after truncation: dropped
+    shortest_prompt: int | None = None  # of the dropped ones: tokens before the first trained token
+    examples_kept: int = 0  # after dropping and mixing
     train_examples: int = 0
     eval_examples: int = 0
-    train_rows: int = 0
+    train_rows: int = 0  # rows the model sees (fewer than examples when packed)
     eval_rows: int = 0
     train_tokens: int = 0
-    trained_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)
+    trained_tokens: int = 0  # train tokens whose label is a target
+    eval_tokens: int = 0
+    cutoff_len: int = 0
+    packing: bool = False
+    lengths: list[int] = field(default_factory=list)  # kept examples, as trained (after truncation)
+    raw_lengths: list[int] = field(default_factory=list)  # every encoded example, before truncation
+    train_row_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -49,6 +59,7 @@ class ProcessedData:
     eval: datasets.Dataset | None
     stats: DataStats
     cache_dir: Path | None = None
+    from_cache: bool = False
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) -> ProcessedData:
@@ -61,7 +72,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) ->
     data = _process(config, specs, tokenizer, template)
     if use_cache:
         _save_cached(data, cache_dir)
-        data.cache_dir = cache_dir
+        data = _load_cached(cache_dir)  # memory-mapped from the cache, as every later run reads it
+        data.from_cache = False
     return data
 
 
@@ -74,14 +86,19 @@ def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, temp
     examples = _mix(parts, config)
     if len(examples) == 0:
         raise UserError(_empty_message(config, stats))
+    stats.examples_kept = len(examples)
+    stats.cutoff_len, stats.packing = config.cutoff_len, config.use_packing
+    stats.lengths = [len(ids) for ids in examples["input_ids"]]
     train, evaluation = _split(examples, config)
     stats.train_examples, stats.eval_examples = len(train), len(evaluation) if evaluation else 0
     train = _finish(train, config)
     evaluation = _finish(evaluation, config) if evaluation is not None else None
     stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation else 0
-    stats.lengths = [len(ids) for ids in examples["input_ids"]]
-    stats.train_tokens = sum(len(ids) for ids in train["input_ids"])
+    stats.train_row_lengths = [len(ids) for ids in train["input_ids"]]
+    stats.train_tokens = sum(stats.train_row_lengths)
+    # labels[0] of a row is never a target: the model predicts token i+1 from tokens 0..i.
     stats.trained_tokens = sum(sum(1 for x in labels[1:] if x != IGNORE_INDEX) for labels in train["labels"])
+    stats.eval_tokens = sum(len(ids) for ids in evaluation["input_ids"]) if evaluation is not None else 0
     return ProcessedData(train, evaluation, stats)
 
 
@@ -100,13 +117,17 @@ def _tokenize_dataset(
         if len(rows) == 0:
             continue
         encode = _encoder(config, spec, file, tokenizer, template)
+        workers = _num_proc(config, len(rows))
+        if workers:
+            log.info("tokenising %s with %d processes", file, workers)
         tokenized.append(
             rows.map(
                 encode,
                 with_indices=True,
                 batched=True,
+                batch_size=256,
                 remove_columns=rows.column_names,
-                num_proc=config.preprocessing_num_workers if len(rows) > 1000 else None,
+                num_proc=workers,
                 desc=f"tokenising {file.name}",
                 load_from_cache_file=False,
             )
@@ -114,17 +135,31 @@ def _tokenize_dataset(
     if not tokenized:
         raise UserError(f"data set '{spec.name}' has no rows ({', '.join(map(str, spec.files))})")
     part = datasets.concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
+    stats.examples_encoded += len(part)
+    stats.raw_lengths += part["raw_length"]
     stats.truncated += int(sum(part["truncated"]))
-    kept = part.filter(lambda row: row["has_labels"], desc="dropping examples with nothing to train")
-    stats.dropped_no_response += len(part) - len(kept)
-    return kept.remove_columns(["truncated", "has_labels"])
+    has_labels = part["has_labels"]
+    dropped_prompts = [n for n, keep in zip(part["prompt_length"], has_labels, strict=True) if not keep]
+    if dropped_prompts:
+        stats.dropped_no_response += len(dropped_prompts)
+        shortest = min(dropped_prompts)
+        stats.shortest_prompt = shortest if stats.shortest_prompt is None else min(stats.shortest_prompt, shortest)
+        part = part.select([i for i, keep in enumerate(has_labels) if keep])
+    return part.remove_columns(["truncated", "has_labels", "raw_length", "prompt_length"])
+
+
+def _num_proc(config: TrainConfig, num_rows: int) -> int | None:
+    """`preprocessing_num_workers` processes for tokenising, never more than there are rows; None: this one."""
+    workers = min(config.preprocessing_num_workers or 1, num_rows)
+    return workers if workers > 1 else None
 
 
 def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any, template: str | None):
     """A batched map function: rows of the file to token ids and labels."""
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "has_labels": []}
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "has_labels": [], "raw_length": [],
+                                "prompt_length": []}
         for offset, index in enumerate(indices):
             row = {key: values[offset] for key, values in batch.items()}
             try:
@@ -133,9 +168,13 @@ def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any,
                 raise UserError(f"{file}, row {index + 1}: {error} (data set '{spec.name}')") from None
             for input_ids, labels in _encode_standard(standard, tokenizer, template, config):
                 out["input_ids"].append(input_ids[: config.cutoff_len])
-                out["labels"].append(labels[: config.cutoff_len])
+                # The first token is never a target (nothing comes before it): its label says so.
+                out["labels"].append([IGNORE_INDEX] * min(1, len(labels)) + labels[1 : config.cutoff_len])
                 out["truncated"].append(len(input_ids) > config.cutoff_len)
                 out["has_labels"].append(any(x != IGNORE_INDEX for x in labels[1 : config.cutoff_len]))
+                out["raw_length"].append(len(input_ids))
+                trained = [i for i, x in enumerate(labels) if x != IGNORE_INDEX and i > 0]
+                out["prompt_length"].append(trained[0] if trained else len(input_ids))
         return out
 
     return encode
@@ -147,13 +186,23 @@ def _encode_standard(standard: dict, tokenizer: Any, template: str | None, confi
         yield encode_conversation(tokenizer, template, standard["messages"])
         return
     ids = tokenizer(standard["text"], add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
+    if _adds_bos(tokenizer):
         ids = [tokenizer.bos_token_id] + ids
     ids = ids + [tokenizer.eos_token_id]
     for start in range(0, len(ids), config.cutoff_len):
         chunk = ids[start : start + config.cutoff_len]
         if len(chunk) > 1:
             yield chunk, list(chunk)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts a text with its BOS token itself (Llama does; GPT-2 and SmolLM2 do not,
+    and SmolLM2's bos_token is the chat marker <|im_start|>, which has no place in raw text)."""
+    bos = tokenizer.bos_token_id
+    if bos is None or bos == tokenizer.eos_token_id:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
 
 
 def _mix(parts: list[datasets.Dataset], config: TrainConfig) -> datasets.Dataset:
@@ -185,12 +234,14 @@ def _finish(examples: datasets.Dataset, config: TrainConfig) -> datasets.Dataset
     if config.use_packing:
         return pack(examples, config.cutoff_len)
     return examples.map(
-        lambda row: {"position_ids": list(range(len(row["input_ids"])))}, desc="position ids"
+        lambda batch: {"position_ids": [list(range(len(ids))) for ids in batch["input_ids"]]},
+        batched=True, desc="position ids",
     )
 
 
 def pack(examples: datasets.Dataset, cutoff_len: int) -> datasets.Dataset:
-    """First-fit decreasing: whole examples into rows of at most cutoff_len tokens."""
+    """Best-fit decreasing: whole examples into rows of at most cutoff_len tokens, each example into the
+    fullest row that still has room for it."""
     lengths = [len(ids) for ids in examples["input_ids"]]
     bins: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (free tokens, bin index), kept sorted
@@ -215,10 +266,12 @@ def pack(examples: datasets.Dataset, cutoff_len: int) -> datasets.Dataset:
 
 
 def _empty_message(config: TrainConfig, stats: DataStats) -> str:
-    if stats.examples_after_max_samples and stats.dropped_no_response == stats.examples_after_max_samples:
+    if stats.examples_encoded and stats.dropped_no_response == stats.examples_encoded:
         return (f"no example is left to train on: all {stats.dropped_no_response} lose their whole response "
-                f"to cutoff_len {config.cutoff_len}; raise cutoff_len (see `lmtune preview` for lengths)")
-    return f"the data set {', '.join(config.datasets)} is empty after filtering ({stats.examples_read} read)"
+                f"to cutoff_len {config.cutoff_len} (the shortest prompt is {stats.shortest_prompt} tokens); "
+                "raise cutoff_len")
+    return (f"the data set {', '.join(config.datasets)} is empty after filtering ({stats.examples_read} rows "
+            f"read, {stats.examples_encoded} examples made of them)")
 
 
 # --- cache ------------------------------------------------------------------------------------
@@ -243,16 +296,28 @@ def _cache_key(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, te
 
 
 def _save_cached(data: ProcessedData, cache_dir: Path) -> None:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    data.train.save_to_disk(str(cache_dir / "train"))
+    """Written to a temporary folder and renamed: a stopped run never leaves a half-written cache entry."""
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_dir.with_name(f"{cache_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    data.train.save_to_disk(str(partial / "train"))
     if data.eval is not None:
-        data.eval.save_to_disk(str(cache_dir / "eval"))
-    (cache_dir / "stats.json").write_text(json.dumps(asdict(data.stats)))
-    (cache_dir / "done").touch()
+        data.eval.save_to_disk(str(partial / "eval"))
+    (partial / "stats.json").write_text(json.dumps(asdict(data.stats)))
+    (partial / "done").touch()
+    if (cache_dir / "done").exists():  # another process finished the same entry meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    shutil.rmtree(cache_dir, ignore_errors=True)  # an entry without its `done` marker: left by a crash
+    try:
+        partial.rename(cache_dir)
+    except OSError:  # another process finished the same entry first
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _load_cached(cache_dir: Path) -> ProcessedData:
     train = datasets.load_from_disk(str(cache_dir / "train"))
     evaluation = datasets.load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").exists() else None
-    stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
-    return ProcessedData(train, evaluation, stats, cache_dir)
+    saved = json.loads((cache_dir / "stats.json").read_text())
+    stats = DataStats(**{k: v for k, v in saved.items() if k in DataStats.__dataclass_fields__})
+    return ProcessedData(train, evaluation, stats, cache_dir, from_cache=True)

@@ -113,7 +113,30 @@ def load_rows(file: Path) -> datasets.Dataset:
     try:
         return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as error:  # datasets wraps parser errors in several types
-        raise UserError(f"{file}: could not be read as {loader}: {_root_cause(error)}") from None
+        where = _json_error(file) if loader == "json" else None
+        raise UserError(f"{file}: could not be read as {loader}: {where or _root_cause(error)}") from None
+
+
+def _json_error(file: Path) -> str | None:
+    """Where a JSON or JSON Lines file is broken, by line and column (the Arrow parser counts from 0)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return str(error)
+    try:
+        json.loads(text)
+        return None  # one JSON document: valid, so the problem is elsewhere
+    except json.JSONDecodeError as whole:
+        if file.suffix == ".json" and not text.lstrip().startswith("{"):
+            return f"not valid JSON at line {whole.lineno}, column {whole.colno}: {whole.msg}"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"not valid JSON at line {number}, column {error.colno}: {error.msg}"
+    return None
 
 
 def _root_cause(error: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 A conversation is rendered with a Jinja chat template (the tokenizer's own, or a named one below),
 tokenised once with character offsets, and every token that falls inside an assistant reply (its
-end-of-turn marker included, so the model learns to stop) keeps its label; the rest get -100.
+end-of-turn marker included, so the model learns to stop; the newline after the marker is not) keeps
+its label; the rest get -100.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def trained_spans(tokenizer: Any, template: str, messages: list[dict[str, str]])
             start = text.find(message["content"], spans[-1].stop if spans else 0)
             spans.append(range(start, start + len(message["content"])))
         else:
-            spans.append(range(len(before), len(upto)))
+            # The reply and its end-of-turn marker; the whitespace after the marker belongs to no one.
+            end = len(upto.rstrip())
+            spans.append(range(len(before), max(end, len(before))))
     return text, spans
 
 

@@ -1,0 +1,277 @@
+"""What the model will be trained on: processed examples with their labels, and statistics of the data.
+
+One rendering serves `lmtune preview`, `lmtune preview --json` and the sample that `lmtune train`
+logs when it starts. Masked tokens (label -100) are shown as `[-100 xN]` runs, trained tokens as their
+text; on a colour terminal the trained text is also green and the masked text dim. Packed rows are
+shown example by example, cut where the position ids restart at 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from dataclasses import asdict
+from typing import Any
+
+from lmtune.batching import epoch_batches
+from lmtune.data.processing import DataStats, ProcessedData
+from lmtune.data.templates import IGNORE_INDEX
+from lmtune.errors import UserError
+
+log = logging.getLogger("lmtune")
+PERCENTILES = (50, 90, 95, 99)
+HISTOGRAM_BINS = 10
+MASKED_STYLE, TRAINED_STYLE = "dim", "bold green"
+
+
+# --- one row ------------------------------------------------------------------------------------
+
+
+def segments(position_ids: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of every example in a row: a new one starts where the position id is 0."""
+    starts = [i for i, p in enumerate(position_ids) if p == 0] or [0]
+    if starts[0] != 0:
+        starts.insert(0, 0)
+    return list(zip(starts, starts[1:] + [len(position_ids)], strict=True))
+
+
+def label_runs(labels: list[int]) -> list[tuple[bool, int, int]]:
+    """(trained, start, end) runs of consecutive masked or trained labels."""
+    runs: list[tuple[bool, int, int]] = []
+    for index, label in enumerate(labels):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1] = (trained, runs[-1][1], index + 1)
+        else:
+            runs.append((trained, index, index + 1))
+    return runs
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def describe_row(row: dict[str, list[int]], index: int, tokenizer: Any) -> dict[str, Any]:
+    """A processed row as data: its ids, labels and position ids, and each packed example decoded."""
+    input_ids, labels = list(row["input_ids"]), list(row["labels"])
+    position_ids = list(row.get("position_ids") or range(len(input_ids)))
+    examples = []
+    for start, end in segments(position_ids):
+        ids, labs = input_ids[start:end], labels[start:end]
+        runs = [
+            {"trained": trained, "tokens": b - a, "text": _decode(tokenizer, ids[a:b])}
+            for trained, a, b in label_runs(labs)
+        ]
+        examples.append({
+            "start": start, "end": end, "tokens": end - start,
+            "trained_tokens": sum(1 for x in labs if x != IGNORE_INDEX),
+            "text": _decode(tokenizer, ids), "labels_text": _runs_text(runs), "runs": runs,
+        })
+    return {
+        "row": index, "tokens": len(input_ids), "trained_tokens": sum(1 for x in labels if x != IGNORE_INDEX),
+        "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+        "text": _decode(tokenizer, input_ids), "examples": examples,
+    }
+
+
+def _runs_text(runs: list[dict[str, Any]]) -> str:
+    return "".join(run["text"] if run["trained"] else f"[-100 x{run['tokens']}]" for run in runs)
+
+
+def render_row(described: dict[str, Any], split: str, total_rows: int, color: bool = False) -> Any:
+    """The row as text: plain markers, or a rich Text with the trained part coloured when `color`."""
+    from rich.text import Text
+
+    examples = described["examples"]
+    out = Text()
+    packed = f" · {len(examples)} examples packed" if len(examples) > 1 else ""
+    out.append(f"── {split} row {described['row']} of {total_rows}{packed} · {described['tokens']} tokens · "
+               f"{described['trained_tokens']} trained ──\n", style="bold" if color else "")
+    out.append(f"input_ids: {described['input_ids']}\n")
+    for number, example in enumerate(examples, start=1):
+        if len(examples) > 1:
+            out.append(f"example {number} of {len(examples)} in this row: tokens {example['start']}-"
+                       f"{example['end'] - 1} (position ids restart at 0), {example['trained_tokens']} trained\n",
+                       style="bold cyan" if color else "")
+        out.append("input:\n")
+        if color:
+            for run in example["runs"]:
+                out.append(run["text"], style=TRAINED_STYLE if run["trained"] else MASKED_STYLE)
+        else:
+            out.append(example["text"])
+        out.append("\nlabels:\n")
+        for run in example["runs"]:
+            if run["trained"]:
+                out.append(run["text"], style=TRAINED_STYLE if color else "")
+            else:
+                out.append(f"[-100 x{run['tokens']}]", style=MASKED_STYLE if color else "")
+        out.append("\n")
+    return out
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (a length that occurs in the data)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def histogram(values: list[int], bins: int = HISTOGRAM_BINS) -> list[dict[str, int]]:
+    """Equal-width bins from the shortest to the longest value: [{"low", "high", "count"}] (inclusive)."""
+    low, high = min(values), max(values)
+    width = max(1, math.ceil((high - low + 1) / bins))
+    counts = [0] * math.ceil((high - low + 1) / width)
+    for value in values:
+        counts[(value - low) // width] += 1
+    return [{"low": low + i * width, "high": low + (i + 1) * width - 1, "count": c} for i, c in enumerate(counts)]
+
+
+def padding_share(row_lengths: list[int], batch_size: int, seed: int) -> float:
+    """The share of padding in the first epoch's micro-batches (one process), each padded to its longest row."""
+    if not row_lengths:
+        return 0.0
+    padded = real = 0
+    for batch in epoch_batches(len(row_lengths), batch_size, seed, epoch=0):
+        lengths = [row_lengths[i] for i in batch]
+        padded += max(lengths) * len(lengths)
+        real += sum(lengths)
+    return 1 - real / padded
+
+
+def stats_summary(stats: DataStats, batch_size: int, seed: int) -> dict[str, Any]:
+    """The statistics as data: counts, percentiles, histogram and padding (the long length lists left out)."""
+    summary = {k: v for k, v in asdict(stats).items() if k not in ("lengths", "raw_lengths", "train_row_lengths")}
+    summary["kept_share"] = stats.examples_kept / stats.examples_encoded if stats.examples_encoded else 0.0
+    summary["trained_share"] = stats.trained_tokens / stats.train_tokens if stats.train_tokens else 0.0
+    lengths = stats.raw_lengths or stats.lengths
+    if lengths:
+        summary["length_percentiles"] = {
+            "min": min(lengths), **{f"p{q}": percentile(lengths, q) for q in PERCENTILES}, "max": max(lengths)
+        }
+        summary["length_histogram"] = histogram(lengths)
+    summary["batch_size"] = batch_size
+    summary["padding_share"] = padding_share(stats.train_row_lengths, batch_size, seed)
+    if stats.packing and stats.train_rows:
+        summary["row_fill"] = stats.train_tokens / (stats.train_rows * stats.cutoff_len)
+    return summary
+
+
+def stats_lines(summary: dict[str, Any], fancy: bool = False) -> list[str]:
+    """The statistics for a terminal, one line each."""
+    s = summary
+    cutoff = s["cutoff_len"]
+    lines = [
+        f"rows read: {s['examples_read']:,}; after max_samples: {s['examples_after_max_samples']:,}; "
+        f"examples made of them: {s['examples_encoded']:,}; kept: {s['examples_kept']:,} "
+        f"({s['kept_share']:.1%}) -> {s['train_examples']:,} train, {s['eval_examples']:,} eval",
+        f"cutoff_len {cutoff}: {s['truncated']:,} examples truncated; {s['dropped_no_response']:,} lost their whole "
+        "response and were dropped",
+        f"train tokens: {s['train_tokens']:,}, of which trained (label not -100): {s['trained_tokens']:,} "
+        f"({s['trained_share']:.1%}); eval tokens: {s['eval_tokens']:,}",
+    ]
+    if "length_percentiles" in s:
+        p = s["length_percentiles"]
+        lines.append("example length in tokens, before truncation: "
+                     + ", ".join(f"{name} {value:,}" for name, value in p.items()))
+        bars = s["length_histogram"]
+        most = max(b["count"] for b in bars)
+        width = len(f"{bars[-1]['high']:,}")
+        for b in bars:
+            bar = ("█" if fancy else "#") * (math.ceil(30 * b["count"] / most) if b["count"] else 0)
+            note = "  > cutoff_len" if b["low"] > cutoff else "  partly > cutoff_len" if b["high"] > cutoff else ""
+            lines.append(f"  {b['low']:>{width},}-{b['high']:<{width},} {bar:<30} {b['count']:>6,}{note}")
+    rows = f"{s['train_rows']:,} train rows"
+    if s["packing"]:
+        fill = s.get("row_fill", 0.0)
+        lines.append(f"packing: on; {s['train_examples']:,} examples in {rows} of at most {cutoff} tokens, "
+                     f"filled to {fill:.1%}")
+    else:
+        lines.append(f"packing: off; {rows}")
+    lines.append(f"padding at per_device_train_batch_size {s['batch_size']}: {s['padding_share']:.1%} of the "
+                 "tokens in a micro-batch")
+    return lines
+
+
+# --- the command and the training log ---------------------------------------------------------
+
+
+def _split_data(data: ProcessedData, split: str):
+    if split == "eval":
+        if data.eval is None:
+            raise UserError("there is no eval split: set val_size (e.g. val_size=0.1) to hold out eval data")
+        return data.eval
+    return data.train
+
+
+def preview_data(config: Any, data: ProcessedData, tokenizer: Any, n: int, split: str) -> dict[str, Any]:
+    """`lmtune preview --json`: the first N rows of the split and the statistics."""
+    rows = _split_data(data, split)
+    shown = [describe_row(rows[i], i, tokenizer) for i in range(min(n, len(rows)))]
+    return {
+        "split": split, "rows": len(rows), "packing": data.stats.packing, "cache_dir": str(data.cache_dir),
+        "from_cache": data.from_cache, "examples": shown,
+        "stats": stats_summary(data.stats, config.per_device_train_batch_size, config.seed),
+    }
+
+
+def run_preview(config: Any, n: int, split: str, as_json: bool) -> None:
+    """`lmtune preview CONFIG`: process (or reuse) the data and print examples and statistics."""
+    import json
+
+    from rich.console import Console
+
+    from lmtune.data.processing import prepare_data
+    from lmtune.models import load_tokenizer, resolve_model_path
+
+    if split not in ("train", "eval"):
+        raise UserError(f"--split {split}: valid values are train and eval")
+    if n < 0:
+        raise UserError(f"-n {n}: the number of examples to show must be 0 or more")
+    tokenizer = load_tokenizer(resolve_model_path(config.model_name_or_path), config.trust_remote_code)
+    data = prepare_data(config, tokenizer)
+    result = preview_data(config, data, tokenizer, n, split)
+    console = Console(highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(result, indent=1, ensure_ascii=False), flush=True)
+        return
+    color = console.is_terminal and "NO_COLOR" not in os.environ
+    for described in result["examples"]:
+        _print(console, render_row(described, split, result["rows"], color), color)
+    if color:
+        console.print(f"legend: [{TRAINED_STYLE}]trained[/] · [{MASKED_STYLE}]masked (label -100)[/]")
+    where = "reused from" if data.from_cache else "saved to"
+    _print(console, f"statistics (processed data {where} {data.cache_dir}):", color)
+    for line in stats_lines(result["stats"], fancy=color):
+        _print(console, line, color)
+
+
+def _print(console: Any, text: Any, color: bool) -> None:
+    if color:
+        console.print(text)
+    else:  # no escape codes at all: piped output and NO_COLOR read the same
+        print(text if isinstance(text, str) else text.plain, flush=True)
+
+
+def log_sample(config: Any, data: ProcessedData, tokenizer: Any) -> None:
+    """At train start: `preview_samples` training rows chosen with the run's seed, through the logger."""
+    if config.preview_samples == 0:
+        return
+    if getattr(data, "stream_info", None) is not None or not hasattr(data.train, "__len__"):
+        log.info("preview: the data is streamed, so no sample is drawn here; `lmtune preview` shows examples")
+        return
+    total = len(data.train)
+    count = min(config.preview_samples, total)
+    chosen = sorted(random.Random(config.seed).sample(range(total), count))
+    what = "rows" if data.stats.packing else "examples"
+    log.info("preview: %d of %d training %s, chosen at random with seed %d (preview_samples; `lmtune preview` "
+             "shows more and the statistics)", count, total, what, config.seed)
+    for index in chosen:
+        log.info("%s", render_row(describe_row(data.train[index], index, tokenizer), "train", total).plain)
+    s = data.stats
+    log.info("data: %d of %d examples kept; cutoff_len %d truncated %d and dropped %d (no response left); "
+             "%d of %d train tokens trained", s.examples_kept, s.examples_encoded, s.cutoff_len, s.truncated,
+             s.dropped_no_response, s.trained_tokens, s.train_tokens)
