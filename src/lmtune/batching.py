@@ -41,6 +41,7 @@ class Counts:
     samples: int
     tokens: int
     trained_tokens: int
+    stream_pass: int = 0
 
 
 class Collator:
@@ -66,7 +67,8 @@ class Collator:
             positions[index, length:] = torch.arange(width - length)
             attention[index, :length] = 1
             samples += sum(1 for p in row["position_ids"] if p == 0)
-        counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()))
+        counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()),
+                        max(row.get("stream_pass", 0) for row in rows))
         if self.packed:
             return {"input_ids": input_ids, "labels": labels, "position_ids": positions}, counts
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}, counts

@@ -45,6 +45,7 @@ class RunState:
     should_stop: bool = False
     last_metrics: dict[str, float] = field(default_factory=dict)
     best_metric: float | None = None
+    stream_pass: int = 0
 
 
 class CallbackList:

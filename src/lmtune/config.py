@@ -220,12 +220,7 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{key} must be a positive number of steps")
         if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
             raise ValueError("warmup_steps is a whole number of steps, or a fraction < 1 of the total steps")
-        if self.streaming and self.max_steps is None:
-            raise ValueError(
-                "streaming: true needs max_steps: the length of a stream is unknown, so the number "
-                "of epochs cannot tell when to stop"
-            )
-        return self
+        return self  # streaming without max_steps is refused where the file sizes can suggest a value
 
     # --- derived values -------------------------------------------------------------------------
 

@@ -41,7 +41,8 @@ from lmtune.callbacks import (
 )
 from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot
 from lmtune.config import TrainConfig, write_run_config
-from lmtune.data import ProcessedData, prepare_data
+from lmtune.data import DataStats, ProcessedData, prepare_data
+from lmtune.data.streaming import prepare_stream
 from lmtune.errors import Stopped, UserError
 from lmtune.models import count_parameters, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
@@ -107,8 +108,8 @@ def set_up(config: TrainConfig) -> Setup:
     with accelerator.main_process_first():
         model_path = resolve_model_path(config.model_name_or_path)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
-        data = prepare_data(config, tokenizer)
-    if accelerator.is_main_process:
+        data = _prepare_training_data(config, tokenizer, accelerator)
+    if accelerator.is_main_process and not config.streaming:
         from lmtune.data.preview import log_sample
 
         log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does
@@ -118,7 +119,8 @@ def set_up(config: TrainConfig) -> Setup:
     trainable, total = count_parameters(model)
     log.info("model %s: %s trainable of %s parameters (%s)", config.model_name_or_path, f"{trainable:,}",
              f"{total:,}", config.finetuning_type)
-    plan = make_plan(config, len(data.train), accelerator.num_processes, data.eval is not None,
+    plan = make_plan(config, None if config.streaming else len(data.train), accelerator.num_processes,
+                     data.eval is not None,
                      checkpoint_bytes=checkpoint_bytes(trainable, config))
     if accelerator.is_main_process:
         for line in plan_summary_lines(plan, config):
@@ -154,6 +156,13 @@ def _restore_training_state(point: ResumePoint, config: TrainConfig, optimizer: 
                  "schedule (lr now %.3g); set resume_lr: config to apply the new one", scheduler.get_last_lr()[0])
     restore_rng(point.path, accelerator.process_index)
     return scheduler
+
+
+def _prepare_training_data(config: TrainConfig, tokenizer: Any, accelerator: Accelerator) -> ProcessedData:
+    if not config.streaming:
+        return prepare_data(config, tokenizer)
+    stream, info = prepare_stream(config, tokenizer, accelerator.process_index, accelerator.num_processes)
+    return ProcessedData(stream, None, DataStats(), stream_info=info)
 
 
 def _mixed_precision(config: TrainConfig) -> str:
@@ -239,8 +248,9 @@ class TrainingLoop:
             if self.s.resume is not None:
                 self._log_resume(self.s.resume)
             log.info(
-                "%d training rows, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
-                len(self.s.data.train), plan.steps_per_epoch, plan.total_steps, config.per_device_train_batch_size,
+                "%s training rows, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
+                "streamed" if config.streaming else len(self.s.data.train), plan.steps_per_epoch or "unknown",
+                plan.total_steps, config.per_device_train_batch_size,
                 config.gradient_accumulation_steps, self.accelerator.num_processes,
             )
         self.accelerator.wait_for_everyone()
@@ -270,6 +280,9 @@ class TrainingLoop:
 
     def _step_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
         """Micro-batches, `gradient_accumulation_steps` at a time; a step never spans two epochs."""
+        if self.config.streaming:
+            yield from self._stream_groups()
+            return
         accumulation = self.config.gradient_accumulation_steps
         per_epoch = self.state.steps_per_epoch
         epoch, skip = (self.state.step // per_epoch, self.state.step % per_epoch) if per_epoch else (0, 0)
@@ -285,6 +298,34 @@ class TrainingLoop:
             if group:
                 yield group
             epoch, skip = epoch + 1, 0
+
+    def _stream_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
+        """A stream has no epochs: micro-batches in a row, from the position the checkpoint saved."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self._stream_loader = StatefulDataLoader(
+            self.s.data.train, batch_size=self.config.per_device_train_batch_size, collate_fn=self.s.collator,
+            num_workers=self.config.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        )
+        if self.s.resume is not None:
+            states = torch.load(self.s.resume.path / "rng_state.pth", weights_only=False)
+            self._stream_loader.load_state_dict(states[self.accelerator.process_index]["data_loader"])
+        batches = iter(self._stream_loader)
+        while self.state.step < self.state.total_steps:
+            try:
+                group = [next(batches) for _ in range(self.config.gradient_accumulation_steps)]
+            except StopIteration:
+                raise UserError("the streamed data yields no example to train on: every row was dropped "
+                                f"(is cutoff_len {self.config.cutoff_len} shorter than the prompts?)") from None
+            self._note_stream_pass(max(counts.stream_pass for _, counts in group))
+            yield group
+
+    def _note_stream_pass(self, stream_pass: int) -> None:
+        if stream_pass > self.state.stream_pass:
+            self.state.stream_pass = stream_pass
+            log.info("the stream ended and starts over: pass %d", stream_pass + 1)
+            if self.accelerator.is_main_process:
+                self.metrics.event(self.state, "stream_pass", stream_pass=stream_pass + 1)
 
     def _epoch_loader(self, epoch: int, skip_micro_batches: int = 0) -> DataLoader:
         batches = epoch_batches(len(self.s.data.train), self.config.per_device_train_batch_size, self.config.seed,
@@ -330,7 +371,7 @@ class TrainingLoop:
         state, plan = self.state, self.s.plan
         state.step += 1
         state.samples_seen, state.tokens_seen = self._interval.samples_total, self._interval.tokens_total
-        state.epoch = state.step / plan.steps_per_epoch if plan.steps_per_epoch else None
+        state.epoch = self._epoch_now()
         state.elapsed_s = time.monotonic() - self._start
         row = None
         if state.step % self.config.logging_steps == 0 or state.step == state.total_steps:
@@ -346,6 +387,13 @@ class TrainingLoop:
             state.save_reasons.add("minutes")
         if state.save_reasons and state.step != state.total_steps:
             self._save_checkpoint(sorted(state.save_reasons))
+
+    def _epoch_now(self) -> float | None:
+        """Real epochs for data of known size; for a stream, an estimate from a size hint, or None."""
+        if self.s.plan.steps_per_epoch:
+            return self.state.step / self.s.plan.steps_per_epoch
+        info = self.s.data.stream_info
+        return self.state.samples_seen / info.num_samples if info is not None and info.num_samples else None
 
     def _stop_requested(self) -> bool:
         """Every process stops at the same step, when any of them was signalled."""
@@ -370,6 +418,10 @@ class TrainingLoop:
             row["gpu_mem_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
             row["gpu_mem_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
             row["gpu_mem_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if self.config.streaming:
+            row["stream_pass"] = state.stream_pass + 1
+            if state.epoch is not None:
+                row["epoch_estimated"] = True  # from the num_samples hint of dataset_info.json
         state.last_metrics["loss"] = loss
         return row
 
@@ -449,12 +501,16 @@ class TrainingLoop:
         )
 
     def _all_rng_states(self) -> list[dict[str, Any]]:
-        """The RNG state of every process, in process order (each continues its own on resume)."""
+        """The RNG state of every process, in process order (each continues its own on resume), with the
+        position of its stream when the data is streamed."""
+        mine = rng_state()
+        if self.config.streaming:
+            mine["data_loader"] = self._stream_loader.state_dict()
         if self.accelerator.num_processes == 1:
-            return [rng_state()]
+            return [mine]
         from accelerate.utils import gather_object
 
-        return gather_object([rng_state()])
+        return gather_object([mine])
 
     def _save_final_model(self) -> None:
         self._save_checkpoint(sorted(self.state.save_reasons | {"final"}))

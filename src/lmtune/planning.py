@@ -19,6 +19,12 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
 
     model_path = resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    if config.streaming:
+        from lmtune.data.streaming import prepare_stream
+
+        prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
+        return make_plan(config, None, world_size, False,
+                         checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
     data = prepare_data(config, tokenizer)
     return make_plan(config, len(data.train), world_size, data.eval is not None,
                      checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
@@ -56,9 +62,10 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     if config.save_total_limit is None:
         lines.append(f"{written} checkpoints will be written; save_total_limit is null: all are kept")
     elif plan.deleted:
+        best = " (+ best)" if config.metric_for_best_model else ""
         lines.append(
             f"{written} checkpoints will be written, save_total_limit {config.save_total_limit} keeps the last "
-            f"{config.save_total_limit} (+ best): {len(plan.deleted)} will be deleted "
+            f"{config.save_total_limit}{best}: {len(plan.deleted)} will be deleted "
             f"(save_total_limit: {written} would keep them all)"
         )
     else:
@@ -71,6 +78,8 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     if plan.disk_bytes is not None:
         free = free_bytes(Path(config.output_dir))
         lines.append(f"needs about {human_bytes(plan.disk_bytes)}; {human_bytes(free)} free")
+        if plan.disk_bytes > free:
+            lines.append("warning: the kept checkpoints do not fit on the disk; `lmtune train` will refuse to start")
     return lines + [f"warning: {w}" for w in plan.warnings]
 
 
@@ -109,7 +118,8 @@ def render_plan(plan: Plan, config: TrainConfig) -> None:
     console.print(f"[bold]{plan.total_steps} optimizer steps[/], {plan.steps_per_epoch or '?'} per epoch, "
                   f"{epochs} epochs")
     for phase in plan.phases:
-        console.print(f"phase: steps {phase['from_step']}..{phase['until_step']}: {len(phase['saves'])} saves")
+        console.print(f"save_schedule[{phase['phase']}]: steps {phase['from_step']}..{phase['until_step']}: "
+                      f"{len(phase['saves'])} saves")
     table = Table(title="saves and evaluations")
     for column in ("step", "epoch", "save", "eval", "after rotation"):
         table.add_column(column)

@@ -60,6 +60,7 @@ class ProcessedData:
     stats: DataStats
     cache_dir: Path | None = None
     from_cache: bool = False
+    stream_info: Any = None  # for a streamed data set: what is known of its size
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) -> ProcessedData:

@@ -1,0 +1,387 @@
+"""Streaming data sets: read, tokenise, shuffle and pack on the fly, with an exact, cheap position.
+
+Why not `datasets`' IterableDataset: its resume skips examples by reading the shard again from the
+start, which for one large JSONL file means re-reading everything before the position. Here each
+reader owns a byte range of every file (or a set of Parquet row groups), and its position is a byte
+offset, so a resume seeks straight to it. The shuffle buffer is saved as row positions and the packer's
+pending tokens as they are, so a resumed stream yields exactly the rows the unstopped one would have.
+
+Readers: every process x every data loader worker is one reader with its own share of each file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune.config import TrainConfig
+from lmtune.data.registry import DatasetSpec, resolve_datasets, standard_row
+from lmtune.data.templates import IGNORE_INDEX, chat_template_for
+from lmtune.errors import UserError
+
+log = logging.getLogger("lmtune")
+LINE_FORMATS = {".jsonl", ".txt", ".text", ".csv", ".json"}
+
+
+# --- reading rows at byte offsets -------------------------------------------------------------
+
+
+@dataclass
+class FileShare:
+    """The part of one file that a reader owns: lines whose first byte is in [start, end)."""
+
+    path: Path
+    start: int
+    end: int
+
+
+def share_of(path: Path, reader: int, readers: int) -> FileShare:
+    size = path.stat().st_size
+    return FileShare(path, size * reader // readers, size * (reader + 1) // readers)
+
+
+def _first_line_at_or_after(handle: Any, start: int) -> int:
+    if start == 0:
+        return 0
+    handle.seek(start - 1)
+    handle.readline()  # the line holding byte start-1 belongs to the reader before
+    return handle.tell()
+
+
+class LineFile:
+    """JSONL, text and CSV rows, one a line, addressed by the byte offset of the line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.suffix = path.suffix
+        self.header: list[str] | None = None
+        if self.suffix == ".csv":
+            with path.open("rb") as handle:
+                self.header = next(csv.reader([handle.readline().decode()]))
+        if self.suffix == ".json":
+            with path.open("rb") as handle:
+                if handle.read(64).lstrip().startswith(b"["):
+                    raise UserError(f"{path}: a JSON array cannot be streamed; write it as JSON lines (.jsonl)")
+
+    def rows(self, share: FileShare, offset: int | None):
+        """(offset, row) from `offset` (or the share's first line) to the end of the share."""
+        with self.path.open("rb") as handle:
+            position = offset if offset is not None else _first_line_at_or_after(handle, share.start)
+            if self.header is not None and position == 0:
+                handle.readline()
+                position = handle.tell()
+            handle.seek(position)
+            while position < share.end:
+                line = handle.readline()
+                if not line:
+                    return
+                next_position = handle.tell()
+                if line.strip():
+                    yield position, next_position, self.parse(line, position)
+                position = next_position
+
+    def row_at(self, offset: int) -> dict[str, Any]:
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            return self.parse(handle.readline(), offset)
+
+    def parse(self, line: bytes, offset: int) -> dict[str, Any]:
+        text = line.decode("utf-8").rstrip("\r\n")
+        if self.suffix in (".txt", ".text"):
+            return {"text": text}
+        if self.header is not None:
+            return dict(zip(self.header, next(csv.reader(io.StringIO(text))), strict=False))
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{self.path}, byte {offset}: not a JSON line ({error.msg})") from None
+
+
+class ParquetFile:
+    """Parquet rows addressed by their row number; a reader owns every readers-th row group."""
+
+    def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.file = pq.ParquetFile(path)
+        sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        self.group_starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.sizes = sizes
+
+    def rows(self, reader: int, readers: int, offset: int | None):
+        for group in range(reader, len(self.sizes), readers):
+            first = self.group_starts[group]
+            if offset is not None and offset >= first + self.sizes[group]:
+                continue
+            table = self.file.read_row_group(group).to_pylist()
+            for index, row in enumerate(table):
+                number = first + index
+                if offset is None or number >= offset:
+                    yield number, number + 1, row
+
+    def row_at(self, offset: int) -> dict[str, Any]:
+        group = max(i for i, start in enumerate(self.group_starts) if start <= offset)
+        return self.file.read_row_group(group).to_pylist()[offset - self.group_starts[group]]
+
+
+def open_file(path: Path) -> LineFile | ParquetFile:
+    if path.suffix == ".parquet":
+        return ParquetFile(path)
+    if path.suffix in LINE_FORMATS:
+        return LineFile(path)
+    raise UserError(f"{path}: streaming reads .jsonl, .txt, .csv and .parquet files")
+
+
+# --- one data set as a cycling source of tokenised examples ------------------------------------
+
+
+class Source:
+    """The rows of some files that one reader owns, pass after pass, as tokenised examples.
+
+    `state` always says where to go on: the file (in this pass's order), the row being read and how
+    many of its examples (a long text makes several) were already handed out."""
+
+    def __init__(self, members: list[tuple[DatasetSpec, Path]], encode: Any, reader: int, readers: int, seed: int):
+        self.members = members
+        self.encode = encode
+        self.reader, self.readers, self.seed = reader, readers, seed
+        self.files = [open_file(path) for _, path in members]
+        self.state: dict[str, Any] = {"pass": 0, "file": 0, "offset": None, "chunk": 0}
+
+    def _file_order(self, pass_index: int) -> list[int]:
+        order = list(range(len(self.files)))
+        random.Random(self.seed * 1000003 + pass_index).shuffle(order)
+        return order
+
+    def examples(self):
+        """Endless (position, input_ids, labels)."""
+        empty_passes = 0
+        while True:
+            produced = False
+            order = self._file_order(self.state["pass"])
+            while self.state["file"] < len(order):
+                file_index = order[self.state["file"]]
+                for offset, next_offset, row in self._rows(file_index, self.state["offset"]):
+                    skip = self.state["chunk"] if offset == self.state["offset"] else 0
+                    self.state["offset"] = offset
+                    for chunk, (ids, labels) in enumerate(self._encode(file_index, row, offset)):
+                        if chunk < skip:
+                            continue
+                        self.state["chunk"] = chunk + 1
+                        produced = True
+                        yield (file_index, offset, chunk), ids, labels
+                    self.state.update(offset=next_offset, chunk=0)
+                self.state.update(file=self.state["file"] + 1, offset=None, chunk=0)
+            self.state.update({"pass": self.state["pass"] + 1, "file": 0, "offset": None, "chunk": 0})
+            log.debug("reader %d starts pass %d over its share of the data", self.reader, self.state["pass"])
+            empty_passes = 0 if produced else empty_passes + 1
+            if empty_passes >= 2:
+                return  # this reader owns no rows at all
+
+    def _encode(self, file_index: int, row: dict[str, Any], offset: int):
+        spec, path = self.members[file_index]
+        return self.encode(spec, path, row, offset)
+
+    def _rows(self, file_index: int, offset: int | None):
+        file = self.files[file_index]
+        if isinstance(file, ParquetFile):
+            return file.rows(self.reader, self.readers, offset)
+        return file.rows(share_of(file.path, self.reader, self.readers), offset)
+
+    def example_at(self, position: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+        file_index, offset, chunk = position
+        row = self.files[file_index].row_at(offset)
+        return list(self._encode(file_index, row, offset))[chunk]
+
+
+# --- the stream -------------------------------------------------------------------------------
+
+
+class TokenStream(torch.utils.data.IterableDataset):
+    """Training rows from streamed data sets; `state_dict()` / `load_state_dict()` make it resumable
+    (torchdata's StatefulDataLoader calls them in every worker, between batches)."""
+
+    def __init__(self, specs: list[DatasetSpec], config: TrainConfig, tokenizer: Any, rank: int, world_size: int):
+        self.specs, self.config, self.tokenizer = specs, config, tokenizer
+        self.rank, self.world_size = rank, world_size
+        self.template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
+        self.interleave = len(specs) > 1 and config.mix_strategy != "concat"
+        self.probabilities = _probabilities(config, len(specs)) if self.interleave else [1.0]
+        self._live: tuple | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    def _groups(self) -> list[list[tuple[DatasetSpec, Path]]]:
+        """concat: one source over every file; interleave: one source per data set."""
+        members = [[(spec, path) for path in spec.files] for spec in self.specs]
+        return members if self.interleave else [[m for group in members for m in group]]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._live is None:
+            return self._loaded or {}
+        sources, picker, shuffler, buffer, pending = self._live
+        return {
+            "sources": [dict(source.state) for source in sources],
+            "picker": _rng_to_json(picker), "shuffler": _rng_to_json(shuffler),
+            "buffer": [[index, list(position)] for index, position, _, _ in buffer],
+            "pending": [[list(ids), list(labels)] for ids, labels in pending],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loaded = state or None
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        reader, readers = self.rank * workers + worker_id, self.world_size * workers
+        seed = self.config.seed + 7919 * reader
+        sources = [Source(group, self._encode, reader, readers, seed + i) for i, group in enumerate(self._groups())]
+        picker, shuffler = random.Random(seed), random.Random(seed + 1)
+        buffer: list[tuple[int, tuple, list[int], list[int]]] = []
+        pending: list[tuple[list[int], list[int]]] = []
+        if self._loaded:
+            buffer, pending = self._restore(self._loaded, sources, picker, shuffler)
+            self._loaded = None
+        self._live = (sources, picker, shuffler, buffer, pending)
+        streams = [source.examples() for source in sources]
+        size = max(1, self.config.buffer_size // readers)
+        while True:
+            current = picker.choices(range(len(sources)), weights=self.probabilities)[0] if self.interleave else 0
+            item = next(streams[current], None)
+            if item is None:
+                return
+            buffer.append((current, *item))
+            if len(buffer) < size:
+                continue
+            _, _, ids, labels = buffer.pop(shuffler.randrange(len(buffer)))
+            row = self._pack(pending, ids, labels)
+            if row is not None:
+                yield {**row, "stream_pass": max(source.state["pass"] for source in sources)}
+
+    def _pack(self, pending: list, ids: list[int], labels: list[int]) -> dict[str, list[int]] | None:
+        """A row of at most cutoff_len tokens when one is full; with packing, whole examples side by side.
+        The state is brought up to date before the row is handed out."""
+        if not self.config.use_packing:
+            return _row([(ids, labels)])
+        row = None
+        if pending and sum(len(p[0]) for p in pending) + len(ids) > self.config.cutoff_len:
+            row = _row(list(pending))
+            pending.clear()
+        pending.append((ids, labels))
+        return row
+
+    def _restore(self, state, sources, picker, shuffler):
+        for source, saved in zip(sources, state["sources"], strict=True):
+            source.state = dict(saved)
+        picker.setstate(_rng_from_json(state["picker"]))
+        shuffler.setstate(_rng_from_json(state["shuffler"]))
+        buffer = [(index, tuple(position), *sources[index].example_at(tuple(position)))
+                  for index, position in state["buffer"]]
+        return buffer, [(ids, labels) for ids, labels in state["pending"]]
+
+    def _encode(self, spec: DatasetSpec, path: Path, row: dict[str, Any], offset: int):
+        from lmtune.data.processing import _encode_standard
+
+        try:
+            standard = standard_row(spec, row)
+        except ValueError as error:
+            raise UserError(f"{path}, byte {offset}: {error} (data set '{spec.name}')") from None
+        cutoff = self.config.cutoff_len
+        for ids, labels in _encode_standard(standard, self.tokenizer, self.template, self.config):
+            ids, labels = ids[:cutoff], labels[:cutoff]
+            if any(label != IGNORE_INDEX for label in labels[1:]):
+                yield ids, labels
+
+
+def _row(examples: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
+    input_ids, labels, positions = [], [], []
+    for ids, example_labels in examples:
+        input_ids += ids
+        labels += [IGNORE_INDEX] + example_labels[1:]  # never predicted from the example before
+        positions += list(range(len(ids)))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+def _probabilities(config: TrainConfig, count: int) -> list[float]:
+    probs = config.interleave_probs
+    if isinstance(probs, str):
+        probs = [float(p) for p in probs.split(",")]
+    if probs is None:
+        return [1.0] * count
+    if len(probs) != count:
+        raise UserError(f"interleave_probs has {len(probs)} values for {count} data sets")
+    return list(probs)
+
+
+def _rng_to_json(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(state: list) -> tuple:
+    return state[0], tuple(state[1]), state[2]
+
+
+# --- what is known about the size -------------------------------------------------------------
+
+
+@dataclass
+class StreamInfo:
+    total_bytes: int
+    num_samples: int | None  # from dataset_info.json hints, when every data set has one
+    estimated_rows: int | None  # from the average line length of the first rows
+
+
+def stream_info(specs: list[DatasetSpec]) -> StreamInfo:
+    total = sum(f.stat().st_size for spec in specs for f in spec.files)
+    hints = [spec.num_samples for spec in specs]
+    num_samples = sum(hints) if all(h is not None for h in hints) else None
+    return StreamInfo(total, num_samples, _estimate_rows(specs))
+
+
+def _estimate_rows(specs: list[DatasetSpec]) -> int | None:
+    rows = 0
+    for spec in specs:
+        for path in spec.files:
+            if path.suffix == ".parquet":
+                rows += ParquetFile(path).file.metadata.num_rows
+                continue
+            with path.open("rb") as handle:
+                sample = handle.read(1 << 20)
+            lines = sample.count(b"\n")
+            if lines == 0:
+                return None
+            rows += int(path.stat().st_size / (len(sample) / lines))
+    return rows
+
+
+def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[TokenStream, StreamInfo]:
+    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
+    for spec in specs:
+        for path in spec.files:
+            open_file(path)  # format errors now, before anything is written
+    info = stream_info(specs)
+    if config.max_steps is None:
+        raise UserError(max_steps_message(config, info, world_size))
+    if config.val_size:
+        raise UserError("val_size: a streamed data set is not split; set val_size: 0 (evaluate with `lmtune eval`)")
+    return TokenStream(specs, config, tokenizer, rank, world_size), info
+
+
+def max_steps_message(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> str:
+    message = ("streaming: true needs max_steps: the length of a stream is unknown, so num_train_epochs cannot "
+               "say when to stop")
+    rows = info.num_samples or info.estimated_rows
+    if rows:
+        per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
+        message += (f"; the files ({info.total_bytes / 1e6:.1f} MB) hold about {rows:,} rows, so one pass is "
+                    f"about max_steps: {max(1, rows // per_step)} at this batch size")
+    return message

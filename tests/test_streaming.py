@@ -1,0 +1,117 @@
+"""Streamed data: no made-up epochs, max_steps required, and a resume that continues the stream exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import read_jsonl, run_lmtune
+from test_resume import assert_same_run
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def texts(count, tag="doc"):
+    return [{"text": f"{tag} {i}: the tide rises and falls " + "and the moon pulls the sea " * (i % 4)}
+            for i in range(count)]
+
+
+@pytest.fixture
+def stream_config(tiny_config, tmp_path):
+    corpus = write_jsonl(tmp_path / "data" / "corpus.jsonl", texts(60))
+
+    def make(**overrides):
+        values = dict(dataset=str(corpus), stage="pt", streaming=True, max_steps=6, buffer_size=8,
+                      cutoff_len=32, per_device_train_batch_size=2)
+        values.update(overrides)
+        return tiny_config(**values)
+
+    return make
+
+
+def test_streaming_without_max_steps_names_it_and_writes_nothing(stream_config, tmp_path, capsys):
+    assert run_lmtune("train", stream_config(max_steps=None)) == 2
+    message = capsys.readouterr().err
+    assert "max_steps" in message and "about max_steps:" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_streamed_progress_counts_samples_and_tokens_without_an_epoch(stream_config, tmp_path):
+    assert run_lmtune("train", stream_config()) == 0
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["epoch"] is None for r in rows)
+    samples = [r["samples_seen"] for r in rows]
+    tokens = [r["tokens_seen"] for r in rows]
+    assert samples == sorted(samples) and samples[0] > 0 and tokens == sorted(tokens) and tokens[-1] > tokens[0]
+
+
+def test_size_hint_gives_an_epoch_marked_as_estimate(stream_config, tmp_path):
+    data = tmp_path / "data"
+    (data / "dataset_info.json").write_text(json.dumps({"corpus": {"file_name": "corpus.jsonl", "num_samples": 60}}))
+    assert run_lmtune("train", stream_config(dataset="corpus", dataset_dir=str(data))) == 0
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert rows[-1]["epoch_estimated"] is True
+    assert rows[-1]["epoch"] == pytest.approx(rows[-1]["samples_seen"] / 60, abs=1e-3)
+
+
+def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
+    assert run_lmtune("train", stream_config(max_steps=40, packing=False)) == 0  # 60 docs, 2 per step
+    events = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "stream_pass"]
+    assert events and events[0]["stream_pass"] == 2
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert rows[-1]["stream_pass"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("from_step", "settings"),
+    [
+        (3, {}),
+        (4, {"packing": False, "max_steps": 40}),  # resumes after the stream wrapped
+        (3, {"dataloader_num_workers": 2}),
+        (2, {"stage": "sft", "packing": True, "gradient_accumulation_steps": 2, "cutoff_len": 128}),
+    ],
+    ids=["packed-pt", "after-wrap", "loader-workers", "sft-packed"],
+)
+def test_streamed_resume_continues_exactly(stream_config, tmp_path, alpaca_file, from_step, settings):
+    if settings.get("stage") == "sft":
+        rows = json.loads(alpaca_file.read_text())
+        settings = {**settings, "dataset": str(write_jsonl(tmp_path / "data" / "sums.jsonl", rows))}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_lmtune("train", stream_config(output_dir=str(straight), save_steps=1, **settings)) == 0
+    resumed.mkdir()
+    shutil.copytree(straight / f"checkpoint-{from_step}", resumed / f"checkpoint-{from_step}")
+    assert run_lmtune("train", stream_config(output_dir=str(resumed), save_steps=1, **settings)) == 0
+    assert_same_run(straight, resumed, from_step)
+    first = [r for r in read_jsonl(resumed / "metrics.jsonl") if r["type"] == "train"][0]
+    expected = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl") if r["type"] == "train"}
+    assert (first["samples_seen"], first["tokens_seen"]) == (expected[first["step"]]["samples_seen"],
+                                                              expected[first["step"]]["tokens_seen"])
+
+
+def test_interleaved_streams_mix_both_data_sets(stream_config, tmp_path):
+    other = write_jsonl(tmp_path / "data" / "other.jsonl", texts(30, tag="zebra"))
+    corpus = tmp_path / "data" / "corpus.jsonl"
+    config = stream_config(dataset=f"{corpus},{other}", mix_strategy="interleave_under", interleave_probs="0.5,0.5",
+                           max_steps=3)
+    assert run_lmtune("train", config) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3]
+
+
+def test_a_stream_with_nothing_to_train_on_is_a_clear_error(stream_config, tmp_path, alpaca_file, capsys):
+    rows = json.loads(alpaca_file.read_text())
+    sums = write_jsonl(tmp_path / "data" / "sums.jsonl", rows)
+    assert run_lmtune("train", stream_config(dataset=str(sums), stage="sft", cutoff_len=8)) == 2
+    assert "cutoff_len 8" in capsys.readouterr().err
+
+
+def test_a_json_array_cannot_be_streamed(stream_config, tmp_path, capsys):
+    array = tmp_path / "data" / "array.json"
+    array.write_text(json.dumps(texts(5)))
+    assert run_lmtune("train", stream_config(dataset=str(array))) == 2
+    assert "JSON lines" in capsys.readouterr().err
