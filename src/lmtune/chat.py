@@ -1,9 +1,15 @@
-"""`lmtune chat`: talk to a base model, a run's final model or a checkpoint, adapter applied."""
+"""`lmtune chat`: talk to a base model, a run's final model or a checkpoint, adapter applied.
+
+`resolve_target` says what a folder or name is (a model, a run, a checkpoint, an adapter); `eval` and
+`export` load their models through it too, so all three commands accept the same things.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +17,127 @@ from typing import Any
 import torch
 
 from lmtune.errors import UserError
+
+EXPECTED = ("a Hugging Face model folder (config.json), a run folder (run_config.yaml and its final model), "
+            "a checkpoint folder (checkpoint-<step>/), an adapter folder (adapter_config.json), a .gguf file "
+            "or the built-in name 'smollm2-135m-instruct'")
+
+
+@dataclass
+class Target:
+    """What a command was pointed at, and where its weights are."""
+
+    given: str
+    kind: str  # "model" | "run" | "checkpoint" | "adapter"
+    model_path: str  # the folder with the weights (or a hub id / resolved built-in)
+    base_model: str | None = None  # for an adapter: the base model it is applied to
+    run_dir: Path | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_model is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": self.model_path, "kind": self.kind, "base_model": self.base_model,
+                "run_dir": str(self.run_dir) if self.run_dir else None}
+
+
+def resolve_target(target: str) -> Target:
+    """A model folder, a run folder, a checkpoint folder (full or adapter), a .gguf, the built-in or a hub id."""
+    from lmtune.config import BUILTIN_MODEL
+    from lmtune.models import resolve_model_path
+
+    folder = Path(target).expanduser()
+    if target == BUILTIN_MODEL or folder.suffix == ".gguf":
+        return Target(target, "model", resolve_model_path(target))
+    if not folder.exists():
+        if target.count("/") == 1 and not target.startswith((".", "/", "~")):
+            return Target(target, "model", target)  # a hub id, for users with a network
+        raise UserError(f"{target} does not exist; expected {EXPECTED}")
+    if not folder.is_dir():
+        raise UserError(f"{target} is a file; expected {EXPECTED}")
+    if (folder / "checkpoint_complete.json").is_file() or (folder / "train_state.json").is_file():
+        kind, run_dir = "checkpoint", folder.parent if (folder.parent / "run_config.yaml").is_file() else None
+    elif (folder / "run_config.yaml").is_file():
+        kind, run_dir = "run", folder
+    else:
+        kind, run_dir = "model", None
+    if (folder / "adapter_config.json").is_file():
+        return Target(target, "adapter" if kind == "model" else kind, str(folder), _base_of(folder, run_dir), run_dir)
+    if (folder / "config.json").is_file():
+        return Target(target, kind, str(folder), None, run_dir)
+    if kind == "run":
+        newest = _newest_checkpoint(folder)
+        hint = f"; its newest complete checkpoint is {newest}" if newest else "; it has no complete checkpoint yet"
+        raise UserError(f"{folder} is a run folder without a final model (adapter_config.json or config.json): "
+                        f"the run has not finished{hint}")
+    raise UserError(f"{folder} holds no model: expected {EXPECTED}")
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    done = [p for p in run_dir.glob("checkpoint-*") if (p / "checkpoint_complete.json").is_file()]
+    steps = [(int(p.name.split("-")[1]), p) for p in done if p.name.split("-")[1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def _base_of(adapter_dir: Path, run_dir: Path | None) -> str:
+    """The base model of an adapter: as the adapter names it, else as its run's config names it."""
+    import yaml
+
+    from lmtune.config import BUILTIN_MODEL
+    from lmtune.models import resolve_model_path
+
+    named = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    candidates = [named]
+    if run_dir is not None:
+        candidates.append((yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("model_name_or_path"))
+    for name in candidates:
+        if not name:
+            continue
+        path = Path(name).expanduser()
+        if name == BUILTIN_MODEL or (path.is_dir() and (path / "config.json").is_file()) or (
+                path.suffix == ".gguf" and path.is_file()):
+            return resolve_model_path(name)
+        if not path.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            return name  # a hub id
+    raise UserError(
+        f"{adapter_dir} is a LoRA adapter whose base model '{named}' is missing: expected a Hugging Face model "
+        "folder (config.json) there; put the base model back, or set base_model_name_or_path in "
+        f"{adapter_dir / 'adapter_config.json'} to where it is now"
+    )
+
+
+def quiet_transformers() -> None:
+    """No progress bars or deprecation chatter between the user and the answer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def load_model_for_inference(target: str | Target, device: str | None = None) -> tuple[Any, Any]:
+    """The model (in float32, adapter applied as a PeftModel) and its tokenizer, ready for eval()."""
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.models import load_tokenizer
+
+    resolved = target if isinstance(target, Target) else resolve_target(target)
+    try:
+        if resolved.is_adapter:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(resolved.base_model, dtype=torch.float32)
+            model = PeftModel.from_pretrained(base, resolved.model_path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(resolved.model_path, dtype=torch.float32)
+        tokenizer = load_tokenizer(resolved.model_path)
+    except OSError as error:
+        raise UserError(f"{resolved.given}: could not load the model: {error}") from None
+    if getattr(model.config, "quantization_config", None) is not None:
+        model.config.quantization_config = None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
 
 
 @dataclass
@@ -20,64 +147,50 @@ class ChatSession:
     template: str | None
 
 
-def load_model_for_inference(target: str) -> tuple[Any, Any]:
-    """A model folder, a run folder, a checkpoint folder (full or adapter), a .gguf or the built-in."""
-    from transformers import AutoModelForCausalLM
-
-    from lmtune.models import load_tokenizer, resolve_model_path
-
-    folder = Path(target)
-    if folder.is_dir() and (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base_name = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base_name or not (Path(base_name).exists() or base_name.count("/") == 1):
-            raise UserError(f"{folder}: the adapter's base model '{base_name}' is missing")
-        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(folder))
-        return model.eval(), load_tokenizer(str(folder))
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        raise UserError(
-            f"{folder} is neither a model folder (config.json), a run's final model nor a checkpoint "
-            "(adapter_config.json); a run that has not finished has its checkpoints in checkpoint-<step>/"
-        )
-    path = resolve_model_path(target)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval(), load_tokenizer(path)
-
-
 def load_for_chat(target: str) -> ChatSession:
-    model, tokenizer = load_model_for_inference(target)
-    template = _run_template(Path(target))
-    return ChatSession(model, tokenizer, template)
+    resolved = resolve_target(target)
+    model, tokenizer = load_model_for_inference(resolved)
+    return ChatSession(model, tokenizer, run_template(resolved))
 
 
-def _run_template(folder: Path) -> str | None:
-    """The named template a run trained with, if any (a checkpoint's run is its parent)."""
+def run_template(target: Target) -> str | None:
+    """The named template the run trained with, if any (null: the tokenizer's own)."""
     import yaml
 
-    for candidate in (folder / "run_config.yaml", folder.parent / "run_config.yaml"):
-        if candidate.is_file():
-            return (yaml.safe_load(candidate.read_text()) or {}).get("template")
-    return None
+    if target.run_dir is None:
+        return None
+    return (yaml.safe_load((target.run_dir / "run_config.yaml").read_text()) or {}).get("template")
+
+
+def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or more (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
 
 
 def generate(session: ChatSession, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, on_text: Any = None) -> str:
+    """The answer to the conversation, streamed piece by piece to on_text as it is generated."""
     from transformers import TextIteratorStreamer
 
     from lmtune.data.templates import chat_template_for, render
 
     template = chat_template_for(session.tokenizer, session.template)
     prompt = render(session.tokenizer, template, messages, generation_prompt=True)
-    inputs = session.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    inputs = session.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(session.model.device)
     streamer = TextIteratorStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-        "do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    else:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     kwargs = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
                   pad_token_id=session.tokenizer.pad_token_id, eos_token_id=session.tokenizer.eos_token_id,
                   **sampling)
-    worker = threading.Thread(target=_generate_quietly, args=(session.model, kwargs))
+    failure: list[BaseException] = []
+    worker = threading.Thread(target=_generate_quietly, args=(session.model, kwargs, failure))
     worker.start()
     pieces = []
     for piece in streamer:
@@ -85,17 +198,21 @@ def generate(session: ChatSession, messages: list[dict[str, str]], max_new_token
         if on_text is not None:
             on_text(piece)
     worker.join()
+    if failure:
+        raise failure[0]
     return "".join(pieces).strip()
 
 
-def _generate_quietly(model: Any, kwargs: dict) -> None:
-    with torch.no_grad():
-        model.generate(**kwargs)
+def _generate_quietly(model: Any, kwargs: dict, failure: list[BaseException]) -> None:
+    try:
+        with torch.no_grad():
+            model.generate(**kwargs)
+    except BaseException as error:  # handed to the caller's thread
+        failure.append(error)
+        kwargs["streamer"].end()
 
 
 def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None:
-    import sys
-
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -116,6 +233,7 @@ def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None
             return
         if text == "/reset":
             messages = []
+            print("(conversation cleared)")
             continue
         if not text:
             continue

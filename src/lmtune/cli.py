@@ -175,11 +175,50 @@ def chat(
     top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
 ) -> None:
     """Talk to a base model, a run's final model or any checkpoint (adapter applied)."""
-    from lmtune.chat import chat_loop, load_for_chat
+    from lmtune.chat import chat_loop, check_settings, load_for_chat, quiet_transformers
 
     setup_logging("warning")
+    check_settings(max_new_tokens, temperature, top_p)
+    quiet_transformers()
     session = load_for_chat(target)
     chat_loop(session, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+
+@app.command("eval")
+def eval_command(
+    config_or_run: Annotated[Path, typer.Argument(help="a config YAML, a run folder or a checkpoint folder")],
+    checkpoint: Annotated[str | None, typer.Option(
+        "--checkpoint", help="the model to measure: a checkpoint, run or model folder (default: the run's)")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="a data set name or file to measure on instead of the run's eval split")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the JSON report here too")] = None,
+) -> None:
+    """Loss and perplexity on the run's eval split or a given data set, as a JSON report."""
+    from lmtune.chat import quiet_transformers
+    from lmtune.evaluate import evaluate, write_report
+
+    setup_logging("warning")
+    quiet_transformers()
+    report = evaluate(config_or_run, checkpoint, dataset)
+    typer.echo(write_report(report, out))
+
+
+@app.command()
+def export(
+    target: Annotated[str, typer.Argument(help="a run folder, a checkpoint folder or a model folder")],
+    out: Annotated[Path, typer.Option("--out", help="the new (empty) folder to write")],
+    dtype: Annotated[str, typer.Option(help="auto (the base model's), bf16, fp16 or fp32")] = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="largest safetensors file, e.g. 5GB or 500MB")] = "5GB",
+    gguf: Annotated[bool, typer.Option("--gguf", help="also write a GGUF file")] = False,
+) -> None:
+    """A standalone Hugging Face model folder (LoRA merged), loadable by transformers alone."""
+    from lmtune.chat import quiet_transformers
+    from lmtune.export import export_model
+
+    setup_logging("info")
+    quiet_transformers()
+    path = export_model(target, out, dtype=dtype, max_shard_size=max_shard_size, gguf=gguf)
+    typer.echo(f"model written to {path}")
 
 
 @model_app.command("import")

@@ -1,0 +1,114 @@
+"""`lmtune eval`: loss and perplexity of a model on the eval split of a run, or on a given data set.
+
+The data goes through `prepare_data` and the `Collator` exactly as in training, so the loss is the
+training loss: mean over trained tokens (labels not masked), summed over the whole set, not averaged
+per batch. Perplexity is exp(loss).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune.batching import Collator, epoch_batches
+from lmtune.chat import Target, load_model_for_inference, resolve_target
+from lmtune.config import TrainConfig, load_config
+from lmtune.errors import UserError
+
+log = logging.getLogger("lmtune")
+
+
+def evaluate(config_or_run: Path, checkpoint: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """The report: what was measured (model, data) and the numbers."""
+    config, run_dir = _config_of(config_or_run)
+    target = _model_of(config, run_dir, checkpoint, config_or_run)
+    if dataset is not None:
+        config = config.model_copy(update={"dataset": dataset, "val_size": 0.0, "streaming": False})
+    elif config.val_size <= 0:
+        raise UserError(f"{config_or_run}: the run has no eval split (val_size is 0); give --dataset NAME_OR_FILE "
+                        "or set val_size")
+    else:
+        config = config.model_copy(update={"streaming": False})
+    model, tokenizer = load_model_for_inference(target)
+
+    from lmtune.data import prepare_data
+
+    data = prepare_data(config, tokenizer)
+    rows = data.train if dataset is not None else data.eval
+    if rows is None or len(rows) == 0:
+        raise UserError(f"{config_or_run}: no rows to evaluate")
+    loss_sum, tokens, examples = _loss_sum(model, rows, tokenizer.pad_token_id, config)
+    if tokens == 0:
+        raise UserError(f"{config_or_run}: the data has no trained tokens (every label is masked)")
+    loss = loss_sum / tokens
+    return {
+        "model": target.describe() | {"step": _step_of(target)},
+        "data": {"dataset": config.datasets, "dataset_dir": config.dataset_dir,
+                 "split": "all" if dataset is not None else f"eval (val_size {config.val_size}, seed {config.seed})",
+                 "cutoff_len": config.cutoff_len, "packing": config.use_packing, "template": config.template},
+        "examples": examples,
+        "tokens": tokens,
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _config_of(config_or_run: Path) -> tuple[TrainConfig, Path | None]:
+    """A YAML file, a run folder (its run_config.yaml) or a checkpoint folder (its run's)."""
+    if config_or_run.is_file():
+        return load_config(config_or_run), None
+    for run_dir in (config_or_run, config_or_run.parent):
+        if config_or_run.is_dir() and (run_dir / "run_config.yaml").is_file():
+            return load_config(run_dir / "run_config.yaml"), run_dir
+    raise UserError(f"{config_or_run}: expected a config YAML file, a run folder (with run_config.yaml) or one "
+                    "of its checkpoint folders")
+
+
+def _model_of(config: TrainConfig, run_dir: Path | None, checkpoint: str | None, given: Path) -> Target:
+    """--checkpoint (any model chat accepts), else the checkpoint or run given, else the config's run."""
+    if checkpoint is not None:
+        return resolve_target(checkpoint)
+    if run_dir is not None:
+        return resolve_target(str(given))
+    output_dir = Path(config.output_dir)
+    if (output_dir / "run_config.yaml").is_file():
+        return resolve_target(str(output_dir))
+    raise UserError(f"{given}: its output_dir {output_dir} holds no run yet; train it first, or name the model "
+                    "with --checkpoint (a checkpoint folder, a model folder or the base model)")
+
+
+def _step_of(target: Target) -> int | None:
+    state = Path(target.model_path) / "train_state.json"
+    if state.is_file():
+        return json.loads(state.read_text()).get("step")
+    return None
+
+
+def _loss_sum(model: Any, rows: Any, pad_token_id: int, config: TrainConfig) -> tuple[float, int, int]:
+    """(summed token loss, trained tokens, examples), in the order of the rows."""
+    collator = Collator(pad_token_id, packed=config.use_packing)
+    batches = epoch_batches(len(rows), config.per_device_eval_batch_size, 0, 0, shuffle=False)
+    loss_sum, tokens, examples = 0.0, 0, 0
+    with torch.no_grad():
+        for indices in batches:
+            batch, counts = collator([rows[i] for i in indices])
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            loss_sum += float(model(**batch, num_items_in_batch=1).loss.double())  # a sum over tokens
+            tokens += counts.trained_tokens
+            examples += counts.samples
+    return loss_sum, tokens, examples
+
+
+def write_report(report: dict[str, Any], out: Path | None) -> str:
+    text = json.dumps(report, indent=1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return text

@@ -1,0 +1,101 @@
+"""`lmtune export`: a run or checkpoint as a standalone Hugging Face folder, LoRA merged into the weights.
+
+The folder holds safetensors (sharded above --max-shard-size), config.json, generation_config.json and
+the tokenizer (with the chat template the run trained with), and loads with transformers alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune.chat import load_model_for_inference, resolve_target, run_template
+from lmtune.errors import UserError
+
+log = logging.getLogger("lmtune")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+GGUF_UNSUPPORTED = (
+    "--gguf: not written. The gguf package ({version}) holds the GGUF file writer and the tensor name tables, "
+    "but the Hugging Face -> GGUF conversion itself (vocabulary export, per-architecture tensor layout, "
+    "metadata) lives only in llama.cpp's convert_hf_to_gguf.py, and transformers can read GGUF but not write "
+    "it. Export without --gguf, then run: python convert_hf_to_gguf.py {out} --outtype {outtype} "
+    "(from a llama.cpp checkout)"
+)
+
+
+def export_model(target: str, out: Path, dtype: str = "auto", max_shard_size: str = "5GB",
+                 gguf: bool = False) -> Path:
+    """Merge, cast and write; the folder appears under its name only when complete."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: valid values are auto, {', '.join(DTYPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} is not empty; choose a new folder (nothing was written)")
+    resolved = resolve_target(target)
+    if gguf:
+        _refuse_gguf(out, dtype)
+    model, tokenizer = load_model_for_inference(resolved, device="cpu")
+    if resolved.is_adapter:
+        model = model.merge_and_unload()
+    chosen = _dtype_for(model, dtype)
+    model = model.to(chosen)
+    model.config.dtype = chosen
+    for key in ("_name_or_path", "quantization_config"):
+        if key in model.config.__dict__:
+            delattr(model.config, key)
+    template = run_template(resolved)
+    if template is not None:
+        from lmtune.data.templates import chat_template_for
+
+        tokenizer.chat_template = chat_template_for(tokenizer, template)
+    _align_generation_config(model, tokenizer)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial), safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(str(partial))
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    partial.rename(out)
+    log.info("exported %s (%s, %s) to %s", resolved.given, "LoRA merged" if resolved.is_adapter else "full",
+             str(chosen).removeprefix("torch."), out)
+    return out
+
+
+def _dtype_for(model: Any, dtype: str) -> torch.dtype:
+    """--dtype auto keeps the dtype the base model was saved in (float32 when it does not say)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if saved in DTYPES.values() else torch.float32
+
+
+def _align_generation_config(model: Any, tokenizer: Any) -> None:
+    """Generation stops at the tokenizer's end-of-turn token, as in `lmtune chat`."""
+    from transformers import GenerationConfig
+
+    if getattr(model, "generation_config", None) is None:
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+    config = model.generation_config
+    if config.eos_token_id is None and tokenizer.eos_token_id is not None:
+        config.eos_token_id = tokenizer.eos_token_id
+    if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
+def _refuse_gguf(out: Path, dtype: str) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        gguf_version = f"gguf {version('gguf')}"
+    except PackageNotFoundError:
+        gguf_version = "not installed"
+    outtype = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}.get(dtype, "auto")
+    raise UserError(GGUF_UNSUPPORTED.format(version=gguf_version, out=out, outtype=outtype))
