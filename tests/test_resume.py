@@ -207,3 +207,12 @@ def test_two_process_resume_matches(tiny_config, tmp_path):
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     torchrun(tiny_config(output_dir=str(resumed), **settings), 29542)
     assert_same_run(straight, resumed, 2)
+
+
+def test_rerunning_a_finished_run_changes_nothing(tiny_config, tmp_path):
+    assert run_lmtune("train", tiny_config(max_steps=2)) == 0
+    run = tmp_path / "run"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert run_lmtune("train", tiny_config(max_steps=2)) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert after == before

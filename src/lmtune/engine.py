@@ -242,6 +242,10 @@ class TrainingLoop:
 
     def run(self) -> Path:
         config, plan = self.config, self.s.plan
+        if self.s.resume is not None and self.state.step >= self.state.total_steps:
+            log.info("the run is already complete at step %d; nothing to do (raise max_steps or num_train_epochs "
+                     "to go on, or set overwrite_output_dir: true to start over)", self.state.step)
+            return self.s.output_dir
         if self.accelerator.is_main_process:
             self.s.output_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(config, self.s.output_dir / "run_config.yaml")
