@@ -118,6 +118,9 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     )
     if getattr(model.config, "quantization_config", None) is not None:
         model.config.quantization_config = None
+    # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
+    # separate examples; with one, transformers lets every example attend to the ones packed before it.
+    model.config.use_cache = False
     return prepare_for_training(model, config)
 
 

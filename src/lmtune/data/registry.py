@@ -66,6 +66,9 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
     path = Path(name)
     if not path.exists() and (dataset_dir / name).exists():
         path = dataset_dir / name
+    if not path.exists() and (path.suffix in FILE_LOADERS or "/" in name):
+        raise UserError(f"dataset '{name}': file not found (looked for {path.resolve()} and "
+                        f"{(dataset_dir / name).resolve()})")
     if not path.exists():
         known = ", ".join(sorted(registry)) or "none"
         raise UserError(
@@ -110,6 +113,8 @@ def _first_row(file: Path) -> dict[str, Any]:
 
 def load_rows(file: Path) -> datasets.Dataset:
     loader = FILE_LOADERS[file.suffix]
+    if file.stat().st_size == 0:
+        raise UserError(f"{file}: the file is empty: no rows to train on")
     try:
         return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as error:  # datasets wraps parser errors in several types
@@ -124,7 +129,9 @@ def _json_error(file: Path) -> str | None:
     except (OSError, UnicodeDecodeError) as error:
         return str(error)
     try:
-        json.loads(text)
+        document = json.loads(text)
+        if not document:
+            return "holds no rows (an empty JSON document)"
         return None  # one JSON document: valid, so the problem is elsewhere
     except json.JSONDecodeError as whole:
         if file.suffix == ".json" and not text.lstrip().startswith("{"):
