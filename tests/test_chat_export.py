@@ -68,6 +68,7 @@ def test_export_merges_lora_and_gives_the_same_logits(lora_run, tiny_model_dir, 
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
     assert not {"adapter_config.json", "adapter_model.safetensors"} & names  # nothing left for peft to pick up
+    assert (out / "model.safetensors").stat().st_mode & 0o044  # others can read what is handed on
 
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(exported).__name__ == "LlamaForCausalLM"

@@ -462,6 +462,7 @@ class TrainingLoop:
         self._save_if_best(eval_loss)
 
     def _save_if_best(self, eval_loss: float) -> None:
+        self._evaluated_step = self.state.step  # only a checkpoint of this step carries these eval metrics
         metric = self.config.metric_for_best_model
         if metric is None:
             return
@@ -492,9 +493,12 @@ class TrainingLoop:
             "data_steps_in_epoch": state.step % per_epoch if per_epoch else None,
             "last_metrics": dict(state.last_metrics), "config": self.config.to_yaml_dict(),
         }
+        # eval metrics of an earlier step would make this checkpoint look as good as that one
+        evaluated = getattr(self, "_evaluated_step", None) == state.step
         entry = {"step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
                  "tokens_seen": state.tokens_seen, "reasons": reasons,
-                 "metrics": {k: v for k, v in state.last_metrics.items() if v is not None}}
+                 "metrics": {k: v for k, v in state.last_metrics.items()
+                             if v is not None and (evaluated or not k.startswith("eval"))}}
         tokenizer = self.s.tokenizer
         return Snapshot(
             step=state.step, weights=weights, weights_name=weights_name,

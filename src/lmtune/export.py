@@ -59,12 +59,23 @@ def export_model(target: str, out: Path, dtype: str = "auto", max_shard_size: st
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(partial))
+    _readable_by_others(partial)
     if out.exists():
         out.rmdir()  # empty, checked above
     partial.rename(out)
     log.info("exported %s (%s, %s) to %s", resolved.given, "LoRA merged" if resolved.is_adapter else "full",
              str(chosen).removeprefix("torch."), out)
     return out
+
+
+def _readable_by_others(folder: Path) -> None:
+    """safetensors writes its files 0600; an export is for sharing, so give them the usual umask mode."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~mask)
 
 
 def _dtype_for(model: Any, dtype: str) -> torch.dtype:
