@@ -182,3 +182,11 @@ def test_train_prints_a_seeded_sample_of_the_data(tiny_config, capsys, wide, tmp
 def test_train_prints_no_sample_with_preview_samples_0(tiny_config, capsys, wide):
     err = train_log(tiny_config, capsys, preview_samples=0)
     assert "preview:" not in err and "── train row" not in err and "[-100 x" not in err
+
+
+def test_preview_warns_when_the_template_does_not_fit_the_tokenizer(tiny_config, capsys, wide):
+    assert run_lmtune("preview", tiny_config(template="llama3"), "-n", "0") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: template 'llama3' writes <\|eot_id\|>, which this tokenizer splits into \d+ tokens",
+                     out)
+    assert preview_json(capsys, tiny_config(template="chatml"), "-n", "0")["warnings"] == []

@@ -12,12 +12,13 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import asdict
 from typing import Any
 
 from lmtune.batching import epoch_batches
 from lmtune.data.processing import DataStats, ProcessedData
-from lmtune.data.templates import IGNORE_INDEX
+from lmtune.data.templates import IGNORE_INDEX, chat_template_for, render
 from lmtune.errors import UserError
 
 log = logging.getLogger("lmtune")
@@ -196,6 +197,24 @@ def stats_lines(summary: dict[str, Any], fancy: bool = False) -> list[str]:
     return lines
 
 
+def template_warnings(config: Any, tokenizer: Any) -> list[str]:
+    """A chat template whose markers (`<|eot_id|>`, `<start_of_turn>`...) are not tokens of this tokenizer
+    was written for another model family: the model would see them as plain text."""
+    if config.stage != "sft":
+        return []
+    template = chat_template_for(tokenizer, config.template)
+    sample = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    text = render(tokenizer, template, sample, generation_prompt=False)
+    warnings = []
+    for marker in sorted(set(re.findall(r"<\|?[A-Za-z_]+\|?>", text))):
+        pieces = len(tokenizer(marker, add_special_tokens=False)["input_ids"])
+        if pieces > 1:
+            name = f"template '{config.template}'" if config.template else "the tokenizer's chat template"
+            warnings.append(f"{name} writes {marker}, which this tokenizer splits into {pieces} tokens: the "
+                            "template does not fit this model (leave `template` unset to use the tokenizer's own)")
+    return warnings
+
+
 # --- the command and the training log ---------------------------------------------------------
 
 
@@ -213,7 +232,7 @@ def preview_data(config: Any, data: ProcessedData, tokenizer: Any, n: int, split
     shown = [describe_row(rows[i], i, tokenizer) for i in range(min(n, len(rows)))]
     return {
         "split": split, "rows": len(rows), "packing": data.stats.packing, "cache_dir": str(data.cache_dir),
-        "from_cache": data.from_cache, "examples": shown,
+        "from_cache": data.from_cache, "examples": shown, "warnings": template_warnings(config, tokenizer),
         "stats": stats_summary(data.stats, config.per_device_train_batch_size, config.seed),
     }
 
@@ -247,6 +266,8 @@ def run_preview(config: Any, n: int, split: str, as_json: bool) -> None:
     _print(console, f"statistics (processed data {where} {data.cache_dir}):", color)
     for line in stats_lines(result["stats"], fancy=color):
         _print(console, line, color)
+    for warning in result["warnings"]:
+        _print(console, f"warning: {warning}", color)
 
 
 def _print(console: Any, text: Any, color: bool) -> None:
@@ -258,6 +279,8 @@ def _print(console: Any, text: Any, color: bool) -> None:
 
 def log_sample(config: Any, data: ProcessedData, tokenizer: Any) -> None:
     """At train start: `preview_samples` training rows chosen with the run's seed, through the logger."""
+    for warning in template_warnings(config, tokenizer):
+        log.warning("%s", warning)
     if config.preview_samples == 0:
         return
     if getattr(data, "stream_info", None) is not None or not hasattr(data.train, "__len__"):
