@@ -242,6 +242,24 @@ def model_import(
     typer.echo(f"model written to {path}")
 
 
+@app.command()
+def webui(
+    host: Annotated[str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 7860,
+    auth: Annotated[str | None, typer.Option(help="require a login, as user:password")] = None,
+) -> None:
+    """The browser UI: set up, start, watch, stop and resume runs in the current folder; chat with them."""
+    from lmtune.webui.form import parse_auth
+
+    credentials = parse_auth(auth) if auth is not None else None
+    setup_logging("info")
+    try:
+        from lmtune.webui.app import serve
+    except ImportError as error:
+        raise UserError(f"the web UI needs gradio ({error}): pip install 'lmtune[webui]'") from None
+    serve(Path.cwd(), host, port, credentials)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)

@@ -1,0 +1,417 @@
+"""The web UI: the form's YAML and its path sandbox (pure), and in Chromium (Playwright) the whole
+round a user makes: fill in the form, read the plan, start, watch, stop, resume with a new
+learning rate, chat. Screenshots go to the test's tmp folder (webui-shots/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ALPACA_ROWS
+
+from lmtune.config import load_config
+from lmtune.errors import UserError
+from lmtune.webui import form as F
+from lmtune.webui import monitor as M
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="browser tests need Debian's Chromium at /usr/bin/chromium "
+    "(apt-get install chromium; .ci/run installs it)")
+
+
+def make_workdir(folder: Path, model_dir: Path) -> Path:
+    """A working folder as a user has it: a model folder, a data folder with dataset_info.json."""
+    shutil.copytree(model_dir, folder / "models" / "tiny")
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "sums.json").write_text(json.dumps(ALPACA_ROWS))
+    (folder / "data" / "dataset_info.json").write_text(json.dumps({"sums": {"file_name": "sums.json"}}))
+    return folder
+
+
+def tiny_form(**changes) -> dict:
+    form = F.default_form()
+    form.update(model_name_or_path="models/tiny", dataset=["sums"], finetuning_type="full", output_dir="runs/a")
+    form.update(changes)
+    return form
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model_dir):
+    return make_workdir(tmp_path / "work", tiny_model_dir)
+
+
+# --- the form, without a browser ------------------------------------------------------------------
+
+
+def test_form_writes_the_yaml_that_lmtune_train_reads(workdir, monkeypatch):
+    form = tiny_form(save_epochs="0.25", save_steps=10.0, saves_per_epoch="", save_total_limit="3",
+                     learning_rate=0.002, num_train_epochs=2.0, warmup_steps=0.1, packing="off",
+                     metric_for_best_model="eval_loss", val_size=0.25, resume_lr="config")
+    values = F.form_to_values(workdir, form)
+    text = F.values_to_yaml(values)
+    loaded = yaml.safe_load(text)
+    # whole numbers are written as integers, a fraction of an epoch as a float, empty fields not at all
+    assert loaded["save_steps"] == 10 and isinstance(loaded["save_steps"], int)
+    assert loaded["save_epochs"] == 0.25 and loaded["save_total_limit"] == 3
+    assert "saves_per_epoch" not in loaded and "max_steps" not in loaded
+    assert loaded["packing"] is False and loaded["metric_for_best_model"] == "eval_loss"
+    assert loaded["resume_from_checkpoint"] == "auto" and loaded["resume_lr"] == "config"
+    assert loaded["model_name_or_path"] == "models/tiny" and loaded["dataset"] == "sums"
+    # `lmtune train FILE`, run from the working folder, reads back exactly what the form showed
+    path = workdir / "run.yaml"
+    path.write_text(text)
+    monkeypatch.chdir(workdir)
+    config = load_config(path)
+    for key, value in loaded.items():
+        assert getattr(config, key) == value, key
+
+
+def test_form_errors_name_the_key_and_the_fix(workdir):
+    with pytest.raises(UserError, match="save_steps.*save_epochs: 2.5"):
+        F.form_to_values(workdir, tiny_form(save_steps="2.5"))
+    with pytest.raises(UserError, match="learning_rate"):
+        F.form_to_values(workdir, tiny_form(learning_rate="fast"))
+    with pytest.raises(UserError, match="pick at least one data set"):
+        F.form_to_values(workdir, tiny_form(dataset=[]))
+    with pytest.raises(UserError, match="not a checkpoint-<step> folder"):
+        F.form_to_values(workdir, tiny_form(resume_from_checkpoint="../../etc"))
+
+
+def test_fresh_start_and_a_chosen_checkpoint_map_to_resume_keys(workdir):
+    assert F.form_to_values(workdir, tiny_form(resume_from_checkpoint=F.RESUME_FRESH))["resume_from_checkpoint"] \
+        is False
+    folder = workdir / "runs" / "a" / "checkpoint-6"
+    folder.mkdir(parents=True)
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        F.form_to_values(workdir, tiny_form(resume_from_checkpoint="checkpoint-6"))
+    (folder / "checkpoint_complete.json").write_text("{}")
+    (folder / "train_state.json").write_text("{}")
+    values = F.form_to_values(workdir, tiny_form(resume_from_checkpoint="checkpoint-6"))
+    assert values["resume_from_checkpoint"] == "runs/a/checkpoint-6"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("output_dir", "../elsewhere"), ("output_dir", "/tmp/lmtune-webui-outside"), ("dataset_dir", "/etc"),
+    ("model_name_or_path", "/usr/lib"), ("dataset", ["/etc/passwd"]), ("dataset", ["../../etc/passwd"]),
+])
+def test_paths_outside_the_working_folder_are_refused(workdir, key, value):
+    with pytest.raises(UserError, match="outside the working folder"):
+        F.form_to_values(workdir, tiny_form(**{key: value}))
+
+
+def test_a_symlink_out_of_the_working_folder_is_refused(workdir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (workdir / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match="outside the working folder"):
+        F.form_to_values(workdir, tiny_form(output_dir="link/run"))
+    with pytest.raises(UserError, match="outside the working folder"):
+        F.config_file(workdir, "link/run.yaml")
+    with pytest.raises(UserError, match="outside the working folder"):
+        F.chat_target(workdir, "link")
+    assert F.form_to_values(workdir, tiny_form(output_dir="runs/b"))["output_dir"] == "runs/b"
+    assert F.chat_target(workdir, "smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+def test_pickers_list_what_is_in_the_working_folder(workdir):
+    assert ("models/tiny (folder)", "models/tiny") in F.model_choices(workdir)
+    assert F.dataset_choices(workdir, "data") == [("sums (dataset_info.json)", "sums")]
+    (workdir / "data" / "more.jsonl").write_text("")
+    assert ("more.jsonl (file)", "more.jsonl") in F.dataset_choices(workdir, "data")
+    assert F.dataset_choices(workdir, "../..") == []
+    run = workdir / "runs" / "first"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoint-4" / "checkpoint_complete.json").write_text("{}")
+    (run / "checkpoint-4" / "train_state.json").write_text("{}")
+    (run / "checkpoints.json").write_text(json.dumps({"version": 1, "checkpoints": [
+        {"step": 2, "path": "checkpoint-2", "status": "deleted"}, {"step": 4, "path": "checkpoint-4",
+                                                                   "status": "kept", "reasons": ["signal"]}]}))
+    assert F.run_choices(workdir) == ["runs/first"]
+    assert [value for _, value in F.resume_choices(workdir, "runs/first")] == ["auto", "fresh", "checkpoint-4"]
+    assert ("runs/first/checkpoint-4 (checkpoint, step 4)", "runs/first/checkpoint-4") in F.chat_choices(workdir)
+
+
+def test_auth_takes_user_and_password():
+    assert F.parse_auth("alice:s3:cret") == ("alice", "s3:cret")
+    for bad in ("alice", ":pw", "alice:"):
+        with pytest.raises(UserError, match="user:password"):
+            F.parse_auth(bad)
+
+
+def test_monitor_reads_progress_chart_and_checkpoints_from_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.yaml").write_text(yaml.safe_dump({"num_train_epochs": 2, "max_steps": None}))
+    rows = [{"type": "train", "step": s, "epoch": s / 6, "samples_seen": 4 * s, "tokens_seen": 100 * s,
+             "loss": 3.0 - 0.1 * s, "lr": 0.005, "eta_s": 12.0, "elapsed_s": 2.0 * s} for s in range(1, 8)]
+    rows.insert(6, {"type": "eval", "step": 6, "epoch": 1.0, "eval_loss": 2.5})
+    rows.append({"type": "event", "event": "resume", "step": 7, "lr_old": 0.005, "lr_new": 0.001})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"type": "tr')
+    (run / "checkpoints.json").write_text(json.dumps({"version": 1, "save_total_limit": 1, "checkpoints": [
+        {"step": 3, "epoch": 0.5, "path": "checkpoint-3", "reasons": ["epoch"], "metrics": {"loss": 2.7},
+         "status": "deleted", "best": False},
+        {"step": 6, "epoch": 1.0, "path": "checkpoint-6", "reasons": ["epoch", "signal"],
+         "metrics": {"loss": 2.4, "eval_loss": 2.5}, "size_bytes": 2_500_000, "status": "kept", "best": True}]}))
+    view = M.read_run(run)
+    progress = M.progress_markdown(view, None)
+    assert "step **7** / 12 (58%)" in progress and "samples 28" in progress and "tokens 700" in progress
+    assert "eval loss 2.5000 (step 6)" in progress and "learning rate **5.00e-03**" in progress
+    chart = M.chart_html(view)
+    assert 'data-train-points="7" data-eval-points="1"' in chart and "resumed" in chart
+    assert "learning rate: 5.00e-03 -> 1.00e-03" in M.events_markdown(view)
+    table = M.checkpoints_html(run)
+    assert "1 kept, 1 deleted, 0 incomplete; save_total_limit 1" in table
+    assert "epoch,signal" in table and "kept best" in table and "2.5 MB" in table
+
+
+# --- in the browser -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    log = (workdir.parent / f"webui-{port}.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "lmtune", "webui", "--port", str(port), *extra], cwd=workdir,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert server.poll() is None, (workdir.parent / f"webui-{port}.log").read_text()[-3000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server, f"http://127.0.0.1:{port}/"
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise AssertionError("the web UI did not start in 90 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(2)  # SIGINT, as Ctrl-C: it stops the runs it started first
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """The few gestures the tests make on gradio's widgets, and screenshots."""
+
+    def __init__(self, page, shots: Path):
+        self.page, self.shots = page, shots
+        shots.mkdir(parents=True, exist_ok=True)
+
+    def fill(self, elem_id: str, text: str) -> None:
+        box = self.page.locator(f"#{elem_id}").locator("input, textarea").first
+        box.fill(text)
+        box.blur()
+
+    def pick(self, elem_id: str, option: str, search: str = "") -> None:
+        """Choose a dropdown option; `search` is typed first to narrow a long list."""
+        box = self.page.locator(f"#{elem_id} input").first
+        box.click()
+        if search:
+            box.fill(search)
+        self.page.get_by_role("option", name=option).first.click()
+        self.page.locator("body").click(position={"x": 5, "y": 5})
+
+    def radio(self, elem_id: str, label: str) -> None:
+        self.page.locator(f"#{elem_id}").get_by_text(label, exact=True).click()
+
+    def text(self, elem_id: str) -> str:
+        """What the element shows; a text box's value included."""
+        element = self.page.locator(f"#{elem_id}")
+        boxes = element.locator("textarea")
+        if boxes.count():
+            return element.inner_text() + "\n" + "\n".join(box.input_value() for box in boxes.all())
+        return element.inner_text()
+
+    def wait_text(self, elem_id: str, *needles: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text(elem_id)
+            if all(n in text for n in needles):
+                return text
+            if time.monotonic() > deadline:
+                self.shot("timeout")
+                raise AssertionError(f"#{elem_id} never showed {needles}; it shows:\n{text}")
+            time.sleep(0.3)
+
+    def wait_for(self, check, what: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while not (value := check()):
+            if time.monotonic() > deadline:
+                self.shot("timeout")
+                raise AssertionError(f"never happened: {what}")
+            time.sleep(0.3)
+        return value
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+def chart_points(ui: Page) -> tuple[int, int]:
+    chart = ui.page.locator("#loss-chart .lmtune-chart")
+    return int(chart.get_attribute("data-train-points") or 0), int(chart.get_attribute("data-eval-points") or 0)
+
+
+def checkpoint_rows(ui: Page) -> list[list[str]]:
+    return [[cell.strip() for cell in row.split("\t")]
+            for row in ui.page.locator("#checkpoints tbody tr").all_inner_texts()]
+
+
+@needs_chromium
+def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, browser, tmp_path):
+    server, url = start_server(workdir)
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    ui = Page(page, tmp_path / "webui-shots")
+    try:
+        page.goto(url)
+        ui.wait_text("plan", "pick at least one data set")
+
+        # -- the form: the tiny model, the sums data, a dense save schedule with rotation
+        ui.pick("model", "models/tiny (folder)")
+        ui.radio("finetuning-type", "full")
+        ui.pick("dataset", "sums (dataset_info.json)")
+        ui.fill("val-size", "0.25")
+        ui.fill("learning-rate", "0.005")
+        ui.pick("scheduler", "constant")
+        ui.fill("epochs", "200")
+        ui.fill("logging-steps", "1")
+        ui.radio("report-to", "none")
+        ui.fill("save-epochs", "0.5")
+        ui.fill("save-total-limit", "2")
+        ui.fill("evals-per-epoch", "1")
+
+        # a folder outside the working folder is refused, and nothing is written there
+        ui.fill("output-dir", "../outside")
+        page.locator("#start").click()
+        ui.wait_text("train-status", "outside the working folder")
+        assert not (workdir.parent / "outside").exists()
+        ui.fill("output-dir", "runs/sums")
+
+        # -- the plan, before anything runs: 24 training rows / batch 4 = 6 steps an epoch, a save
+        # every half epoch (3 steps) for 200 epochs, of which save_total_limit 2 keeps the last two
+        plan = ui.wait_text("plan", "1200 optimizer steps", "6 per epoch")
+        assert "saves at steps (400): 3, 6, 9, 12, 15" in plan
+        assert "400 checkpoints will be written, save_total_limit 2 keeps the last 2" in plan
+        assert "398 will be deleted" in plan
+        assert "kept after rotation: 1197, 1200" in plan
+        yaml_text = ui.wait_text("yaml", "save_epochs: 0.5")
+        assert "save_total_limit: 2" in yaml_text and "output_dir: runs/sums" in yaml_text
+        ui.shot("1-form-and-plan")
+
+        # -- start: the Monitor fills while it runs
+        page.locator("#start").click()
+        ui.wait_text("progress", "running (pid")
+        ui.wait_for(lambda: (p := chart_points(ui))[0] >= 8 and p[1] >= 1, "8 train and 1 eval loss points")
+        rows = ui.wait_for(lambda: (r := checkpoint_rows(ui)) and any("deleted" in row for row in r) and r,
+                           "a checkpoint deleted by rotation", timeout=90)
+        assert [row[0] for row in rows][:3] == ["3", "6", "9"]
+        assert "epoch" in rows[0][2]
+        progress = ui.text("progress")
+        assert "/ 1200" in progress and "samples" in progress and "tokens" in progress and "ETA" in progress
+        assert "step 1/1200" in ui.wait_text("log-tail", "step 1/1200")
+        ui.shot("2-monitor-running")
+
+        # -- stop: SIGINT, a resumable checkpoint, exit 130
+        page.locator("#stop-monitor").click()
+        ui.wait_text("progress", "stopped (exit code 130)")
+        rows = checkpoint_rows(ui)
+        last = rows[-1]
+        assert "signal" in last[2] and last[-1].startswith("kept"), rows
+        stopped_at = int(last[0])
+        index = json.loads((workdir / "runs" / "sums" / "checkpoints.json").read_text())
+        assert [e["step"] for e in index["checkpoints"] if e["status"] == "kept"][-1] == stopped_at
+        ui.shot("3-monitor-stopped")
+
+        # -- resume from that checkpoint with a new learning rate, applied on purpose
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#refresh-resume").click()
+        ui.pick("resume", f"checkpoint-{stopped_at} (step {stopped_at}")
+        ui.fill("learning-rate", "0.001")
+        ui.radio("resume-lr", "apply the learning rate set above from the resume step on (resume_lr: config)")
+        note = ui.wait_text("resume-note", f"checkpoint-{stopped_at}", "1.00e-03")
+        assert "trained with learning_rate 5.00e-03" in note and f"from step {stopped_at + 1} on" in note
+        ui.wait_text("plan", f"resumes from runs/sums/checkpoint-{stopped_at}")
+        ui.wait_text("yaml", "resume_lr: config", "learning_rate: 0.001")
+        ui.shot("4-resume-form")
+        page.locator("#start").click()
+        events = ui.wait_text("events", "resume", "learning rate: 5.00e-03 -> 1.00e-03", timeout=90)
+        assert f"step {stopped_at}" in events
+        ui.wait_text("progress", "learning rate 1.00e-03")
+        train_rows = [r for r in M.read_rows(workdir / "runs" / "sums") if r["type"] == "train"]
+        assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))  # step numbers go on
+        ui.wait_text("loss-chart", "resumed")
+        ui.shot("5-monitor-resumed")
+        page.locator("#stop-monitor").click()
+        ui.wait_text("progress", "stopped (exit code 130)")
+
+        # -- chat with the newest checkpoint
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#chat-refresh").click()
+        newest = max(e["step"] for e in json.loads((workdir / "runs" / "sums" / "checkpoints.json").read_text())[
+            "checkpoints"] if e["status"] == "kept")
+        ui.pick("chat-target", f"runs/sums/checkpoint-{newest} (checkpoint, step {newest})", f"checkpoint-{newest}")
+        page.locator("#chat-load").click()
+        ui.wait_text("chat-status", f"loaded runs/sums/checkpoint-{newest}")
+        ui.fill("chat-input", "What is 2 plus 3?")
+        page.locator("#chat-send").click()
+        ui.wait_text("chatbot", "What is 2 plus 3?")
+        bot = page.locator("#chatbot .bot")
+        ui.wait_for(lambda: bot.count() >= 1 and bot.last.inner_text().strip(), "an answer from the model")
+        ui.shot("6-chat")
+    except BaseException:
+        ui.shot("failed")
+        raise
+    finally:
+        page.close()
+        stop_server(server)
+
+
+@needs_chromium
+def test_auth_asks_for_a_login(workdir, browser, tmp_path):
+    server, url = start_server(workdir, "--auth", "alice:s3cret")
+    page = browser.new_page()
+    try:
+        page.goto(url)
+        page.get_by_label("username").fill("alice")
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_text("Incorrect Credentials").wait_for(timeout=15_000)
+        assert page.locator("#plan").count() == 0
+        page.get_by_label("password").fill("s3cret")
+        page.get_by_role("button", name="Login").click()
+        page.locator("#plan").wait_for(timeout=30_000)
+        Page(page, tmp_path / "webui-shots").shot("login")
+    finally:
+        page.close()
+        stop_server(server)
