@@ -320,7 +320,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
 
         # -- the plan, before anything runs: 24 training rows / batch 4 = 6 steps an epoch, a save
         # every half epoch (3 steps) for 200 epochs, of which save_total_limit 2 keeps the last two
-        plan = ui.wait_text("plan", "1200 optimizer steps", "6 per epoch")
+        plan = ui.wait_text("plan", "1200 optimizer steps", "6 per epoch", "saves at steps (400)", "limit 2")
         assert "saves at steps (400): 3, 6, 9, 12, 15" in plan
         assert "400 checkpoints will be written, save_total_limit 2 keeps the last 2" in plan
         assert "398 will be deleted" in plan
@@ -328,6 +328,11 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         yaml_text = ui.wait_text("yaml", "save_epochs: 0.5")
         assert "save_total_limit: 2" in yaml_text and "output_dir: runs/sums" in yaml_text
         ui.shot("1-form-and-plan")
+
+        # the data preview: processed examples with the masked prompt and the trained answer
+        page.locator("#preview-button").click()
+        preview = ui.wait_text("preview", "labels:", "train row 0 of 24")
+        assert "[-100 x" in preview and "plus" in preview
 
         # -- start: the Monitor fills while it runs
         page.locator("#start").click()
@@ -408,10 +413,14 @@ def test_auth_asks_for_a_login(workdir, browser, tmp_path):
         page.get_by_role("button", name="Login").click()
         page.get_by_text("Incorrect Credentials").wait_for(timeout=15_000)
         assert page.locator("#plan").count() == 0
+        page.get_by_label("username").fill("alice")  # the login page clears it after a failed try
         page.get_by_label("password").fill("s3cret")
         page.get_by_role("button", name="Login").click()
         page.locator("#plan").wait_for(timeout=30_000)
         Page(page, tmp_path / "webui-shots").shot("login")
+    except BaseException:
+        Page(page, tmp_path / "webui-shots").shot("login-failed")
+        raise
     finally:
         page.close()
         stop_server(server)

@@ -160,17 +160,19 @@ def resume_note(root: Path, form: dict[str, Any]) -> str:
     )
 
 
-def preview_text(config: TrainConfig) -> str:
-    """The processed examples as `lmtune preview` renders them."""
-    try:
-        from lmtune.data import preview as module
-    except ImportError:
-        return ("The data preview needs `lmtune preview`, which this version of lmtune does not have yet. "
-                "The plan above already shows the number of training rows.")
-    render = getattr(module, "preview_text", None) or getattr(module, "render_preview", None)
-    if render is None:
-        return "This version of `lmtune preview` offers no text rendering to show here."
-    return str(render(config))
+def preview_text(config: TrainConfig, n: int = 3) -> str:
+    """The first processed training examples and the data statistics, rendered as `lmtune preview` does."""
+    from lmtune.data import prepare_data
+    from lmtune.data.preview import preview_data, render_row, stats_lines
+    from lmtune.models import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(config.model_name_or_path), config.trust_remote_code)
+    data = prepare_data(config, tokenizer)
+    result = preview_data(config, data, tokenizer, n, "train")
+    parts = [render_row(described, "train", result["rows"]).plain for described in result["examples"]]
+    parts.append("statistics:\n" + "\n".join(stats_lines(result["stats"])))
+    parts += [f"warning: {warning}" for warning in result["warnings"]]
+    return "\n".join(parts)
 
 
 class ChatHolder:
@@ -295,8 +297,10 @@ def build(root: Path) -> gr.Blocks:
                                 fields["val_size"] = _number("val_size", defaults["val_size"], elem_id="val-size")
                                 fields["packing"] = gr.Radio(list(F.PACKING_CHOICES), value="auto", label="packing",
                                                              info=_help("packing"))
-                            preview_button = gr.Button("Preview processed examples", size="sm")
-                            preview = gr.Code(label="data preview", language=None, visible=False)
+                            preview_button = gr.Button("Preview processed examples", size="sm",
+                                                       elem_id="preview-button")
+                            preview = gr.Code(label="data preview (lmtune preview)", language=None, visible=False,
+                              elem_id="preview")
                         with gr.Accordion("Optimisation", open=True):
                             with gr.Row():
                                 fields["learning_rate"] = _number("learning_rate", defaults["learning_rate"],
