@@ -2,8 +2,10 @@
 
 A checkpoint is written into `.checkpoint-<step>.tmp/`, every file fsynced, a completion mark
 written last, and only then renamed to `checkpoint-<step>/`. `checkpoints.json` is replaced
-atomically after each save and each deletion. Writing happens on a background thread from a copy
-of the state taken on the training thread, one save in flight at a time.
+atomically after each save and each deletion. Writing happens on a background thread, one save in
+flight at a time. That thread also copies the tensors to the CPU: the training thread hands over
+references and goes on with the next forward and backward passes, which only read the weights; the
+next `optimizer.step()` waits (a step pre-hook) until the copy is done, as it is what changes them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from lmtune.errors import RunFailed
 from lmtune.schedule import rotation
 
 log = logging.getLogger("lmtune")
@@ -75,7 +79,8 @@ class CheckpointIndex:
             data = json.loads(path.read_text())
             index.save_total_limit = data.get("save_total_limit")
             index.best_metric = data.get("best_metric")
-            index.entries = data.get("checkpoints", [])
+            # What is incomplete is decided by the folders on disk now, not by an older listing.
+            index.entries = [e for e in data.get("checkpoints", []) if e.get("status") != "incomplete"]
         index._note_incomplete_folders()
         return index
 
@@ -87,7 +92,7 @@ class CheckpointIndex:
             step = _step_of(folder.name)
             if not folder.is_dir() or folder.name in known or step is None:
                 continue
-            if is_complete_checkpoint(folder):
+            if folder.name.startswith(PREFIX) and is_complete_checkpoint(folder):  # never a .tmp folder
                 self.entries.append(_entry_from_folder(folder, step))
             else:
                 self.entries.append({"step": step, "path": folder.name, "status": "incomplete",
@@ -112,6 +117,10 @@ def _step_of(name: str) -> int | None:
 
 
 def _entry_from_folder(folder: Path, step: int) -> dict[str, Any]:
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    mark = json.loads((folder / COMPLETE_MARK).read_text())
+    if isinstance(mark.get("entry"), dict):  # the entry the index was about to record
+        return {**mark["entry"], "path": folder.name, "status": "kept", "best": False, "size_bytes": size}
     state = json.loads((folder / TRAIN_STATE).read_text())
     return {"step": step, "epoch": state.get("epoch"), "samples_seen": state.get("samples_seen"),
             "tokens_seen": state.get("tokens_seen"), "path": folder.name, "reasons": ["found"],
@@ -141,6 +150,17 @@ class Snapshot:
     entry: dict[str, Any]
 
 
+def cpu_copy(value: Any) -> Any:
+    """A CPU copy of every tensor in a nested dict / list, sharing nothing with the original."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True).contiguous()
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
 class CheckpointStore:
     def __init__(self, run_dir: Path, save_total_limit: int | None, best_metric: str | None,
                  greater_is_better: bool = False):
@@ -150,29 +170,61 @@ class CheckpointStore:
         self.index.best_metric = best_metric
         self.greater_is_better = greater_is_better
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: tuple[int, BaseException] | None = None
+        self.guard_wait_s = 0.0  # time optimizer steps spent waiting for a snapshot copy
 
-    def save(self, snapshot: Snapshot, on_saved: Any = None) -> None:
-        """Start writing `snapshot`; waits first for the save before it to finish."""
+    def save(self, snapshot: Snapshot, on_saved: Any = None, guard: Any = None) -> None:
+        """Start writing `snapshot`; waits first for the save before it to finish.
+
+        With `guard` (the optimizer), the snapshot's weights and optimizer state may be the live
+        tensors: they are copied on the writer thread, and the guard's next step waits for the copy."""
         self.wait()
-        self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, on_saved), daemon=True)
+        copied = threading.Event()
+        if guard is not None:
+            self._hold_steps_until(copied, guard)
+        else:
+            copied.set()
+        self._thread = threading.Thread(target=self._write_guarded, args=(snapshot, on_saved, copied), daemon=True)
         self._thread.start()
 
+    def _hold_steps_until(self, copied: threading.Event, optimizer: Any) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+        def wait_for_copy(*_: Any) -> None:
+            if not copied.is_set():
+                start = time.perf_counter()
+                copied.wait()
+                self.guard_wait_s += time.perf_counter() - start
+            handle.remove()
+
+        handle = inner.register_step_pre_hook(wait_for_copy)
+
     def wait(self) -> None:
+        """Wait for the save in flight; a failed save stops the run with the reason (RunFailed)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+            (step, error), self._error = self._error, None
+            newest = self.index.newest_complete()
+            raise RunFailed(
+                f"writing {PREFIX}{step} failed: {type(error).__name__}: {error}; "
+                f"the checkpoints written before are intact (newest: {newest.name if newest else 'none'})"
+            ) from error
 
-    def _write_guarded(self, snapshot: Snapshot, on_saved: Any) -> None:
+    def _write_guarded(self, snapshot: Snapshot, on_saved: Any, copied: threading.Event) -> None:
         try:
+            if not copied.is_set():
+                try:
+                    snapshot.weights = cpu_copy(snapshot.weights)
+                    snapshot.optimizer = cpu_copy(snapshot.optimizer)
+                finally:
+                    copied.set()
             path = self.write(snapshot)
             if on_saved is not None:
                 on_saved(path)
         except BaseException as error:  # reported on the training thread by wait()
-            self._error = error
+            self._error = (snapshot.step, error)
 
     def write(self, snapshot: Snapshot) -> Path:
         final = self.run_dir / f"{PREFIX}{snapshot.step}"
@@ -181,11 +233,15 @@ class CheckpointStore:
         tmp.mkdir(parents=True)
         self._write_files(tmp, snapshot)
         _fsync_tree(tmp)
-        (tmp / COMPLETE_MARK).write_text(json.dumps({"step": snapshot.step}))
-        _fsync_tree(tmp)
-        if final.exists():  # an older checkpoint of the same step (a rerun after a crash)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        atomic_write_text(tmp / COMPLETE_MARK, json.dumps({"step": snapshot.step, "entry": snapshot.entry}))
+        if final.exists():  # an older checkpoint of the same step (a rerun after a crash): moved aside first
+            old = self.run_dir / f".{PREFIX}{snapshot.step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
         _fsync_dir(self.run_dir)
         self._record(final, snapshot)
         return final
@@ -204,7 +260,8 @@ class CheckpointStore:
         entry.update(path=folder.name, status="kept", best=False,
                      size_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
                      created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-        self.index.entries = [e for e in self.index.entries if e["path"] != folder.name] + [entry]
+        tmp_name = f".{folder.name}.tmp"
+        self.index.entries = [e for e in self.index.entries if e["path"] not in (folder.name, tmp_name)] + [entry]
         self._mark_best()
         self.index.write()
         self._rotate()

@@ -478,12 +478,14 @@ class TrainingLoop:
         rng = self._all_rng_states()  # every process takes part
         if self.accelerator.is_main_process:
             snapshot = self._snapshot(reasons, rng)
-            self.store.save(snapshot, on_saved=lambda path: self.callbacks.fire("on_save", self.state, path))
+            # the weights and optimizer state are copied on the writer thread; the next optimizer step waits for it
+            self.store.save(snapshot, on_saved=lambda path: self.callbacks.fire("on_save", self.state, path),
+                            guard=self.s.optimizer)
         self.accelerator.wait_for_everyone()
 
     def _snapshot(self, reasons: list[str], rng: list[dict[str, Any]]) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
-        weights, weights_name = _weights_copy(model)
+        weights, weights_name = _weights_copy(model, copy=False)
         keep_optimizer = not self.config.save_only_model
         per_epoch = state.steps_per_epoch
         train_state = {
@@ -503,8 +505,8 @@ class TrainingLoop:
         return Snapshot(
             step=state.step, weights=weights, weights_name=weights_name,
             write_model_files=lambda folder: _write_model_files(model, tokenizer, folder),
-            optimizer=_cpu_copy(self.s.optimizer.state_dict()) if keep_optimizer else None,
-            scheduler=self.s.scheduler.state_dict() if keep_optimizer else None,
+            optimizer=self.s.optimizer.state_dict() if keep_optimizer else None,
+            scheduler=_cpu_copy(self.s.scheduler.state_dict()) if keep_optimizer else None,
             rng=rng, train_state=train_state, entry=entry,
         )
 
@@ -599,18 +601,22 @@ def _maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, skip: bool)
     return accelerator.no_sync(model)
 
 
-def _weights_copy(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+def _weights_copy(model: torch.nn.Module, copy: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors a checkpoint holds: CPU copies, or with copy=False the live tensors themselves."""
     from peft import PeftModel, get_peft_model_state_dict
+
+    def take(value: torch.Tensor) -> torch.Tensor:
+        return value.detach().to("cpu", copy=True).contiguous() if copy else value.detach()
 
     if isinstance(model, PeftModel):
         state = get_peft_model_state_dict(model)
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}, "adapter_model.safetensors"
+        return {k: take(v) for k, v in state.items()}, "adapter_model.safetensors"
     state, seen = {}, set()
     for key, value in model.state_dict().items():
         if value.data_ptr() in seen:  # tied weights are written once
             continue
         seen.add(value.data_ptr())
-        state[key] = value.detach().to("cpu", copy=True).contiguous()
+        state[key] = take(value)
     return state, "model.safetensors"
 
 
