@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -253,11 +254,11 @@ def run_preview(config: Any, n: int, split: str, as_json: bool) -> None:
     tokenizer = load_tokenizer(resolve_model_path(config.model_name_or_path), config.trust_remote_code)
     data = prepare_data(config, tokenizer)
     result = preview_data(config, data, tokenizer, n, split)
-    console = Console(highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(result, indent=1, ensure_ascii=False), flush=True)
         return
-    color = console.is_terminal and "NO_COLOR" not in os.environ
+    color = use_color()
+    console = Console(highlight=False, soft_wrap=True, force_terminal=color, no_color=not color)
     for described in result["examples"]:
         _print(console, render_row(described, split, result["rows"], color), color)
     if color:
@@ -268,6 +269,17 @@ def run_preview(config: Any, n: int, split: str, as_json: bool) -> None:
         _print(console, line, color)
     for warning in result["warnings"]:
         _print(console, f"warning: {warning}", color)
+
+
+def use_color() -> bool:
+    """Colour on a terminal; never with NO_COLOR set; FORCE_COLOR forces it (read from os.environ here,
+    since datasets' multi-process map replaces os.environ with a copy that rich no longer sees)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    force = os.environ.get("FORCE_COLOR")
+    if force is not None:
+        return force != ""
+    return sys.stdout.isatty()
 
 
 def _print(console: Any, text: Any, color: bool) -> None:
