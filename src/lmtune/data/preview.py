@@ -182,10 +182,12 @@ def stats_lines(summary: dict[str, Any], fancy: bool = False) -> list[str]:
         bars = s["length_histogram"]
         most = max(b["count"] for b in bars)
         width = len(f"{bars[-1]['high']:,}")
+        span = max(b["high"] - b["low"] for b in bars) > 0
         for b in bars:
             bar = ("█" if fancy else "#") * (math.ceil(30 * b["count"] / most) if b["count"] else 0)
             note = "  > cutoff_len" if b["low"] > cutoff else "  partly > cutoff_len" if b["high"] > cutoff else ""
-            lines.append(f"  {b['low']:>{width},}-{b['high']:<{width},} {bar:<30} {b['count']:>6,}{note}")
+            label = f"{b['low']:>{width},}-{b['high']:<{width},}" if span else f"{b['low']:>{width},}"
+            lines.append(f"  {label} {bar:<30} {b['count']:>6,}{note}")
     rows = f"{s['train_rows']:,} train rows"
     if s["packing"]:
         fill = s.get("row_fill", 0.0)
