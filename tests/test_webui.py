@@ -304,7 +304,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.fill("val-size", "0.25")
         ui.fill("learning-rate", "0.005")
         ui.pick("scheduler", "constant")
-        ui.fill("epochs", "200")
+        ui.fill("epochs", "1000")
         ui.fill("logging-steps", "1")
         ui.radio("report-to", "none")
         ui.fill("save-epochs", "0.5")
@@ -319,12 +319,12 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.fill("output-dir", "runs/sums")
 
         # -- the plan, before anything runs: 24 training rows / batch 4 = 6 steps an epoch, a save
-        # every half epoch (3 steps) for 200 epochs, of which save_total_limit 2 keeps the last two
-        plan = ui.wait_text("plan", "1200 optimizer steps", "6 per epoch", "saves at steps (400)", "limit 2")
-        assert "saves at steps (400): 3, 6, 9, 12, 15" in plan
-        assert "400 checkpoints will be written, save_total_limit 2 keeps the last 2" in plan
-        assert "398 will be deleted" in plan
-        assert "kept after rotation: 1197, 1200" in plan
+        # every half epoch (3 steps) for 1000 epochs, of which save_total_limit 2 keeps the last two
+        plan = ui.wait_text("plan", "6000 optimizer steps", "6 per epoch", "saves at steps (2000)", "limit 2")
+        assert "saves at steps (2000): 3, 6, 9, 12, 15" in plan
+        assert "2000 checkpoints will be written, save_total_limit 2 keeps the last 2" in plan
+        assert "1998 will be deleted" in plan
+        assert "kept after rotation: 5997, 6000" in plan
         yaml_text = ui.wait_text("yaml", "save_epochs: 0.5")
         assert "save_total_limit: 2" in yaml_text and "output_dir: runs/sums" in yaml_text
         ui.shot("1-form-and-plan")
@@ -343,8 +343,8 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         assert [row[0] for row in rows][:3] == ["3", "6", "9"]
         assert "epoch" in rows[0][2]
         progress = ui.text("progress")
-        assert "/ 1200" in progress and "samples" in progress and "tokens" in progress and "ETA" in progress
-        assert "step 1/1200" in ui.wait_text("log-tail", "step 1/1200")
+        assert "/ 6000" in progress and "samples" in progress and "tokens" in progress and "ETA" in progress
+        assert "step 1/6000" in ui.wait_text("log-tail", "step 1/6000")
         ui.shot("2-monitor-running")
 
         # -- stop: SIGINT, a resumable checkpoint, exit 130
