@@ -142,6 +142,19 @@ def test_pickers_list_what_is_in_the_working_folder(workdir):
     assert ("runs/first/checkpoint-4 (checkpoint, step 4)", "runs/first/checkpoint-4") in F.chat_choices(workdir)
 
 
+def test_live_plan_counts_the_data_and_follows_an_edited_data_file(workdir, monkeypatch):
+    from lmtune.webui.app import Planner, plan_markdown
+
+    monkeypatch.chdir(workdir)  # `lmtune webui` serves the folder it is started in
+    planner = Planner()
+    _, config = F.form_to_config(workdir, tiny_form(num_train_epochs=2, saves_per_epoch="2", save_total_limit="1"))
+    plan = plan_markdown(workdir, planner, config)
+    assert "**16 optimizer steps**, 8 per epoch" in plan and "(32 training rows)" in plan  # 32 rows, batch 4
+    assert "**saves at steps** (4): 4, 8, 12, 16" in plan and "**kept after rotation**: 16" in plan
+    (workdir / "data" / "sums.json").write_text(json.dumps(ALPACA_ROWS[:20]))
+    assert "**10 optimizer steps**, 5 per epoch" in plan_markdown(workdir, planner, config)
+
+
 def test_auth_takes_user_and_password():
     assert F.parse_auth("alice:s3:cret") == ("alice", "s3:cret")
     for bad in ("alice", ":pw", "alice:"):

@@ -53,7 +53,8 @@ class Planner:
         self._lock = threading.Lock()
 
     def facts(self, config: TrainConfig) -> tuple[int | None, bool, int | None]:
-        key = json.dumps({k: v for k, v in config.to_yaml_dict().items() if k not in SCHEDULE_ONLY}, sort_keys=True)
+        settings = {k: v for k, v in config.to_yaml_dict().items() if k not in SCHEDULE_ONLY}
+        key = json.dumps([settings, _data_files_stamp(config)], sort_keys=True, default=str)
         with self._lock:
             if key not in self._facts:
                 from lmtune.data import prepare_data
@@ -75,6 +76,22 @@ class Planner:
 
         rows, has_eval, size = self.facts(config)
         return make_plan(config, rows, 1, has_eval, checkpoint_bytes=size), rows
+
+
+def _data_files_stamp(config: TrainConfig, limit: int = 500) -> list:
+    """Size and modification time of the data files, so that an edited data set is planned anew."""
+    paths = [Path(name) for name in config.datasets if Path(name).is_file()]
+    folder = Path(config.dataset_dir)
+    if folder.is_dir():
+        paths += [p for _, p in zip(range(limit), folder.rglob("*"), strict=False) if p.is_file()]
+    stamp = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        stamp.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return stamp
 
 
 def _steps_text(steps: list[int], head: int = 12, tail: int = 3) -> str:
