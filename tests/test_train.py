@@ -37,6 +37,7 @@ def test_final_model_loads_with_transformers_alone(tiny_config, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
     output = model.generate(**tokenizer("What is 1 plus 1?", return_tensors="pt"), max_new_tokens=3)
     assert output.shape[1] > 0
+    assert model.config.use_cache is True  # trained without a KV cache, saved to generate with one
 
 
 def test_lora_adapter_loads_with_peft_alone(tiny_config, tmp_path, tiny_model_dir):
@@ -123,7 +124,7 @@ def test_real_smollm2_trains_a_few_steps(tmp_path):
     config = EXAMPLES / "quickstart.yaml"
     out = tmp_path / "quick"
     code = run_lmtune("train", config, f"output_dir={out}", "max_steps=2", "val_size=0", "evals_per_epoch=null",
-                      "report_to=none", "saves_per_epoch=null")
+                      "report_to=none", "saves_per_epoch=null", "logging_steps=1")
     assert code == 0
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)

@@ -44,7 +44,7 @@ from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
 from lmtune.data.streaming import prepare_stream
 from lmtune.errors import Stopped, UserError
-from lmtune.models import count_parameters, load_model, load_tokenizer, resolve_model_path
+from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
 from lmtune.resume import (
     ResumePoint,
@@ -347,10 +347,11 @@ class TrainingLoop:
     def _optimizer_step(self, group: list[tuple[dict, Counts]]) -> None:
         accelerator, model = self.accelerator, self.s.model
         model.train()
-        counts = torch.tensor([sum(getattr(c, k) for _, c in group) for k in ("trained_tokens", "tokens", "samples")],
-                              device=accelerator.device, dtype=torch.float64)
+        local = [sum(getattr(c, k) for _, c in group) for k in ("trained_tokens", "tokens", "samples")]
+        counts = _to_device(torch.tensor(local, dtype=torch.float64), accelerator.device)
         if accelerator.num_processes > 1:
             counts = accelerator.reduce(counts, reduction="sum")
+            local = [int(n) for n in counts.tolist()]  # the global counts: one read, only with several processes
         trained_tokens = counts[0].clamp(min=1)
         step_loss = torch.zeros((), device=accelerator.device)
         for index, (batch, _) in enumerate(group):
@@ -369,7 +370,7 @@ class TrainingLoop:
         self.s.optimizer.zero_grad(set_to_none=True)
         if accelerator.num_processes > 1:
             step_loss = accelerator.reduce(step_loss, reduction="sum")
-        self._interval.add(step_loss, grad_norm, lr, counts)
+        self._interval.add(step_loss, grad_norm, lr, samples=local[2], tokens=local[1])
 
     def _after_step(self) -> None:
         state, plan = self.state, self.s.plan
@@ -529,6 +530,7 @@ class TrainingLoop:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.s.model)
+        model.config.use_cache = True  # training is over: the saved model generates with its KV cache
         model.save_pretrained(str(self.s.output_dir), safe_serialization=True)
         self.s.tokenizer.save_pretrained(str(self.s.output_dir))
         log.info("final model written to %s", self.s.output_dir)
@@ -550,11 +552,10 @@ class _Interval:
         self.grad_norm: Any = 0.0
         self.lr = 0.0
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, counts: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, samples: int, tokens: int) -> None:
         self.loss_sum = self.loss_sum + loss
         self.grad_norm, self.lr = grad_norm, lr
         self.steps += 1
-        samples, tokens = int(counts[2]), int(counts[1])
         self.samples_total += samples
         self.tokens_total += tokens
         self.tokens += tokens
@@ -593,6 +594,14 @@ class _SignalStop:
                     signal.Signals(signum).name)
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto the device without waiting for the device: a plain copy to a GPU first waits
+    for every kernel already queued, which would stop the host from running ahead by a step."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, skip: bool):
     from contextlib import nullcontext
 
@@ -626,7 +635,7 @@ def _write_model_files(model: torch.nn.Module, tokenizer: Any, folder: Path) -> 
     if isinstance(model, PeftModel):
         model.peft_config["default"].save_pretrained(str(folder))
     else:
-        model.config.save_pretrained(str(folder))
+        inference_config(model.config).save_pretrained(str(folder))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

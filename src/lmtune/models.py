@@ -124,6 +124,15 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     return prepare_for_training(model, config)
 
 
+def inference_config(model_config: Any) -> Any:
+    """A copy of a model's config as it should be saved: with the KV cache on for generation."""
+    import copy
+
+    saved = copy.deepcopy(model_config)
+    saved.use_cache = True
+    return saved
+
+
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     if config.finetuning_type == "lora":
         return _add_lora(model, config)
