@@ -223,11 +223,15 @@ def chart_html(view: RunView) -> str:
                      'stroke-width="1.8"/>')
         parts += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3.5" fill="{EVAL_COLOUR}"/>' for s, v in evals]
     legend = (f'<text x="{WIDTH - RIGHT - 8}" y="{TOP - 10}" text-anchor="end" font-size="12">'
-              f'<tspan fill="{TRAIN_COLOUR}">&#9644; train loss ({len(train)} points)</tspan>'
-              f'<tspan dx="14" fill="{EVAL_COLOUR}">&#9679; eval loss ({len(evals)} points)</tspan></text>')
+              f'<tspan fill="{TRAIN_COLOUR}">&#9644; train loss ({_points(len(train))})</tspan>'
+              f'<tspan dx="14" fill="{EVAL_COLOUR}">&#9679; eval loss ({_points(len(evals))})</tspan></text>')
     svg = (f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" style="max-width:{WIDTH}px" role="img" '
            f'aria-label="loss and eval loss by step">{"".join(parts)}{legend}</svg>')
     return f'<div class="lmtune-chart" {counts}>{svg}</div>'
+
+
+def _points(count: int) -> str:
+    return f"{count} point" if count == 1 else f"{count} points"
 
 
 def _finite(value: Any) -> bool:
