@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -115,3 +116,24 @@ def test_a_json_array_cannot_be_streamed(stream_config, tmp_path, capsys):
     array.write_text(json.dumps(texts(5)))
     assert run_lmtune("train", stream_config(dataset=str(array))) == 2
     assert "JSON lines" in capsys.readouterr().err
+
+
+def test_parquet_csv_and_a_folder_of_shards_stream(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmtune.config import build_config
+    from lmtune.data.streaming import prepare_stream
+
+    shards = tmp_path / "data" / "shards"
+    shards.mkdir(parents=True)
+    rows = texts(40)
+    pq.write_table(pa.Table.from_pylist(rows[:20]), shards / "a.parquet", row_group_size=5)
+    (shards / "b.csv").write_text("text\n" + "".join(f'"{r["text"]}"\n' for r in rows[20:]))
+    config = build_config(dict(dataset=str(shards), stage="pt", streaming=True, max_steps=1, buffer_size=1,
+                               packing=False, cutoff_len=64))
+    stream, info = prepare_stream(config, tokenizer, 0, 1)
+    rows_out = itertools.islice(iter(stream), 40)
+    seen = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in rows_out]
+    assert sorted(seen) == sorted(r["text"] for r in rows)  # every row once per pass, from both formats
+    assert info.estimated_rows and info.estimated_rows >= 20
