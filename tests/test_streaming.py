@@ -42,11 +42,13 @@ def test_streaming_without_max_steps_names_it_and_writes_nothing(stream_config, 
     assert not (tmp_path / "run").exists()
 
 
-def test_streamed_progress_counts_samples_and_tokens_without_an_epoch(stream_config, tmp_path):
+def test_streamed_progress_counts_samples_and_tokens_with_an_epoch_marked_as_estimate(stream_config, tmp_path):
     assert run_lmtune("train", stream_config()) == 0
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert all(r["epoch"] is None for r in rows)
+    epochs = [r["epoch"] for r in rows]
+    assert all(r["epoch_estimated"] for r in rows)  # bytes read against the file's size, never a plain epoch
+    assert epochs == sorted(epochs) and 0 < epochs[0] and epochs[-1] < 1
     samples = [r["samples_seen"] for r in rows]
     tokens = [r["tokens_seen"] for r in rows]
     assert samples == sorted(samples) and samples[0] > 0 and tokens == sorted(tokens) and tokens[-1] > tokens[0]
@@ -66,7 +68,7 @@ def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
     events = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "stream_pass"]
     assert events and events[0]["stream_pass"] == 2
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
-    assert rows[-1]["stream_pass"] >= 2
+    assert rows[-1]["stream_pass"] >= 2 and rows[-1]["epoch"] > 1
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ class Counts:
     samples: int
     tokens: int
     trained_tokens: int
-    stream_pass: int = 0
+    stream_position: float = 0.0  # passes over a streamed data set, as a float
 
 
 class Collator:
@@ -68,7 +68,7 @@ class Collator:
             attention[index, :length] = 1
             samples += sum(1 for p in row["position_ids"] if p == 0)
         counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                        max(row.get("stream_pass", 0) for row in rows))
+                        max(row.get("stream_position", 0.0) for row in rows))
         if self.packed:
             return {"input_ids": input_ids, "labels": labels, "position_ids": positions}, counts
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}, counts

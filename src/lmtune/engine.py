@@ -321,7 +321,8 @@ class TrainingLoop:
             except StopIteration:
                 raise UserError("the streamed data yields no example to train on: every row was dropped "
                                 f"(is cutoff_len {self.config.cutoff_len} shorter than the prompts?)") from None
-            self._note_stream_pass(max(counts.stream_pass for _, counts in group))
+            self.state.stream_position = max(counts.stream_position for _, counts in group)
+            self._note_stream_pass(int(self.state.stream_position))
             yield group
 
     def _note_stream_pass(self, stream_pass: int) -> None:
@@ -394,11 +395,14 @@ class TrainingLoop:
             self._save_checkpoint(sorted(state.save_reasons))
 
     def _epoch_now(self) -> float | None:
-        """Real epochs for data of known size; for a stream, an estimate from a size hint, or None."""
+        """Real epochs for data of known size; for a stream, an estimate: samples against the num_samples
+        hint of dataset_info.json, or else the bytes read so far against the size of the files."""
         if self.s.plan.steps_per_epoch:
             return self.state.step / self.s.plan.steps_per_epoch
         info = self.s.data.stream_info
-        return self.state.samples_seen / info.num_samples if info is not None and info.num_samples else None
+        if info is not None and info.num_samples:
+            return self.state.samples_seen / info.num_samples
+        return self.state.stream_position if self.config.streaming else None
 
     def _stop_requested(self) -> bool:
         """Every process stops at the same step, when any of them was signalled."""
@@ -426,7 +430,7 @@ class TrainingLoop:
         if self.config.streaming:
             row["stream_pass"] = state.stream_pass + 1
             if state.epoch is not None:
-                row["epoch_estimated"] = True  # from the num_samples hint of dataset_info.json
+                row["epoch_estimated"] = True  # a stream's size is only ever estimated
         state.last_metrics["loss"] = loss
         return row
 

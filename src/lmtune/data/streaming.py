@@ -156,11 +156,39 @@ class Source:
         self.reader, self.readers, self.seed = reader, readers, seed
         self.files = [open_file(path) for _, path in members]
         self.state: dict[str, Any] = {"pass": 0, "file": 0, "offset": None, "chunk": 0}
+        self._share_sizes = [self._share_size(index) for index in range(len(self.files))]
+        self._order_cache: tuple[int, list[int]] = (-1, [])
 
     def _file_order(self, pass_index: int) -> list[int]:
-        order = list(range(len(self.files)))
-        random.Random(self.seed * 1000003 + pass_index).shuffle(order)
-        return order
+        if self._order_cache[0] != pass_index:
+            order = list(range(len(self.files)))
+            random.Random(self.seed * 1000003 + pass_index).shuffle(order)
+            self._order_cache = (pass_index, order)
+        return self._order_cache[1]
+
+    def _share_size(self, file_index: int) -> int:
+        """Bytes (rows for Parquet) of the file that this reader owns."""
+        file = self.files[file_index]
+        if isinstance(file, ParquetFile):
+            return sum(file.sizes[self.reader :: self.readers])
+        share = share_of(file.path, self.reader, self.readers)
+        return share.end - share.start
+
+    def progress(self) -> float:
+        """Passes over this reader's share so far, as a float: 1.5 is half way through the second pass."""
+        order, total = self._file_order(self.state["pass"]), sum(self._share_sizes)
+        done = sum(self._share_sizes[index] for index in order[: self.state["file"]])
+        if self.state["file"] < len(order) and self.state["offset"] is not None:
+            file_index = order[self.state["file"]]
+            file = self.files[file_index]
+            if isinstance(file, ParquetFile):
+                offset = self.state["offset"]
+                done += sum(min(max(offset - file.group_starts[group], 0), file.sizes[group])
+                            for group in range(self.reader, len(file.sizes), self.readers))
+            else:
+                start = share_of(file.path, self.reader, self.readers).start
+                done += max(0, self.state["offset"] - start)
+        return self.state["pass"] + (min(done / total, 1.0) if total else 0.0)
 
     def examples(self):
         """Endless (position, input_ids, labels)."""
@@ -264,7 +292,7 @@ class TokenStream(torch.utils.data.IterableDataset):
             _, _, ids, labels = buffer.pop(shuffler.randrange(len(buffer)))
             row = self._pack(pending, ids, labels)
             if row is not None:
-                yield {**row, "stream_pass": max(source.state["pass"] for source in sources)}
+                yield {**row, "stream_position": max(source.progress() for source in sources)}
 
     def _pack(self, pending: list, ids: list[int], labels: list[int]) -> dict[str, list[int]] | None:
         """A row of at most cutoff_len tokens when one is full; with packing, whole examples side by side.
