@@ -5,8 +5,8 @@
 
 Generates alpaca rows whose lengths are spread evenly from short to `--cutoff-len`, and sets up
 lmtune's engine on them twice from the same config but `packing`: off (each micro-batch padded to
-its longest row) and on (whole examples packed into rows of `cutoff_len`). Blocks of optimizer steps
-alternate between the two in one process; for each it prints trained (label, non-padding) tokens per
+its longest row) and on (whole examples packed into rows of `cutoff_len`). Optimizer steps alternate
+between the two, step by step, in one process; for each it prints trained (label, non-padding) tokens per
 second, the median over blocks, and the share of padding among the tokens the model computes on.
 The last line is the speed-up: `packing_speedup: X` (median of the pair ratios).
 """
@@ -52,14 +52,12 @@ def batch_stats(groups: list) -> dict[str, float]:
     return {"trained": trained, "real": real, "computed": computed, "rows": sum(len(g) for g in groups)}
 
 
-def timed_block(engine: EngineSteps, groups: list, device: str) -> float:
-    """Trained tokens per second over these steps."""
+def timed_step(engine: EngineSteps, group: list, device: str) -> float:
     sync(device)
     began = time.perf_counter()
-    for group in groups:
-        engine.step(group)
+    engine.step(group)
     sync(device)
-    return batch_stats(groups)["trained"] / (time.perf_counter() - began)
+    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -71,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=600, help="examples in the generated data set")
     parser.add_argument("--steps-per-block", type=int, default=5)
     parser.add_argument("--pairs", type=int)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_device_args(parser)
     args = parser.parse_args()
     for key, value in DEFAULTS[args.model].items():
@@ -78,6 +77,9 @@ def main() -> None:
             setattr(args, key, value)
     select_device(args.device)
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     block = args.steps_per_block
     with scratch_home() as tmp:
@@ -96,13 +98,19 @@ def main() -> None:
             groups[name] = engines[name].groups((args.pairs + 1) * block)
             stats[name] = batch_stats(groups[name])
         for name in engines:  # warm-up
-            timed_block(engines[name], groups[name][:block], args.device)
+            for group in groups[name][:block]:
+                timed_step(engines[name], group, args.device)
         speeds: dict[str, list[float]] = {name: [] for name in engines}
         ratios = []
         for pair in range(1, args.pairs + 1):
+            # Step by step, padded then packed: both see the same moments of a shared machine.
+            seconds = dict.fromkeys(engines, 0.0)
+            for index in range(pair * block, (pair + 1) * block):
+                for name in engines:
+                    seconds[name] += timed_step(engines[name], groups[name][index], args.device)
             for name in engines:
-                speeds[name].append(timed_block(engines[name], groups[name][pair * block:(pair + 1) * block],
-                                                args.device))
+                trained = batch_stats(groups[name][pair * block:(pair + 1) * block])["trained"]
+                speeds[name].append(trained / seconds[name])
             ratios.append(speeds["packed"][-1] / speeds["padded"][-1])
             print(f"pair {pair}/{args.pairs}: padded {speeds['padded'][-1]:.0f} tok/s, "
                   f"packed {speeds['packed'][-1]:.0f} tok/s, ratio {ratios[-1]:.3f}", flush=True)
@@ -115,7 +123,7 @@ def main() -> None:
         s = stats[name]
         tokens_per_s = median(speeds[name])
         line = (f"{name}: {tokens_per_s:.0f} trained tokens/s; padding {1 - s['real'] / s['computed']:.1%} of "
-                f"computed tokens; {s['real'] / s['rows']:.0f} real tokens per row")
+                f"computed tokens; {s['real'] / s['rows']:.0f} real tokens per micro-batch")
         if args.device == "cuda":
             # Useful work only: FLOPs of the non-padding tokens (padding is computed, but wasted).
             per_token = matmul_flops_per_token(engines[name].model, s["real"] / s["rows"])
