@@ -28,6 +28,10 @@ from pathlib import Path
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import model_dir  # noqa: E402
+
 WORDS = ("tide moon sea harbour light keeper storm wind rain ship rope sail north south gull wave rock "
          "salt fog bell chart compass anchor deck crew lamp beam night dawn shore cliff current").split()
 
@@ -57,20 +61,6 @@ def line_offsets(path: Path, wanted: list[int]) -> dict[int, int]:
                 found[number] = handle.tell()
             handle.readline()
     return found
-
-
-def tiny_model(folder: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lmtune.models import import_builtin, load_tokenizer
-
-    tokenizer = load_tokenizer(str(import_builtin()))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def lmtune(config: Path, *overrides: str) -> float:
@@ -164,7 +154,7 @@ def main() -> None:
     if not args.corpus.exists() or args.corpus.stat().st_size < args.gb * 0.95e9:
         generate_corpus(args.corpus, args.gb)
     work = Path(tempfile.mkdtemp(prefix="lmtune-stream-bench-"))
-    model = tiny_model(work / "tiny")
+    model = model_dir("tiny", work)
     buffer = 256
     config = {"model_name_or_path": str(model), "dataset": str(args.corpus), "stage": "pt", "streaming": True,
               "max_steps": args.steps, "save_steps": args.steps, "buffer_size": buffer, "cutoff_len": 128,
