@@ -139,3 +139,12 @@ def test_parquet_csv_and_a_folder_of_shards_stream(tmp_path, tokenizer):
     seen = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in rows_out]
     assert sorted(seen) == sorted(r["text"] for r in rows)  # every row once per pass, from both formats
     assert info.estimated_rows and info.estimated_rows >= 20
+
+
+def test_preview_of_a_stream_shows_its_first_rows_without_reading_it_all(stream_config, capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert run_lmtune("preview", stream_config(max_steps=None), "-n", "2") == 0
+    out = capsys.readouterr().out
+    assert out.count("── train row") == 2 and "of the stream" in out
+    assert "statistics of the whole data are not computed for a stream" in out
+    assert run_lmtune("preview", stream_config(), "--split", "eval") == 2

@@ -254,6 +254,9 @@ def run_preview(config: Any, n: int, split: str, as_json: bool) -> None:
     if n < 0:
         raise UserError(f"-n {n}: the number of examples to show must be 0 or more")
     tokenizer = load_tokenizer(resolve_model_path(config.model_name_or_path), config.trust_remote_code)
+    if config.streaming:
+        _preview_stream(config, tokenizer, n, split, as_json)
+        return
     data = prepare_data(config, tokenizer)
     result = preview_data(config, data, tokenizer, n, split)
     if as_json:
@@ -270,6 +273,38 @@ def run_preview(config: Any, n: int, split: str, as_json: bool) -> None:
     for line in stats_lines(result["stats"], fancy=color):
         _print(console, line, color)
     for warning in result["warnings"]:
+        _print(console, f"warning: {warning}", color)
+
+
+def _preview_stream(config: Any, tokenizer: Any, n: int, split: str, as_json: bool) -> None:
+    """A streamed data set: its first N training rows, in the order training reads them, without
+    processing the whole files (statistics of all the data would mean reading it all)."""
+    import itertools
+    import json
+
+    from rich.console import Console
+
+    from lmtune.data.streaming import open_stream
+
+    if split == "eval":
+        raise UserError("a streamed data set has no eval split (val_size is not used with streaming: true)")
+    stream, info = open_stream(config, tokenizer)
+    shown = [describe_row(row, index, tokenizer) for index, row in enumerate(itertools.islice(iter(stream), n))]
+    size = {"total_bytes": info.total_bytes, "estimated_rows": info.estimated_rows, "num_samples": info.num_samples}
+    if as_json:
+        print(json.dumps({"split": split, "streamed": True, "examples": shown, "size": size,
+                          "warnings": template_warnings(config, tokenizer)}, indent=1, ensure_ascii=False), flush=True)
+        return
+    color = use_color()
+    console = Console(highlight=False, soft_wrap=True, force_terminal=color, no_color=not color)
+    for described in shown:
+        _print(console, render_row(described, split, "the stream", color), color)
+    rows = f"{info.num_samples:,} rows (num_samples)" if info.num_samples else (
+        f"about {info.estimated_rows:,} rows (estimated from the first MB)" if info.estimated_rows else "rows unknown")
+    _print(console, f"streamed data: {info.total_bytes / 1e6:,.1f} MB, {rows}; these are the first rows training "
+                    "reads (after the shuffle buffer); statistics of the whole data are not computed for a stream",
+           color)
+    for warning in template_warnings(config, tokenizer):
         _print(console, f"warning: {warning}", color)
 
 

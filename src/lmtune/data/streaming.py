@@ -391,17 +391,25 @@ def _estimate_rows(specs: list[DatasetSpec]) -> int | None:
     return rows
 
 
-def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[TokenStream, StreamInfo]:
+def open_stream(
+    config: TrainConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
+) -> tuple[TokenStream, StreamInfo]:
+    """The stream and what is known of its size; format errors now, before anything is written."""
     specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
     for spec in specs:
         for path in spec.files:
-            open_file(path)  # format errors now, before anything is written
-    info = stream_info(specs)
+            open_file(path)
+    return TokenStream(specs, config, tokenizer, rank, world_size), stream_info(specs)
+
+
+def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[TokenStream, StreamInfo]:
+    """The stream of a training run: as open_stream, with the checks a run needs."""
+    stream, info = open_stream(config, tokenizer, rank, world_size)
     if config.max_steps is None:
         raise UserError(max_steps_message(config, info, world_size))
     if config.val_size:
         raise UserError("val_size: a streamed data set is not split; set val_size: 0 (evaluate with `lmtune eval`)")
-    return TokenStream(specs, config, tokenizer, rank, world_size), info
+    return stream, info
 
 
 def max_steps_message(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> str:
