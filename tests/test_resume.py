@@ -216,3 +216,19 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_config, tmp_path):
     assert run_lmtune("train", tiny_config(max_steps=2)) == 0
     after = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_one_writer_per_run_folder_and_the_web_ui_can_stop_a_terminal_run(tiny_config, tmp_path):
+    from lmtune.webui.runner import Runner
+
+    run = tmp_path / "run"
+    config = tiny_config(max_steps=40)
+    process = _lmtune_process(config, prelude=SLOW_TRAINING)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "train.pid").exists())
+    assert run_lmtune("train", config) == 2  # a second writer is refused while the first runs
+    message = Runner(tmp_path).stop(run)
+    assert f"pid {process.pid}" in message
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert not (run / "train.pid").exists()
+    assert "signal" in read_jsonl_index(run)[-1]["reasons"]

@@ -56,6 +56,7 @@ from lmtune.resume import (
     set_learning_rate_from,
     truncate_metrics,
 )
+from lmtune.runlock import RunLock
 from lmtune.schedule import Plan, make_plan
 
 log = logging.getLogger("lmtune")
@@ -241,6 +242,13 @@ class TrainingLoop:
     # --- the run ----------------------------------------------------------------------------------
 
     def run(self) -> Path:
+        """The run, with `train.pid` in its folder while the main process writes there."""
+        if not self.accelerator.is_main_process:
+            return self._run()
+        with RunLock(self.s.output_dir):
+            return self._run()
+
+    def _run(self) -> Path:
         config, plan = self.config, self.s.plan
         if self.s.resume is not None and self.state.step >= self.state.total_steps:
             log.info("the run is already complete at step %d; nothing to do (raise max_steps or num_train_epochs "

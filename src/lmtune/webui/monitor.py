@@ -19,6 +19,7 @@ import yaml
 
 from lmtune.callbacks import format_duration
 from lmtune.checkpoint import CheckpointIndex
+from lmtune.runlock import running_pid
 
 LOG_NAME = "train.log"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -133,6 +134,9 @@ def _status_from_files(view: RunView) -> str:
     index = CheckpointIndex.load(view.run_dir) if view.run_dir.is_dir() else None
     if index and any("final" in e.get("reasons", []) and e.get("status") == "kept" for e in index.entries):
         return "finished"
+    pid = running_pid(view.run_dir)
+    if pid is not None:
+        return f"running (pid {pid}, started elsewhere; Stop sends it SIGINT)"
     path = view.run_dir / "metrics.jsonl"
     if path.is_file() and time.time() - path.stat().st_mtime < 30:
         return "running (started elsewhere)"

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from lmtune.errors import UserError
+from lmtune.runlock import running_pid
 from lmtune.webui.monitor import LOG_NAME
 
 
@@ -49,7 +50,11 @@ class Runner:
         """SIGINT, as Ctrl-C in a terminal: the run finishes its step, writes a checkpoint and exits 130."""
         process = self._runs.get(Path(run_dir).resolve())
         if process is None or process.poll() is not None:
-            return "no run started from this page is running in this folder"
+            pid = running_pid(run_dir)  # a run started elsewhere, e.g. in a terminal
+            if pid is None:
+                return "no run is writing to this folder"
+            os.kill(pid, signal.SIGINT)
+            return f"stop requested (SIGINT to pid {pid}): the run writes a resumable checkpoint and exits"
         process.send_signal(signal.SIGINT)
         return f"stop requested (SIGINT to pid {process.pid}): the run writes a resumable checkpoint and exits"
 
