@@ -58,7 +58,6 @@ class Collator:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
-        samples = 0
         for index, row in enumerate(rows):
             length = len(row["input_ids"])
             input_ids[index, :length] = torch.tensor(row["input_ids"])
@@ -66,7 +65,7 @@ class Collator:
             positions[index, :length] = torch.tensor(row["position_ids"])
             positions[index, length:] = torch.arange(width - length)
             attention[index, :length] = 1
-            samples += sum(1 for p in row["position_ids"] if p == 0)
+        samples = int(((positions == 0) & (attention == 1)).sum())  # an example starts at position 0
         counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()),
                         max(row.get("stream_position", 0.0) for row in rows))
         if self.packed:
