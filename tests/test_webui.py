@@ -437,3 +437,38 @@ def test_auth_asks_for_a_login(workdir, browser, tmp_path):
     finally:
         page.close()
         stop_server(server)
+
+
+def test_an_existing_yaml_loads_into_the_form_and_writes_back_the_same(workdir):
+    form = tiny_form(save_epochs="0.25", save_total_limit="3", learning_rate=0.002, packing="on",
+                     metric_for_best_model="eval_loss", val_size=0.25, resume_lr="config", lora_target="q_proj,v_proj")
+    written = F.form_to_values(workdir, form)
+    (workdir / "mine.yaml").write_text(F.values_to_yaml(written) + "callbacks: []\n")
+    loaded, left_out = F.yaml_to_form(workdir, Path("mine.yaml"))
+    assert left_out == ["callbacks"]
+    assert F.form_to_values(workdir, loaded) == written
+    with pytest.raises(UserError):
+        F.yaml_to_form(workdir, Path("../outside.yaml"))
+
+
+@needs_chromium
+def test_load_yaml_fills_the_form_in_the_browser(workdir, browser, tmp_path):
+    written = F.form_to_values(workdir, tiny_form(save_epochs="0.25", save_total_limit="3", learning_rate=0.002))
+    (workdir / "mine.yaml").write_text(F.values_to_yaml(written))
+    server, url = start_server(workdir)
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    ui = Page(page, tmp_path / "webui-shots")
+    try:
+        page.goto(url)
+        ui.fill("config-path", "mine.yaml")
+        page.locator("#load-yaml").click()
+        ui.wait_text("train-status", "loaded mine.yaml")
+        ui.wait_for(lambda: page.locator("#learning-rate input").first.input_value() == "0.002", "learning rate 0.002")
+        assert page.locator("#save-epochs textarea, #save-epochs input").first.input_value() == "0.25"
+        assert page.locator("#save-total-limit textarea, #save-total-limit input").first.input_value() == "3"
+        ui.wait_text("plan", "save_total_limit 3")
+        ui.shot("loaded-yaml")
+    finally:
+        page.close()
+        server.terminate()
+        server.wait(timeout=30)

@@ -264,6 +264,13 @@ def _number(key: str, value: Any, **kwargs: Any) -> gr.Number | gr.Textbox:
     return gr.Number(value=value, label=key, info=info, **kwargs)
 
 
+def _shown(key: str, value: Any) -> Any:
+    """A config value as its form field shows it: optional numbers sit in text boxes."""
+    if key in F.NUMBER_KEYS and TrainConfig.model_fields[key].default is None:
+        return "" if value is None else str(value)
+    return value
+
+
 def _help(key: str) -> str:
     return TrainConfig.model_fields[key].description or ""
 
@@ -398,6 +405,7 @@ def build(root: Path) -> gr.Blocks:
                         config_path = gr.Textbox("run.yaml", label="config file (in the working folder)",
                                                  elem_id="config-path")
                         with gr.Row():
+                            load_button_yaml = gr.Button("Load YAML", elem_id="load-yaml")
                             save_button = gr.Button("Save YAML", elem_id="save-yaml")
                             start_button = gr.Button("Start", variant="primary", elem_id="start")
                             stop_button = gr.Button("Stop", variant="stop", elem_id="stop-train")
@@ -510,6 +518,18 @@ def build(root: Path) -> gr.Blocks:
             return status, gr.update(choices=runs, value=config.output_dir), gr.Tabs(selected="monitor")
 
         save_button.click(save, [config_path, *inputs], train_status)
+
+        def load_yaml(path_text: str):
+            try:
+                form, left_out = F.yaml_to_form(root, Path(path_text.strip() or "run.yaml"))
+            except UserError as error:
+                return [gr.update() for _ in inputs] + [f"**error**: {error}"]
+            updates = [gr.update(value=_shown(key, form[key])) for key in F.FORM_KEYS]
+            note = f"loaded `{path_text}`" + (
+                f"; not shown in the form and not kept when saved from it: {', '.join(left_out)}" if left_out else "")
+            return updates + [note]
+
+        load_button_yaml.click(load_yaml, config_path, [*inputs, train_status])
         start_button.click(start, [config_path, *inputs], [train_status, run_choice, tabs])
 
         def stop_form_run(output_dir: str) -> str:

@@ -195,6 +195,27 @@ def form_to_config(root: Path, form: dict[str, Any]) -> tuple[dict[str, Any], Tr
     return values, build_config(values, "web form")
 
 
+def yaml_to_form(root: Path, path: Path) -> tuple[dict[str, Any], list[str]]:
+    """An existing config file (inside the working folder) as form values, and the keys of it that the
+    form does not show (they are not kept: the form writes only what it shows)."""
+    from lmtune.config import read_yaml
+
+    values = read_yaml(inside(root, path, "config file"))
+    config = build_config(values, str(path))
+    form = default_form()
+    for key in FORM_KEYS:
+        if key in values:
+            form[key] = getattr(config, key)
+    form["dataset"] = config.datasets
+    form["packing"] = next(name for name, value in PACKING_CHOICES.items() if value == config.packing)
+    form["metric_for_best_model"] = config.metric_for_best_model or ""
+    if "lora_target" in values and isinstance(config.lora_target, list):
+        form["lora_target"] = ",".join(config.lora_target)
+    resume = config.resume_from_checkpoint
+    form["resume_from_checkpoint"] = RESUME_FRESH if resume is False else resume
+    return form, sorted(set(values) - set(FORM_KEYS))
+
+
 def values_to_yaml(values: dict[str, Any]) -> str:
     header = "# lmtune config written by the web UI; run it from the working folder with: lmtune train FILE\n"
     return header + yaml.safe_dump(values, sort_keys=False)
