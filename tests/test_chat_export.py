@@ -107,9 +107,25 @@ def test_export_refuses_bad_input(lora_run, tmp_path, capsys):
     assert run_lmtune("export", lora_run, "--out", tmp_path / "x", "--dtype", "int4") == 2
     assert "bf16" in capsys.readouterr().err
 
-    assert run_lmtune("export", lora_run, "--out", tmp_path / "g", "--gguf") == 2
-    assert "convert_hf_to_gguf.py" in capsys.readouterr().err
-    assert not (tmp_path / "g").exists()
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("fp32", 1e-5), ("fp16", 5e-2), ("bf16", 5e-2)])
+def test_export_gguf_reads_back_with_the_same_tokens_and_logits(lora_run, tokenizer, tmp_path, dtype, tolerance):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    out = tmp_path / f"gguf-{dtype}"
+    assert run_lmtune("export", lora_run, "--out", out, "--gguf", "--dtype", dtype) == 0
+    alone = tmp_path / f"only-gguf-{dtype}"  # the file on its own, as llama.cpp users take it
+    alone.mkdir()
+    (alone / "model.gguf").write_bytes((out / "model.gguf").read_bytes())
+    back = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model.gguf",
+                                                quantization_config=GgufConfig(dequantize=True)).eval()
+    back_tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf")
+    text = "What is 3 plus 4? <|im_start|>assistant"
+    assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert back_tokenizer.chat_template == AutoTokenizer.from_pretrained(out).chat_template
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # the merged HF folder
+    torch.testing.assert_close(_logits(back.float(), tokenizer), _logits(exported, tokenizer), atol=tolerance,
+                               rtol=tolerance)
 
 
 # --- chat -------------------------------------------------------------------------------------

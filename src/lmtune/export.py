@@ -20,15 +20,6 @@ log = logging.getLogger("lmtune")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-GGUF_UNSUPPORTED = (
-    "--gguf: not written. The gguf package ({version}) holds the GGUF file writer and the tensor name tables, "
-    "but the Hugging Face -> GGUF conversion itself (vocabulary export, per-architecture tensor layout, "
-    "metadata) lives only in llama.cpp's convert_hf_to_gguf.py, and transformers can read GGUF but not write "
-    "it. Export without --gguf, then run: python convert_hf_to_gguf.py {out} --outtype {outtype} "
-    "(from a llama.cpp checkout)"
-)
-
-
 def export_model(target: str, out: Path, dtype: str = "auto", max_shard_size: str = "5GB",
                  gguf: bool = False) -> Path:
     """Merge, cast and write; the folder appears under its name only when complete."""
@@ -37,8 +28,6 @@ def export_model(target: str, out: Path, dtype: str = "auto", max_shard_size: st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} is not empty; choose a new folder (nothing was written)")
     resolved = resolve_target(target)
-    if gguf:
-        _refuse_gguf(out, dtype)
     model, tokenizer = load_model_for_inference(resolved, device="cpu")
     if resolved.is_adapter:
         model = model.merge_and_unload()
@@ -59,6 +48,11 @@ def export_model(target: str, out: Path, dtype: str = "auto", max_shard_size: st
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(partial))
+    if gguf:
+        from lmtune.gguf_export import write_gguf
+
+        gguf_dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[chosen]
+        write_gguf(model, tokenizer, partial / "model.gguf", gguf_dtype)
     _readable_by_others(partial)
     if out.exists():
         out.rmdir()  # empty, checked above
@@ -99,14 +93,3 @@ def _align_generation_config(model: Any, tokenizer: Any) -> None:
         config.eos_token_id = tokenizer.eos_token_id
     if config.pad_token_id is None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
-
-
-def _refuse_gguf(out: Path, dtype: str) -> None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        gguf_version = f"gguf {version('gguf')}"
-    except PackageNotFoundError:
-        gguf_version = "not installed"
-    outtype = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}.get(dtype, "auto")
-    raise UserError(GGUF_UNSUPPORTED.format(version=gguf_version, out=out, outtype=outtype))
