@@ -4,6 +4,7 @@ learning rate, chat. Screenshots go to the test's tmp folder (webui-shots/)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -223,6 +224,24 @@ def stop_server(server: subprocess.Popen) -> None:
         server.kill()
 
 
+@contextlib.contextmanager
+def opened_ui(workdir: Path, browser, shots: Path, *server_args: str, **page_args):
+    """The web UI served from `workdir`, a browser page on it (a screenshot if the test fails); both closed
+    at the end."""
+    server, url = start_server(workdir, *server_args)
+    page = browser.new_page(**page_args)
+    ui = Page(page, shots)
+    try:
+        page.goto(url)
+        yield ui
+    except BaseException:
+        ui.shot("failed")
+        raise
+    finally:
+        page.close()
+        stop_server(server)
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -303,11 +322,8 @@ def checkpoint_rows(ui: Page) -> list[list[str]]:
 
 @needs_chromium
 def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, browser, tmp_path):
-    server, url = start_server(workdir)
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    ui = Page(page, tmp_path / "webui-shots")
-    try:
-        page.goto(url)
+    with opened_ui(workdir, browser, tmp_path / "webui-shots", viewport={"width": 1440, "height": 1000}) as ui:
+        page = ui.page
         ui.wait_text("plan", "pick at least one data set")
 
         # -- the form: the tiny model, the sums data, a dense save schedule with rotation
@@ -407,20 +423,12 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         bot = page.locator("#chatbot .bot")
         ui.wait_for(lambda: bot.count() >= 1 and bot.last.inner_text().strip(), "an answer from the model")
         ui.shot("6-chat")
-    except BaseException:
-        ui.shot("failed")
-        raise
-    finally:
-        page.close()
-        stop_server(server)
 
 
 @needs_chromium
 def test_auth_asks_for_a_login(workdir, browser, tmp_path):
-    server, url = start_server(workdir, "--auth", "alice:s3cret")
-    page = browser.new_page()
-    try:
-        page.goto(url)
+    with opened_ui(workdir, browser, tmp_path / "webui-shots", "--auth", "alice:s3cret") as ui:
+        page = ui.page
         page.get_by_label("username").fill("alice")
         page.get_by_label("password").fill("wrong")
         page.get_by_role("button", name="Login").click()
@@ -430,13 +438,7 @@ def test_auth_asks_for_a_login(workdir, browser, tmp_path):
         page.get_by_label("password").fill("s3cret")
         page.get_by_role("button", name="Login").click()
         page.locator("#plan").wait_for(timeout=30_000)
-        Page(page, tmp_path / "webui-shots").shot("login")
-    except BaseException:
-        Page(page, tmp_path / "webui-shots").shot("login-failed")
-        raise
-    finally:
-        page.close()
-        stop_server(server)
+        ui.shot("login")
 
 
 def test_an_existing_yaml_loads_into_the_form_and_writes_back_the_same(workdir):
@@ -455,11 +457,8 @@ def test_an_existing_yaml_loads_into_the_form_and_writes_back_the_same(workdir):
 def test_load_yaml_fills_the_form_in_the_browser(workdir, browser, tmp_path):
     written = F.form_to_values(workdir, tiny_form(save_epochs="0.25", save_total_limit="3", learning_rate=0.002))
     (workdir / "mine.yaml").write_text(F.values_to_yaml(written))
-    server, url = start_server(workdir)
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    ui = Page(page, tmp_path / "webui-shots")
-    try:
-        page.goto(url)
+    with opened_ui(workdir, browser, tmp_path / "webui-shots", viewport={"width": 1440, "height": 1000}) as ui:
+        page = ui.page
         ui.fill("config-path", "mine.yaml")
         page.locator("#load-yaml").click()
         ui.wait_text("train-status", "loaded mine.yaml")
@@ -468,7 +467,3 @@ def test_load_yaml_fills_the_form_in_the_browser(workdir, browser, tmp_path):
         assert page.locator("#save-total-limit textarea, #save-total-limit input").first.input_value() == "3"
         ui.wait_text("plan", "save_total_limit 3")
         ui.shot("loaded-yaml")
-    finally:
-        page.close()
-        server.terminate()
-        server.wait(timeout=30)
