@@ -39,7 +39,7 @@ from lmtune.callbacks import (
     TerminalLog,
     load_user_callbacks,
 )
-from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot
+from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot, cpu_copy
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
 from lmtune.data.streaming import prepare_stream
@@ -498,7 +498,7 @@ class TrainingLoop:
 
     def _snapshot(self, reasons: list[str], rng: list[dict[str, Any]]) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
-        weights, weights_name = _weights_copy(model, copy=False)
+        weights, weights_name = _checkpoint_tensors(model)
         keep_optimizer = not self.config.save_only_model
         per_epoch = state.steps_per_epoch
         train_state = {
@@ -519,7 +519,7 @@ class TrainingLoop:
             step=state.step, weights=weights, weights_name=weights_name,
             write_model_files=lambda folder: _write_model_files(model, tokenizer, folder),
             optimizer=self.s.optimizer.state_dict() if keep_optimizer else None,
-            scheduler=_cpu_copy(self.s.scheduler.state_dict()) if keep_optimizer else None,
+            scheduler=cpu_copy(self.s.scheduler.state_dict()) if keep_optimizer else None,
             rng=rng, train_state=train_state, entry=entry,
         )
 
@@ -622,22 +622,19 @@ def _maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, skip: bool)
     return accelerator.no_sync(model)
 
 
-def _weights_copy(model: torch.nn.Module, copy: bool = True) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors a checkpoint holds: CPU copies, or with copy=False the live tensors themselves."""
+def _checkpoint_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """The live tensors a checkpoint holds (the writer thread copies them), and the file they go to."""
     from peft import PeftModel, get_peft_model_state_dict
-
-    def take(value: torch.Tensor) -> torch.Tensor:
-        return value.detach().to("cpu", copy=True).contiguous() if copy else value.detach()
 
     if isinstance(model, PeftModel):
         state = get_peft_model_state_dict(model)
-        return {k: take(v) for k, v in state.items()}, "adapter_model.safetensors"
+        return {k: v.detach() for k, v in state.items()}, "adapter_model.safetensors"
     state, seen = {}, set()
     for key, value in model.state_dict().items():
         if value.data_ptr() in seen:  # tied weights are written once
             continue
         seen.add(value.data_ptr())
-        state[key] = take(value)
+        state[key] = value.detach()
     return state, "model.safetensors"
 
 
@@ -651,16 +648,6 @@ def _write_model_files(model: torch.nn.Module, tokenizer: Any, folder: Path) -> 
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-
-
-def _cpu_copy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_cpu_copy(v) for v in value)
-    return value
 
 
 def _round(value: float | None) -> float | None:
