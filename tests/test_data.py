@@ -292,3 +292,21 @@ def test_processed_data_is_reused_and_rebuilt_when_the_file_or_cutoff_len_change
     changed = prepare_data(config, tokenizer)
     assert not changed.from_cache and changed.cache_dir != first.cache_dir
     assert len(changed.train) == 12
+
+
+def test_pretraining_text_gets_the_tokenizers_own_bos_and_one_eos(tokenizer):
+    from lmtune.config import build_config
+    from lmtune.data.processing import _encode_standard
+
+    class AddsBos:  # a Llama-style tokenizer: BOS in front when special tokens are asked for
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([1] if add_special_tokens else []) + [10 + len(w) for w in text.split()]}
+
+    config = build_config({"stage": "pt", "cutoff_len": 64})
+    (ids, _), = _encode_standard({"text": "the tide rises"}, AddsBos(), None, config)
+    assert ids == [1, 13, 14, 15, 2]
+    (ids, _), = _encode_standard({"text": "the tide rises"}, tokenizer, None, config)
+    assert ids[0] != tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id  # SmolLM2 adds no BOS
+    assert ids[:-1] == tokenizer("the tide rises", add_special_tokens=False)["input_ids"]

@@ -186,24 +186,15 @@ def _encode_standard(standard: dict, tokenizer: Any, template: str | None, confi
     if "messages" in standard:
         yield encode_conversation(tokenizer, template, standard["messages"])
         return
-    ids = tokenizer(standard["text"], add_special_tokens=False)["input_ids"]
-    if _adds_bos(tokenizer):
-        ids = [tokenizer.bos_token_id] + ids
-    ids = ids + [tokenizer.eos_token_id]
+    # The tokenizer's own special tokens (BOS for Llama; none for GPT-2 or SmolLM2, whose bos_token is the
+    # chat marker <|im_start|>, which has no place in raw text), then EOS to end the document.
+    ids = tokenizer(standard["text"], add_special_tokens=True)["input_ids"]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]
     for start in range(0, len(ids), config.cutoff_len):
         chunk = ids[start : start + config.cutoff_len]
         if len(chunk) > 1:
             yield chunk, list(chunk)
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer starts a text with its BOS token itself (Llama does; GPT-2 and SmolLM2 do not,
-    and SmolLM2's bos_token is the chat marker <|im_start|>, which has no place in raw text)."""
-    bos = tokenizer.bos_token_id
-    if bos is None or bos == tokenizer.eos_token_id:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
 
 
 def _mix(parts: list[datasets.Dataset], config: TrainConfig) -> datasets.Dataset:
