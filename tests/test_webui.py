@@ -354,8 +354,8 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         assert "2000 checkpoints will be written, save_total_limit 2 keeps the last 2" in plan
         assert "1998 will be deleted" in plan
         assert "kept after rotation: 5997, 6000" in plan
-        yaml_text = ui.wait_text("yaml", "save_epochs: 0.5")
-        assert "save_total_limit: 2" in yaml_text and "output_dir: runs/sums" in yaml_text
+        # the YAML follows the last edit (output_dir) once its refresh lands; wait for it, not for the first one
+        ui.wait_text("yaml", "save_epochs: 0.5", "save_total_limit: 2", "output_dir: runs/sums")
         ui.shot("1-form-and-plan")
 
         # the data preview: processed examples with the masked prompt and the trained answer
