@@ -75,26 +75,12 @@ def scratch_home():
 
 def model_dir(name: str, folder: Path) -> Path:
     """`smollm2`: the built-in SmolLM2-135M (converted once, cached); `tiny`: the random Llama of the tests."""
-    from lmtune.models import import_builtin, load_tokenizer
+    from lmtune.models import import_builtin, load_tokenizer, save_tiny_llama
 
     smollm2 = import_builtin()
     if name == "smollm2":
         return smollm2
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = load_tokenizer(str(smollm2))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    out = folder / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(load_tokenizer(str(smollm2)), folder / "tiny-llama")
 
 
 def write_sft_data(path: Path, rows: int, min_words: int, max_words: int, seed: int = 0) -> Path:

@@ -48,21 +48,9 @@ def tokenizer(smollm2_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer) -> Path:
     """A random Llama with the SmolLM2 tokenizer: small enough to train in a second."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lmtune.models import save_tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
 ALPACA_ROWS = [
