@@ -299,6 +299,7 @@ def raise_unknown_epoch(key: str) -> None:
     from lmtune.errors import UserError
 
     raise UserError(
-        f"{key} needs the size of an epoch, which a stream (streaming: true) without a known size does not have; "
+        f"{key} needs the size of an epoch in optimizer steps, which a stream (streaming: true) does not have "
+        "(a num_samples hint in dataset_info.json only estimates the epoch shown in progress); "
         "use save_steps / eval_steps / until_step or save_minutes instead, or set streaming: false"
     )
