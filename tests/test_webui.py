@@ -462,8 +462,11 @@ def test_load_yaml_fills_the_form_in_the_browser(workdir, browser, tmp_path):
         ui.fill("config-path", "mine.yaml")
         page.locator("#load-yaml").click()
         ui.wait_text("train-status", "loaded mine.yaml")
-        ui.wait_for(lambda: page.locator("#learning-rate input").first.input_value() == "0.002", "learning rate 0.002")
-        assert page.locator("#save-epochs textarea, #save-epochs input").first.input_value() == "0.25"
-        assert page.locator("#save-total-limit textarea, #save-total-limit input").first.input_value() == "3"
+
+        def field(elem_id: str) -> str:
+            return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+        ui.wait_for(lambda: (field("learning-rate"), field("save-epochs"), field("save-total-limit")) == (
+            "0.002", "0.25", "3"), "learning rate 0.002, save_epochs 0.25 and save_total_limit 3 in the form")
         ui.wait_text("plan", "save_total_limit 3")
         ui.shot("loaded-yaml")
