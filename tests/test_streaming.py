@@ -106,6 +106,29 @@ def test_interleaved_streams_mix_both_data_sets(stream_config, tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("strategy, passes_after_small_wraps", [("interleave_under", 1), ("interleave_over", 0)])
+def test_a_pass_over_a_mix_ends_with_the_first_data_set_under_and_with_the_last_over(
+        tmp_path, tokenizer, strategy, passes_after_small_wraps):
+    from lmtune.config import build_config
+    from lmtune.data.streaming import prepare_stream
+
+    small = write_jsonl(tmp_path / "data" / "small.jsonl", texts(4, tag="small"))
+    big = write_jsonl(tmp_path / "data" / "big.jsonl", texts(40, tag="big"))
+    config = build_config(dict(dataset=f"{small},{big}", stage="pt", streaming=True, max_steps=1, buffer_size=1,
+                               packing=False, cutoff_len=64, mix_strategy=strategy, interleave_probs="0.5,0.5"))
+    stream, _ = prepare_stream(config, tokenizer, 0, 1)
+    rows = list(itertools.islice(iter(stream), 30))
+    decoded = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in rows]
+    small_wrapped = [i for i, text in enumerate(decoded) if text.startswith("small")][4]  # the 5th small row
+    assert int(rows[small_wrapped]["stream_position"]) == passes_after_small_wraps
+    assert sum(text.startswith("big") for text in decoded) < 40  # the big set has not ended within these rows
+    positions = [row["stream_position"] for row in rows]
+    if strategy == "interleave_over":
+        assert max(positions) < 1  # still the first pass of the mix: the big set is not through
+    else:
+        assert positions[-1] >= 2  # each time the small set ends, a pass of the mix ends
+
+
 def test_a_stream_with_nothing_to_train_on_is_a_clear_error(stream_config, tmp_path, alpaca_file, capsys):
     rows = json.loads(alpaca_file.read_text())
     sums = write_jsonl(tmp_path / "data" / "sums.jsonl", rows)

@@ -244,6 +244,8 @@ class TokenStream(torch.utils.data.IterableDataset):
         self.template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
         self.interleave = len(specs) > 1 and config.mix_strategy != "concat"
         self.probabilities = _probabilities(config, len(specs)) if self.interleave else [1.0]
+        # a pass over the mix ends when the first data set ends (under) or when all of them have (over)
+        self._mix_position = min if config.mix_strategy == "interleave_over" else max
         self._live: tuple | None = None
         self._loaded: dict[str, Any] | None = None
 
@@ -292,7 +294,7 @@ class TokenStream(torch.utils.data.IterableDataset):
             _, _, ids, labels = buffer.pop(shuffler.randrange(len(buffer)))
             row = self._pack(pending, ids, labels)
             if row is not None:
-                yield {**row, "stream_position": max(source.progress() for source in sources)}
+                yield {**row, "stream_position": self._mix_position(source.progress() for source in sources)}
 
     def _pack(self, pending: list, ids: list[int], labels: list[int]) -> dict[str, list[int]] | None:
         """A row of at most cutoff_len tokens when one is full; with packing, whole examples side by side.
