@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,41 @@ def tiny_config(tmp_path, tiny_model_dir, alpaca_file):
         )
         values.update(overrides)
         return write_config(tmp_path, **values)
+
+    return make
+
+
+class SteppedClock:
+    """The engine's `time`, with minutes added on purpose: time-based rules are tested without waiting."""
+
+    def __init__(self):
+        self.added_s = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.added_s
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def minutes_pass_after(tmp_path, monkeypatch):
+    """`minutes_pass_after(steps, minutes)`: a `callbacks` entry that moves the engine's clock on by
+    `minutes` at the end of each of `steps`, as if those steps had been that slow."""
+    import lmtune.engine
+
+    monkeypatch.setattr(lmtune.engine, "time", SteppedClock())
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(steps: tuple[int, ...], minutes: float) -> list[str]:
+        (tmp_path / "slow_steps.py").write_text(
+            "import lmtune.engine\n"
+            "class SlowSteps:\n"
+            "    def on_step_end(self, state, metrics):\n"
+            f"        if state.step in {tuple(steps)!r}:\n"
+            f"            lmtune.engine.time.added_s += {minutes * 60!r}\n"
+        )
+        return ["slow_steps:SlowSteps"]
 
     return make
 

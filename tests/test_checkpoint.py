@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_lmtune
+from conftest import read_jsonl, run_lmtune
 from safetensors.torch import load_file
 
 import lmtune.checkpoint as checkpoint
@@ -275,3 +275,15 @@ def test_a_checkpoint_holds_the_state_of_its_own_step(tiny_config, tmp_path):
     moments = torch.load(tmp_path / "run" / "checkpoint-2" / "optimizer.pt", weights_only=False)["state"]
     short_moments = torch.load(tmp_path / "short" / "checkpoint-2" / "optimizer.pt", weights_only=False)["state"]
     assert all(torch.equal(moments[i]["exp_avg"], short_moments[i]["exp_avg"]) for i in moments)
+
+
+def test_save_minutes_and_eval_minutes_follow_the_clock(tiny_config, tmp_path, minutes_pass_after):
+    callbacks = minutes_pass_after(steps=(3, 6), minutes=1.5)
+    config = tiny_config(max_steps=8, save_minutes=1, eval_minutes=1, val_size=0.25, callbacks=callbacks)
+    assert run_lmtune("train", config) == 0
+    run = tmp_path / "run"
+    saved = written(read_index(run))
+    assert {step: entry["reasons"] for step, entry in saved.items() if step != 8} == {3: ["minutes"],
+                                                                                      6: ["minutes"]}
+    evals = [row["step"] for row in read_jsonl(run / "metrics.jsonl") if row["type"] == "eval"]
+    assert evals[:2] == [3, 6] and set(evals) <= {3, 6, 8}
