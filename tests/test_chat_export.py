@@ -222,6 +222,17 @@ def test_eval_matches_training_eval_and_compares_checkpoints(lora_run, tmp_path,
     assert reports[3]["loss"] != pytest.approx(reports[6]["loss"], rel=1e-4)
 
 
+def test_eval_of_packed_rows_equals_the_runs_own_eval(tiny_config, tmp_path, capsys):
+    # packed rows hold several examples: each must be scored alone, as in training
+    assert run_lmtune("train", tiny_config(val_size=6, eval_steps=3, save_steps=3, max_steps=3, packing=True)) == 0
+    run = tmp_path / "run"
+    logged = {r["step"]: r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"}
+    capsys.readouterr()
+    report = _eval(capsys, run, "--checkpoint", run / "checkpoint-3")
+    assert report["data"]["packing"] is True
+    assert report["loss"] == pytest.approx(logged[3], rel=1e-6)
+
+
 def test_eval_on_a_given_data_set(lora_run, tmp_path, capsys):
     few = tmp_path / "few.json"
     few.write_text(json.dumps(ALPACA_ROWS[:5]))

@@ -100,7 +100,8 @@ def _loss_sum(model: Any, rows: Any, pad_token_id: int, config: TrainConfig) -> 
         for indices in batches:
             batch, counts = collator([rows[i] for i in indices])
             batch = {key: value.to(model.device) for key, value in batch.items()}
-            loss_sum += float(model(**batch, num_items_in_batch=1).loss.double())  # a sum over tokens
+            # use_cache=False as in training: with a cache, packed examples would attend to each other
+            loss_sum += float(model(**batch, num_items_in_batch=1, use_cache=False).loss.double())  # a token sum
             tokens += counts.trained_tokens
             examples += counts.samples
     return loss_sum, tokens, examples
