@@ -78,8 +78,9 @@ def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
         (4, {"packing": False, "max_steps": 40}),  # resumes after the stream wrapped
         (3, {"dataloader_num_workers": 2}),
         (2, {"stage": "sft", "packing": True, "gradient_accumulation_steps": 2, "cutoff_len": 128}),
+        (3, {"val_size": 5, "eval_steps": 2, "packing": False, "max_steps": 40}),  # held-out rows, wrapped
     ],
-    ids=["packed-pt", "after-wrap", "loader-workers", "sft-packed"],
+    ids=["packed-pt", "after-wrap", "loader-workers", "sft-packed", "held-out-eval"],
 )
 def test_streamed_resume_continues_exactly(stream_config, tmp_path, alpaca_file, from_step, settings):
     if settings.get("stage") == "sft":
@@ -95,6 +96,66 @@ def test_streamed_resume_continues_exactly(stream_config, tmp_path, alpaca_file,
     expected = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl") if r["type"] == "train"}
     assert (first["samples_seen"], first["tokens_seen"]) == (expected[first["step"]]["samples_seen"],
                                                               expected[first["step"]]["tokens_seen"])
+
+
+def test_a_stream_holds_out_its_first_rows_for_evaluation_and_never_trains_on_them(tmp_path, tokenizer):
+    from lmtune.config import build_config
+    from lmtune.data.streaming import prepare_stream
+
+    corpus = write_jsonl(tmp_path / "data" / "corpus.jsonl", texts(20))
+    config = build_config(dict(dataset=str(corpus), stage="pt", streaming=True, max_steps=1, buffer_size=1,
+                               packing=False, cutoff_len=64, val_size=3))
+    stream, info = prepare_stream(config, tokenizer, 0, 1)
+    held_out = [tokenizer.decode(ids, skip_special_tokens=True).split(":")[0] for ids, _ in info.held_out]
+    assert held_out == ["doc 0", "doc 1", "doc 2"]
+    trained = [tokenizer.decode(row["input_ids"], skip_special_tokens=True).split(":")[0]
+               for row in itertools.islice(iter(stream), 17 * 3)]  # three passes over the other rows
+    assert sorted(set(trained)) == sorted(f"doc {i}" for i in range(3, 20))
+    assert all(trained.count(doc) == 3 for doc in set(trained))
+    shares = []  # two processes: each trains on its own part of what is not held out
+    for rank in (0, 1):
+        stream, _ = prepare_stream(config, tokenizer, rank, 2)
+        shares.append({tokenizer.decode(row["input_ids"], skip_special_tokens=True).split(":")[0]
+                       for row in itertools.islice(iter(stream), 40)})
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(trained)
+
+
+def test_a_streamed_run_evaluates_on_steps_and_on_minutes(stream_config, tmp_path, minutes_pass_after):
+    callbacks = minutes_pass_after(steps=(3,), minutes=2)
+    config = stream_config(val_size=6, eval_steps=4, eval_minutes=1, save_minutes=1, max_steps=6,
+                           callbacks=callbacks)
+    assert run_lmtune("train", config) == 0
+    run = tmp_path / "run"
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"]
+    assert [r["step"] for r in evals][:2] == [3, 4] and all(r["eval_loss"] > 0 for r in evals)
+    index = json.loads((run / "checkpoints.json").read_text())
+    assert [(e["step"], e["reasons"]) for e in index["checkpoints"]][0] == (3, ["minutes"])
+
+
+def test_lmtune_eval_of_a_streamed_run_measures_the_rows_it_held_out(stream_config, tmp_path, capsys):
+    assert run_lmtune("train", stream_config(val_size=6, eval_steps=3, save_steps=3, max_steps=6)) == 0
+    run = tmp_path / "run"
+    logged = {r["step"]: r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"}
+    capsys.readouterr()
+    assert run_lmtune("eval", run, "--checkpoint", run / "checkpoint-3") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 6 and "first 6 rows" in report["data"]["split"]
+    assert report["loss"] == pytest.approx(logged[3], rel=1e-4)
+
+
+def test_preview_of_a_streams_eval_split_shows_the_held_out_rows(stream_config, capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert run_lmtune("preview", stream_config(val_size=2, packing=False), "--split", "eval", "-n", "5") == 0
+    out = capsys.readouterr().out
+    assert out.count("── eval row") == 2 and "doc 0:" in out and "doc 1:" in out and "doc 2:" not in out
+    assert "the first 2 rows of the data" in out
+    assert run_lmtune("preview", stream_config(), "--split", "eval") == 2
+    assert "val_size" in capsys.readouterr().err
+
+
+def test_a_fraction_of_a_stream_cannot_be_held_out(stream_config, tmp_path, capsys):
+    assert run_lmtune("train", stream_config(val_size=0.1)) == 2
+    assert "val_size 0.1" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_interleaved_streams_mix_both_data_sets(stream_config, tmp_path):
@@ -162,6 +223,13 @@ def test_parquet_csv_and_a_folder_of_shards_stream(tmp_path, tokenizer):
     seen = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in rows_out]
     assert sorted(seen) == sorted(r["text"] for r in rows)  # every row once per pass, from both formats
     assert info.estimated_rows and info.estimated_rows >= 20
+
+    # holding out 22 rows takes the whole Parquet file (in folder order) and the first two CSV rows
+    stream, info = prepare_stream(config.model_copy(update={"val_size": 22}), tokenizer, 0, 1)
+    held_out = sorted(tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in info.held_out)
+    assert held_out == sorted(r["text"] for r in rows[:22])
+    seen = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in itertools.islice(iter(stream), 18)]
+    assert sorted(seen) == sorted(r["text"] for r in rows[22:])
 
 
 def test_preview_of_a_stream_shows_its_first_rows_without_reading_it_all(stream_config, capsys, monkeypatch):

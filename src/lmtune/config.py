@@ -80,7 +80,8 @@ class TrainConfig(BaseModel):
     cutoff_len: int = Field(1024, gt=0, description="longest tokenised example; longer ones are truncated")
     max_samples: int | None = Field(None, gt=0, description="use at most this many examples of each data set")
     val_size: float = Field(
-        0.0, ge=0, description="held-out eval data: a fraction (< 1) or a number of examples"
+        0.0, ge=0, description="held-out eval data: a fraction (< 1) or a number of examples; "
+        "with streaming, a number of rows: the first rows of the data"
     )
     packing: bool | None = Field(
         None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft"

@@ -42,6 +42,7 @@ from lmtune.callbacks import (
 from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot, cpu_copy
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
+from lmtune.data.processing import rows_of_examples
 from lmtune.data.streaming import prepare_stream
 from lmtune.errors import Stopped, UserError
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
@@ -163,7 +164,8 @@ def _prepare_training_data(config: TrainConfig, tokenizer: Any, accelerator: Acc
     if not config.streaming:
         return prepare_data(config, tokenizer)
     stream, info = prepare_stream(config, tokenizer, accelerator.process_index, accelerator.num_processes)
-    return ProcessedData(stream, None, DataStats(), stream_info=info)
+    evaluation = rows_of_examples(info.held_out, config) if info.held_out else None
+    return ProcessedData(stream, evaluation, DataStats(), stream_info=info)
 
 
 def _mixed_precision(config: TrainConfig) -> str:

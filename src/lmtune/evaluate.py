@@ -33,14 +33,8 @@ def evaluate(config_or_run: Path, checkpoint: str | None = None, dataset: str | 
     elif config.val_size <= 0:
         raise UserError(f"{config_or_run}: the run has no eval split (val_size is 0); give --dataset NAME_OR_FILE "
                         "or set val_size")
-    else:
-        config = config.model_copy(update={"streaming": False})
     model, tokenizer = load_model_for_inference(target)
-
-    from lmtune.data import prepare_data
-
-    data = prepare_data(config, tokenizer)
-    rows = data.train if dataset is not None else data.eval
+    rows = _rows_to_evaluate(config, tokenizer, whole=dataset is not None)
     if rows is None or len(rows) == 0:
         raise UserError(f"{config_or_run}: no rows to evaluate")
     loss_sum, tokens, examples = _loss_sum(model, rows, tokenizer.pad_token_id, config)
@@ -50,7 +44,7 @@ def evaluate(config_or_run: Path, checkpoint: str | None = None, dataset: str | 
     return {
         "model": target.describe() | {"step": _step_of(target)},
         "data": {"dataset": config.datasets, "dataset_dir": config.dataset_dir,
-                 "split": "all" if dataset is not None else f"eval (val_size {config.val_size}, seed {config.seed})",
+                 "split": "all" if dataset is not None else _split_name(config),
                  "cutoff_len": config.cutoff_len, "packing": config.use_packing, "template": config.template},
         "examples": examples,
         "tokens": tokens,
@@ -58,6 +52,26 @@ def evaluate(config_or_run: Path, checkpoint: str | None = None, dataset: str | 
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _rows_to_evaluate(config: TrainConfig, tokenizer: Any, whole: bool) -> Any:
+    """The whole data set, or the eval split the run evaluated on (for a stream: its held-out first rows)."""
+    if config.streaming and not whole:
+        from lmtune.data.processing import rows_of_examples
+        from lmtune.data.streaming import open_stream
+
+        _, info = open_stream(config, tokenizer)
+        return rows_of_examples(info.held_out, config)
+    from lmtune.data import prepare_data
+
+    data = prepare_data(config, tokenizer)
+    return data.train if whole else data.eval
+
+
+def _split_name(config: TrainConfig) -> str:
+    if config.streaming:
+        return f"eval (the first {int(config.val_size)} rows of the stream, val_size)"
+    return f"eval (val_size {config.val_size}, seed {config.seed})"
 
 
 def _config_of(config_or_run: Path) -> tuple[TrainConfig, Path | None]:

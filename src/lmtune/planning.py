@@ -22,8 +22,8 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
     if config.streaming:
         from lmtune.data.streaming import prepare_stream
 
-        prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
-        return make_plan(config, None, world_size, False,
+        _, info = prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
+        return make_plan(config, None, world_size, bool(info.held_out),
                          checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
     data = prepare_data(config, tokenizer)
     return make_plan(config, len(data.train), world_size, data.eval is not None,

@@ -286,10 +286,17 @@ def _preview_stream(config: Any, tokenizer: Any, n: int, split: str, as_json: bo
 
     from lmtune.data.streaming import open_stream
 
-    if split == "eval":
-        raise UserError("a streamed data set has no eval split (val_size is not used with streaming: true)")
+    if split == "eval" and not config.val_size:
+        raise UserError("there is no eval split: with streaming: true, set val_size to a number of rows "
+                        "(e.g. val_size=200) to hold out the first rows of the data")
     stream, info = open_stream(config, tokenizer)
-    shown = [describe_row(row, index, tokenizer) for index, row in enumerate(itertools.islice(iter(stream), n))]
+    if split == "eval":
+        from lmtune.data.processing import rows_of_examples
+
+        rows = rows_of_examples(info.held_out, config)
+        shown = [describe_row(rows[index], index, tokenizer) for index in range(min(n, len(rows)))]
+    else:
+        shown = [describe_row(row, index, tokenizer) for index, row in enumerate(itertools.islice(iter(stream), n))]
     size = {"total_bytes": info.total_bytes, "estimated_rows": info.estimated_rows, "num_samples": info.num_samples}
     if as_json:
         print(json.dumps({"split": split, "streamed": True, "examples": shown, "size": size,
@@ -299,11 +306,12 @@ def _preview_stream(config: Any, tokenizer: Any, n: int, split: str, as_json: bo
     console = Console(highlight=False, soft_wrap=True, force_terminal=color, no_color=not color)
     for described in shown:
         _print(console, render_row(described, split, "the stream", color), color)
-    rows = f"{info.num_samples:,} rows (num_samples)" if info.num_samples else (
+    size_text = f"{info.num_samples:,} rows (num_samples)" if info.num_samples else (
         f"about {info.estimated_rows:,} rows (estimated from the first MB)" if info.estimated_rows else "rows unknown")
-    _print(console, f"streamed data: {info.total_bytes / 1e6:,.1f} MB, {rows}; these are the first rows training "
-                    "reads (after the shuffle buffer); statistics of the whole data are not computed for a stream",
-           color)
+    which = (f"these are held out for evaluation: the first {int(config.val_size)} rows of the data (val_size)"
+             if split == "eval" else "these are the first rows training reads (after the shuffle buffer)")
+    _print(console, f"streamed data: {info.total_bytes / 1e6:,.1f} MB, {size_text}; {which}; statistics of the "
+                    "whole data are not computed for a stream", color)
     for warning in template_warnings(config, tokenizer):
         _print(console, f"warning: {warning}", color)
 

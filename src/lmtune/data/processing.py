@@ -222,6 +222,13 @@ def _split(examples: datasets.Dataset, config: TrainConfig) -> tuple[datasets.Da
     return split["train"], split["test"]
 
 
+def rows_of_examples(examples: list[tuple[list[int], list[int]]], config: TrainConfig) -> datasets.Dataset:
+    """Tokenised (input_ids, labels) pairs as rows, packed or not as the config says (a stream's eval data)."""
+    data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
+                                       "labels": [labels for _, labels in examples]})
+    return _finish(data, config)
+
+
 def _finish(examples: datasets.Dataset, config: TrainConfig) -> datasets.Dataset:
     if config.use_packing:
         return pack(examples, config.cutoff_len)

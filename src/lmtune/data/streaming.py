@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import random
@@ -150,10 +151,12 @@ class Source:
     `state` always says where to go on: the file (in this pass's order), the row being read and how
     many of its examples (a long text makes several) were already handed out."""
 
-    def __init__(self, members: list[tuple[DatasetSpec, Path]], encode: Any, reader: int, readers: int, seed: int):
+    def __init__(self, members: list[tuple[DatasetSpec, Path]], encode: Any, reader: int, readers: int, seed: int,
+                 train_starts: dict[Path, int] | None = None):
         self.members = members
         self.encode = encode
         self.reader, self.readers, self.seed = reader, readers, seed
+        self.train_starts = train_starts or {}  # per file, where rows not held out for evaluation begin
         self.files = [open_file(path) for _, path in members]
         self.state: dict[str, Any] = {"pass": 0, "file": 0, "offset": None, "chunk": 0}
         self._share_sizes = [self._share_size(index) for index in range(len(self.files))]
@@ -170,9 +173,20 @@ class Source:
         """Bytes (rows for Parquet) of the file that this reader owns."""
         file = self.files[file_index]
         if isinstance(file, ParquetFile):
-            return sum(file.sizes[self.reader :: self.readers])
+            return sum(end - first for first, end in self._parquet_ranges(file))
+        share = self._line_share(file)
+        return max(0, share.end - share.start)
+
+    def _line_share(self, file: LineFile) -> FileShare:
         share = share_of(file.path, self.reader, self.readers)
-        return share.end - share.start
+        return FileShare(file.path, max(share.start, self.train_starts.get(file.path, 0)), share.end)
+
+    def _parquet_ranges(self, file: ParquetFile) -> list[tuple[int, int]]:
+        """The row numbers [first, end) this reader trains on, one range a row group it owns."""
+        start = self.train_starts.get(file.path, 0)
+        ranges = [(max(file.group_starts[group], start), file.group_starts[group] + file.sizes[group])
+                  for group in range(self.reader, len(file.sizes), self.readers)]
+        return [(first, end) for first, end in ranges if first < end]
 
     def progress(self) -> float:
         """Passes over this reader's share so far, as a float: 1.5 is half way through the second pass."""
@@ -183,11 +197,9 @@ class Source:
             file = self.files[file_index]
             if isinstance(file, ParquetFile):
                 offset = self.state["offset"]
-                done += sum(min(max(offset - file.group_starts[group], 0), file.sizes[group])
-                            for group in range(self.reader, len(file.sizes), self.readers))
+                done += sum(min(max(offset - first, 0), end - first) for first, end in self._parquet_ranges(file))
             else:
-                start = share_of(file.path, self.reader, self.readers).start
-                done += max(0, self.state["offset"] - start)
+                done += max(0, self.state["offset"] - self._line_share(file).start)
         return self.state["pass"] + (min(done / total, 1.0) if total else 0.0)
 
     def examples(self):
@@ -222,8 +234,9 @@ class Source:
     def _rows(self, file_index: int, offset: int | None):
         file = self.files[file_index]
         if isinstance(file, ParquetFile):
-            return file.rows(self.reader, self.readers, offset)
-        return file.rows(share_of(file.path, self.reader, self.readers), offset)
+            start = self.train_starts.get(file.path, 0)
+            return file.rows(self.reader, self.readers, offset if offset is not None else (start or None))
+        return file.rows(self._line_share(file), offset)
 
     def example_at(self, position: tuple[int, int, int]) -> tuple[list[int], list[int]]:
         file_index, offset, chunk = position
@@ -246,6 +259,7 @@ class TokenStream(torch.utils.data.IterableDataset):
         self.probabilities = _probabilities(config, len(specs)) if self.interleave else [1.0]
         # a pass over the mix ends when the first data set ends (under) or when all of them have (over)
         self._mix_position = min if config.mix_strategy == "interleave_over" else max
+        self.train_starts: dict[Path, int] = {}  # set by hold_out()
         self._live: tuple | None = None
         self._loaded: dict[str, Any] | None = None
 
@@ -273,7 +287,8 @@ class TokenStream(torch.utils.data.IterableDataset):
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         reader, readers = self.rank * workers + worker_id, self.world_size * workers
         seed = self.config.seed + 7919 * reader
-        sources = [Source(group, self._encode, reader, readers, seed + i) for i, group in enumerate(self._groups())]
+        sources = [Source(group, self._encode, reader, readers, seed + i, self.train_starts)
+                   for i, group in enumerate(self._groups())]
         picker, shuffler = random.Random(seed), random.Random(seed + 1)
         buffer: list[tuple[int, tuple, list[int], list[int]]] = []
         pending: list[tuple[list[int], list[int]]] = []
@@ -368,6 +383,7 @@ class StreamInfo:
     total_bytes: int
     num_samples: int | None  # from dataset_info.json hints, when every data set has one
     estimated_rows: int | None  # from the average line length of the first rows
+    held_out: list[tuple[list[int], list[int]]] | None = None  # eval examples: the first val_size rows
 
 
 def stream_info(specs: list[DatasetSpec]) -> StreamInfo:
@@ -401,7 +417,46 @@ def open_stream(
     for spec in specs:
         for path in spec.files:
             open_file(path)
-    return TokenStream(specs, config, tokenizer, rank, world_size), stream_info(specs)
+    stream, info = TokenStream(specs, config, tokenizer, rank, world_size), stream_info(specs)
+    if config.val_size:
+        info.held_out = hold_out(stream, _held_out_rows(config.val_size))
+        if info.num_samples:
+            info.num_samples = max(1, info.num_samples - int(config.val_size))
+    return stream, info
+
+
+def _held_out_rows(val_size: float) -> int:
+    if val_size < 1 or val_size != int(val_size):
+        raise UserError(f"val_size {val_size:g}: a stream's length is unknown, so a fraction of it cannot be held "
+                        "out; give a number of rows (e.g. val_size: 200): the first rows of the data are then "
+                        "kept for evaluation and never trained on")
+    return int(val_size)
+
+
+def _rows_in_order(specs: list[DatasetSpec]):
+    """(spec, path, offset, next offset, row) over every file from its start, data sets as listed."""
+    for spec in specs:
+        for path in spec.files:
+            file = open_file(path)
+            rows = file.rows(0, 1, None) if isinstance(file, ParquetFile) else file.rows(
+                FileShare(path, 0, path.stat().st_size), None)
+            for offset, next_offset, row in rows:
+                yield spec, path, offset, next_offset, row
+
+
+def hold_out(stream: TokenStream, count: int) -> list[tuple[list[int], list[int]]]:
+    """The examples of the data's first `count` rows, for evaluation; training starts after them."""
+    examples: list[tuple[list[int], list[int]]] = []
+    rows = _rows_in_order(stream.specs)
+    for spec, path, offset, next_offset, row in itertools.islice(rows, count):
+        examples += stream._encode(spec, path, row, offset)
+        stream.train_starts[path] = next_offset
+    if next(rows, None) is None:
+        raise UserError(f"val_size {count} holds out every row of the streamed data; hold out fewer rows")
+    if not examples:
+        raise UserError(f"val_size {count}: the first {count} rows give no example to evaluate on "
+                        f"(is cutoff_len {stream.config.cutoff_len} shorter than the prompts?)")
+    return examples
 
 
 def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[TokenStream, StreamInfo]:
@@ -409,8 +464,6 @@ def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: i
     stream, info = open_stream(config, tokenizer, rank, world_size)
     if config.max_steps is None:
         raise UserError(max_steps_message(config, info, world_size))
-    if config.val_size:
-        raise UserError("val_size: a streamed data set is not split; set val_size: 0 (evaluate with `lmtune eval`)")
     return stream, info
 
 
