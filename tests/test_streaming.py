@@ -153,9 +153,14 @@ def test_preview_of_a_streams_eval_split_shows_the_held_out_rows(stream_config, 
     assert "val_size" in capsys.readouterr().err
 
 
-def test_a_fraction_of_a_stream_cannot_be_held_out(stream_config, tmp_path, capsys):
+def test_a_fraction_of_a_stream_or_all_of_a_mixed_data_set_cannot_be_held_out(stream_config, tmp_path, capsys):
     assert run_lmtune("train", stream_config(val_size=0.1)) == 2
     assert "val_size 0.1" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    small = write_jsonl(tmp_path / "data" / "small.jsonl", texts(4, tag="small"))
+    mixed = stream_config(dataset=f"{small},{tmp_path / 'data' / 'corpus.jsonl'}", mix_strategy="interleave_under",
+                          val_size=4)
+    assert run_lmtune("train", mixed) == 2
+    assert "every row of data set" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_interleaved_streams_mix_both_data_sets(stream_config, tmp_path):

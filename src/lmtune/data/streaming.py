@@ -451,8 +451,12 @@ def hold_out(stream: TokenStream, count: int) -> list[tuple[list[int], list[int]
     for spec, path, offset, next_offset, row in itertools.islice(rows, count):
         examples += stream._encode(spec, path, row, offset)
         stream.train_starts[path] = next_offset
-    if next(rows, None) is None:
+    following = next(rows, None)
+    if following is None:
         raise UserError(f"val_size {count} holds out every row of the streamed data; hold out fewer rows")
+    if stream.interleave and following[0] is not stream.specs[0]:
+        raise UserError(f"val_size {count} holds out every row of data set '{stream.specs[0].name}', which "
+                        f"mix_strategy {stream.config.mix_strategy} still samples from; hold out fewer rows")
     if not examples:
         raise UserError(f"val_size {count}: the first {count} rows give no example to evaluate on "
                         f"(is cutoff_len {stream.config.cutoff_len} shorter than the prompts?)")
