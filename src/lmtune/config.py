@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -334,10 +335,27 @@ def config_help_rows() -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) for every key, in the order of the config sections."""
     rows = []
     for name, field in TrainConfig.model_fields.items():
-        annotation = str(field.annotation).replace("typing.", "").replace("lmtune.config.", "")
         default = field.default_factory() if field.default_factory else field.default
-        rows.append((name, annotation, repr(default), field.description or ""))
+        rows.append((name, yaml_type_name(field.annotation), yaml_value(default), field.description or ""))
     return rows
+
+
+def yaml_type_name(annotation: Any) -> str:
+    """A type as a YAML writer thinks of it: `int | null`, `pt | sft`, `list`."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(str(choice) for choice in get_args(annotation))
+    if origin in (Union, UnionType):
+        return " | ".join(yaml_type_name(member) for member in get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(origin or annotation, "__name__", str(annotation))
+
+
+def yaml_value(value: Any) -> str:
+    """A default as it is written in the YAML file: null, false, sft, [q_proj, v_proj]."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text.removesuffix("...").strip()
 
 
 def write_run_config(config: TrainConfig, path: Path) -> None:
