@@ -106,6 +106,40 @@ def test_user_callback_sees_every_step(tiny_config, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "seen.txt").read_text().split() == ["1", "2", "3"]
 
 
+def test_a_gguf_file_is_a_model_to_import_and_to_train(tiny_config, tiny_model_dir, tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.gguf_export import write_gguf
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    (tmp_path / "gguf").mkdir()
+    gguf = write_gguf(original, tokenizer, tmp_path / "gguf" / "tiny.gguf", "fp32")
+
+    assert run_lmtune("model", "import", gguf, "--out", tmp_path / "imported") == 0
+    imported = AutoModelForCausalLM.from_pretrained(tmp_path / "imported", dtype=torch.float32)
+    expected = original.state_dict()
+    for name, weights in imported.state_dict().items():
+        torch.testing.assert_close(weights, expected[name], msg=name)
+    capsys.readouterr()
+    assert run_lmtune("model", "import", gguf, "--out", tmp_path / "imported") == 2  # never over a folder
+    assert "not empty" in capsys.readouterr().err
+
+    assert run_lmtune("train", tiny_config(model_name_or_path=str(gguf), max_steps=2)) == 0
+    trained = load_file(tmp_path / "run" / "model.safetensors")
+    assert set(trained) and not torch.equal(trained["model.norm.weight"], expected["model.norm.weight"])
+
+
+def test_quiet_shows_only_warnings_and_log_level_is_the_same_choice(tiny_config, tmp_path, capsys):
+    assert run_lmtune("train", tiny_config(max_steps=2), "-q") == 0
+    quiet = capsys.readouterr().err
+    assert "step 1/2" not in quiet and "INFO" not in quiet
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert run_lmtune("train", tiny_config(max_steps=2, log_level="warning", output_dir=str(tmp_path / "b"))) == 0
+    assert "INFO" not in capsys.readouterr().err
+    assert run_lmtune("train", tiny_config(max_steps=2, output_dir=str(tmp_path / "c"))) == 0
+    assert "step 1/2" in capsys.readouterr().err
+
+
 def test_two_processes_train_with_gloo(tiny_config, tmp_path):
     config = tiny_config(max_steps=3, dataloader_num_workers=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
