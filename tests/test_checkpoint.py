@@ -287,3 +287,24 @@ def test_save_minutes_and_eval_minutes_follow_the_clock(tiny_config, tmp_path, m
                                                                                       6: ["minutes"]}
     evals = [row["step"] for row in read_jsonl(run / "metrics.jsonl") if row["type"] == "eval"]
     assert evals[:2] == [3, 6] and set(evals) <= {3, 6, 8}
+
+
+def test_every_save_and_rotation_is_an_event_and_on_save_sees_the_checkpoints_step(tiny_config, tmp_path,
+                                                                                    monkeypatch):
+    (tmp_path / "save_recorder.py").write_text(
+        "class Recorder:\n"
+        "    def on_save(self, state, path):\n"
+        "        with open(state.output_dir / 'saves.txt', 'a') as f:\n"
+        "            f.write(f'{state.step} {path.name}\\n')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tiny_config(max_steps=6, save_steps=2, save_total_limit=1, callbacks=["save_recorder:Recorder"])
+    assert run_lmtune("train", config) == 0
+    run = tmp_path / "run"
+    events = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "event"]
+    assert [(e["step"], e["path"], e["reasons"]) for e in events if e["event"] == "save"] == [
+        (2, "checkpoint-2", ["steps"]), (4, "checkpoint-4", ["steps"]), (6, "checkpoint-6", ["final", "steps"])]
+    assert [(e["step"], e["deleted"]) for e in events if e["event"] == "rotation"] == [
+        (4, ["checkpoint-2"]), (6, ["checkpoint-4"])]
+    assert status_of(read_index(run), "deleted") == [2, 4]
+    assert (run / "saves.txt").read_text().splitlines() == ["2 checkpoint-2", "4 checkpoint-4", "6 checkpoint-6"]

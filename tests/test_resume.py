@@ -63,7 +63,7 @@ def straight_and_resumed(tiny_config, tmp_path, from_step: int, **settings):
 def test_resume_gives_the_same_losses_and_weights(tiny_config, tmp_path, from_step, settings):
     straight, resumed = straight_and_resumed(tiny_config, tmp_path, from_step, **settings)
     assert_same_run(straight, resumed, from_step)
-    event = next(r for r in read_jsonl(resumed / "metrics.jsonl") if r["type"] == "event")
+    event = next(r for r in read_jsonl(resumed / "metrics.jsonl") if r.get("event") == "resume")
     assert event["event"] == "resume" and event["step"] == from_step
 
 
@@ -75,7 +75,7 @@ def test_auto_resume_in_place_does_not_repeat_steps(tiny_config, tmp_path):
     assert run_lmtune("train", tiny_config(max_steps=6, save_steps=2)) == 0
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
-    events = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "event"]
+    events = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "resume"]
     assert events[0]["event"] == "resume" and events[0]["from"].endswith("checkpoint-4")
 
 
@@ -87,7 +87,7 @@ def test_resume_lr_config_applies_the_new_rate(tiny_config, tmp_path):
     rows = read_jsonl(run / "metrics.jsonl")
     lrs = {r["step"]: r["lr"] for r in rows if r["type"] == "train"}
     assert lrs[3] == pytest.approx(1e-3) and lrs[4] == pytest.approx(4e-3)
-    event = next(r for r in rows if r["type"] == "event")
+    event = next(r for r in rows if r.get("event") == "resume")
     assert event["lr_old"] == pytest.approx(1e-3) and event["lr_new"] == pytest.approx(4e-3)
     assert any("learning_rate" in line for line in event["changes"])
 
@@ -98,7 +98,7 @@ def test_resume_lr_keep_continues_the_saved_rate(tiny_config, tmp_path):
     assert run_lmtune("train", tiny_config(max_steps=5, save_steps=3, learning_rate=4e-3)) == 0
     lrs = {r["step"]: r["lr"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"}
     assert lrs[4] == pytest.approx(1e-3)
-    event = next(r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "event")
+    event = next(r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "resume")
     assert any("ignored: resume_lr is keep" in line for line in event["changes"])
 
 
@@ -185,7 +185,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tiny_config, tmp_p
     assert not (run / "checkpoint-4").exists()
     assert run_lmtune("checkpoints", run) == 0
     assert run_lmtune("train", config) == 0
-    event = next(r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "event")
+    event = next(r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "resume")
     assert event["from"].endswith("checkpoint-2")
     straight = tmp_path / "straight"
     assert run_lmtune("train", tiny_config(max_steps=6, save_steps=2, output_dir=str(straight))) == 0

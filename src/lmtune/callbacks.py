@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,10 @@ class MetricsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        self._lock = threading.Lock()  # the checkpoint writer thread adds its events too
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
+        with self._lock, self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
     def on_step_end(self, state: RunState, metrics: dict | None) -> None:

@@ -174,7 +174,8 @@ class CheckpointStore:
         self.guard_wait_s = 0.0  # time optimizer steps spent waiting for a snapshot copy
 
     def save(self, snapshot: Snapshot, on_saved: Any = None, guard: Any = None) -> None:
-        """Start writing `snapshot`; waits first for the save before it to finish.
+        """Start writing `snapshot`; waits first for the save before it to finish. Once it is written,
+        `on_saved(path, steps deleted by rotation)` is called, on the writer thread.
 
         With `guard` (the optimizer), the snapshot's weights and optimizer state may be the live
         tensors: they are copied on the writer thread, and the guard's next step waits for the copy."""
@@ -220,11 +221,15 @@ class CheckpointStore:
                     snapshot.optimizer = cpu_copy(snapshot.optimizer)
                 finally:
                     copied.set()
+            deleted_before = self._deleted_steps()
             path = self.write(snapshot)
             if on_saved is not None:
-                on_saved(path)
+                on_saved(path, sorted(self._deleted_steps() - deleted_before))
         except BaseException as error:  # reported on the training thread by wait()
             self._error = (snapshot.step, error)
+
+    def _deleted_steps(self) -> set[int]:
+        return {e["step"] for e in self.index.entries if e["status"] == "deleted"}
 
     def write(self, snapshot: Snapshot) -> Path:
         final = self.run_dir / f"{PREFIX}{snapshot.step}"

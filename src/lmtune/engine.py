@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -493,10 +494,21 @@ class TrainingLoop:
         rng = self._all_rng_states()  # every process takes part
         if self.accelerator.is_main_process:
             snapshot = self._snapshot(reasons, rng)
+            state_at_save = copy.copy(self.state)  # the writer reports when training has moved on
+
+            def saved(path: Path, deleted_steps: list[int]) -> None:
+                self._saved(state_at_save, reasons, path, deleted_steps)
+
             # the weights and optimizer state are copied on the writer thread; the next optimizer step waits for it
-            self.store.save(snapshot, on_saved=lambda path: self.callbacks.fire("on_save", self.state, path),
-                            guard=self.s.optimizer)
+            self.store.save(snapshot, on_saved=saved, guard=self.s.optimizer)
         self.accelerator.wait_for_everyone()
+
+    def _saved(self, state: RunState, reasons: list[str], path: Path, deleted_steps: list[int]) -> None:
+        """On the writer thread, once a checkpoint is complete (and rotation has run)."""
+        self.metrics.event(state, "save", path=path.name, reasons=reasons)
+        if deleted_steps:
+            self.metrics.event(state, "rotation", deleted=[f"{PREFIX}{step}" for step in deleted_steps])
+        self.callbacks.fire("on_save", state, path)
 
     def _snapshot(self, reasons: list[str], rng: list[dict[str, Any]]) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)

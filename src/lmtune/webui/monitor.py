@@ -82,7 +82,8 @@ def read_run(run_dir: Path) -> RunView:
         run_dir, config,
         train=_latest_per_step([r for r in rows if r.get("type") == "train" and "loss" in r]),
         evals=_latest_per_step([r for r in rows if r.get("type") == "eval" and "eval_loss" in r]),
-        events=[r for r in rows if r.get("type") == "event"],
+        # saves and rotations have their own table (checkpoints.json); the panel keeps the rarer events
+        events=[r for r in rows if r.get("type") == "event" and r.get("event") not in ("save", "rotation")],
     )
 
 
