@@ -63,6 +63,24 @@ def test_size_hint_gives_an_epoch_marked_as_estimate(stream_config, tmp_path):
     assert rows[-1]["epoch"] == pytest.approx(rows[-1]["samples_seen"] / 60, abs=1e-3)
 
 
+def test_the_plan_of_a_stream_gives_its_size_and_passes_as_estimates(stream_config, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    (data / "dataset_info.json").write_text(json.dumps({"corpus": {"file_name": "corpus.jsonl", "num_samples": 60}}))
+    config = stream_config(dataset="corpus", dataset_dir=str(data), max_steps=15, val_size=4, packing=False)
+    capsys.readouterr()
+    assert run_lmtune("plan", config, "--json") == 0
+    stream = json.loads(capsys.readouterr().out)["stream"]
+    # 60 rows less the 4 held out, 2 a step: a pass is 28 steps, and 15 steps are about half of one
+    assert stream["total_bytes"] == (data / "corpus.jsonl").stat().st_size
+    assert (stream["rows"], stream["rows_from"], stream["held_out_rows"]) == (56, "num_samples", 4)
+    assert (stream["steps_per_pass_estimate"], stream["passes_estimate"]) == (28, 0.54)
+    monkeypatch.setenv("COLUMNS", "250")
+    assert run_lmtune("train", config) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "about 56 rows to train on (estimated from num_samples): one pass is about 28 steps" in said
+    assert "0.54 passes (estimated); its first 4 rows are held out for evaluation" in said
+
+
 def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
     assert run_lmtune("train", stream_config(max_steps=40, packing=False)) == 0  # 60 docs, 2 per step
     events = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "stream_pass"]

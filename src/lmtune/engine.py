@@ -44,7 +44,7 @@ from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot, cpu_copy
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
 from lmtune.data.processing import rows_of_examples
-from lmtune.data.streaming import prepare_stream
+from lmtune.data.streaming import prepare_stream, stream_size
 from lmtune.errors import Stopped, UserError
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
@@ -125,6 +125,8 @@ def set_up(config: TrainConfig) -> Setup:
     plan = make_plan(config, None if config.streaming else len(data.train), accelerator.num_processes,
                      data.eval is not None,
                      checkpoint_bytes=checkpoint_bytes(trainable, config))
+    if data.stream_info is not None:
+        plan.stream = stream_size(config, data.stream_info, accelerator.num_processes)
     if accelerator.is_main_process:
         for line in plan_summary_lines(plan, config):
             log.info("%s", line)

@@ -20,11 +20,13 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
     model_path = resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     if config.streaming:
-        from lmtune.data.streaming import prepare_stream
+        from lmtune.data.streaming import prepare_stream, stream_size
 
         _, info = prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
-        return make_plan(config, None, world_size, bool(info.held_out),
+        plan = make_plan(config, None, world_size, bool(info.held_out),
                          checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
+        plan.stream = stream_size(config, info, world_size)
+        return plan
     data = prepare_data(config, tokenizer)
     return make_plan(config, len(data.train), world_size, data.eval is not None,
                      checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
@@ -58,7 +60,7 @@ def checkpoint_bytes(trainable_parameters: int, config: TrainConfig) -> int:
 def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     """The lines `lmtune plan` and `lmtune train` both print about saving and rotation."""
     written = len(plan.save_steps)
-    lines = []
+    lines = [stream_line(plan.stream)] if plan.stream else []
     if config.save_total_limit is None:
         lines.append(f"{written} checkpoints will be written; save_total_limit is null: all are kept")
     elif plan.deleted:
@@ -81,6 +83,19 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
         if plan.disk_bytes > free:
             lines.append("warning: the kept checkpoints do not fit on the disk; `lmtune train` will refuse to start")
     return lines + [f"warning: {w}" for w in plan.warnings]
+
+
+def stream_line(size: dict) -> str:
+    line = f"a stream of {human_bytes(size['total_bytes'])}"
+    if size["rows"]:
+        line += (f", about {size['rows']:,} rows to train on (estimated from {size['rows_from']}): one pass is about "
+                 f"{size['steps_per_pass_estimate']} steps without packing, so max_steps is about "
+                 f"{size['passes_estimate']} passes (estimated)")
+    else:
+        line += "; its number of rows is unknown"
+    if size["held_out_rows"]:
+        line += f"; its first {size['held_out_rows']} rows are held out for evaluation"
+    return line
 
 
 def check_disk(plan: Plan, config: TrainConfig) -> None:

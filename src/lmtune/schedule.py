@@ -50,6 +50,7 @@ class Plan:
     checkpoint_bytes: int | None = None
     save_total_limit: int | None = None
     keeps_best: bool = False
+    stream: dict | None = None  # for streamed data: what is known or estimated of its size
 
     @property
     def disk_bytes(self) -> int | None:
@@ -79,6 +80,7 @@ class Plan:
             "checkpoint_bytes": self.checkpoint_bytes,
             "disk_bytes": self.disk_bytes,
             "warnings": self.warnings,
+            "stream": self.stream,
         }
 
 

@@ -420,8 +420,10 @@ def open_stream(
     stream, info = TokenStream(specs, config, tokenizer, rank, world_size), stream_info(specs)
     if config.val_size:
         info.held_out = hold_out(stream, _held_out_rows(config.val_size))
-        if info.num_samples:
+        if info.num_samples:  # the size hints count what training reads
             info.num_samples = max(1, info.num_samples - int(config.val_size))
+        if info.estimated_rows:
+            info.estimated_rows = max(1, info.estimated_rows - int(config.val_size))
     return stream, info
 
 
@@ -474,9 +476,23 @@ def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: i
 def max_steps_message(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> str:
     message = ("streaming: true needs max_steps: the length of a stream is unknown, so num_train_epochs cannot "
                "say when to stop")
-    rows = info.num_samples or info.estimated_rows
-    if rows:
-        per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
-        message += (f"; the files ({info.total_bytes / 1e6:.1f} MB) hold about {rows:,} rows, so one pass is "
-                    f"about max_steps: {max(1, rows // per_step)} at this batch size")
+    size = stream_size(config, info, world_size)
+    if size["rows"]:
+        message += (f"; the files ({info.total_bytes / 1e6:.1f} MB) hold about {size['rows']:,} rows, so one pass "
+                    f"is about max_steps: {size['steps_per_pass_estimate']} at this batch size")
     return message
+
+
+def stream_size(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> dict[str, Any]:
+    """What the plan can say of a stream's size: the bytes are known, the rows and passes only estimated
+    (from num_samples hints or the first MB; packing puts several rows in a step, so fewer steps a pass)."""
+    rows = info.num_samples or info.estimated_rows
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
+    steps_per_pass = max(1, rows // per_step) if rows else None
+    return {
+        "total_bytes": info.total_bytes, "rows": rows,
+        "rows_from": "num_samples" if info.num_samples else "the first MB" if rows else None,
+        "held_out_rows": int(config.val_size) if info.held_out else 0,
+        "steps_per_pass_estimate": steps_per_pass,
+        "passes_estimate": round(config.max_steps / steps_per_pass, 2) if steps_per_pass and config.max_steps else None,
+    }
