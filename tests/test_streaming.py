@@ -81,6 +81,17 @@ def test_the_plan_of_a_stream_gives_its_size_and_passes_as_estimates(stream_conf
     assert "0.54 passes (estimated); its first 4 rows are held out for evaluation" in said
 
 
+def test_train_on_a_stream_prints_its_first_rows(stream_config, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "250")
+    capsys.readouterr()
+    assert run_lmtune("train", stream_config(preview_samples=2, packing=False, max_steps=1)) == 0
+    err = capsys.readouterr().err
+    assert "preview: the first 2 training rows of the stream, in file order" in err
+    assert err.count("── train row") == 2 and "doc 0:" in err and "doc 1:" in err
+    assert run_lmtune("train", stream_config(preview_samples=0, max_steps=1, output_dir=str(tmp_path / "b"))) == 0
+    assert "── train row" not in capsys.readouterr().err
+
+
 def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
     assert run_lmtune("train", stream_config(max_steps=40, packing=False)) == 0  # 60 docs, 2 per step
     events = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "stream_pass"]
@@ -96,7 +107,7 @@ def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
         (4, {"packing": False, "max_steps": 40}),  # resumes after the stream wrapped
         (3, {"dataloader_num_workers": 2}),
         (2, {"stage": "sft", "packing": True, "gradient_accumulation_steps": 2, "cutoff_len": 128}),
-        (3, {"val_size": 5, "eval_steps": 2, "packing": False, "max_steps": 40}),  # held-out rows, wrapped
+        (3, {"val_size": 5, "eval_steps": 2, "packing": False, "max_steps": 40, "preview_samples": 2}),
     ],
     ids=["packed-pt", "after-wrap", "loader-workers", "sft-packed", "held-out-eval"],
 )

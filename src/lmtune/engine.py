@@ -112,7 +112,7 @@ def set_up(config: TrainConfig) -> Setup:
         model_path = resolve_model_path(config.model_name_or_path)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
         data = _prepare_training_data(config, tokenizer, accelerator)
-    if accelerator.is_main_process and not config.streaming:
+    if accelerator.is_main_process:
         from lmtune.data.preview import log_sample
 
         log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does

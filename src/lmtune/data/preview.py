@@ -316,6 +316,21 @@ def _preview_stream(config: Any, tokenizer: Any, n: int, split: str, as_json: bo
         _print(console, f"warning: {warning}", color)
 
 
+def _log_stream_sample(config: Any, tokenizer: Any) -> None:
+    """The stream's first training rows, read apart from the run and without its shuffle buffer (filling
+    the buffer would read buffer_size rows before the first one)."""
+    import itertools
+
+    from lmtune.data.streaming import open_stream
+
+    stream, _ = open_stream(config.model_copy(update={"buffer_size": 1}), tokenizer)
+    rows = list(itertools.islice(iter(stream), config.preview_samples))
+    log.info("preview: the first %d training rows of the stream, in file order (training draws them through "
+             "a shuffle buffer of %d; `lmtune preview` shows more)", len(rows), config.buffer_size)
+    for index, row in enumerate(rows):
+        log.info("%s", render_row(describe_row(row, index, tokenizer), "train", "the stream").plain)
+
+
 def use_color() -> bool:
     """Colour on a terminal; never with NO_COLOR set; FORCE_COLOR forces it (read from os.environ here,
     since datasets' multi-process map replaces os.environ with a copy that rich no longer sees)."""
@@ -340,8 +355,8 @@ def log_sample(config: Any, data: ProcessedData, tokenizer: Any) -> None:
         log.warning("%s", warning)
     if config.preview_samples == 0:
         return
-    if getattr(data, "stream_info", None) is not None or not hasattr(data.train, "__len__"):
-        log.info("preview: the data is streamed, so no sample is drawn here; `lmtune preview` shows examples")
+    if data.stream_info is not None:
+        _log_stream_sample(config, tokenizer)
         return
     total = len(data.train)
     count = min(config.preview_samples, total)
