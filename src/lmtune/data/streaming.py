@@ -159,7 +159,9 @@ class Source:
         self.train_starts = train_starts or {}  # per file, where rows not held out for evaluation begin
         self.files = [open_file(path) for _, path in members]
         self.state: dict[str, Any] = {"pass": 0, "file": 0, "offset": None, "chunk": 0}
-        self._share_sizes = [self._share_size(index) for index in range(len(self.files))]
+        # what this reader trains on in each file, fixed for the run: worked out once, read at every row
+        self._parts = [self._trained_part(file) for file in self.files]
+        self._share_sizes = [self._part_size(part) for part in self._parts]
         self._order_cache: tuple[int, list[int]] = (-1, [])
 
     def _file_order(self, pass_index: int) -> list[int]:
@@ -169,37 +171,34 @@ class Source:
             self._order_cache = (pass_index, order)
         return self._order_cache[1]
 
-    def _share_size(self, file_index: int) -> int:
-        """Bytes (rows for Parquet) of the file that this reader owns."""
-        file = self.files[file_index]
-        if isinstance(file, ParquetFile):
-            return sum(end - first for first, end in self._parquet_ranges(file))
-        share = self._line_share(file)
-        return max(0, share.end - share.start)
-
-    def _line_share(self, file: LineFile) -> FileShare:
-        share = share_of(file.path, self.reader, self.readers)
-        return FileShare(file.path, max(share.start, self.train_starts.get(file.path, 0)), share.end)
-
-    def _parquet_ranges(self, file: ParquetFile) -> list[tuple[int, int]]:
-        """The row numbers [first, end) this reader trains on, one range a row group it owns."""
+    def _trained_part(self, file: LineFile | ParquetFile) -> FileShare | list[tuple[int, int]]:
+        """A line file: the byte range this reader owns, after any held-out rows. Parquet: the row numbers
+        [first, end) it owns, one range a row group, after any held-out rows."""
         start = self.train_starts.get(file.path, 0)
-        ranges = [(max(file.group_starts[group], start), file.group_starts[group] + file.sizes[group])
-                  for group in range(self.reader, len(file.sizes), self.readers)]
-        return [(first, end) for first, end in ranges if first < end]
+        if isinstance(file, ParquetFile):
+            ranges = [(max(file.group_starts[group], start), file.group_starts[group] + file.sizes[group])
+                      for group in range(self.reader, len(file.sizes), self.readers)]
+            return [(first, end) for first, end in ranges if first < end]
+        share = share_of(file.path, self.reader, self.readers)
+        return FileShare(file.path, max(share.start, start), share.end)
+
+    @staticmethod
+    def _part_size(part: FileShare | list[tuple[int, int]]) -> int:
+        """Bytes (rows for Parquet) that this reader trains on in one file."""
+        if isinstance(part, FileShare):
+            return max(0, part.end - part.start)
+        return sum(end - first for first, end in part)
 
     def progress(self) -> float:
         """Passes over this reader's share so far, as a float: 1.5 is half way through the second pass."""
         order, total = self._file_order(self.state["pass"]), sum(self._share_sizes)
         done = sum(self._share_sizes[index] for index in order[: self.state["file"]])
         if self.state["file"] < len(order) and self.state["offset"] is not None:
-            file_index = order[self.state["file"]]
-            file = self.files[file_index]
-            if isinstance(file, ParquetFile):
-                offset = self.state["offset"]
-                done += sum(min(max(offset - first, 0), end - first) for first, end in self._parquet_ranges(file))
+            part, offset = self._parts[order[self.state["file"]]], self.state["offset"]
+            if isinstance(part, FileShare):
+                done += max(0, offset - part.start)
             else:
-                done += max(0, self.state["offset"] - self._line_share(file).start)
+                done += sum(min(max(offset - first, 0), end - first) for first, end in part)
         return self.state["pass"] + (min(done / total, 1.0) if total else 0.0)
 
     def examples(self):
@@ -232,11 +231,11 @@ class Source:
         return self.encode(spec, path, row, offset)
 
     def _rows(self, file_index: int, offset: int | None):
-        file = self.files[file_index]
+        file, part = self.files[file_index], self._parts[file_index]
         if isinstance(file, ParquetFile):
             start = self.train_starts.get(file.path, 0)
             return file.rows(self.reader, self.readers, offset if offset is not None else (start or None))
-        return file.rows(self._line_share(file), offset)
+        return file.rows(part, offset)
 
     def example_at(self, position: tuple[int, int, int]) -> tuple[list[int], list[int]]:
         file_index, offset, chunk = position
