@@ -316,15 +316,8 @@ def _preview_stream(config: Any, tokenizer: Any, n: int, split: str, as_json: bo
         _print(console, f"warning: {warning}", color)
 
 
-def _log_stream_sample(config: Any, tokenizer: Any) -> None:
-    """The stream's first training rows, read apart from the run and without its shuffle buffer (filling
-    the buffer would read buffer_size rows before the first one)."""
-    import itertools
-
-    from lmtune.data.streaming import open_stream
-
-    stream, _ = open_stream(config.model_copy(update={"buffer_size": 1}), tokenizer)
-    rows = list(itertools.islice(iter(stream), config.preview_samples))
+def _log_stream_sample(config: Any, stream: Any, tokenizer: Any) -> None:
+    rows = stream.first_rows(config.preview_samples)
     log.info("preview: the first %d training rows of the stream, in file order (training draws them through "
              "a shuffle buffer of %d; `lmtune preview` shows more)", len(rows), config.buffer_size)
     for index, row in enumerate(rows):
@@ -356,7 +349,7 @@ def log_sample(config: Any, data: ProcessedData, tokenizer: Any) -> None:
     if config.preview_samples == 0:
         return
     if data.stream_info is not None:
-        _log_stream_sample(config, tokenizer)
+        _log_stream_sample(config, data.train, tokenizer)
         return
     total = len(data.train)
     count = min(config.preview_samples, total)

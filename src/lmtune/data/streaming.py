@@ -310,6 +310,13 @@ class TokenStream(torch.utils.data.IterableDataset):
             if row is not None:
                 yield {**row, "stream_position": self._mix_position(source.progress() for source in sources)}
 
+    def first_rows(self, count: int) -> list[dict[str, Any]]:
+        """The first training rows in file order, read apart from the run: no shuffle buffer to fill,
+        and the held-out rows skipped as training skips them."""
+        reader = TokenStream(self.specs, self.config.model_copy(update={"buffer_size": 1}), self.tokenizer, 0, 1)
+        reader.train_starts = self.train_starts
+        return list(itertools.islice(iter(reader), count))
+
     def _pack(self, pending: list, ids: list[int], labels: list[int]) -> dict[str, list[int]] | None:
         """A row of at most cutoff_len tokens when one is full; with packing, whole examples side by side.
         The state is brought up to date before the row is handed out."""
