@@ -398,7 +398,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.pick("resume", f"checkpoint-{stopped_at} (step {stopped_at}")
         ui.fill("learning-rate", "0.001")
         ui.radio("resume-lr", "apply the learning rate set above from the resume step on (resume_lr: config)")
-        # the note follows the last of the three edits: wait for what it says once all have landed
+        # the note is rewritten after each edit: wait for the one that reflects them all
         ui.wait_text("resume-note", f"checkpoint-{stopped_at}", "1.00e-03", "trained with learning_rate 5.00e-03",
                      f"from step {stopped_at + 1} on")
         ui.wait_text("plan", f"resumes from runs/sums/checkpoint-{stopped_at}")
