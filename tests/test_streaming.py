@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import read_jsonl, run_lmtune
@@ -214,10 +217,10 @@ def test_a_pass_over_a_mix_ends_with_the_first_data_set_under_and_with_the_last_
     stream, _ = prepare_stream(config, tokenizer, 0, 1)
     rows = list(itertools.islice(iter(stream), 30))
     decoded = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in rows]
+    positions = [row["stream"]["done"] / row["stream"]["per_pass"] for row in rows]  # passes over the mix
     small_wrapped = [i for i, text in enumerate(decoded) if text.startswith("small")][4]  # the 5th small row
-    assert int(rows[small_wrapped]["stream_position"]) == passes_after_small_wraps
+    assert int(positions[small_wrapped]) == passes_after_small_wraps
     assert sum(text.startswith("big") for text in decoded) < 40  # the big set has not ended within these rows
-    positions = [row["stream_position"] for row in rows]
     if strategy == "interleave_over":
         assert max(positions) < 1  # still the first pass of the mix: the big set is not through
     else:
@@ -273,3 +276,153 @@ def test_preview_of_a_stream_shows_its_first_rows_without_reading_it_all(stream_
     assert out.count("── train row") == 2 and "of the stream" in out
     assert "statistics of the whole data are not computed for a stream" in out
     assert run_lmtune("preview", stream_config(), "--split", "eval") == 2
+
+
+# --- a pass is a pass: 400 rows, the default shuffle buffer, 1.5 passes -----------------------------
+
+
+def numbered(count):
+    """Rows of equal length, so that a byte split of the file gives every reader as many rows."""
+    return [{"text": f"row {i:03d}: the tide rises and falls"} for i in range(count)]
+
+
+def row_id(tokenizer, row):
+    return tokenizer.decode(row["input_ids"], skip_special_tokens=True).split(":")[0]
+
+
+@pytest.mark.parametrize(("processes", "workers", "buffer_size"),
+                         [(1, 0, 16384), (1, 2, 16384), (2, 0, 16384), (2, 2, 16384), (1, 0, 16)])
+def test_a_pass_yields_every_row_once_and_the_next_pass_a_new_order(tmp_path, tokenizer, processes, workers,
+                                                                     buffer_size):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from lmtune.config import build_config
+    from lmtune.data.streaming import prepare_stream
+
+    corpus = write_jsonl(tmp_path / "data" / "rows.jsonl", numbered(400))
+    config = build_config(dict(dataset=str(corpus), stage="pt", streaming=True, max_steps=1, packing=False,
+                               cutoff_len=32, buffer_size=buffer_size))
+    passes: dict[int, list[str]] = {0: [], 1: []}
+    for rank in range(processes):
+        stream, _ = prepare_stream(config, tokenizer, rank, processes)
+        loader = StatefulDataLoader(stream, batch_size=4, num_workers=workers, collate_fn=list)
+        for row in itertools.chain.from_iterable(itertools.islice(loader, 800 // 4 // processes)):
+            progress = row["stream"]
+            passes[-(-progress["done"] // progress["per_pass"]) - 1].append(row_id(tokenizer, row))
+    every_row = [f"row {i:03d}" for i in range(400)]
+    assert sorted(passes[0]) == every_row and sorted(passes[1]) == every_row  # each row exactly once a pass
+    assert passes[0] != every_row and passes[1] != passes[0]  # shuffled, and each pass in its own order
+
+
+@pytest.fixture
+def pass_and_a_half(tiny_config, tmp_path, monkeypatch):
+    """A config for 400 rows, the default buffer, 4 rows a step: 100 steps a pass, 150 steps in all.
+    One thread: a model this small trains several times faster without torch's second thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield from _pass_and_a_half(tiny_config, tmp_path, monkeypatch)
+    torch.set_num_threads(threads)
+
+
+def _pass_and_a_half(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "save_around.py").write_text(  # a save just before and just after the end of the first pass
+        "class SaveAround:\n"
+        "    def on_step_end(self, state, metrics):\n"
+        "        if state.step in (99, 101):\n"
+        "            state.save_reasons.add('steps')\n")
+    corpus = write_jsonl(tmp_path / "data" / "rows.jsonl", numbered(400))
+
+    def make(**overrides):
+        values = dict(dataset=str(corpus), stage="pt", streaming=True, max_steps=150, packing=False, cutoff_len=32,
+                      per_device_train_batch_size=4, callbacks=["save_around:SaveAround"], logging_steps=1)
+        return tiny_config(**{**values, **overrides})
+
+    yield make
+
+
+def assert_one_and_a_half_passes(run, pass_event_steps=(100,)):
+    rows = read_jsonl(run / "metrics.jsonl")
+    train = [r for r in rows if r["type"] == "train"]
+    epochs = [r["epoch"] for r in train]
+    assert [r["step"] for r in train] == list(range(1, 151))
+    assert epochs[0] <= 0.02 and epochs == sorted(epochs) and epochs[-1] == pytest.approx(1.5, abs=0.011)
+    assert not train[-1]["epoch_estimated"]  # the whole stream fits in the buffer: its size is known at once
+    events = [r for r in rows if r.get("event") == "stream_pass"]
+    assert [e["stream_pass"] for e in events] == [2] and events[0]["step"] in pass_event_steps
+    passes = {r["step"]: r["stream_pass"] for r in train}
+    assert passes[events[0]["step"]] == 1 and passes[events[0]["step"] + 1] == 2
+    size = next(r for r in rows if r.get("event") == "stream_size")
+    assert size["rows"] * size["processes"] == 400
+
+
+def assert_same_progress(straight, resumed):
+    """The resumed run shows the epoch, pass and pass event of the run that never stopped."""
+    def progress(run):
+        rows = read_jsonl(run / "metrics.jsonl")
+        return ({r["step"]: (r["epoch"], r["stream_pass"], r["epoch_estimated"]) for r in rows if r["type"] == "train"},
+                [r["step"] for r in rows if r.get("event") == "stream_pass"])
+
+    (expected, expected_events), (got, got_events) = progress(straight), progress(resumed)
+    assert got == {step: expected[step] for step in got}
+    assert got_events == [step for step in expected_events if step >= min(got)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_and_a_half_passes_count_what_was_trained_and_resume_exactly(pass_and_a_half, tmp_path, workers):
+    straight = tmp_path / "straight"
+    assert run_lmtune("train", pass_and_a_half(output_dir=str(straight), dataloader_num_workers=workers)) == 0
+    assert_one_and_a_half_passes(straight)
+    # the epoch counts rows trained: 4 a step of 400, never the 400 rows read into the buffer at once
+    epochs = {r["step"]: r["epoch"] for r in read_jsonl(straight / "metrics.jsonl") if r["type"] == "train"}
+    assert (epochs[2], epochs[100], epochs[101], epochs[150]) == (0.02, 1.0, 1.01, 1.5)
+    for step in (99, 101):  # the checkpoint just before the end of the pass, and the one just after
+        resumed = tmp_path / f"resumed-{step}"
+        resumed.mkdir()
+        shutil.copytree(straight / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+        assert run_lmtune("train", pass_and_a_half(output_dir=str(resumed), dataloader_num_workers=workers)) == 0
+        assert_same_run(straight, resumed, step)
+        assert_same_progress(straight, resumed)
+
+
+def test_two_processes_train_one_and_a_half_passes_and_resume_exactly(pass_and_a_half, tmp_path):
+    def torchrun(config, port):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                   "-m", "lmtune", "train", str(config)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    settings = dict(per_device_train_batch_size=2, dataloader_num_workers=2)  # 2 x 2 rows a step: 100 a pass
+    straight = tmp_path / "straight"
+    torchrun(pass_and_a_half(output_dir=str(straight), **settings), 29561)
+    assert_one_and_a_half_passes(straight)
+    for step, port in ((99, 29562), (101, 29563)):
+        resumed = tmp_path / f"resumed-{step}"
+        resumed.mkdir()
+        shutil.copytree(straight / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+        torchrun(pass_and_a_half(output_dir=str(resumed), **settings), port)
+        assert_same_run(straight, resumed, step)
+        assert_same_progress(straight, resumed)
+
+
+def test_num_train_epochs_stops_a_hinted_stream_after_its_passes(stream_config, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_jsonl(data / "rows.jsonl", numbered(40))
+    # the hint says 48 rows, so the plan estimates 18 steps; the 40 rows make 10 steps a pass, 15 for 1.5
+    (data / "dataset_info.json").write_text(json.dumps({"rows": {"file_name": "rows.jsonl", "num_samples": 48}}))
+    config = stream_config(dataset="rows", dataset_dir=str(data), max_steps=None, num_train_epochs=1.5,
+                           packing=False, per_device_train_batch_size=4, buffer_size=16)
+    capsys.readouterr()
+    assert run_lmtune("plan", config, "--json") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total_steps"] == 18 and plan["stream"]["stops_after_passes"] == 1.5
+    assert plan["stream"]["steps_estimate"] == 18
+    assert run_lmtune("train", config) == 0
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in rows if r["type"] == "train"]
+    assert train[-1]["step"] == 15 and train[-1]["epoch"] == 1.5 and not train[-1]["epoch_estimated"]
+    assert train[0]["epoch_estimated"]  # the hint, until the 40 rows were read to their end
+    assert next(r for r in rows if r.get("event") == "stream_size")["rows"] == 40

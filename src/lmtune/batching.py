@@ -41,7 +41,6 @@ class Counts:
     samples: int
     tokens: int
     trained_tokens: int
-    stream_position: float = 0.0  # passes over a streamed data set, as a float
 
 
 class Collator:
@@ -66,8 +65,7 @@ class Collator:
             positions[index, length:] = torch.arange(width - length)
             attention[index, :length] = 1
         samples = int(((positions == 0) & (attention == 1)).sum())  # an example starts at position 0
-        counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                        max(row.get("stream_position", 0.0) for row in rows))
+        counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()))
         if self.packed:
             return {"input_ids": input_ids, "labels": labels, "position_ids": positions}, counts
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}, counts

@@ -47,7 +47,6 @@ class RunState:
     last_metrics: dict[str, float] = field(default_factory=dict)
     best_metric: float | None = None
     stream_pass: int = 0
-    stream_position: float = 0.0
 
 
 class CallbackList:

@@ -87,7 +87,7 @@ class TrainConfig(BaseModel):
     packing: bool | None = Field(
         None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft"
     )
-    streaming: bool = Field(False, description="read the data as a stream (needs max_steps)")
+    streaming: bool = Field(False, description="read the data as a stream (needs max_steps, or num_samples hints)")
     buffer_size: int = Field(16384, gt=0, description="shuffle buffer of a streamed data set")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
         "concat", description="how several data sets are mixed"

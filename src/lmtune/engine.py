@@ -44,7 +44,7 @@ from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot, cpu_copy
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
 from lmtune.data.processing import rows_of_examples
-from lmtune.data.streaming import prepare_stream, stream_size
+from lmtune.data.streaming import planned_steps, prepare_stream, stream_size
 from lmtune.errors import Stopped, UserError
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
@@ -122,10 +122,13 @@ def set_up(config: TrainConfig) -> Setup:
     trainable, total = count_parameters(model)
     log.info("model %s: %s trainable of %s parameters (%s)", config.model_name_or_path, f"{trainable:,}",
              f"{total:,}", config.finetuning_type)
-    plan = make_plan(config, None if config.streaming else len(data.train), accelerator.num_processes,
-                     data.eval is not None,
-                     checkpoint_bytes=checkpoint_bytes(trainable, config))
-    if data.stream_info is not None:
+    if data.stream_info is None:
+        plan = make_plan(config, len(data.train), accelerator.num_processes, data.eval is not None,
+                         checkpoint_bytes=checkpoint_bytes(trainable, config))
+    else:  # without max_steps, the steps that num_train_epochs passes are estimated to take
+        steps = planned_steps(config, data.stream_info, accelerator.num_processes)
+        plan = make_plan(config.model_copy(update={"max_steps": steps}), None, accelerator.num_processes,
+                         data.eval is not None, checkpoint_bytes=checkpoint_bytes(trainable, config))
         plan.stream = stream_size(config, data.stream_info, accelerator.num_processes)
     if accelerator.is_main_process:
         for line in plan_summary_lines(plan, config):
@@ -317,31 +320,65 @@ class TrainingLoop:
             epoch, skip = epoch + 1, 0
 
     def _stream_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
-        """A stream has no epochs: micro-batches in a row, from the position the checkpoint saved."""
+        """A stream has no epochs: micro-batches in a row, from the position the checkpoint saved, until
+        max_steps, or (a stream with num_samples hints and no max_steps) num_train_epochs passes trained."""
         from torchdata.stateful_dataloader import StatefulDataLoader
 
+        from lmtune.data.streaming import StreamBatches, StreamProgress
+
+        workers = self.config.dataloader_num_workers
         self._stream_loader = StatefulDataLoader(
-            self.s.data.train, batch_size=self.config.per_device_train_batch_size, collate_fn=self.s.collator,
-            num_workers=self.config.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+            self.s.data.train, batch_size=self.config.per_device_train_batch_size,
+            collate_fn=StreamBatches(self.s.collator), num_workers=workers, pin_memory=torch.cuda.is_available(),
         )
+        self._stream_progress = StreamProgress(max(1, workers), self.state.epoch or 0.0)
         if self.s.resume is not None:
             states = torch.load(self.s.resume.path / "rng_state.pth", weights_only=False)
-            self._stream_loader.load_state_dict(states[self.accelerator.process_index]["data_loader"])
+            saved = states[self.accelerator.process_index]["data_loader"]
+            self._stream_loader.load_state_dict(saved)
+            self._stream_progress.update(self.s.data.train.progress_in(saved, workers))
+        self.state.stream_pass = self._stream_progress.passes_begun - 1  # follows from the epoch restored
+        self._stream_size_told = False
+        by_passes = self.config.max_steps is None
         batches = iter(self._stream_loader)
-        while self.state.step < self.state.total_steps:
+        while self.state.step < self.state.total_steps and not (by_passes and self._passes_done()):
             try:
                 group = [next(batches) for _ in range(self.config.gradient_accumulation_steps)]
             except StopIteration:
                 raise UserError("the streamed data yields no example to train on: every row was dropped "
                                 f"(is cutoff_len {self.config.cutoff_len} shorter than the prompts?)") from None
-            self.state.stream_position = max(counts.stream_position for _, counts in group)
-            self._note_stream_pass(int(self.state.stream_position))
-            yield group
+            self._stream_progress.update([progress for _, _, progress in group])
+            self._note_stream_progress()
+            yield [(batch, counts) for batch, counts, _ in group]
+        if by_passes and self._stream_progress.epoch < self.config.num_train_epochs - 1e-9:
+            log.warning("the %d steps estimated from num_samples ended at epoch %.3f, before num_train_epochs %g: "
+                        "the hint is smaller than the data (see the stream_size event for its measured size)",
+                        self.state.step, self._stream_progress.epoch, self.config.num_train_epochs)
 
-    def _note_stream_pass(self, stream_pass: int) -> None:
+    def _passes_done(self) -> bool:
+        """num_train_epochs passes trained, on any process (they all stop at the same step)."""
+        done = self._stream_progress.epoch >= self.config.num_train_epochs - 1e-9
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([int(done)], device=self.accelerator.device)
+            done = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        return done
+
+    def _note_stream_progress(self) -> None:
+        """Say once that a pass's size is now exact, and say when a new pass begins to be trained."""
+        progress = self._stream_progress
+        if progress.exact and not self._stream_size_told:
+            self._stream_size_told = True
+            rows, examples = progress.size()
+            share = "" if self.accelerator.num_processes == 1 else " in this process's share"
+            log.info("the stream was read to its end: a pass holds exactly %s rows (%s examples)%s; the epoch "
+                     "shown is exact from here on", f"{rows:,}", f"{examples:,}", share)
+            if self.accelerator.is_main_process:
+                self.metrics.event(self.state, "stream_size", rows=rows, examples=examples,
+                                   processes=self.accelerator.num_processes)
+        stream_pass = progress.passes_begun - 1
         if stream_pass > self.state.stream_pass:
             self.state.stream_pass = stream_pass
-            log.info("the stream ended and starts over: pass %d", stream_pass + 1)
+            log.info("every row of the stream was trained once: pass %d begins", stream_pass + 1)
             if self.accelerator.is_main_process:
                 self.metrics.event(self.state, "stream_pass", stream_pass=stream_pass + 1)
 
@@ -408,14 +445,11 @@ class TrainingLoop:
             self._save_checkpoint(sorted(state.save_reasons))
 
     def _epoch_now(self) -> float | None:
-        """Real epochs for data of known size; for a stream, an estimate: samples against the num_samples
-        hint of dataset_info.json, or else the bytes read so far against the size of the files."""
+        """Real epochs for data of known size; for a stream, the passes trained over this process's share
+        (exact once it was read to its end, estimated before: see StreamProgress)."""
         if self.s.plan.steps_per_epoch:
             return self.state.step / self.s.plan.steps_per_epoch
-        info = self.s.data.stream_info
-        if info is not None and info.num_samples:
-            return self.state.samples_seen / info.num_samples
-        return self.state.stream_position if self.config.streaming else None
+        return self._stream_progress.epoch if self.config.streaming else None
 
     def _stop_requested(self) -> bool:
         """Every process stops at the same step, when any of them was signalled."""
@@ -442,8 +476,7 @@ class TrainingLoop:
             row["gpu_mem_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if self.config.streaming:
             row["stream_pass"] = state.stream_pass + 1
-            if state.epoch is not None:
-                row["epoch_estimated"] = True  # a stream's size is only ever estimated
+            row["epoch_estimated"] = not self._stream_progress.exact
         state.last_metrics["loss"] = loss
         return row
 

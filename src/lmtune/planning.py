@@ -20,10 +20,11 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
     model_path = resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     if config.streaming:
-        from lmtune.data.streaming import prepare_stream, stream_size
+        from lmtune.data.streaming import planned_steps, prepare_stream, stream_size
 
         _, info = prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
-        plan = make_plan(config, None, world_size, bool(info.held_out),
+        steps = planned_steps(config, info, world_size)
+        plan = make_plan(config.model_copy(update={"max_steps": steps}), None, world_size, bool(info.held_out),
                          checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
         plan.stream = stream_size(config, info, world_size)
         return plan
@@ -87,7 +88,11 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
 
 def stream_line(size: dict) -> str:
     line = f"a stream of {human_bytes(size['total_bytes'])}"
-    if size["rows"]:
+    if size["stops_after_passes"]:
+        line += (f", about {size['rows']:,} rows to train on (from {size['rows_from']}): num_train_epochs stops it "
+                 f"after {size['stops_after_passes']:g} passes, about {size['steps_estimate']} steps without "
+                 "packing (estimated)")
+    elif size["rows"]:
         line += (f", about {size['rows']:,} rows to train on (estimated from {size['rows_from']}): one pass is about "
                  f"{size['steps_per_pass_estimate']} steps without packing, so max_steps is about "
                  f"{size['passes_estimate']} passes (estimated)")

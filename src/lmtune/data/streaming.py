@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from lmtune.errors import UserError
 
 log = logging.getLogger("lmtune")
 LINE_FORMATS = {".jsonl", ".txt", ".text", ".csv", ".json"}
+PASS_END = "end of a pass"  # what Source.examples() yields between two passes
 
 
 # --- reading rows at byte offsets -------------------------------------------------------------
@@ -149,7 +151,8 @@ class Source:
     """The rows of some files that one reader owns, pass after pass, as tokenised examples.
 
     `state` always says where to go on: the file (in this pass's order), the row being read and how
-    many of its examples (a long text makes several) were already handed out."""
+    many of its examples (a long text makes several) were already handed out; and what this pass has
+    read so far (rows, examples), which becomes the exact `size` of a pass once one was read to its end."""
 
     def __init__(self, members: list[tuple[DatasetSpec, Path]], encode: Any, reader: int, readers: int, seed: int,
                  train_starts: dict[Path, int] | None = None):
@@ -158,7 +161,8 @@ class Source:
         self.reader, self.readers, self.seed = reader, readers, seed
         self.train_starts = train_starts or {}  # per file, where rows not held out for evaluation begin
         self.files = [open_file(path) for _, path in members]
-        self.state: dict[str, Any] = {"pass": 0, "file": 0, "offset": None, "chunk": 0}
+        self.state: dict[str, Any] = {"pass": 0, "file": 0, "offset": None, "chunk": 0, "rows": 0, "examples": 0,
+                                      "size": None}
         # what this reader trains on in each file, fixed for the run: worked out once, read at every row
         self._parts = [self._trained_part(file) for file in self.files]
         self._share_sizes = [self._part_size(part) for part in self._parts]
@@ -189,8 +193,8 @@ class Source:
             return max(0, part.end - part.start)
         return sum(end - first for first, end in part)
 
-    def progress(self) -> float:
-        """Passes over this reader's share so far, as a float: 1.5 is half way through the second pass."""
+    def read_fraction(self) -> float:
+        """How much of this pass over the reader's share has been read, by bytes (rows for Parquet)."""
         order, total = self._file_order(self.state["pass"]), sum(self._share_sizes)
         done = sum(self._share_sizes[index] for index in order[: self.state["file"]])
         if self.state["file"] < len(order) and self.state["offset"] is not None:
@@ -199,13 +203,12 @@ class Source:
                 done += max(0, offset - part.start)
             else:
                 done += sum(min(max(offset - first, 0), end - first) for first, end in part)
-        return self.state["pass"] + (min(done / total, 1.0) if total else 0.0)
+        return min(done / total, 1.0) if total else 0.0
 
     def examples(self):
-        """Endless (position, input_ids, labels)."""
-        empty_passes = 0
+        """(position, input_ids, labels) pass after pass, with PASS_END after each pass; it ends only
+        when a whole pass gave no example (this reader owns no rows)."""
         while True:
-            produced = False
             order = self._file_order(self.state["pass"])
             while self.state["file"] < len(order):
                 file_index = order[self.state["file"]]
@@ -216,15 +219,18 @@ class Source:
                         if chunk < skip:
                             continue
                         self.state["chunk"] = chunk + 1
-                        produced = True
+                        self.state["examples"] += 1
                         yield (file_index, offset, chunk), ids, labels
-                    self.state.update(offset=next_offset, chunk=0)
+                    self.state.update(offset=next_offset, chunk=0, rows=self.state["rows"] + 1)
                 self.state.update(file=self.state["file"] + 1, offset=None, chunk=0)
-            self.state.update({"pass": self.state["pass"] + 1, "file": 0, "offset": None, "chunk": 0})
-            log.debug("reader %d starts pass %d over its share of the data", self.reader, self.state["pass"])
-            empty_passes = 0 if produced else empty_passes + 1
-            if empty_passes >= 2:
-                return  # this reader owns no rows at all
+            if not self.state["examples"]:
+                return
+            if self.state["size"] is None:  # the first pass read to its end: a pass's size is now known
+                self.state["size"] = [self.state["rows"], self.state["examples"]]
+            self.state.update({"pass": self.state["pass"] + 1, "file": 0, "offset": None, "chunk": 0, "rows": 0,
+                               "examples": 0})
+            log.debug("reader %d has read pass %d over its share of the data", self.reader, self.state["pass"])
+            yield PASS_END
 
     def _encode(self, file_index: int, row: dict[str, Any], offset: int):
         spec, path = self.members[file_index]
@@ -246,9 +252,87 @@ class Source:
 # --- the stream -------------------------------------------------------------------------------
 
 
+class ShuffledPasses:
+    """One source's examples pass after pass, each pass in a shuffled order of its own: the shuffle
+    buffer is filled from one pass only and drains at its end, so a pass yields each example exactly
+    once, and a source smaller than the buffer is simply a shuffled pass.
+
+    It also counts what was trained (examples in rows handed out), which is where the epoch comes from."""
+
+    def __init__(self, source: Source, buffer_size: int, size_hint: float | None):
+        self.source, self.buffer_size, self.size_hint = source, buffer_size, size_hint
+        self.buffer: list[tuple[tuple, list[int], list[int]]] = []
+        # pass: the pass the buffer holds; draining: its rows are all read; trained: examples of pass
+        # trained_pass in rows handed out
+        self.state: dict[str, Any] = {"pass": 0, "draining": False, "trained_pass": 0, "trained": 0}
+        self.shuffler = self._shuffler(0)
+        self._examples = source.examples()
+
+    def _shuffler(self, pass_index: int) -> random.Random:
+        return random.Random(self.source.seed * 1000003 + 7 * pass_index + 1)
+
+    def next(self) -> tuple[int, tuple, list[int], list[int]] | None:
+        """(pass, position, input_ids, labels) of a random example of the pass; None if there are none."""
+        while True:
+            while not self.state["draining"] and len(self.buffer) < self.buffer_size:
+                item = next(self._examples, None)
+                if item is None:
+                    break  # the reader owns no rows
+                if item is PASS_END:
+                    self.state["draining"] = True
+                else:
+                    self.buffer.append(item)
+            if self.buffer:
+                index = self.shuffler.randrange(len(self.buffer))
+                self.buffer[index], self.buffer[-1] = self.buffer[-1], self.buffer[index]
+                return (self.state["pass"], *self.buffer.pop())
+            if not self.state["draining"]:
+                return None
+            self.state.update({"pass": self.state["pass"] + 1, "draining": False})
+            self.shuffler = self._shuffler(self.state["pass"])
+
+    def count_trained(self, pass_index: int) -> None:
+        if pass_index > self.state["trained_pass"]:
+            self.state.update(trained_pass=pass_index, trained=0)
+        self.state["trained"] += 1
+
+    def examples_per_pass(self) -> tuple[float, bool]:
+        """Examples in a pass over this reader's share, and whether that is exact (a pass was read to its
+        end) or an estimate (the size hint, else the examples read so far against the bytes read)."""
+        source = self.source.state
+        if source["size"] is not None:
+            return source["size"][1], True
+        fraction = self.source.read_fraction()
+        estimate = self.size_hint or (source["examples"] / fraction if fraction > 0 else 0)
+        return max(estimate, source["examples"] + 1), False  # more than read: the pass is not over yet
+
+    def passes_trained(self) -> tuple[float, float, bool]:
+        """(passes trained, examples a pass, exact): 1.5 is half way through the second pass."""
+        per_pass, exact = self.examples_per_pass()
+        return self.state["trained_pass"] + min(self.state["trained"] / per_pass, 1.0), per_pass, exact
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.state, "source": dict(self.source.state), "shuffler": _rng_to_json(self.shuffler),
+                "buffer": [list(position) for position, _, _ in self.buffer]}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.load_counts(saved)
+        self.shuffler.setstate(_rng_from_json(saved["shuffler"]))
+        self.buffer = [(tuple(position), *self.source.example_at(tuple(position))) for position in saved["buffer"]]
+        self._examples = self.source.examples()
+
+    def load_counts(self, saved: dict[str, Any]) -> None:
+        """The pass, the position and what was trained, without the buffer: enough for passes_trained()."""
+        self.state = {key: saved[key] for key in self.state}
+        self.source.state = dict(saved["source"])
+
+
 class TokenStream(torch.utils.data.IterableDataset):
     """Training rows from streamed data sets; `state_dict()` / `load_state_dict()` make it resumable
-    (torchdata's StatefulDataLoader calls them in every worker, between batches)."""
+    (torchdata's StatefulDataLoader calls them in every worker, between batches).
+
+    Each row carries, under "stream", where its reader stands once the row is trained (see
+    StreamProgress): the engine's epoch counts what was trained, not what was read ahead."""
 
     def __init__(self, specs: list[DatasetSpec], config: TrainConfig, tokenizer: Any, rank: int, world_size: int):
         self.specs, self.config, self.tokenizer = specs, config, tokenizer
@@ -259,6 +343,7 @@ class TokenStream(torch.utils.data.IterableDataset):
         # a pass over the mix ends when the first data set ends (under) or when all of them have (over)
         self._mix_position = min if config.mix_strategy == "interleave_over" else max
         self.train_starts: dict[Path, int] = {}  # set by hold_out()
+        self.size_hint: int | None = None  # examples a pass over all the data (num_samples), set by open_stream
         self._live: tuple | None = None
         self._loaded: dict[str, Any] | None = None
 
@@ -270,45 +355,87 @@ class TokenStream(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         if self._live is None:
             return self._loaded or {}
-        sources, picker, shuffler, buffer, pending = self._live
-        return {
-            "sources": [dict(source.state) for source in sources],
-            "picker": _rng_to_json(picker), "shuffler": _rng_to_json(shuffler),
-            "buffer": [[index, list(position)] for index, position, _, _ in buffer],
-            "pending": [[list(ids), list(labels)] for ids, labels in pending],
-        }
+        passes, picker, pending = self._live
+        return {"sources": [source.state_dict() for source in passes], "picker": _rng_to_json(picker),
+                "pending": [[index, pass_index, list(ids), list(labels)]
+                            for index, pass_index, ids, labels in pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loaded = state or None
 
+    def _reader(self, worker_id: int, workers: int) -> tuple[int, int]:
+        """(this reader's number, all readers): every process x every data loader worker is one reader."""
+        return self.rank * workers + worker_id, self.world_size * workers
+
+    def _passes(self, reader: int, readers: int) -> list[ShuffledPasses]:
+        groups = self._groups()
+        buffer_size = max(1, self.config.buffer_size // readers // len(groups))
+        hint = self.size_hint / readers if self.size_hint and not self.interleave else None
+        seed = self.config.seed + 7919 * reader
+        return [ShuffledPasses(Source(group, self._encode, reader, readers, seed + i, self.train_starts),
+                               buffer_size, hint) for i, group in enumerate(groups)]
+
+    def progress_in(self, loader_state: dict[str, Any], workers: int) -> list[dict[str, Any]]:
+        """Where each reader of this process stood in a state that torchdata's StatefulDataLoader saved
+        (its dataset state, or each worker's), as the rows' "stream" entries say it."""
+        if workers == 0:
+            states = [loader_state.get("dataset_state")]
+        else:
+            snapshots = loader_state["_snapshot"]["_worker_snapshots"]
+            states = [snapshots.get(f"worker_{index}", {}).get("dataset_state") for index in range(workers)]
+        progress = []
+        for worker_id, state in enumerate(states):
+            if state:
+                reader, readers = self._reader(worker_id, max(1, workers))
+                passes = self._passes(reader, readers)
+                for source, saved in zip(passes, state["sources"], strict=True):
+                    source.load_counts(saved)
+                progress.append(self._progress(passes, reader))
+        return progress
+
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        reader, readers = self.rank * workers + worker_id, self.world_size * workers
-        seed = self.config.seed + 7919 * reader
-        sources = [Source(group, self._encode, reader, readers, seed + i, self.train_starts)
-                   for i, group in enumerate(self._groups())]
-        picker, shuffler = random.Random(seed), random.Random(seed + 1)
-        buffer: list[tuple[int, tuple, list[int], list[int]]] = []
-        pending: list[tuple[list[int], list[int]]] = []
+        reader, readers = self._reader(worker_id, workers)
+        passes = self._passes(reader, readers)
+        picker = random.Random(self.config.seed + 7919 * reader)
+        pending: list[tuple[int, int, list[int], list[int]]] = []  # (source, pass, ids, labels) not yet in a row
         if self._loaded:
-            buffer, pending = self._restore(self._loaded, sources, picker, shuffler)
+            for source, saved in zip(passes, self._loaded["sources"], strict=True):
+                source.load_state_dict(saved)
+            picker.setstate(_rng_from_json(self._loaded["picker"]))
+            pending = [(index, pass_index, ids, labels) for index, pass_index, ids, labels in self._loaded["pending"]]
             self._loaded = None
-        self._live = (sources, picker, shuffler, buffer, pending)
-        streams = [source.examples() for source in sources]
-        size = max(1, self.config.buffer_size // readers)
+        self._live = (passes, picker, pending)
         while True:
-            current = picker.choices(range(len(sources)), weights=self.probabilities)[0] if self.interleave else 0
-            item = next(streams[current], None)
+            current = picker.choices(range(len(passes)), weights=self.probabilities)[0] if self.interleave else 0
+            item = passes[current].next()
             if item is None:
                 return
-            buffer.append((current, *item))
-            if len(buffer) < size:
-                continue
-            _, _, ids, labels = buffer.pop(shuffler.randrange(len(buffer)))
-            row = self._pack(pending, ids, labels)
-            if row is not None:
-                yield {**row, "stream_position": self._mix_position(source.progress() for source in sources)}
+            pass_index, _, ids, labels = item
+            for examples in self._pack(pending, (current, pass_index, ids, labels)):
+                yield self._trained_row(examples, passes, reader)
+
+    def _trained_row(self, examples: list, passes: list[ShuffledPasses], reader: int) -> dict[str, Any]:
+        """The row of `examples`, counted as trained first: the state is up to date before it is handed out."""
+        for index, pass_index, _, _ in examples:
+            passes[index].count_trained(pass_index)
+        row = _row([(ids, labels) for _, _, ids, labels in examples])
+        row["stream"] = self._progress(passes, reader)
+        return row
+
+    def _progress(self, passes: list[ShuffledPasses], reader: int) -> dict[str, Any]:
+        """Where this reader stands: `done` examples trained against `per_pass` examples a pass."""
+        per_source = [source.passes_trained() for source in passes]
+        per_pass = sum(size for _, size, _ in per_source)
+        exact = all(known for _, _, known in per_source)
+        if exact and not self.interleave:  # whole numbers: a pass's end is exactly a whole epoch
+            source = passes[0]
+            done = source.state["trained_pass"] * per_pass + source.state["trained"]
+        else:
+            done = self._mix_position(trained for trained, _, _ in per_source) * per_pass
+        rows = sum(source.source.state["size"][0] for source in passes) if exact else None
+        return {"reader": reader, "done": done, "per_pass": per_pass, "exact": exact, "rows": rows}
 
     def first_rows(self, count: int) -> list[dict[str, Any]]:
         """The first training rows in file order, read apart from the run: no shuffle buffer to fill,
@@ -317,26 +444,20 @@ class TokenStream(torch.utils.data.IterableDataset):
         reader.train_starts = self.train_starts
         return list(itertools.islice(iter(reader), count))
 
-    def _pack(self, pending: list, ids: list[int], labels: list[int]) -> dict[str, list[int]] | None:
-        """A row of at most cutoff_len tokens when one is full; with packing, whole examples side by side.
-        The state is brought up to date before the row is handed out."""
+    def _pack(self, pending: list, example: tuple) -> list[list]:
+        """The rows that `example` completes: itself without packing; with packing, the examples waiting
+        side by side once this one would not fit, or once its source has moved on to another pass (a row
+        never holds two passes of one source)."""
         if not self.config.use_packing:
-            return _row([(ids, labels)])
-        row = None
-        if pending and sum(len(p[0]) for p in pending) + len(ids) > self.config.cutoff_len:
-            row = _row(list(pending))
+            return [[example]]
+        index, pass_index, ids, _ = example
+        rows = []
+        if pending and (sum(len(p[2]) for p in pending) + len(ids) > self.config.cutoff_len
+                        or any(p[0] == index and p[1] != pass_index for p in pending)):
+            rows.append(list(pending))
             pending.clear()
-        pending.append((ids, labels))
-        return row
-
-    def _restore(self, state, sources, picker, shuffler):
-        for source, saved in zip(sources, state["sources"], strict=True):
-            source.state = dict(saved)
-        picker.setstate(_rng_from_json(state["picker"]))
-        shuffler.setstate(_rng_from_json(state["shuffler"]))
-        buffer = [(index, tuple(position), *sources[index].example_at(tuple(position)))
-                  for index, position in state["buffer"]]
-        return buffer, [(ids, labels) for ids, labels in state["pending"]]
+        pending.append(example)
+        return rows
 
     def _encode(self, spec: DatasetSpec, path: Path, row: dict[str, Any], offset: int):
         from lmtune.data.processing import _encode_standard
@@ -430,6 +551,7 @@ def open_stream(
             info.num_samples = max(1, info.num_samples - int(config.val_size))
         if info.estimated_rows:
             info.estimated_rows = max(1, info.estimated_rows - int(config.val_size))
+    stream.size_hint = info.num_samples
     return stream, info
 
 
@@ -474,19 +596,28 @@ def hold_out(stream: TokenStream, count: int) -> list[tuple[list[int], list[int]
 def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[TokenStream, StreamInfo]:
     """The stream of a training run: as open_stream, with the checks a run needs."""
     stream, info = open_stream(config, tokenizer, rank, world_size)
-    if config.max_steps is None:
+    if config.max_steps is None and not info.num_samples:
         raise UserError(max_steps_message(config, info, world_size))
     return stream, info
 
 
 def max_steps_message(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> str:
     message = ("streaming: true needs max_steps: the length of a stream is unknown, so num_train_epochs cannot "
-               "say when to stop")
+               "say when to stop (unless dataset_info.json gives each data set's num_samples)")
     size = stream_size(config, info, world_size)
     if size["rows"]:
         message += (f"; the files ({info.total_bytes / 1e6:.1f} MB) hold about {size['rows']:,} rows, so one pass "
                     f"is about max_steps: {size['steps_per_pass_estimate']} at this batch size")
     return message
+
+
+def planned_steps(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> int:
+    """max_steps; without it (a stream with num_samples hints), the steps num_train_epochs passes are
+    estimated to take. The run itself stops after num_train_epochs passes as trained."""
+    if config.max_steps is not None:
+        return config.max_steps
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(config.num_train_epochs * info.num_samples / per_step))
 
 
 def stream_size(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> dict[str, Any]:
@@ -495,10 +626,61 @@ def stream_size(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> d
     rows = info.num_samples or info.estimated_rows
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
     steps_per_pass = max(1, rows // per_step) if rows else None
+    steps = planned_steps(config, info, world_size) if config.max_steps or info.num_samples else None
     return {
         "total_bytes": info.total_bytes, "rows": rows,
         "rows_from": "num_samples" if info.num_samples else "the first MB" if rows else None,
         "held_out_rows": int(config.val_size) if info.held_out else 0,
         "steps_per_pass_estimate": steps_per_pass,
-        "passes_estimate": round(config.max_steps / steps_per_pass, 2) if steps_per_pass and config.max_steps else None,
+        "passes_estimate": round(steps / steps_per_pass, 2) if steps_per_pass and steps else None,
+        "stops_after_passes": config.num_train_epochs if config.max_steps is None else None,
+        "steps_estimate": steps if config.max_steps is None else None,
     }
+
+
+# --- what the engine reads of the stream ------------------------------------------------------
+
+
+class StreamBatches:
+    """The collator of a stream's batches: (tensors, counts, progress), where progress is where the
+    batch's reader stands once the batch is trained (the rows of a batch come from one reader)."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def __call__(self, rows: list[dict[str, Any]]) -> tuple[dict, Any, dict[str, Any]]:
+        batch, counts = self.collator(rows)
+        return batch, counts, rows[-1]["stream"]
+
+
+class StreamProgress:
+    """Passes trained over this process's share of a stream, from where each of its readers (one per
+    data loader worker) stood after the batches trained: rows read ahead into a shuffle buffer or a
+    worker are not counted. The epoch never goes back (an estimate may be corrected upward only)."""
+
+    def __init__(self, readers: int, epoch: float = 0.0):
+        self.readers = readers
+        self.epoch = epoch
+        self._latest: dict[int, dict[str, Any]] = {}
+
+    def update(self, progress: list[dict[str, Any]]) -> None:
+        for reader in progress:
+            self._latest[reader["reader"]] = reader
+        per_pass = sum(reader["per_pass"] for reader in self._latest.values())
+        if per_pass:
+            self.epoch = max(self.epoch, sum(reader["done"] for reader in self._latest.values()) / per_pass)
+
+    @property
+    def exact(self) -> bool:
+        """Every reader has read its share to the end once: the size of a pass is known, not estimated."""
+        return len(self._latest) == self.readers and all(r["exact"] for r in self._latest.values())
+
+    def size(self) -> tuple[int, int]:
+        """(rows, examples) in a pass over this process's share, once exact."""
+        readers = self._latest.values()
+        return sum(r["rows"] for r in readers), sum(int(r["per_pass"]) for r in readers)
+
+    @property
+    def passes_begun(self) -> int:
+        """1 in the first pass, 2 once a row of the second is trained; a pass's last step is still in it."""
+        return max(1, math.ceil(round(self.epoch, 9)))
