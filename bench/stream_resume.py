@@ -81,9 +81,11 @@ def moved_checkpoint(source: Path, target_run: Path, corpus: Path, sample: int, 
     checkpoint = target_run / source.name
     shutil.copytree(source, checkpoint)
     states = torch.load(checkpoint / "rng_state.pth", weights_only=False)
-    dataset_state = states[0]["data_loader"]["dataset_state"]
-    dataset_state["sources"] = [{"pass": 0, "file": 0, "offset": offsets[sample], "chunk": 0}]
-    dataset_state["buffer"] = [[0, [0, offsets[sample - buffer + i], 0]] for i in range(buffer)]
+    source = states[0]["data_loader"]["dataset_state"]["sources"][0]
+    source["source"].update({"pass": 0, "file": 0, "offset": offsets[sample], "chunk": 0, "rows": sample,
+                             "examples": sample, "size": None})
+    source.update({"pass": 0, "draining": False, "trained_pass": 0, "trained": sample - buffer,
+                   "buffer": [[0, offsets[sample - buffer + i], 0] for i in range(buffer)]})
     torch.save(states, checkpoint / "rng_state.pth")
 
 
@@ -115,7 +117,7 @@ def pipeline_tokens_per_second(config_path: Path, rows: int, work: Path) -> tupl
     from lmtune.batching import Collator, epoch_batches
     from lmtune.config import load_config
     from lmtune.data import prepare_data
-    from lmtune.data.streaming import prepare_stream
+    from lmtune.data.streaming import StreamBatches, prepare_stream
     from lmtune.models import load_tokenizer
 
     config = load_config(config_path)
@@ -128,9 +130,9 @@ def pipeline_tokens_per_second(config_path: Path, rows: int, work: Path) -> tupl
     collator = Collator(tokenizer.pad_token_id, config.use_packing)
     stream, _ = prepare_stream(config, tokenizer, 0, 1)
     started, tokens = time.perf_counter(), 0
-    for _, counts in DataLoader(stream, batch_size=8, collate_fn=collator):
+    for _, counts, progress in DataLoader(stream, batch_size=8, collate_fn=StreamBatches(collator)):
         tokens += counts.tokens
-        if counts.stream_pass > 0:
+        if progress["done"] >= progress["per_pass"]:  # one pass over the rows
             break
     streamed = tokens / (time.perf_counter() - started)
 

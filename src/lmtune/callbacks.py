@@ -105,6 +105,8 @@ class TerminalLog:
         if metrics is None:
             return
         epoch = f" epoch {metrics['epoch']:.2f}" if metrics.get("epoch") is not None else ""
+        if metrics.get("stream_pass") is not None:  # a stream: its pass, and an epoch estimated until its size is known
+            epoch += f"{' (estimated)' if metrics['epoch_estimated'] else ''} pass {metrics['stream_pass']}"
         log.info(
             "step %d/%d%s  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s  mem %.0f MB  eta %s",
             metrics["step"], state.total_steps, epoch, metrics["loss"], metrics["lr"], metrics["grad_norm"],

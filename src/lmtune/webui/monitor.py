@@ -118,6 +118,8 @@ def progress_markdown(view: RunView, process: str | None) -> str:
     step = last["step"]
     share = f" ({100 * step / total:.0f}%)" if total else ""
     epoch = f" · epoch {last['epoch']:.2f}" if last.get("epoch") is not None else ""
+    if last.get("stream_pass") is not None:
+        epoch += f"{' (estimated)' if last.get('epoch_estimated') else ''} · pass {last['stream_pass']}"
     lines.append(
         f"step **{step}** / {total or '?'}{share}{epoch} · samples {_number(last.get('samples_seen'))} · "
         f"tokens {_number(last.get('tokens_seen'))} · elapsed {format_duration(last.get('elapsed_s'))} · "
