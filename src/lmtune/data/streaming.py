@@ -620,6 +620,11 @@ def planned_steps(config: TrainConfig, info: StreamInfo, world_size: int = 1) ->
     return max(1, math.ceil(config.num_train_epochs * info.num_samples / per_step))
 
 
+def with_planned_steps(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> TrainConfig:
+    """The config a stream's plan is made from: max_steps as planned_steps() gives it."""
+    return config.model_copy(update={"max_steps": planned_steps(config, info, world_size)})
+
+
 def stream_size(config: TrainConfig, info: StreamInfo, world_size: int = 1) -> dict[str, Any]:
     """What the plan can say of a stream's size: the bytes are known, the rows and passes only estimated
     (from num_samples hints or the first MB; packing puts several rows in a step, so fewer steps a pass)."""
