@@ -426,3 +426,6 @@ def test_num_train_epochs_stops_a_hinted_stream_after_its_passes(stream_config, 
     assert train[-1]["step"] == 15 and train[-1]["epoch"] == 1.5 and not train[-1]["epoch_estimated"]
     assert train[0]["epoch_estimated"]  # the hint, until the 40 rows were read to their end
     assert next(r for r in rows if r.get("event") == "stream_size")["rows"] == 40
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert run_lmtune("train", config) == 0  # the passes are trained: running it again trains nothing more
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics

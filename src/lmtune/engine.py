@@ -273,7 +273,8 @@ class TrainingLoop:
         config, plan = self.config, self.s.plan
         self.store = CheckpointStore(self.s.output_dir, config.save_total_limit, config.metric_for_best_model,
                                      config.best_is_greater)
-        if self.s.resume is not None and self.state.step >= self.state.total_steps:
+        finished = self.state.step >= self.state.total_steps or self._trained_all_passes(self.state.epoch)
+        if self.s.resume is not None and finished:
             return self._already_complete()
         self.callbacks = CallbackList(self._callbacks())
         if self.accelerator.is_main_process:
@@ -374,7 +375,7 @@ class TrainingLoop:
         self._stream_size_told = False
         by_passes = self.config.max_steps is None
         batches = iter(self._stream_loader)
-        while self.state.step < self.state.total_steps and not (by_passes and self._passes_done()):
+        while self.state.step < self.state.total_steps:
             try:
                 group = [next(batches) for _ in range(self.config.gradient_accumulation_steps)]
             except StopIteration:
@@ -382,6 +383,8 @@ class TrainingLoop:
                                 f"(is cutoff_len {self.config.cutoff_len} shorter than the prompts?)") from None
             self._stream_progress.update([progress for _, _, progress in group])
             self._note_stream_progress()
+            if by_passes and self._passes_done():
+                self.state.total_steps = self.state.step + 1  # this step ends the last pass: the run's last step
             yield [(batch, counts) for batch, counts, _ in group]
         if by_passes and not self._trained_all_passes(self._stream_progress.epoch):
             log.warning("the %d steps estimated from num_samples ended at epoch %.3f, before num_train_epochs %g: "
