@@ -80,13 +80,16 @@ def moved_checkpoint(source: Path, target_run: Path, corpus: Path, sample: int, 
     target_run.mkdir(parents=True)
     checkpoint = target_run / source.name
     shutil.copytree(source, checkpoint)
-    states = torch.load(checkpoint / "rng_state.pth", weights_only=False)
-    source = states[0]["data_loader"]["dataset_state"]["sources"][0]
+    states = torch.load(checkpoint / "rng_state.pth", weights_only=True)
+    source = states["data_loader"][0]["dataset_state"]["sources"][0]
     source["source"].update({"pass": 0, "file": 0, "offset": offsets[sample], "chunk": 0, "rows": sample,
                              "examples": sample, "size": None})
     source.update({"pass": 0, "draining": False, "trained_pass": 0, "trained": sample - buffer,
                    "buffer": [[0, offsets[sample - buffer + i], 0] for i in range(buffer)]})
     torch.save(states, checkpoint / "rng_state.pth")
+    mark = json.loads((checkpoint / "checkpoint_complete.json").read_text())  # the sizes a resume verifies
+    mark["files"]["rng_state.pth"] = (checkpoint / "rng_state.pth").stat().st_size
+    (checkpoint / "checkpoint_complete.json").write_text(json.dumps(mark))
 
 
 def data_restore_seconds(config_path: Path, checkpoint: Path) -> float:
@@ -104,7 +107,7 @@ def data_restore_seconds(config_path: Path, checkpoint: Path) -> float:
     stream, _ = prepare_stream(config, tokenizer, 0, 1)
     loader = StatefulDataLoader(stream, batch_size=config.per_device_train_batch_size,
                                 collate_fn=Collator(tokenizer.pad_token_id, config.use_packing))
-    loader.load_state_dict(torch.load(checkpoint / "rng_state.pth", weights_only=False)[0]["data_loader"])
+    loader.load_state_dict(torch.load(checkpoint / "rng_state.pth", weights_only=True)["data_loader"][0])
     next(iter(loader))
     return time.perf_counter() - started
 
