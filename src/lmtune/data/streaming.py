@@ -6,6 +6,10 @@ reader owns a byte range of every file (or a set of Parquet row groups), and its
 offset, so a resume seeks straight to it. The shuffle buffer is saved as row positions and the packer's
 pending tokens as they are, so a resumed stream yields exactly the rows the unstopped one would have.
 
+Passes: a pass yields every row of a reader's share once; the shuffle buffer holds one pass at a time
+and drains at its end (ShuffledPasses). Each row handed out says how much its reader has trained, so
+the engine's epoch counts rows trained, never rows read ahead (StreamProgress).
+
 Readers: every process x every data loader worker is one reader with its own share of each file.
 """
 
