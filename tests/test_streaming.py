@@ -125,6 +125,10 @@ def test_streamed_resume_continues_exactly(stream_config, tmp_path, alpaca_file,
     expected = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl") if r["type"] == "train"}
     assert (first["samples_seen"], first["tokens_seen"]) == (expected[first["step"]]["samples_seen"],
                                                               expected[first["step"]]["tokens_seen"])
+    passes = [(r["step"], r["stream_pass"]) for r in read_jsonl(straight / "metrics.jsonl")
+              if r.get("event") == "stream_pass" and r["step"] > from_step]
+    assert [(r["step"], r["stream_pass"]) for r in read_jsonl(resumed / "metrics.jsonl")
+            if r.get("event") == "stream_pass"] == passes  # the pass the checkpoint was in is not announced again
 
 
 def test_a_stream_holds_out_its_first_rows_for_evaluation_and_never_trains_on_them(tmp_path, tokenizer):
