@@ -402,3 +402,19 @@ def test_every_config_key_says_what_a_change_means_on_resume():
 
     unclassified = [key for key in TrainConfig.model_fields if field_meta(key).get("on_resume") not in RESUME_EFFECTS]
     assert unclassified == []
+
+
+def test_greater_is_better_marks_the_highest_metric_best(tmp_path):
+    from test_checkpoint import snapshot
+
+    from lmtune.checkpoint import CheckpointStore
+    from lmtune.config import TrainConfig
+
+    assert TrainConfig(metric_for_best_model="eval_accuracy").best_is_greater
+    assert not TrainConfig(metric_for_best_model="eval_loss").best_is_greater
+    store = CheckpointStore(tmp_path, save_total_limit=1, best_metric="eval_accuracy", greater_is_better=True)
+    for step, accuracy in ((1, 0.2), (2, 0.9), (3, 0.5), (4, 0.4)):
+        store.write(snapshot(step, eval_accuracy=accuracy))
+    index = json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]
+    assert [e["step"] for e in index if e["best"]] == [2]
+    assert [e["step"] for e in index if e["status"] == "kept"] == [2, 4]
