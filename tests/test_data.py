@@ -310,3 +310,18 @@ def test_pretraining_text_gets_the_tokenizers_own_bos_and_one_eos(tokenizer):
     (ids, _), = _encode_standard({"text": "the tide rises"}, tokenizer, None, config)
     assert ids[0] != tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id  # SmolLM2 adds no BOS
     assert ids[:-1] == tokenizer("the tide rises", add_special_tokens=False)["input_ids"]
+
+
+def test_a_missing_data_file_names_each_place_looked_once(tmp_path, monkeypatch):
+    from lmtune.data.registry import resolve_datasets
+    from lmtune.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError) as raised:
+        resolve_datasets(["data/missing.json"], ".", "sft")
+    message = str(raised.value)
+    assert message.count("missing.json") == 2  # the name given, and the one path looked at (not twice)
+    with pytest.raises(UserError) as raised:
+        resolve_datasets(["missing.json"], "data", "sft")
+    assert f"{tmp_path / 'missing.json'} and {tmp_path / 'data' / 'missing.json'}" in str(raised.value)

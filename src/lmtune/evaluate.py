@@ -99,10 +99,14 @@ def _model_of(config: TrainConfig, run_dir: Path | None, checkpoint: str | None,
 
 
 def _step_of(target: Target) -> int | None:
-    state = Path(target.model_path) / "train_state.json"
-    if state.is_file():
-        return json.loads(state.read_text()).get("step")
-    return None
+    from lmtune.checkpoint import DamagedCheckpoint, is_complete_checkpoint, read_state
+
+    if not is_complete_checkpoint(Path(target.model_path)):
+        return None
+    try:
+        return read_state(Path(target.model_path)).step
+    except DamagedCheckpoint:
+        return None
 
 
 def _loss_sum(model: Any, rows: Any, pad_token_id: int, config: TrainConfig) -> tuple[float, int, int]:

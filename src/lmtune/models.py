@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -103,7 +104,8 @@ def import_gguf(gguf: Path, out: Path | None = None) -> Path:
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _named_load_errors(path, "its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -129,15 +131,24 @@ def save_tiny_llama(tokenizer: Any, folder: Path, seed: int = 0) -> Path:
 def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
-    )
+    with _named_load_errors(path, "the model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     trust_remote_code=config.trust_remote_code)
     if getattr(model.config, "quantization_config", None) is not None:
         model.config.quantization_config = None
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
     return prepare_for_training(model, config)
+
+
+@contextlib.contextmanager
+def _named_load_errors(path: str, what: str):
+    """A model folder transformers cannot read (a broken config.json, missing weights) is bad input."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"model_name_or_path: {what} in {path} could not be loaded: {error}") from None
 
 
 def inference_config(model_config: Any) -> Any:

@@ -31,10 +31,29 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
         plan = make_plan(with_planned_steps(config, info, world_size), None, world_size, bool(info.held_out),
                          **estimate_sizes(model_path, config))
         plan.stream = stream_size(config, info, world_size)
-        return plan
-    data = prepare_data(config, tokenizer)
-    return make_plan(config, len(data.train), world_size, data.eval is not None,
-                     **estimate_sizes(model_path, config))
+    else:
+        data = prepare_data(config, tokenizer)
+        plan = make_plan(config, len(data.train), world_size, data.eval is not None,
+                         **estimate_sizes(model_path, config))
+    plan.resume = resume_lines(config, tokenizer, plan.total_steps)
+    return plan
+
+
+def resume_lines(config: TrainConfig, tokenizer, total_steps: int) -> list[str]:
+    """Where `lmtune train` would resume, what changed since, and what the learning rate does to the end."""
+    from lmtune.data.registry import data_files
+    from lmtune.lr_schedule import resume_lr_lines
+    from lmtune.resume import data_fingerprint, describe_changes, find_resume_point
+
+    point = find_resume_point(config, Path(config.output_dir))
+    if point is None:
+        return []
+    lines = [f"resumes from {point.path} at step {point.step}"]
+    lines += [f"changed since the checkpoint: {line}" for line in
+              describe_changes(point, config, data_fingerprint(data_files(config), tokenizer))]
+    if point.step >= total_steps:
+        return lines + [f"the run is complete at step {point.step}: raise max_steps or num_train_epochs to go on"]
+    return lines + resume_lr_lines(point.state.schedule, config, point.step, total_steps)
 
 
 def estimate_sizes(model_path: str, config: TrainConfig) -> dict[str, int | None]:
@@ -84,7 +103,7 @@ def final_model_bytes(trainable_parameters: int, total_parameters: int, config: 
 def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     """The lines `lmtune plan` and `lmtune train` both print about saving and rotation."""
     written = len(plan.save_steps)
-    lines = [stream_line(plan.stream)] if plan.stream else []
+    lines = plan.resume + ([stream_line(plan.stream)] if plan.stream else [])
     if config.save_total_limit is None:
         lines.append(f"{written} checkpoints will be written; save_total_limit is null: all are kept")
     elif plan.deleted:

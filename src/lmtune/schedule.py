@@ -52,6 +52,7 @@ class Plan:
     save_total_limit: int | None = None
     keeps_best: bool = False
     stream: dict | None = None  # for streamed data: what is known or estimated of its size
+    resume: list[str] = field(default_factory=list)  # where a resume starts and what its learning rate does
 
     @property
     def disk_bytes(self) -> int | None:
@@ -84,6 +85,7 @@ class Plan:
             "disk_bytes": self.disk_bytes,
             "warnings": self.warnings,
             "stream": self.stream,
+            "resume": self.resume,
         }
 
 

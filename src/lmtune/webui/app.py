@@ -14,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from lmtune.checkpoint import DamagedCheckpoint, read_state  # noqa: E402
 from lmtune.config import TrainConfig, keys_where  # noqa: E402
 from lmtune.errors import UserError  # noqa: E402
 from lmtune.webui import form as F  # noqa: E402
@@ -152,10 +153,10 @@ def resume_note(root: Path, form: dict[str, Any]) -> str:
         entries[0] if entries else None)
     if entry is None:
         return "No checkpoint to resume from in this output_dir: the run starts at step 0."
-    saved_lr = None
-    state_file = run_dir / entry["path"] / "train_state.json"
-    if state_file.is_file():
-        saved_lr = (json.loads(state_file.read_text()).get("config") or {}).get("learning_rate")
+    try:
+        saved_lr = read_state(run_dir / entry["path"]).run_config.get("learning_rate")
+    except DamagedCheckpoint:
+        saved_lr = None
     logged = [r for r in M.read_run(run_dir).train if r["step"] <= entry["step"] and "lr" in r]
     now = f" (last logged rate {M.lr_text(logged[-1]['lr'])})" if logged else ""
     new = form.get("learning_rate")
