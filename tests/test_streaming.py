@@ -439,6 +439,8 @@ def test_num_train_epochs_stops_a_hinted_stream_after_its_passes(stream_config, 
     plan = json.loads(capsys.readouterr().out)
     assert plan["total_steps"] == 18 and plan["stream"]["stops_after_passes"] == 1.5
     assert plan["stream"]["steps_estimate"] == 18
+    assert run_lmtune("plan", config) == 0
+    assert "about 18 optimizer steps (estimated): the stream stops after 1.5 passes" in capsys.readouterr().out
     assert run_lmtune("train", config) == 0
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in rows if r["type"] == "train"]

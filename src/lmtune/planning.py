@@ -187,8 +187,12 @@ def render_plan(plan: Plan, config: TrainConfig) -> None:
 
     console = Console()
     epochs = f"{plan.epochs:.2f}" if plan.epochs is not None else "unknown (stream)"
-    console.print(f"[bold]{plan.total_steps} optimizer steps[/], {plan.steps_per_epoch or '?'} per epoch, "
-                  f"{epochs} epochs")
+    if plan.stream and plan.stream["stops_after_passes"]:
+        console.print(f"[bold]about {plan.total_steps} optimizer steps[/] (estimated): the stream stops after "
+                      f"{plan.stream['stops_after_passes']:g} passes (num_train_epochs)")
+    else:
+        console.print(f"[bold]{plan.total_steps} optimizer steps[/], {plan.steps_per_epoch or '?'} per epoch, "
+                      f"{epochs} epochs")
     for phase in plan.phases:
         console.print(f"save_schedule[{phase['phase']}]: steps {phase['from_step']}..{phase['until_step']}: "
                       f"{len(phase['saves'])} saves")
