@@ -95,6 +95,15 @@ def test_train_on_a_stream_prints_its_first_rows(stream_config, capsys, monkeypa
     assert "── train row" not in capsys.readouterr().err
 
 
+def test_a_stream_resumes_only_with_the_loader_workers_that_read_it(stream_config, tmp_path, capsys):
+    assert run_lmtune("train", stream_config(max_steps=2, save_steps=1, dataloader_num_workers=2)) == 0
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert run_lmtune("train", stream_config(max_steps=2, save_steps=1, dataloader_num_workers=0)) == 2
+    assert "set dataloader_num_workers: 2 to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
 def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
     assert run_lmtune("train", stream_config(max_steps=40, packing=False)) == 0  # 60 docs, 2 per step
     events = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "stream_pass"]

@@ -97,6 +97,11 @@ def check_compatible(point: ResumePoint, config: TrainConfig, num_processes: int
     if saved.get("finetuning_type") != config.finetuning_type:
         raise UserError(f"{made_for}; this run is finetuning_type {config.finetuning_type!r}: set finetuning_type "
                         f"back, or start over (overwrite_output_dir: true, or resume_from_checkpoint: false)")
+    workers = saved.get("dataloader_num_workers", 0)
+    if config.streaming and workers != config.dataloader_num_workers:
+        raise UserError(f"{point.path} holds the position of a stream read by {workers} data loader workers a "
+                        f"process (each reads its own share of the files) and this run has "
+                        f"{config.dataloader_num_workers}: set dataloader_num_workers: {workers} to resume it")
     if len(point.state.rng) != num_processes:
         raise UserError(f"{point.path} was written by {len(point.state.rng)} processes and this run has "
                         f"{num_processes}: start it with --nproc_per_node {len(point.state.rng)}")
