@@ -92,7 +92,7 @@ class TrainConfig(BaseModel):
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
         "concat", description="how several data sets are mixed"
     )
-    interleave_probs: str | list[float] | None = Field(
+    interleave_probs: list[float] | None = Field(
         None, description="sampling probabilities of the data sets when interleaving"
     )
     preprocessing_num_workers: int | None = Field(
@@ -192,6 +192,16 @@ class TrainConfig(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("interleave_probs", mode="before")
+    @classmethod
+    def _probabilities(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"'{value}' is not a comma separated list of numbers, e.g. 0.7,0.3") from None
+        return value
+
     @field_validator("resume_from_checkpoint", mode="before")
     @classmethod
     def _resume_value(cls, value: Any) -> Any:
@@ -222,6 +232,10 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{key} must be a positive number of steps")
         if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
             raise ValueError("warmup_steps is a whole number of steps, or a fraction < 1 of the total steps")
+        probs, datasets = self.interleave_probs, self.datasets
+        if probs is not None and datasets and self.mix_strategy != "concat" and len(probs) != len(datasets):
+            raise ValueError(f"interleave_probs has {len(probs)} values for {len(datasets)} data sets "
+                             f"({', '.join(datasets)}); give one probability a data set")
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
 
     # --- derived values -------------------------------------------------------------------------
