@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
     packing: bool | None = Field(
         None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft"
     )
+    padding_free: bool | None = Field(
+        None, description="micro-batches laid end to end in one row, no padding; null: on for sft, off for pt"
+    )
     streaming: bool = Field(False, description="read the data as a stream (needs max_steps)")
     buffer_size: int = Field(16384, gt=0, description="shuffle buffer of a streamed data set")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
@@ -249,6 +252,10 @@ class TrainConfig(BaseModel):
     @property
     def use_packing(self) -> bool:
         return self.stage == "pt" if self.packing is None else self.packing
+
+    @property
+    def use_padding_free(self) -> bool:
+        return self.stage == "sft" if self.padding_free is None else self.padding_free
 
     @property
     def effective_lora_alpha(self) -> int:

@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from lmtune.batching import Collator, Counts, epoch_batches
+from lmtune.batching import Collator, Counts, batching_of, epoch_batches
 from lmtune.callbacks import (
     CallbackList,
     LossPlot,
@@ -46,6 +46,7 @@ from lmtune.data import DataStats, ProcessedData, prepare_data
 from lmtune.data.processing import rows_of_examples
 from lmtune.data.streaming import prepare_stream, stream_size
 from lmtune.errors import Stopped, UserError
+from lmtune.loss import batch_loss_for
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
 from lmtune.resume import (
@@ -127,6 +128,7 @@ def set_up(config: TrainConfig) -> Setup:
                      checkpoint_bytes=checkpoint_bytes(trainable, config))
     if data.stream_info is not None:
         plan.stream = stream_size(config, data.stream_info, accelerator.num_processes)
+    plan.batching = batching_of(config, data.stats.train_row_lengths, model)
     if accelerator.is_main_process:
         for line in plan_summary_lines(plan, config):
             log.info("%s", line)
@@ -136,7 +138,8 @@ def set_up(config: TrainConfig) -> Setup:
     model, optimizer = accelerator.prepare(model, optimizer)
     if point is not None:
         scheduler = _restore_training_state(point, config, optimizer, scheduler, plan, accelerator)
-    collator = Collator(tokenizer.pad_token_id, packed=config.use_packing)
+    collator = Collator(tokenizer.pad_token_id, packed=config.use_packing,
+                        padding_free=plan.batching["padding_free"])
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, plan, collator,
                  point)
 
@@ -229,6 +232,7 @@ class TrainingLoop:
         self.store = CheckpointStore(setup.output_dir, self.config.save_total_limit,
                                      self.config.metric_for_best_model)
         self.callbacks = CallbackList(self._callbacks())
+        self.loss = batch_loss_for(self.accelerator.unwrap_model(setup.model))  # of a batch: a token sum
         self._interval = _Interval(state.samples_seen, state.tokens_seen)
         self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
@@ -372,7 +376,7 @@ class TrainingLoop:
             batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
             with _maybe_no_sync(accelerator, model, skip=last), accelerator.autocast():
-                loss = model(**batch, num_items_in_batch=trained_tokens).loss
+                loss = self.loss(model, batch) / trained_tokens
                 # The gradient is averaged over processes; the count above is already global.
                 accelerator.backward(loss * accelerator.num_processes)
             step_loss += loss.detach().float()
@@ -467,7 +471,7 @@ class TrainingLoop:
             for batch, counts in self._loader(data, batches):
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                 with accelerator.autocast():
-                    loss_sum = model(**batch, num_items_in_batch=1).loss
+                    loss_sum = self.loss(model, batch)
                 sums += torch.stack([loss_sum.double(), torch.tensor(counts.trained_tokens, dtype=torch.float64,
                                                                      device=accelerator.device)])
         if accelerator.num_processes > 1:

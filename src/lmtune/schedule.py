@@ -51,6 +51,7 @@ class Plan:
     save_total_limit: int | None = None
     keeps_best: bool = False
     stream: dict | None = None  # for streamed data: what is known or estimated of its size
+    batching: dict | None = None  # how micro-batches are laid out (batching.batching_of)
 
     @property
     def disk_bytes(self) -> int | None:
@@ -81,6 +82,7 @@ class Plan:
             "disk_bytes": self.disk_bytes,
             "warnings": self.warnings,
             "stream": self.stream,
+            "batching": self.batching,
         }
 
 
