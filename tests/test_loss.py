@@ -144,6 +144,10 @@ def test_padding_free_with_two_processes_trains_as_padded_batches_do(tiny_config
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same_training(tmp_path / "free", tmp_path / "padded")
+    # one process with both processes' rows in its micro-batch: the gradients were averaged, token-weighted
+    one = tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / "one"), per_device_train_batch_size=8)
+    assert run_lmtune("train", one) == 0
+    assert_same_training(tmp_path / "free", tmp_path / "one")
 
 
 def tiny_lfm2(tokenizer, folder):

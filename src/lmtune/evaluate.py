@@ -1,8 +1,8 @@
 """`lmtune eval`: loss and perplexity of a model on the eval split of a run, or on a given data set.
 
-The data goes through `prepare_data` and the `Collator` exactly as in training, so the loss is the
-training loss: mean over trained tokens (labels not masked), summed over the whole set, not averaged
-per batch. Perplexity is exp(loss).
+The data goes through `prepare_data`, the `Collator` and the batch loss (lmtune.loss) exactly as in
+training, so the loss is the training loss: mean over trained tokens (labels not masked), summed over
+the whole set, not averaged per batch. Perplexity is exp(loss).
 """
 
 from __future__ import annotations

@@ -25,8 +25,10 @@ from lmtune.data.templates import IGNORE_INDEX
 
 log = logging.getLogger("lmtune")
 
-# Logits of at most this many (position, vocabulary entry) pairs at once: 128 MB in float32.
-LOGITS_PER_CHUNK = 2**25
+# Logits of at most this many (position, vocabulary entry) pairs at once: 256 MB in float32, 1,365
+# positions of a 49,152-word vocabulary. A batch with more trained positions is taken in chunks, each
+# computed again in the backward pass (one more forward of the output layer) instead of being kept.
+LOGITS_PER_CHUNK = 2**26
 
 
 class FullLogitsLoss:
