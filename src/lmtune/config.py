@@ -124,6 +124,9 @@ class TrainConfig(BaseModel):
         None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft",
         json_schema_extra=on_resume("run", data=True)
     )
+    padding_free: bool | None = Field(
+        None, description="micro-batches laid end to end in one row, no padding; null: on for sft, off for pt",
+        json_schema_extra=on_resume("run"))
     streaming: bool = Field(False, description="read the data as a stream (needs max_steps)",
                             json_schema_extra=on_resume("run", data=True))
     buffer_size: int = Field(16384, gt=0, description="shuffle buffer of a streamed data set",
@@ -131,7 +134,7 @@ class TrainConfig(BaseModel):
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
         "concat", description="how several data sets are mixed", json_schema_extra=on_resume("run", data=True)
     )
-    interleave_probs: str | list[float] | None = Field(
+    interleave_probs: list[float] | None = Field(
         None, description="sampling probabilities of the data sets when interleaving",
         json_schema_extra=on_resume("run", data=True)
     )
@@ -271,6 +274,16 @@ class TrainConfig(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("interleave_probs", mode="before")
+    @classmethod
+    def _probabilities(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"'{value}' is not a comma separated list of numbers, e.g. 0.7,0.3") from None
+        return value
+
     @field_validator("resume_from_checkpoint", mode="before")
     @classmethod
     def _resume_value(cls, value: Any) -> Any:
@@ -301,6 +314,10 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{key} must be a positive number of steps")
         if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
             raise ValueError("warmup_steps is a whole number of steps, or a fraction < 1 of the total steps")
+        probs, datasets = self.interleave_probs, self.datasets
+        if probs is not None and datasets and self.mix_strategy != "concat" and len(probs) != len(datasets):
+            raise ValueError(f"interleave_probs has {len(probs)} values for {len(datasets)} data sets "
+                             f"({', '.join(datasets)}); give one probability a data set")
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
 
     # --- derived values -------------------------------------------------------------------------
@@ -320,6 +337,10 @@ class TrainConfig(BaseModel):
     @property
     def use_packing(self) -> bool:
         return self.stage == "pt" if self.packing is None else self.packing
+
+    @property
+    def use_padding_free(self) -> bool:
+        return self.stage == "sft" if self.padding_free is None else self.padding_free
 
     @property
     def effective_lora_alpha(self) -> int:
