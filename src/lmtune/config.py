@@ -104,6 +104,16 @@ class TrainConfig(BaseModel):
         2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)",
         json_schema_extra=on_resume("run", checkpoint_size=True)
     )
+    quantization_bit: Literal[4, 8] | None = Field(
+        None, description="QLoRA: load the base weights in 4 (NF4, double quantisation) or 8 bits with "
+        "bitsandbytes and train LoRA on top", json_schema_extra=on_resume("run"))
+    quantization_method: Literal["bnb"] = Field(
+        "bnb", description="how the base weights are quantised: bnb (bitsandbytes)", json_schema_extra=on_resume("run"))
+
+    # scale
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (non-reentrant): "
+        "less memory, about a third more compute", json_schema_extra=on_resume("neutral"))
 
     # data
     dataset: str | list[str] | None = Field(
@@ -306,6 +316,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
+        if self.quantization_bit is not None and self.finetuning_type != "lora":
+            raise ValueError(f"quantization_bit: {self.quantization_bit} trains LoRA on quantised base weights "
+                             f"(QLoRA); finetuning_type {self.finetuning_type} would train the quantised weights "
+                             "themselves: set finetuning_type: lora, or remove quantization_bit")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError("max_steps must be a positive number of steps (or -1 / null for unset)")
         for key in ("save_steps", "eval_steps"):

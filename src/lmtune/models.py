@@ -133,8 +133,9 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
 
     with _named_load_errors(path, "the model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     trust_remote_code=config.trust_remote_code)
-    if getattr(model.config, "quantization_config", None) is not None:
+                                                     trust_remote_code=config.trust_remote_code,
+                                                     **_quantised_loading(config))
+    if config.quantization_bit is None and getattr(model.config, "quantization_config", None) is not None:
         model.config.quantization_config = None
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
@@ -160,7 +161,35 @@ def inference_config(model_config: Any) -> Any:
     return saved
 
 
+def _quantised_loading(config: TrainConfig) -> dict[str, Any]:
+    """from_pretrained arguments for QLoRA: the base weights through bitsandbytes, on this process's device."""
+    if config.quantization_bit is None:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as error:
+        raise UserError(f"quantization_bit: {config.quantization_bit} needs the bitsandbytes package ({error}): "
+                        "pip install 'lmtune[qlora]'") from None
+    compute = torch.bfloat16 if config.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) \
+        else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=config.quantization_bit == 4, load_in_8bit=config.quantization_bit == 8,
+        bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+    )
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
+
+
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """What is trained (LoRA, freeze or full), on quantised base weights for QLoRA, with activation
+    checkpointing when asked for."""
+    if config.quantization_bit is not None and getattr(model, "is_quantized", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.finetuning_type == "lora":
         return _add_lora(model, config)
     if config.finetuning_type == "freeze":
