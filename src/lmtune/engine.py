@@ -36,7 +36,6 @@ from lmtune.callbacks import (
     MetricsFile,
     ProgressBar,
     RunState,
-    TensorBoardWriter,
     TerminalLog,
     load_user_callbacks,
 )
@@ -60,6 +59,7 @@ from lmtune.resume import (
 )
 from lmtune.runlock import RunLock
 from lmtune.schedule import Plan, make_plan
+from lmtune.trackers import tracker_callbacks
 
 log = logging.getLogger("lmtune")
 
@@ -238,8 +238,7 @@ class TrainingLoop:
         if not self.accelerator.is_main_process:
             return user
         built_in: list[Any] = [self.metrics, TerminalLog(), ProgressBar()]
-        if self.config.report_to == "tensorboard":
-            built_in.append(TensorBoardWriter(self.s.output_dir / "runs"))
+        built_in += tracker_callbacks(self.config, self.s.output_dir)
         if self.config.plot_loss:
             built_in.append(LossPlot())
         return built_in + user

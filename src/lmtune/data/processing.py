@@ -65,12 +65,14 @@ class ProcessedData:
 
 def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) -> ProcessedData:
     specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
+    eval_specs = resolve_datasets(config.eval_datasets, config.dataset_dir, config.stage) if config.eval_datasets \
+        else []
     template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
-    cache_dir = cache_home() / "data" / _cache_key(config, specs, tokenizer, template)
-    if use_cache and (cache_dir / "done").exists():
+    cache_dir = cache_home() / "data" / _cache_key(config, specs + eval_specs, tokenizer, template)
+    if use_cache and not config.overwrite_cache and (cache_dir / "done").exists():
         log.info("using processed data from the cache: %s", cache_dir)
         return _load_cached(cache_dir)
-    data = _process(config, specs, tokenizer, template)
+    data = _process(config, specs, eval_specs, tokenizer, template)
     if use_cache:
         _save_cached(data, cache_dir)
         data = _load_cached(cache_dir)  # memory-mapped from the cache, as every later run reads it
@@ -78,7 +80,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) ->
     return data
 
 
-def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, template: str | None) -> ProcessedData:
+def _process(config: TrainConfig, specs: list[DatasetSpec], eval_specs: list[DatasetSpec], tokenizer: Any,
+             template: str | None) -> ProcessedData:
     stats = DataStats()
     parts = []
     for spec in specs:
@@ -90,7 +93,12 @@ def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, temp
     stats.examples_kept = len(examples)
     stats.cutoff_len, stats.packing = config.cutoff_len, config.use_packing
     stats.lengths = [len(ids) for ids in examples["input_ids"]]
-    train, evaluation = _split(examples, config)
+    if eval_specs:  # eval_dataset: its own data sets, processed as the training data is
+        train = examples
+        evaluation = datasets.concatenate_datasets(
+            [_tokenize_dataset(config, spec, tokenizer, template, DataStats()) for spec in eval_specs])
+    else:
+        train, evaluation = _split(examples, config)
     stats.train_examples, stats.eval_examples = len(train), len(evaluation) if evaluation else 0
     train = _finish(train, config)
     evaluation = _finish(evaluation, config) if evaluation is not None else None
@@ -281,7 +289,8 @@ def _cache_key(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, te
         {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime_ns}
         for spec in specs for f in spec.files
     ]
-    keys = ("stage", "cutoff_len", "max_samples", "val_size", "seed", "mix_strategy", "interleave_probs")
+    keys = ("stage", "cutoff_len", "max_samples", "val_size", "seed", "mix_strategy", "interleave_probs", "eval_dataset",
+            "placeholders")
     description = {
         "version": CACHE_VERSION,
         "files": files,
