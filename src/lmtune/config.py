@@ -99,7 +99,8 @@ class TrainConfig(BaseModel):
         "{name: Lumi, author: Ada} for LLaMA-Factory's identity data", json_schema_extra={"on_resume": "run"},
     )
     overwrite_cache: bool = Field(
-        False, description="process the data again instead of reusing the cache", json_schema_extra={"on_resume": "neutral"}
+        False, description="process the data again instead of reusing the cache",
+        json_schema_extra={"on_resume": "neutral"},
     )
     cutoff_len: int = Field(1024, gt=0, description="longest tokenised example; longer ones are truncated")
     max_samples: int | None = Field(None, gt=0, description="use at most this many examples of each data set")
@@ -184,7 +185,8 @@ class TrainConfig(BaseModel):
     output_dir: str = Field("out", description="folder of the run: checkpoints, metrics, final model")
     logging_steps: int = Field(10, gt=0, description="log the loss every N optimizer steps")
     report_to: str | list[str] = Field(
-        "tensorboard", description="tensorboard, wandb, mlflow, swanlab or none; a list (or comma separated) for several"
+        "tensorboard", description="tensorboard, wandb, mlflow, swanlab or none; a list (or comma separated) "
+        "for several", json_schema_extra={"on_resume": "neutral"},
     )
     run_name: str | None = Field(
         None, description="the run's name in W&B, MLflow or SwanLab; null: the name of output_dir",

@@ -289,8 +289,8 @@ def _cache_key(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, te
         {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime_ns}
         for spec in specs for f in spec.files
     ]
-    keys = ("stage", "cutoff_len", "max_samples", "val_size", "seed", "mix_strategy", "interleave_probs", "eval_dataset",
-            "placeholders")
+    keys = ("stage", "cutoff_len", "max_samples", "val_size", "seed", "mix_strategy", "interleave_probs",
+            "eval_dataset", "placeholders")
     description = {
         "version": CACHE_VERSION,
         "files": files,
