@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 
 from lmtune.config import TrainConfig
-from lmtune.data.registry import DatasetSpec, load_rows, resolve_datasets, standard_row
+from lmtune.data.registry import DatasetSpec, left_placeholders, load_rows, resolve_datasets, standard_row
 from lmtune.data.templates import IGNORE_INDEX, chat_template_for, encode_conversation
 from lmtune.errors import UserError
 from lmtune.paths import cache_home
@@ -64,9 +64,9 @@ class ProcessedData:
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) -> ProcessedData:
-    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
-    eval_specs = resolve_datasets(config.eval_datasets, config.dataset_dir, config.stage) if config.eval_datasets \
-        else []
+    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage, config.placeholders)
+    eval_specs = resolve_datasets(config.eval_datasets, config.dataset_dir, config.stage, config.placeholders) \
+        if config.eval_datasets else []
     template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
     cache_dir = cache_home() / "data" / _cache_key(config, specs + eval_specs, tokenizer, template)
     if use_cache and not config.overwrite_cache and (cache_dir / "done").exists():
@@ -125,6 +125,11 @@ def _tokenize_dataset(
         stats.examples_after_max_samples += len(rows)
         if len(rows) == 0:
             continue
+        left = left_placeholders(spec, rows)
+        if left:
+            shown = ", ".join("{{" + name + "}}" for name in sorted(left))
+            log.warning("%s: the placeholders %s are left as they are; give their values with placeholders: "
+                        "{%s}", file, shown, ", ".join(f"{name}: ..." for name in sorted(left)))
         encode = _encoder(config, spec, file, tokenizer, template)
         workers = _num_proc(config, len(rows))
         if workers:
