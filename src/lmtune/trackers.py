@@ -3,7 +3,7 @@
 - tensorboard: event files in output_dir/runs;
 - wandb: online when it can log in, else offline in output_dir/wandb (`wandb sync` uploads it later);
   WANDB_MODE and the other WANDB_* variables are read by wandb as usual;
-- mlflow: a local `./mlruns` store unless MLFLOW_TRACKING_URI names another one;
+- mlflow: a local `./mlruns` folder unless MLFLOW_TRACKING_URI names another store;
 - swanlab: its library's own defaults (SWANLAB_MODE=offline keeps it local).
 
 Train rows are logged as train/<metric>, eval rows as eval/loss, at the run's step.
@@ -89,6 +89,8 @@ class MlflowTracker:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow 3 asks for this before it writes a plain ./mlruns folder (its classic local store)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
         mlflow.start_run(run_name=run_name(state.config, state.output_dir))
         mlflow.log_params({k: str(v)[:250] for k, v in state.config.to_yaml_dict().items()})
