@@ -144,3 +144,12 @@ def test_a_refused_key_exits_2_and_writes_nothing(tiny_config, tmp_path, capsys)
     err = " ".join(capsys.readouterr().err.split())
     assert "deepspeed" in err and "torchrun" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_key_table_is_the_code_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+            for line in readme.splitlines() if line.startswith("| `") and line.count("|") == 4}
+    assert {key: t.kind for key, t in FOREIGN_KEYS.items()} == {key: rows.get(key) for key in FOREIGN_KEYS}

@@ -45,21 +45,12 @@ def wandb_has_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
 
 
-class WandbTracker:
+class RunObjectTracker:
+    """A tracker whose library hands back a run object with `log(values, step=)` and `finish()` (W&B, SwanLab)."""
+
     def __init__(self, output_dir: Path):
         self.output_dir = Path(output_dir)
         self.run = None
-
-    def on_train_begin(self, state: RunState, model: Any) -> None:
-        import wandb
-
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
-        if mode == "offline":
-            log.info("wandb: no API key, logging offline to %s (upload it later with `wandb sync`)",
-                     self.output_dir / "wandb")
-        self.run = wandb.init(dir=str(self.output_dir), name=run_name(state.config, self.output_dir), mode=mode,
-                              config=state.config.to_yaml_dict(), resume="allow",
-                              id=_stable_id(self.output_dir))
 
     def on_step_end(self, state: RunState, metrics: dict | None) -> None:
         if metrics is not None and self.run is not None:
@@ -72,6 +63,19 @@ class WandbTracker:
     def on_train_end(self, state: RunState) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+class WandbTracker(RunObjectTracker):
+    def on_train_begin(self, state: RunState, model: Any) -> None:
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+        if mode == "offline":
+            log.info("wandb: no API key, logging offline to %s (upload it later with `wandb sync`)",
+                     self.output_dir / "wandb")
+        self.run = wandb.init(dir=str(self.output_dir), name=run_name(state.config, self.output_dir), mode=mode,
+                              config=state.config.to_yaml_dict(), resume="allow",
+                              id=_stable_id(self.output_dir))
 
 
 def _stable_id(output_dir: Path) -> str:
@@ -117,25 +121,9 @@ class MlflowTracker:
             self.active = False
 
 
-class SwanlabTracker:
-    def __init__(self, output_dir: Path):
-        self.output_dir = Path(output_dir)
-        self.run = None
-
+class SwanlabTracker(RunObjectTracker):
     def on_train_begin(self, state: RunState, model: Any) -> None:
         import swanlab
 
         self.run = swanlab.init(experiment_name=run_name(state.config, self.output_dir),
                                 config=state.config.to_yaml_dict(), logdir=str(self.output_dir / "swanlog"))
-
-    def on_step_end(self, state: RunState, metrics: dict | None) -> None:
-        if metrics is not None and self.run is not None:
-            self.run.log(train_values(metrics), step=metrics["step"])
-
-    def on_evaluate(self, state: RunState, metrics: dict) -> None:
-        if self.run is not None:
-            self.run.log({"eval/loss": metrics["eval_loss"]}, step=metrics["step"])
-
-    def on_train_end(self, state: RunState) -> None:
-        if self.run is not None:
-            self.run.finish()
