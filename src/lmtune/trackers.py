@@ -46,7 +46,7 @@ def wandb_has_credentials() -> bool:
 
 
 class RunObjectTracker:
-    """A tracker whose library hands back a run object with `log(values, step=)` and `finish()` (W&B, SwanLab)."""
+    """A tracker whose run has `log(values, step=)` and `finish()` (W&B's run object, the swanlab module)."""
 
     def __init__(self, output_dir: Path):
         self.output_dir = Path(output_dir)
@@ -125,5 +125,6 @@ class SwanlabTracker(RunObjectTracker):
     def on_train_begin(self, state: RunState, model: Any) -> None:
         import swanlab
 
-        self.run = swanlab.init(experiment_name=run_name(state.config, self.output_dir),
-                                config=state.config.to_yaml_dict(), logdir=str(self.output_dir / "swanlog"))
+        swanlab.init(experiment_name=run_name(state.config, self.output_dir), config=state.config.to_yaml_dict(),
+                     logdir=str(self.output_dir / "swanlog"))
+        self.run = swanlab  # the documented API logs and finishes through the module: swanlab.log, swanlab.finish
