@@ -117,3 +117,14 @@ def test_eval_dataset_is_the_eval_split(tmp_path, tiny_model_dir, tokenizer):
                         tokenizer, use_cache=False)
     assert len(data.train) == 4 and len(data.eval) == 1
     assert tokenizer.decode([t for t in data.eval[0]["labels"] if t != -100]) == f"D{IM_END}"
+
+
+def test_overwrite_cache_processes_the_data_again(tmp_path, tiny_model_dir, tokenizer):
+    (tmp_path / "rows.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    assert not prepare_data(config_for(tmp_path, tiny_model_dir, dataset="rows.json"), tokenizer).from_cache
+    cached = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="rows.json"), tokenizer)
+    assert cached.from_cache
+    written = (cached.cache_dir / "done").stat().st_mtime_ns
+    again = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="rows.json", overwrite_cache=True), tokenizer)
+    assert not again.from_cache and len(again.train) == 1
+    assert again.cache_dir == cached.cache_dir and (again.cache_dir / "done").stat().st_mtime_ns > written

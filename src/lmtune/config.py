@@ -174,7 +174,7 @@ class TrainConfig(BaseModel):
 
     # resuming
     resume_from_checkpoint: str | bool = Field(
-        "auto", description="auto: newest complete checkpoint in output_dir; false: fresh; or a path"
+        "auto", description="auto (or null): newest complete checkpoint in output_dir; false: fresh; or a path"
     )
     resume_lr: Literal["keep", "config"] = Field(
         "keep", description="on resume, keep the saved LR schedule or apply the config's from now on"

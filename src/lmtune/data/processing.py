@@ -74,6 +74,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) ->
         return _load_cached(cache_dir)
     data = _process(config, specs, eval_specs, tokenizer, template)
     if use_cache:
+        if config.overwrite_cache:  # the entry is replaced only once the data has been processed again
+            shutil.rmtree(cache_dir, ignore_errors=True)
         _save_cached(data, cache_dir)
         data = _load_cached(cache_dir)  # memory-mapped from the cache, as every later run reads it
         data.from_cache = False
