@@ -15,6 +15,7 @@ import lmtune.checkpoint as checkpoint
 from lmtune.checkpoint import CheckpointIndex, CheckpointStore, Snapshot, is_complete_checkpoint
 from lmtune.errors import RunFailed
 from lmtune.schedule import rotation
+from lmtune.state import TrainState
 
 
 def plan_json(config: Path, capsys) -> dict:
@@ -126,22 +127,25 @@ def test_a_save_that_fails_half_way_leaves_the_previous_checkpoints_intact(tiny_
     assert "the checkpoints written before are intact (newest: checkpoint-4)" in err
     run = tmp_path / "run"
     assert not (run / "checkpoint-6").exists()  # never under the final name
-    assert (run / ".checkpoint-6.tmp").is_dir()
+    assert not (run / ".checkpoint-6.tmp").exists()  # the failed save removed what it had written
     index = read_index(run)
     assert status_of(index, "kept") == [2, 4]
     for step in (2, 4):
         state = json.loads((run / f"checkpoint-{step}" / "train_state.json").read_text())
         assert state["step"] == step
         assert load_file(run / f"checkpoint-{step}" / "model.safetensors")
-        assert torch.load(run / f"checkpoint-{step}" / "optimizer.pt", weights_only=False)["state"]
+        assert torch.load(run / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)["state"]
     assert CheckpointIndex.load(run).newest_complete() == run / "checkpoint-4"
 
     assert run_lmtune("checkpoints", run, "--json") == 0
     listed = json.loads(capsys.readouterr().out)["checkpoints"]
     assert [(e["step"], e["path"], e["status"]) for e in listed] == [
-        (2, "checkpoint-2", "kept"), (4, "checkpoint-4", "kept"), (6, ".checkpoint-6.tmp", "incomplete")]
+        (2, "checkpoint-2", "kept"), (4, "checkpoint-4", "kept")]
 
-    # the same command again resumes from checkpoint-4 and finishes; the half folder is replaced
+    # a save killed half way (no clean-up possible) leaves its folder: the same command again removes it,
+    # resumes from checkpoint-4 and finishes
+    (run / ".checkpoint-6.tmp").mkdir()
+    (run / ".checkpoint-6.tmp" / "model.safetensors").write_bytes(b"\0" * 1000)
     monkeypatch.setattr(checkpoint, "save_file", real_save)
     assert run_lmtune("train", config) == 0
     index = read_index(run)
@@ -189,8 +193,8 @@ def snapshot(step: int, **metrics) -> Snapshot:
     return Snapshot(
         step=step, weights={"w": torch.full((4, 4), float(step))}, weights_name="model.safetensors",
         write_model_files=lambda folder: (folder / "config.json").write_text("{}"),
-        optimizer={"state": {}}, scheduler={}, rng={"python": None},
-        train_state={"step": step}, entry={"step": step, "epoch": None, "samples_seen": step, "tokens_seen": step,
+        optimizer={"state": {}}, state=TrainState(step=step, rng=[{"python": None}]),
+        entry={"step": step, "epoch": None, "samples_seen": step, "tokens_seen": step,
                                            "reasons": ["steps"], "metrics": metrics},
     )
 
@@ -230,7 +234,8 @@ def test_store_failure_in_the_writer_is_reported_and_leaves_the_index(tmp_path, 
     assert not (tmp_path / "checkpoint-2").exists()
     assert load_file(tmp_path / "checkpoint-1" / "model.safetensors")["w"][0, 0] == 1.0
     listed = CheckpointIndex.load(tmp_path).entries
-    assert [(e["step"], e["status"]) for e in listed] == [(1, "kept"), (2, "incomplete")]
+    assert [(e["step"], e["status"]) for e in listed] == [(1, "kept")]
+    assert not (tmp_path / ".checkpoint-2.tmp").exists()  # the failed save removed its own folder
     assert not list(tmp_path.glob(".checkpoints.json*"))  # the index was replaced, never left half
 
 
@@ -272,8 +277,8 @@ def test_a_checkpoint_holds_the_state_of_its_own_step(tiny_config, tmp_path):
         assert torch.equal(saved[key], short[key]), key
     after = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(saved[k], after[k]) for k in saved)  # steps 3 and 4 did change the weights
-    moments = torch.load(tmp_path / "run" / "checkpoint-2" / "optimizer.pt", weights_only=False)["state"]
-    short_moments = torch.load(tmp_path / "short" / "checkpoint-2" / "optimizer.pt", weights_only=False)["state"]
+    moments = torch.load(tmp_path / "run" / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    short_moments = torch.load(tmp_path / "short" / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
     assert all(torch.equal(moments[i]["exp_avg"], short_moments[i]["exp_avg"]) for i in moments)
 
 

@@ -22,7 +22,8 @@ def test_plan_json_lists_steps_saves_and_rotation(tiny_config, capsys):
     assert [s["step"] for s in plan["saves"]] == list(range(4, 129, 4))
     assert len(plan["kept"]) == 32 and plan["deleted"] == []
     assert plan["saves"][-1] == {"step": 128, "reasons": ["epoch", "final"]}
-    assert plan["checkpoint_bytes"] > 0 and plan["disk_bytes"] == 32 * plan["checkpoint_bytes"]
+    assert plan["checkpoint_bytes"] > 0 and plan["final_model_bytes"] > 0
+    assert plan["disk_bytes"] == 32 * plan["checkpoint_bytes"] + plan["final_model_bytes"]
 
 
 def test_plan_table_says_how_many_are_written_kept_and_deleted(tiny_config, capsys):
@@ -80,7 +81,8 @@ def test_save_steps_past_the_run_is_a_plan_warning(tiny_config, capsys):
 def test_dense_saves_of_a_big_model_warn_in_the_plan(tiny_config, capsys, monkeypatch):
     import lmtune.planning as planning
 
-    monkeypatch.setattr(planning, "estimate_checkpoint_bytes", lambda path, config: 2_000_000_000)
+    monkeypatch.setattr(planning, "estimate_sizes",
+                        lambda path, config: {"checkpoint_bytes": 2_000_000_000, "final_model_bytes": None})
     plan = plan_json(tiny_config(max_steps=40, save_steps=1, per_device_train_batch_size=1), capsys)
     assert any(w.startswith("save_steps save at every step, a checkpoint of about 2.0 GB each (80 GB written")
                for w in plan["warnings"]), plan["warnings"]
@@ -102,7 +104,7 @@ def test_train_refuses_when_the_kept_checkpoints_do_not_fit(tiny_config, tmp_pat
     config = tiny_config(max_steps=4, save_steps=1)
     assert run_lmtune("train", config) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "the kept checkpoints need about" in err and "only 1.0 KB is free" in err
+    assert "the kept checkpoints and the final model need about" in err and "only 1.0 KB is free" in err
     assert "save_total_limit" in err
     assert not (tmp_path / "run").exists()  # nothing written
     assert run_lmtune("plan", config) == 0  # the plan itself still prints, with the shortfall

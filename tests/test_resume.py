@@ -99,7 +99,7 @@ def test_resume_lr_keep_continues_the_saved_rate(tiny_config, tmp_path):
     lrs = {r["step"]: r["lr"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"}
     assert lrs[4] == pytest.approx(1e-3)
     event = next(r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "resume")
-    assert any("ignored: resume_lr is keep" in line for line in event["changes"])
+    assert any("not applied: resume_lr is keep" in line for line in event["changes"])
 
 
 def test_fresh_start_refuses_a_folder_that_holds_a_run(tiny_config, tmp_path):

@@ -30,10 +30,6 @@ def epoch_batches(
     return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
 
 
-def batches_per_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
-    return math.ceil(math.ceil(num_rows / world_size) / batch_size)
-
-
 @dataclass
 class Counts:
     """What a micro-batch holds, for progress: examples, non-padding tokens, trained tokens."""

@@ -25,29 +25,23 @@ from typing import Any
 
 from lmtune.config import TrainConfig
 from lmtune.errors import UserError
+from lmtune.state import TrainState
 
 log = logging.getLogger("lmtune")
 HOOKS = ("on_train_begin", "on_step_end", "on_evaluate", "on_save", "on_train_end")
 
 
-@dataclass
-class RunState:
+@dataclass(kw_only=True)
+class RunState(TrainState):
+    """The saved state (step, epoch, samples and tokens seen, ...) and what only the running loop needs."""
+
     config: TrainConfig
     output_dir: Path
     is_main_process: bool
     total_steps: int
     steps_per_epoch: int | None
-    step: int = 0
-    epoch: float | None = 0.0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0
     save_reasons: set[str] = field(default_factory=set)
     should_stop: bool = False
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    best_metric: float | None = None
-    stream_pass: int = 0
-    stream_position: float = 0.0
 
 
 class CallbackList:

@@ -6,6 +6,10 @@ atomically after each save and each deletion. Writing happens on a background th
 flight at a time. That thread also copies the tensors to the CPU: the training thread hands over
 references and goes on with the next forward and backward passes, which only read the weights; the
 next `optimizer.step()` waits (a step pre-hook) until the copy is done, as it is what changes them.
+
+This module alone writes and reads the files of a checkpoint. Nothing in them can run code: tensors
+are safetensors or `torch.load(weights_only=True)` pickles of plain data, the rest JSON. A checkpoint
+is used only after `verify_checkpoint` has opened every one of its files.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -22,16 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from lmtune.errors import RunFailed
 from lmtune.schedule import rotation
+from lmtune.state import TrainState, state_from_json, state_to_json
 
 log = logging.getLogger("lmtune")
 
 INDEX_NAME = "checkpoints.json"
 COMPLETE_MARK = "checkpoint_complete.json"
 TRAIN_STATE = "train_state.json"
+OPTIMIZER = "optimizer.pt"
+RNG_STATE = "rng_state.pth"
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 PREFIX = "checkpoint-"
 
 
@@ -76,11 +86,15 @@ class CheckpointIndex:
         path = Path(run_dir) / INDEX_NAME
         index = cls(Path(run_dir))
         if path.is_file():
-            data = json.loads(path.read_text())
-            index.save_total_limit = data.get("save_total_limit")
-            index.best_metric = data.get("best_metric")
-            # What is incomplete is decided by the folders on disk now, not by an older listing.
-            index.entries = [e for e in data.get("checkpoints", []) if e.get("status") != "incomplete"]
+            try:
+                data = json.loads(path.read_text())
+                entries = [e for e in data["checkpoints"] if isinstance(e.get("step"), int) and "path" in e]
+                index.save_total_limit, index.best_metric = data.get("save_total_limit"), data.get("best_metric")
+                # What is incomplete is decided by the folders on disk now, not by an older listing.
+                index.entries = [e for e in entries if e.get("status") != "incomplete"]
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                log.warning("%s is damaged (%s): the index is rebuilt from the checkpoint folders", path,
+                            error.__class__.__name__)
         index._note_incomplete_folders()
         return index
 
@@ -92,8 +106,9 @@ class CheckpointIndex:
             step = _step_of(folder.name)
             if not folder.is_dir() or folder.name in known or step is None:
                 continue
-            if folder.name.startswith(PREFIX) and is_complete_checkpoint(folder):  # never a .tmp folder
-                self.entries.append(_entry_from_folder(folder, step))
+            entry = _entry_from_folder(folder, step) if folder.name.startswith(PREFIX) else None  # never a .tmp
+            if entry is not None:
+                self.entries.append(entry)
             else:
                 self.entries.append({"step": step, "path": folder.name, "status": "incomplete",
                                      "reasons": [], "metrics": {}, "best": False})
@@ -107,8 +122,13 @@ class CheckpointIndex:
         return [e for e in self.entries if e["status"] == "kept"]
 
     def newest_complete(self) -> Path | None:
-        complete = [e for e in self.kept() if (self.run_dir / e["path"] / COMPLETE_MARK).is_file()]
-        return self.run_dir / max(complete, key=lambda e: e["step"])["path"] if complete else None
+        complete = self.complete_newest_first()
+        return complete[0] if complete else None
+
+    def complete_newest_first(self) -> list[Path]:
+        """Kept checkpoints that were completed, newest first (not yet verified: see verify_checkpoint)."""
+        kept = sorted(self.kept(), key=lambda e: e["step"], reverse=True)
+        return [self.run_dir / e["path"] for e in kept if is_complete_checkpoint(self.run_dir / e["path"])]
 
 
 def _step_of(name: str) -> int | None:
@@ -116,16 +136,15 @@ def _step_of(name: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def _entry_from_folder(folder: Path, step: int) -> dict[str, Any]:
+def _entry_from_folder(folder: Path, step: int) -> dict[str, Any] | None:
+    """The index entry of a completed folder the index does not list, from its completion mark."""
+    try:
+        mark = json.loads((folder / COMPLETE_MARK).read_text())
+        entry = dict(mark["entry"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # never completed, or its mark is damaged: listed as incomplete
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    mark = json.loads((folder / COMPLETE_MARK).read_text())
-    if isinstance(mark.get("entry"), dict):  # the entry the index was about to record
-        return {**mark["entry"], "path": folder.name, "status": "kept", "best": False, "size_bytes": size}
-    state = json.loads((folder / TRAIN_STATE).read_text())
-    return {"step": step, "epoch": state.get("epoch"), "samples_seen": state.get("samples_seen"),
-            "tokens_seen": state.get("tokens_seen"), "path": folder.name, "reasons": ["found"],
-            "metrics": state.get("last_metrics", {}), "status": "kept", "best": False,
-            "size_bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())}
+    return {**entry, "path": folder.name, "status": "kept", "best": False, "size_bytes": size}
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
@@ -144,9 +163,7 @@ class Snapshot:
     weights_name: str  # adapter_model.safetensors or model.safetensors
     write_model_files: Any  # callable(folder): configs and tokenizer
     optimizer: dict | None
-    scheduler: dict | None
-    rng: dict[str, Any]
-    train_state: dict[str, Any]
+    state: TrainState
     entry: dict[str, Any]
 
 
@@ -164,6 +181,7 @@ def cpu_copy(value: Any) -> Any:
 class CheckpointStore:
     def __init__(self, run_dir: Path, save_total_limit: int | None, best_metric: str | None,
                  greater_is_better: bool = False):
+        """`greater_is_better`: a higher `best_metric` marks the best checkpoint (the config's rule)."""
         self.run_dir = Path(run_dir)
         self.index = CheckpointIndex.load(self.run_dir)
         self.index.save_total_limit = save_total_limit
@@ -236,9 +254,15 @@ class CheckpointStore:
         tmp = self.run_dir / f".{PREFIX}{snapshot.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self._write_files(tmp, snapshot)
-        _fsync_tree(tmp)
-        atomic_write_text(tmp / COMPLETE_MARK, json.dumps({"step": snapshot.step, "entry": snapshot.entry}))
+        try:
+            self._write_files(tmp, snapshot)
+            _fsync_tree(tmp)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            atomic_write_text(tmp / COMPLETE_MARK,
+                              json.dumps({"step": snapshot.step, "entry": snapshot.entry, "files": files}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save (a full disk) leaves nothing behind
+            raise
         if final.exists():  # an older checkpoint of the same step (a rerun after a crash): moved aside first
             old = self.run_dir / f".{PREFIX}{snapshot.step}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -255,10 +279,9 @@ class CheckpointStore:
         save_file(snapshot.weights, str(folder / snapshot.weights_name), metadata={"format": "pt"})
         snapshot.write_model_files(folder)
         if snapshot.optimizer is not None:
-            torch.save(snapshot.optimizer, folder / "optimizer.pt")
-            torch.save(snapshot.scheduler, folder / "scheduler.pt")
-        torch.save(snapshot.rng, folder / "rng_state.pth")
-        (folder / TRAIN_STATE).write_text(json.dumps(snapshot.train_state, indent=1))
+            torch.save(snapshot.optimizer, folder / OPTIMIZER)
+        torch.save({"rng": snapshot.state.rng, "data_loader": snapshot.state.data_loader}, folder / RNG_STATE)
+        (folder / TRAIN_STATE).write_text(json.dumps(state_to_json(snapshot.state), indent=1))
 
     def _record(self, folder: Path, snapshot: Snapshot) -> None:
         entry = dict(snapshot.entry)
@@ -295,3 +318,149 @@ class CheckpointStore:
         for step in doomed:
             shutil.rmtree(self.run_dir / f"{PREFIX}{step}", ignore_errors=True)
             log.info("rotation (save_total_limit %s): deleted %s%d", self.index.save_total_limit, PREFIX, step)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+class DamagedCheckpoint(Exception):
+    """A file of a checkpoint that cannot be used; the message names the file and why."""
+
+
+def load_plain(path: Path, mmap: bool = False) -> Any:
+    """A torch pickle of tensors and plain data; anything else is refused and runs no code."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1][:200]
+        raise DamagedCheckpoint(f"{path}: refused to load: it holds objects that are not tensors or plain data, "
+                                f"which could run code ({reason})") from None
+    except (OSError, EOFError, RuntimeError, ValueError) as error:
+        detail = str(error) or "empty or cut short"
+        raise DamagedCheckpoint(f"{path}: unreadable ({type(error).__name__}: {detail})") from None
+
+
+def read_state(folder: Path) -> TrainState:
+    """The saved state of a checkpoint: train_state.json and the RNG / stream positions."""
+    path = Path(folder) / TRAIN_STATE
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpoint(f"{path}: not readable JSON ({error})") from None
+    binary = load_plain(Path(folder) / RNG_STATE)
+    if not isinstance(binary, dict) or not isinstance(binary.get("rng"), list) or not binary["rng"]:
+        raise DamagedCheckpoint(f"{Path(folder) / RNG_STATE}: holds no RNG state per process")
+    try:
+        return state_from_json(values, binary)
+    except (KeyError, TypeError) as error:
+        raise DamagedCheckpoint(f"{path}: {error}") from None
+
+
+def read_optimizer_state(folder: Path) -> dict[str, Any]:
+    return load_plain(Path(folder) / OPTIMIZER)
+
+
+def weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise DamagedCheckpoint(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = weights_file(folder)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise DamagedCheckpoint(f"{path}: unreadable safetensors ({error})") from None
+
+
+def verify_checkpoint(folder: Path) -> list[str]:
+    """What stops `folder` from being resumed, by opening every file; empty when it is resumable."""
+    folder = Path(folder)
+    mark_path = folder / COMPLETE_MARK
+    try:
+        mark = json.loads(mark_path.read_text())
+    except FileNotFoundError:
+        return [f"{folder.name} was never completed (no {COMPLETE_MARK}: a crash or a stop during the save)"]
+    except (OSError, ValueError) as error:
+        return [f"{mark_path}: not readable JSON ({error})"]
+    problems = [f"{folder / name}: {problem}" for name, problem in _listed_file_problems(folder, mark)]
+    problems += _open_problems(folder, mark.get("step"))
+    return problems
+
+
+def _listed_file_problems(folder: Path, mark: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for name, size in (mark.get("files") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append((name, "missing"))
+        elif path.stat().st_size != size:
+            problems.append((name, f"{path.stat().st_size} bytes, {size} when it was written"))
+    return problems
+
+
+def _open_problems(folder: Path, marked_step: Any) -> list[str]:
+    problems = []
+    step = _step_of(folder.name)
+    if marked_step != step:
+        problems.append(f"{folder / COMPLETE_MARK}: says step {marked_step}, the folder is step {step}")
+    try:
+        state = read_state(folder)
+        if state.step != step:
+            problems.append(f"{folder / TRAIN_STATE}: says step {state.step}, the folder is step {step}")
+    except DamagedCheckpoint as error:
+        problems.append(str(error))
+    try:
+        with safe_open(str(weights_file(folder)), framework="pt"):
+            pass
+    except DamagedCheckpoint as error:
+        problems.append(str(error))
+    except (SafetensorError, OSError) as error:
+        problems.append(f"{weights_file(folder)}: unreadable safetensors ({error})")
+    if not (folder / OPTIMIZER).is_file():
+        problems.append(f"{folder.name} holds no optimizer state (saved with save_only_model: true): its weights "
+                        "can start a new run (model_name_or_path), it cannot be resumed")
+    else:
+        try:
+            load_plain(folder / OPTIMIZER, mmap=True)  # mapped, not read: a cut-off file still fails here
+        except DamagedCheckpoint as error:
+            problems.append(str(error))
+    for name in ("config.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_text())
+            except ValueError as error:
+                problems.append(f"{folder / name}: not readable JSON ({error})")
+    return problems
+
+
+def model_folder_problems(folder: Path) -> list[str]:
+    """What keeps a final model folder from loading: its weights (every shard), configs and tokenizer."""
+    folder = Path(folder)
+    adapter = (folder / "adapter_config.json").exists() or (folder / "adapter_model.safetensors").exists()
+    config = "adapter_config.json" if adapter else "config.json"
+    problems = []
+    for name in (config, "tokenizer_config.json"):
+        try:
+            json.loads((folder / name).read_text())
+        except (OSError, ValueError) as error:
+            problems.append(f"{name}: {'missing' if isinstance(error, FileNotFoundError) else 'not readable JSON'}")
+    shard_index = folder / "model.safetensors.index.json"
+    if adapter:
+        weights = ["adapter_model.safetensors"]
+    elif shard_index.is_file():
+        try:
+            weights = sorted(set(json.loads(shard_index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as error:
+            return problems + [f"{shard_index.name}: damaged ({error})"]
+    else:
+        weights = ["model.safetensors"]
+    for name in weights:
+        try:
+            with safe_open(str(folder / name), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            problems.append(f"{name}: {'missing' if not (folder / name).exists() else f'unreadable ({error})'}")
+    return problems

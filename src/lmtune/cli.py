@@ -60,6 +60,7 @@ def train(
         return
     if config is None:
         raise UserError("lmtune train needs a config file: lmtune train CONFIG.yaml [key=value ...]")
+    _stop_on_signals()
     run_config = _load(config, overrides)
     setup_logging(run_config.log_level, quiet, verbose)
     for note in run_config.brought_key_notes:
@@ -125,9 +126,10 @@ def preview(
 def checkpoints(
     run_dir: Annotated[Path, typer.Argument(help="the run's output_dir")],
     as_json: Annotated[bool, typer.Option("--json", help="the index as JSON")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="open every file of every kept checkpoint")] = False,
 ) -> None:
-    """The checkpoint index of a run (kept, deleted, best, incomplete)."""
-    from lmtune.checkpoint import CheckpointIndex
+    """The checkpoint index of a run (kept, deleted, best, incomplete); --verify says which can be resumed."""
+    from lmtune.checkpoint import CheckpointIndex, verify_checkpoint
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder")
@@ -135,25 +137,34 @@ def checkpoints(
     if not index.entries and not (run_dir / "checkpoints.json").exists():
         raise UserError(f"{run_dir} holds no checkpoints.json and no checkpoint folders: not a run folder?")
     entries = sorted(index.entries, key=lambda e: e["step"])
+    if verify:
+        for entry in entries:
+            if entry["status"] == "kept":
+                entry["problems"] = verify_checkpoint(run_dir / entry["path"])
     if as_json:
         typer.echo(json.dumps({"save_total_limit": index.save_total_limit, "best_metric": index.best_metric,
                                "checkpoints": entries}, indent=1))
-        return
-    _print_checkpoints(index, entries)
+    else:
+        _print_checkpoints(index, entries, verify)
+    if verify and any(entry.get("problems") for entry in entries):
+        raise typer.Exit(1)
 
 
-def _print_checkpoints(index, entries) -> None:
+def _print_checkpoints(index, entries, verified: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"checkpoints of {index.run_dir} (save_total_limit {index.save_total_limit})")
-    for column in ("step", "epoch", "reasons", "loss", "eval loss", "size", "status"):
-        table.add_column(column)
+    for column in ("step", "epoch", "reasons", "loss", "eval loss", "size", "status") + (("verified",) * verified):
+        table.add_column(column, overflow="fold")
     for e in entries:
         metrics = e.get("metrics", {})
         status = e["status"] + (" best" if e.get("best") else "")
-        table.add_row(str(e["step"]), _fmt(e.get("epoch")), ",".join(e.get("reasons", [])),
-                      _fmt(metrics.get("loss")), _fmt(metrics.get("eval_loss")), _size(e.get("size_bytes")), status)
+        row = [str(e["step"]), _fmt(e.get("epoch")), ",".join(e.get("reasons", [])), _fmt(metrics.get("loss")),
+               _fmt(metrics.get("eval_loss")), _size(e.get("size_bytes")), status]
+        if verified:
+            row.append("-" if "problems" not in e else "; ".join(e["problems"]) or "ok: resumable")
+        table.add_row(*row)
     Console().print(table)
 
 
@@ -263,6 +274,21 @@ def webui(
     except ImportError as error:
         raise UserError(f"the web UI needs gradio ({error}): pip install 'lmtune[webui]'") from None
     serve(Path.cwd(), host, port, credentials)
+
+
+def _stop_on_signals() -> None:
+    """SIGINT or SIGTERM outside the training loop (loading the model, tokenising) stops with exit code
+    130 and a message; inside it, the loop's own handler stops after the step, with a checkpoint."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise Stopped(f"{signal.Signals(signum).name} before training began or after it ended; the checkpoints "
+                      "already written are as they were")
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stop)
 
 
 def main(argv: list[str] | None = None) -> None:

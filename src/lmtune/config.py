@@ -19,6 +19,30 @@ from lmtune.errors import UserError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 
+# What a changed key means when a run is resumed (each field's `on_resume`):
+RESUME_EFFECTS = {
+    "neutral": "does not change what the next step computes (logging, saving, evaluation, workers)",
+    "schedule": "the learning-rate schedule: applied only with resume_lr: config",
+    "length": "the length of the run",
+    "run": "what is trained: data, model, method or batches",
+}
+
+
+def on_resume(effect: str, *, data: bool = False, checkpoint_size: bool = False) -> dict[str, Any]:
+    """A field's metadata: its effect on a resume (RESUME_EFFECTS), whether the tokenised data depend
+    on it (the processed-data cache and the planner key on these), and whether it sizes a checkpoint."""
+    assert effect in RESUME_EFFECTS, effect
+    return {"on_resume": effect, "data": data, "checkpoint_size": checkpoint_size}
+
+
+def field_meta(key: str) -> dict[str, Any]:
+    return TrainConfig.model_fields[key].json_schema_extra or {}
+
+
+def keys_where(meta: str, value: Any = True) -> list[str]:
+    """Config keys whose metadata `meta` is `value`, in the config's order."""
+    return [key for key in TrainConfig.model_fields if field_meta(key).get(meta) == value]
+
 
 class SavePhase(BaseModel):
     """One phase of `save_schedule`: its own save rules until an epoch or a step."""
@@ -64,140 +88,194 @@ class TrainConfig(BaseModel):
 
     # model
     model_name_or_path: str = Field(
-        BUILTIN_MODEL, description=f"local HF folder, a .gguf file, or the built-in '{BUILTIN_MODEL}'"
+        BUILTIN_MODEL, description=f"local HF folder, a .gguf file, or the built-in '{BUILTIN_MODEL}'",
+        json_schema_extra=on_resume("run", data=True, checkpoint_size=True)
     )
     template: str | None = Field(
         None, description="chat template name (chatml, llama3, mistral, qwen, alpaca, ...); "
-        "null uses the tokenizer's own chat template"
+        "null uses the tokenizer's own chat template", json_schema_extra=on_resume("run", data=True)
     )
-    trust_remote_code: bool = Field(False, description="allow code shipped with a model folder to run")
+    trust_remote_code: bool = Field(False, description="allow code shipped with a model folder to run",
+                                    json_schema_extra=on_resume("run", data=True))
 
     # method
-    stage: Literal["pt", "sft"] = Field("sft", description="pt: continued pre-training on text; sft: supervised")
-    finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained")
-    lora_rank: int = Field(8, gt=0, description="LoRA rank r")
-    lora_alpha: int | None = Field(None, gt=0, description="LoRA alpha; null means 2 x lora_rank")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
+    stage: Literal["pt", "sft"] = Field("sft", description="pt: continued pre-training on text; sft: supervised",
+                                        json_schema_extra=on_resume("run", data=True))
+    finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained",
+                                                               json_schema_extra=on_resume("run", checkpoint_size=True))
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r", json_schema_extra=on_resume("run", checkpoint_size=True))
+    lora_alpha: int | None = Field(None, gt=0, description="LoRA alpha; null means 2 x lora_rank",
+                                   json_schema_extra=on_resume("run"))
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path",
+                                json_schema_extra=on_resume("run"))
     lora_target: str | list[str] = Field(
-        "all", description="'all' linear layers but the output head, or module names (list or comma separated)"
+        "all", description="'all' linear layers but the output head, or module names (list or comma separated)",
+        json_schema_extra=on_resume("run", checkpoint_size=True)
     )
     freeze_trainable_layers: int = Field(
-        2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)"
+        2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)",
+        json_schema_extra=on_resume("run", checkpoint_size=True)
     )
 
     # data
     dataset: str | list[str] | None = Field(
-        None, description="names in dataset_dir/dataset_info.json, or file paths, comma separated"
+        None, description="names in dataset_dir/dataset_info.json, or file paths, comma separated",
+        json_schema_extra=on_resume("run", data=True)
     )
-    dataset_dir: str = Field("data", description="folder holding dataset_info.json and the data files")
+    dataset_dir: str = Field("data", description="folder holding dataset_info.json and the data files",
+                             json_schema_extra=on_resume("run", data=True))
     eval_dataset: str | list[str] | None = Field(
         None, description="data sets to evaluate on (names or paths, as dataset), instead of a val_size split",
-        json_schema_extra={"on_resume": "run"},
+        json_schema_extra=on_resume("run", data=True),
     )
     placeholders: dict[str, str] = Field(
         default_factory=dict, description="values for {{key}} placeholders in the data, e.g. "
-        "{name: Lumi, author: Ada} for LLaMA-Factory's identity data", json_schema_extra={"on_resume": "run"},
+        "{name: Lumi, author: Ada} for LLaMA-Factory's identity data", json_schema_extra=on_resume("run", data=True),
     )
     overwrite_cache: bool = Field(
         False, description="process the data again instead of reusing the cache",
-        json_schema_extra={"on_resume": "neutral"},
+        json_schema_extra=on_resume("neutral"),
     )
-    cutoff_len: int = Field(1024, gt=0, description="longest tokenised example; longer ones are truncated")
-    max_samples: int | None = Field(None, gt=0, description="use at most this many examples of each data set")
+    cutoff_len: int = Field(1024, gt=0, description="longest tokenised example; longer ones are truncated",
+                            json_schema_extra=on_resume("run", data=True))
+    max_samples: int | None = Field(None, gt=0, description="use at most this many examples of each data set",
+                                    json_schema_extra=on_resume("run", data=True))
     val_size: float = Field(
         0.0, ge=0, description="held-out eval data: a fraction (< 1) or a number of examples; "
-        "with streaming, a number of rows: the first rows of the data"
+        "with streaming, a number of rows: the first rows of the data", json_schema_extra=on_resume("run", data=True)
     )
     packing: bool | None = Field(
-        None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft"
+        None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft",
+        json_schema_extra=on_resume("run", data=True)
     )
-    streaming: bool = Field(False, description="read the data as a stream (needs max_steps)")
-    buffer_size: int = Field(16384, gt=0, description="shuffle buffer of a streamed data set")
+    streaming: bool = Field(False, description="read the data as a stream (needs max_steps)",
+                            json_schema_extra=on_resume("run", data=True))
+    buffer_size: int = Field(16384, gt=0, description="shuffle buffer of a streamed data set",
+                             json_schema_extra=on_resume("run", data=True))
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
-        "concat", description="how several data sets are mixed"
+        "concat", description="how several data sets are mixed", json_schema_extra=on_resume("run", data=True)
     )
     interleave_probs: str | list[float] | None = Field(
-        None, description="sampling probabilities of the data sets when interleaving"
+        None, description="sampling probabilities of the data sets when interleaving",
+        json_schema_extra=on_resume("run", data=True)
     )
     preprocessing_num_workers: int | None = Field(
-        None, gt=0, description="processes for tokenisation (datasets num_proc); null: one"
+        None, gt=0, description="processes for tokenisation (datasets num_proc); null: one",
+        json_schema_extra=on_resume("neutral")
     )
-    dataloader_num_workers: int = Field(0, ge=0, description="worker processes of the data loader")
-    preview_samples: int = Field(1, ge=0, description="processed examples printed when training starts")
+    dataloader_num_workers: int = Field(0, ge=0, description="worker processes of the data loader",
+                                        json_schema_extra=on_resume("neutral"))
+    preview_samples: int = Field(1, ge=0, description="processed examples printed when training starts",
+                                 json_schema_extra=on_resume("neutral"))
 
     # optimisation
-    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
-    num_train_epochs: float = Field(3.0, gt=0, description="epochs to train when max_steps is not set")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)",
+                                 json_schema_extra=on_resume("schedule"))
+    num_train_epochs: float = Field(3.0, gt=0, description="epochs to train when max_steps is not set",
+                                    json_schema_extra=on_resume("length"))
     max_steps: int | None = Field(
-        None, description="optimizer steps to train; overrides num_train_epochs (-1 or null: unset)"
+        None, description="optimizer steps to train; overrides num_train_epochs (-1 or null: unset)",
+        json_schema_extra=on_resume("length")
     )
-    per_device_train_batch_size: int = Field(4, gt=0, description="examples per micro-batch per process")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    per_device_train_batch_size: int = Field(4, gt=0, description="examples per micro-batch per process",
+                                             json_schema_extra=on_resume("run"))
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step",
+                                             json_schema_extra=on_resume("run"))
     lr_scheduler_type: Literal[
         "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt",
         "cosine_with_restarts",
-    ] = Field("cosine", description="learning rate schedule after warm-up")
+    ] = Field("cosine", description="learning rate schedule after warm-up", json_schema_extra=on_resume("schedule"))
     warmup_steps: float = Field(
-        0, ge=0, description="warm-up steps (int), or a fraction of total steps (float < 1)"
+        0, ge=0, description="warm-up steps (int), or a fraction of total steps (float < 1)",
+        json_schema_extra=on_resume("schedule")
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
-    seed: int = Field(42, description="seed of the data order, initialisation and dropout")
-    bf16: bool = Field(False, description="train in bfloat16 mixed precision where the hardware has it")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay", json_schema_extra=on_resume("run"))
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)",
+                                 json_schema_extra=on_resume("run"))
+    seed: int = Field(42, description="seed of the data order, initialisation and dropout",
+                      json_schema_extra=on_resume("run", data=True))
+    bf16: bool = Field(False, description="train in bfloat16 mixed precision where the hardware has it",
+                       json_schema_extra=on_resume("run"))
 
     # saving
-    save_steps: int | None = Field(None, description="save every N optimizer steps (int)")
-    save_epochs: float | None = Field(None, gt=0, description="save every X epochs, e.g. 0.25")
-    saves_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced saves in every epoch")
-    save_minutes: float | None = Field(None, gt=0, description="save every M minutes of wall clock")
+    save_steps: int | None = Field(None, description="save every N optimizer steps (int)",
+                                   json_schema_extra=on_resume("neutral"))
+    save_epochs: float | None = Field(None, gt=0, description="save every X epochs, e.g. 0.25",
+                                      json_schema_extra=on_resume("neutral"))
+    saves_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced saves in every epoch",
+                                        json_schema_extra=on_resume("neutral"))
+    save_minutes: float | None = Field(None, gt=0, description="save every M minutes of wall clock",
+                                       json_schema_extra=on_resume("neutral"))
     save_strategy: Literal["steps", "epoch", "no"] | None = Field(
-        None, description="for configs brought from elsewhere: epoch = save_epochs 1, no = final only"
+        None, description="for configs brought from elsewhere: epoch = save_epochs 1, no = final only",
+        json_schema_extra=on_resume("neutral")
     )
     save_total_limit: int | None = Field(
-        None, gt=0, description="keep at most this many checkpoints (+ the best); null keeps all"
+        None, gt=0, description="keep at most this many checkpoints (+ the best); null keeps all",
+        json_schema_extra=on_resume("neutral")
     )
     metric_for_best_model: str | None = Field(
-        None, description="metric that marks the best checkpoint, e.g. eval_loss"
+        None, description="metric that marks the best checkpoint, e.g. eval_loss",
+        json_schema_extra=on_resume("neutral")
     )
-    save_on_eval: bool = Field(False, description="save a checkpoint at every evaluation")
-    save_only_model: bool = Field(False, description="checkpoints without optimizer state (not resumable)")
+    greater_is_better: bool | None = Field(
+        None, description="whether a higher metric_for_best_model is better; null: false for metrics ending in "
+        "'loss', true otherwise", json_schema_extra=on_resume("neutral"))
+    save_on_eval: bool = Field(False, description="save a checkpoint at every evaluation",
+                               json_schema_extra=on_resume("neutral"))
+    save_only_model: bool = Field(False, description="checkpoints without optimizer state (not resumable)",
+                                  json_schema_extra=on_resume("neutral", checkpoint_size=True))
     save_schedule: list[SavePhase] | None = Field(
-        None, description="phases, each with until_epoch or until_step and its own save rules"
+        None, description="phases, each with until_epoch or until_step and its own save rules",
+        json_schema_extra=on_resume("neutral")
     )
 
     # evaluation
-    eval_steps: int | None = Field(None, description="evaluate every N optimizer steps")
-    eval_epochs: float | None = Field(None, gt=0, description="evaluate every X epochs")
-    evals_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced evaluations per epoch")
-    eval_minutes: float | None = Field(None, gt=0, description="evaluate every M minutes")
-    per_device_eval_batch_size: int = Field(8, gt=0, description="examples per eval batch per process")
+    eval_steps: int | None = Field(None, description="evaluate every N optimizer steps",
+                                   json_schema_extra=on_resume("neutral"))
+    eval_epochs: float | None = Field(None, gt=0, description="evaluate every X epochs",
+                                      json_schema_extra=on_resume("neutral"))
+    evals_per_epoch: int | None = Field(None, gt=0, description="K evenly spaced evaluations per epoch",
+                                        json_schema_extra=on_resume("neutral"))
+    eval_minutes: float | None = Field(None, gt=0, description="evaluate every M minutes",
+                                       json_schema_extra=on_resume("neutral"))
+    per_device_eval_batch_size: int = Field(8, gt=0, description="examples per eval batch per process",
+                                            json_schema_extra=on_resume("neutral"))
 
     # resuming
     resume_from_checkpoint: str | bool = Field(
-        "auto", description="auto (or null): newest complete checkpoint in output_dir; false: fresh; or a path"
+        "auto", description="auto (or null): newest complete checkpoint in output_dir; false: fresh; or a path",
+        json_schema_extra=on_resume("neutral")
     )
     resume_lr: Literal["keep", "config"] = Field(
-        "keep", description="on resume, keep the saved LR schedule or apply the config's from now on"
+        "keep", description="on resume, keep the saved LR schedule or apply the config's from now on",
+        json_schema_extra=on_resume("neutral")
     )
-    overwrite_output_dir: bool = Field(False, description="start fresh in an output_dir that holds a run")
+    overwrite_output_dir: bool = Field(False, description="start fresh in an output_dir that holds a run",
+                                       json_schema_extra=on_resume("neutral"))
 
     # logging
-    output_dir: str = Field("out", description="folder of the run: checkpoints, metrics, final model")
-    logging_steps: int = Field(10, gt=0, description="log the loss every N optimizer steps")
+    output_dir: str = Field("out", description="folder of the run: checkpoints, metrics, final model",
+                            json_schema_extra=on_resume("neutral"))
+    logging_steps: int = Field(10, gt=0, description="log the loss every N optimizer steps",
+                               json_schema_extra=on_resume("neutral"))
     report_to: str | list[str] = Field(
         "tensorboard", description="tensorboard, wandb, mlflow, swanlab or none; a list (or comma separated) "
-        "for several", json_schema_extra={"on_resume": "neutral"},
+        "for several", json_schema_extra=on_resume("neutral"),
     )
     run_name: str | None = Field(
         None, description="the run's name in W&B, MLflow or SwanLab; null: the name of output_dir",
-        json_schema_extra={"on_resume": "neutral"},
+        json_schema_extra=on_resume("neutral"),
     )
-    plot_loss: bool = Field(True, description="write loss.png at the end of the run")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="terminal verbosity")
+    plot_loss: bool = Field(True, description="write loss.png at the end of the run",
+                            json_schema_extra=on_resume("neutral"))
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="terminal verbosity",
+                                                                    json_schema_extra=on_resume("neutral"))
 
     # extension
     callbacks: list[str] = Field(
-        default_factory=list, description="import paths of callback classes, e.g. mypkg.cbs:MyCallback"
+        default_factory=list, description="import paths of callback classes, e.g. mypkg.cbs:MyCallback",
+        json_schema_extra=on_resume("neutral")
     )
 
     @field_validator("max_steps", mode="before")
@@ -304,6 +382,12 @@ class TrainConfig(BaseModel):
     def brought_key_notes(self) -> list[str]:
         """What lmtune made of the keys brought from LLaMA-Factory or TrainingArguments (mapped, ignored)."""
         return list(self._brought_key_notes)
+
+    @property
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.metric_for_best_model or "loss").endswith("loss")
 
     @property
     def use_packing(self) -> bool:

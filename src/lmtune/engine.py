@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
@@ -39,26 +38,38 @@ from lmtune.callbacks import (
     TerminalLog,
     load_user_callbacks,
 )
-from lmtune.checkpoint import PREFIX, CheckpointStore, Snapshot, cpu_copy
+from lmtune.checkpoint import (
+    PREFIX,
+    CheckpointStore,
+    DamagedCheckpoint,
+    Snapshot,
+    model_folder_problems,
+    read_optimizer_state,
+)
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
 from lmtune.data.processing import rows_of_examples
+from lmtune.data.registry import data_files
 from lmtune.data.streaming import prepare_stream, stream_size
 from lmtune.errors import Stopped, UserError
+from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
-from lmtune.planning import check_disk, checkpoint_bytes, plan_summary_lines
+from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
 from lmtune.resume import (
     ResumePoint,
+    check_compatible,
+    data_fingerprint,
     describe_changes,
     find_resume_point,
+    load_optimizer_state,
     load_weights,
     restore_rng,
     rng_state,
-    set_learning_rate_from,
     truncate_metrics,
 )
-from lmtune.runlock import RunLock
+from lmtune.runlock import RunLock, check_not_running
 from lmtune.schedule import Plan, make_plan
+from lmtune.state import Schedule
 from lmtune.trackers import tracker_callbacks
 
 log = logging.getLogger("lmtune")
@@ -77,90 +88,94 @@ class Setup:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    schedule: Schedule
     plan: Plan
     collator: Collator
+    user_callbacks: list[Any]
+    fingerprint: dict[str, str]
+    to_clear: list[Path]  # an earlier run's files, removed (overwrite_output_dir) once the run holds the folder
     resume: ResumePoint | None = None
 
 
 def train(config: TrainConfig) -> Path:
     """Run `config` to the end; returns the output folder."""
     setup = set_up(config)
-    state = RunState(config, setup.output_dir, setup.accelerator.is_main_process, setup.plan.total_steps,
-                     setup.plan.steps_per_epoch)
+    state = RunState(config=config, output_dir=setup.output_dir, is_main_process=setup.accelerator.is_main_process,
+                     total_steps=setup.plan.total_steps, steps_per_epoch=setup.plan.steps_per_epoch)
     if setup.resume is not None:
-        _restore_counters(state, setup.resume)
+        setup.resume.state.restore_into(state)
+    state.schedule, state.data_fingerprint, state.run_config = setup.schedule, setup.fingerprint, config.to_yaml_dict()
     return TrainingLoop(setup, state).run()
 
 
-def _restore_counters(state: RunState, point: ResumePoint) -> None:
-    saved = point.train_state
-    state.step, state.epoch = point.step, saved.get("epoch")
-    state.samples_seen, state.tokens_seen = saved["samples_seen"], saved["tokens_seen"]
-    state.elapsed_s, state.best_metric = saved.get("elapsed_s", 0.0), saved.get("best_metric")
-    state.last_metrics = dict(saved.get("last_metrics", {}))
-
-
 def set_up(config: TrainConfig) -> Setup:
+    """Everything a run needs, every check made: config, data, model, callbacks, the checkpoint to resume
+    and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
     accelerator = Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())
     output_dir = Path(config.output_dir)
+    check_not_running(output_dir)
     point = find_resume_point(config, output_dir)
-    if point is None or point.path.parent.resolve() != output_dir.resolve():
-        _check_output_dir(config, output_dir)
+    starts_fresh_here = point is None or point.path.parent.resolve() != output_dir.resolve()
+    to_clear = _earlier_run_files(config, output_dir) if starts_fresh_here else []
     _seed_everything(config.seed)
     with accelerator.main_process_first():
         model_path = resolve_model_path(config.model_name_or_path)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
         data = _prepare_training_data(config, tokenizer, accelerator)
+    fingerprint = data_fingerprint(data_files(config), tokenizer)
+    user_callbacks = load_user_callbacks(config.callbacks)
     if accelerator.is_main_process:
         from lmtune.data.preview import log_sample
 
         log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does
     model = load_model(model_path, config)
     if point is not None:
-        load_weights(model, point.path)
+        check_compatible(point, config, accelerator.num_processes)
+        load_weights(model, point)
     trainable, total = count_parameters(model)
     log.info("model %s: %s trainable of %s parameters (%s)", config.model_name_or_path, f"{trainable:,}",
              f"{total:,}", config.finetuning_type)
     plan = make_plan(config, None if config.streaming else len(data.train), accelerator.num_processes,
-                     data.eval is not None,
-                     checkpoint_bytes=checkpoint_bytes(trainable, config))
+                     data.eval is not None, checkpoint_bytes=checkpoint_bytes(trainable, config, model_path),
+                     final_model_bytes=final_model_bytes(trainable, total, config, model_path))
     if data.stream_info is not None:
         plan.stream = stream_size(config, data.stream_info, accelerator.num_processes)
     if accelerator.is_main_process:
         for line in plan_summary_lines(plan, config):
             log.info("%s", line)
-    check_disk(plan, config)
+    check_disk(plan, config, freed_bytes=sum(_size_of(path) for path in to_clear))
     optimizer = _optimizer(model, config)
-    scheduler = _scheduler(optimizer, config, plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = config_schedule(config, plan.total_steps)
     if point is not None:
-        scheduler = _restore_training_state(point, config, optimizer, scheduler, plan, accelerator)
+        load_optimizer_state(optimizer, point, _read_optimizer(point))
+        schedule = resumed_schedule(point.state.schedule, config, plan.total_steps)
+    scheduler = build_scheduler(optimizer, schedule, point.step if point is not None else 0)
+    if point is not None:
+        _log_resume_point(point, config, fingerprint, plan.total_steps, accelerator.is_main_process)
+        restore_rng(point.state.rng[accelerator.process_index])  # last: nothing may draw from the RNG after it
     collator = Collator(tokenizer.pad_token_id, packed=config.use_packing)
-    return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, plan, collator,
-                 point)
+    return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
+                 collator, user_callbacks, fingerprint, to_clear, point)
 
 
-def _restore_training_state(point: ResumePoint, config: TrainConfig, optimizer: Any, scheduler: Any, plan: Plan,
-                            accelerator: Accelerator) -> Any:
-    """Optimizer, scheduler (or the config's new schedule) and, last of all, every RNG."""
-    if accelerator.is_main_process:
-        log.info("resuming from %s at step %d", point.path, point.step)
-        for line in describe_changes(point, config):
-            log.info("changed since the checkpoint: %s", line)
-    optimizer.load_state_dict(torch.load(point.path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(point.path / "scheduler.pt", weights_only=False))
-    if config.resume_lr == "config":
-        old, scheduler = set_learning_rate_from(lambda: _scheduler(optimizer, config, plan.total_steps),
-                                                optimizer, config, point.step)
-        point.train_state["lr_change"] = [old, scheduler.get_last_lr()[0]]
-        if accelerator.is_main_process:
-            log.info("learning rate: %.3g -> %.3g (resume_lr: config)", old, scheduler.get_last_lr()[0])
-    elif accelerator.is_main_process and point.saved_config.get("learning_rate") != config.learning_rate:
-        log.info("learning_rate in the config differs from the checkpoint's; resume_lr: keep continues the saved "
-                 "schedule (lr now %.3g); set resume_lr: config to apply the new one", scheduler.get_last_lr()[0])
-    restore_rng(point.path, accelerator.process_index)
-    return scheduler
+def _read_optimizer(point: ResumePoint) -> dict[str, Any]:
+    try:
+        return read_optimizer_state(point.path)
+    except DamagedCheckpoint as error:
+        raise UserError(str(error)) from None
+
+
+def _log_resume_point(point: ResumePoint, config: TrainConfig, fingerprint: dict[str, str], total_steps: int,
+                      is_main: bool) -> None:
+    if not is_main:
+        return
+    log.info("resuming from %s at step %d", point.path, point.step)
+    for line in describe_changes(point, config, fingerprint):
+        log.info("changed since the checkpoint: %s", line)
+    for line in resume_lr_lines(point.state.schedule, config, point.step, total_steps):
+        log.info("%s", line)
 
 
 def _prepare_training_data(config: TrainConfig, tokenizer: Any, accelerator: Accelerator) -> ProcessedData:
@@ -180,21 +195,21 @@ def _mixed_precision(config: TrainConfig) -> str:
     return "bf16"
 
 
-def _check_output_dir(config: TrainConfig, output_dir: Path) -> None:
-    existing = [name for name in RUN_FILES if (output_dir / name).exists()] + [
-        p.name for p in output_dir.glob(f"{PREFIX}*")
-    ]
-    if not existing:
-        return
-    if not config.overwrite_output_dir:
-        raise UserError(
-            f"output_dir {output_dir} holds another run ({', '.join(sorted(existing)[:3])}); choose another "
-            "output_dir, or set overwrite_output_dir: true to replace it"
-        )
-    for name in existing:
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(output_dir / "runs", ignore_errors=True)
+def _earlier_run_files(config: TrainConfig, output_dir: Path) -> list[Path]:
+    """The files of an earlier run in output_dir: a fresh start there needs overwrite_output_dir."""
+    existing = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    existing += sorted(output_dir.glob(f"{PREFIX}*")) + [p for p in [output_dir / "runs"] if p.exists()]
+    if existing and not config.overwrite_output_dir:
+        names = ", ".join(sorted(p.name for p in existing)[:3])
+        raise UserError(f"output_dir {output_dir} holds another run ({names}); choose another output_dir, or set "
+                        "overwrite_output_dir: true to replace it")
+    return existing
+
+
+def _size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _seed_everything(seed: int) -> None:
@@ -212,13 +227,6 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_for(total_steps),
-                         num_training_steps=total_steps)
-
-
 class TrainingLoop:
     def __init__(self, setup: Setup, state: RunState):
         self.s = setup
@@ -226,38 +234,45 @@ class TrainingLoop:
         self.accelerator = setup.accelerator
         self.config = setup.config
         self.metrics = MetricsFile(setup.output_dir / "metrics.jsonl")
-        self.store = CheckpointStore(setup.output_dir, self.config.save_total_limit,
-                                     self.config.metric_for_best_model)
-        self.callbacks = CallbackList(self._callbacks())
         self._interval = _Interval(state.samples_seen, state.tokens_seen)
         self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
 
     def _callbacks(self) -> list[Any]:
-        user = load_user_callbacks(self.config.callbacks)
         if not self.accelerator.is_main_process:
-            return user
+            return self.s.user_callbacks
         built_in: list[Any] = [self.metrics, TerminalLog(), ProgressBar()]
         built_in += tracker_callbacks(self.config, self.s.output_dir)
         if self.config.plot_loss:
             built_in.append(LossPlot())
-        return built_in + user
+        return built_in + self.s.user_callbacks
 
     # --- the run ----------------------------------------------------------------------------------
 
     def run(self) -> Path:
-        """The run, with `train.pid` in its folder while the main process writes there."""
+        """The run, with `train.pid` in its folder while the main process writes there. Only once the
+        folder is held is an earlier run cleared (overwrite_output_dir), and only by the main process."""
         if not self.accelerator.is_main_process:
             return self._run()
         with RunLock(self.s.output_dir):
+            self._clear_earlier_files()
             return self._run()
+
+    def _clear_earlier_files(self) -> None:
+        """An earlier run's files (overwrite_output_dir), and what a crashed or failed save left behind."""
+        leftovers = list(self.s.output_dir.glob(f".{PREFIX}*.tmp")) + list(self.s.output_dir.glob(f".{PREFIX}*.old"))
+        for path in self.s.to_clear + leftovers:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if self.s.to_clear:
+            log.info("overwrite_output_dir: removed the earlier run in %s", self.s.output_dir)
 
     def _run(self) -> Path:
         config, plan = self.config, self.s.plan
+        self.store = CheckpointStore(self.s.output_dir, config.save_total_limit, config.metric_for_best_model,
+                                     config.best_is_greater)
         if self.s.resume is not None and self.state.step >= self.state.total_steps:
-            log.info("the run is already complete at step %d; nothing to do (raise max_steps or num_train_epochs "
-                     "to go on, or set overwrite_output_dir: true to start over)", self.state.step)
-            return self.s.output_dir
+            return self._already_complete()
+        self.callbacks = CallbackList(self._callbacks())
         if self.accelerator.is_main_process:
             self.s.output_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(config, self.s.output_dir / "run_config.yaml")
@@ -279,19 +294,39 @@ class TrainingLoop:
                 if self.state.should_stop:
                     break
             self.store.wait()
-            if self._signals.requested:
+            if self._signals.requested and self.state.step < self.state.total_steps:
                 self.callbacks.fire("on_train_end", self.state)
                 raise Stopped(f"a resumable checkpoint of step {self.state.step} is in {self.s.output_dir}; "
                               "run the same command again to continue")
+            if self._signals.requested:
+                log.warning("the stop came during the last step: the run is finished, with its final model")
             self._save_final_model()
         self.callbacks.fire("on_train_end", self.state)
         return self.s.output_dir
 
+    def _already_complete(self) -> Path:
+        """A finished run is finished only if its final model is whole; if not, it is written again."""
+        problems = model_folder_problems(self.s.output_dir)
+        if not problems:
+            log.info("the run is already complete at step %d; nothing to do (raise max_steps or num_train_epochs "
+                     "to go on, or set overwrite_output_dir: true to start over)", self.state.step)
+            return self.s.output_dir
+        log.warning("the run is complete at step %d but its final model is not whole (%s): writing it again from %s",
+                    self.state.step, "; ".join(problems), self.s.resume.path.name)
+        self._write_final_model()
+        return self.s.output_dir
+
     def _log_resume(self, point: ResumePoint) -> None:
         truncate_metrics(self.metrics.path, point.step)
-        details = {"from": str(point.path), "changes": describe_changes(point, self.config)}
-        if "lr_change" in point.train_state:
-            details["lr_old"], details["lr_new"] = point.train_state["lr_change"]
+        for folder, problems in point.skipped:
+            self.metrics.event(self.state, "checkpoint_skipped", path=folder, problems=problems)
+        details: dict[str, Any] = {"from": str(point.path),
+                                   "changes": describe_changes(point, self.config, self.s.fingerprint),
+                                   "schedule": resume_lr_lines(point.state.schedule, self.config, point.step,
+                                                               self.state.total_steps)}
+        lr_saved, lr_now = lr_at(point.state.schedule, point.step), self.s.scheduler.get_last_lr()[0]
+        if lr_saved != lr_now:
+            details["lr_old"], details["lr_new"] = lr_saved, lr_now
         self.metrics.event(self.state, "resume", **details)
 
     def _step_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
@@ -324,8 +359,7 @@ class TrainingLoop:
             num_workers=self.config.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
         )
         if self.s.resume is not None:
-            states = torch.load(self.s.resume.path / "rng_state.pth", weights_only=False)
-            self._stream_loader.load_state_dict(states[self.accelerator.process_index]["data_loader"])
+            self._stream_loader.load_state_dict(self.s.resume.state.data_loader[self.accelerator.process_index])
         batches = iter(self._stream_loader)
         while self.state.step < self.state.total_steps:
             try:
@@ -484,7 +518,8 @@ class TrainingLoop:
         if metric is None:
             return
         value = self.state.last_metrics.get(metric, eval_loss)
-        if self.state.best_metric is None or value < self.state.best_metric:
+        best = self.state.best_metric
+        if best is None or (value > best if self.config.best_is_greater else value < best):
             self.state.best_metric = value
             self.state.save_reasons.add("best")
 
@@ -492,9 +527,9 @@ class TrainingLoop:
 
     def _save_checkpoint(self, reasons: list[str]) -> None:
         self._last_save_time = time.monotonic()
-        rng = self._all_rng_states()  # every process takes part
+        positions = self._all_positions()  # every process takes part
         if self.accelerator.is_main_process:
-            snapshot = self._snapshot(reasons, rng)
+            snapshot = self._snapshot(reasons, positions)
             state_at_save = copy.copy(self.state)  # the writer reports when training has moved on
 
             def saved(path: Path, deleted_steps: list[int]) -> None:
@@ -511,18 +546,11 @@ class TrainingLoop:
             self.metrics.event(state, "rotation", deleted=[f"{PREFIX}{step}" for step in deleted_steps])
         self.callbacks.fire("on_save", state, path)
 
-    def _snapshot(self, reasons: list[str], rng: list[dict[str, Any]]) -> Snapshot:
+    def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None]) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
         weights, weights_name = _checkpoint_tensors(model)
-        keep_optimizer = not self.config.save_only_model
-        per_epoch = state.steps_per_epoch
-        train_state = {
-            "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
-            "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "best_metric": state.best_metric,
-            "data_epoch": state.step // per_epoch if per_epoch else None,
-            "data_steps_in_epoch": state.step % per_epoch if per_epoch else None,
-            "last_metrics": dict(state.last_metrics), "config": self.config.to_yaml_dict(),
-        }
+        saved = state.saved_fields()
+        saved.rng, saved.data_loader = positions
         # eval metrics of an earlier step would make this checkpoint look as good as that one
         evaluated = getattr(self, "_evaluated_step", None) == state.step
         entry = {"step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
@@ -533,27 +561,29 @@ class TrainingLoop:
         return Snapshot(
             step=state.step, weights=weights, weights_name=weights_name,
             write_model_files=lambda folder: _write_model_files(model, tokenizer, folder),
-            optimizer=self.s.optimizer.state_dict() if keep_optimizer else None,
-            scheduler=cpu_copy(self.s.scheduler.state_dict()) if keep_optimizer else None,
-            rng=rng, train_state=train_state, entry=entry,
+            optimizer=None if self.config.save_only_model else self.s.optimizer.state_dict(),
+            state=saved, entry=entry,
         )
 
-    def _all_rng_states(self) -> list[dict[str, Any]]:
-        """The RNG state of every process, in process order (each continues its own on resume), with the
-        position of its stream when the data is streamed."""
-        mine = rng_state()
-        if self.config.streaming:
-            mine["data_loader"] = self._stream_loader.state_dict()
-        if self.accelerator.num_processes == 1:
-            return [mine]
-        from accelerate.utils import gather_object
+    def _all_positions(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The RNG state of every process, in process order (each continues its own on resume), and the
+        position of each process's stream when the data is streamed."""
+        mine = {"rng": rng_state(), "data_loader": self._stream_loader.state_dict() if self.config.streaming else None}
+        every = [mine]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
 
-        return gather_object([mine])
+            every = gather_object([mine])
+        loaders = [p["data_loader"] for p in every] if self.config.streaming else None
+        return [p["rng"] for p in every], loaders
 
     def _save_final_model(self) -> None:
         self._save_checkpoint(sorted(self.state.save_reasons | {"final"}))
         self.store.wait()
         self.accelerator.wait_for_everyone()
+        self._write_final_model()
+
+    def _write_final_model(self) -> None:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.s.model)
@@ -667,11 +697,3 @@ def _write_model_files(model: torch.nn.Module, tokenizer: Any, folder: Path) -> 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-

@@ -12,6 +12,11 @@ from lmtune.schedule import Plan, make_plan
 
 log = logging.getLogger("lmtune")
 
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
+STATE_FILES_BYTES = 64 << 10  # train_state.json, rng_state.pth, checkpoint_complete.json
+DISK_MARGIN = 1.1
+DISK_MARGIN_BYTES = 16 << 20
+
 
 def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
     from lmtune.data import prepare_data
@@ -23,17 +28,17 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
         from lmtune.data.streaming import prepare_stream, stream_size
 
         _, info = prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
-        plan = make_plan(config, None, world_size, bool(info.held_out),
-                         checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
+        plan = make_plan(config, None, world_size, bool(info.held_out), **estimate_sizes(model_path, config))
         plan.stream = stream_size(config, info, world_size)
         return plan
     data = prepare_data(config, tokenizer)
     return make_plan(config, len(data.train), world_size, data.eval is not None,
-                     checkpoint_bytes=estimate_checkpoint_bytes(model_path, config))
+                     **estimate_sizes(model_path, config))
 
 
-def estimate_checkpoint_bytes(model_path: str, config: TrainConfig) -> int | None:
-    """Size of one checkpoint from the model's shape, built on the meta device (no weights read)."""
+def estimate_sizes(model_path: str, config: TrainConfig) -> dict[str, int | None]:
+    """`checkpoint_bytes` and `final_model_bytes` from the model's shape, built on the meta device (no
+    weights read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,15 +51,33 @@ def estimate_checkpoint_bytes(model_path: str, config: TrainConfig) -> int | Non
             model = prepare_for_training(model, config)
     except (OSError, ValueError, UserError) as error:
         log.warning("could not size a checkpoint of %s: %s", model_path, error)
-        return None
-    trainable, _ = count_parameters(model)
-    return checkpoint_bytes(trainable, config)
+        return {"checkpoint_bytes": None, "final_model_bytes": None}
+    trainable, total = count_parameters(model)
+    return {"checkpoint_bytes": checkpoint_bytes(trainable, config, model_path),
+            "final_model_bytes": final_model_bytes(trainable, total, config, model_path)}
 
 
-def checkpoint_bytes(trainable_parameters: int, config: TrainConfig) -> int:
-    """Weights of what is trained (fp32) plus AdamW's two moments, unless only the model is kept."""
+def side_file_bytes(model_path: str) -> int:
+    """What every checkpoint and the final model write besides weights: tokenizer, configs, chat template
+    (as large as the model folder's own), and the train state, RNG state and completion mark."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return STATE_FILES_BYTES
+    own = sum(p.stat().st_size for p in folder.glob("*") if p.is_file() and p.suffix not in WEIGHT_SUFFIXES)
+    return own + STATE_FILES_BYTES
+
+
+def checkpoint_bytes(trainable_parameters: int, config: TrainConfig, model_path: str) -> int:
+    """Weights of what is trained (fp32) plus AdamW's two moments, unless only the model is kept, plus the
+    tokenizer and configs."""
     weights = trainable_parameters * 4
-    return weights if config.save_only_model else weights * 3
+    return (weights if config.save_only_model else weights * 3) + side_file_bytes(model_path)
+
+
+def final_model_bytes(trainable_parameters: int, total_parameters: int, config: TrainConfig, model_path: str) -> int:
+    """The final model: the adapter for LoRA, every weight (fp32) for full and freeze; and its tokenizer."""
+    parameters = trainable_parameters if config.finetuning_type == "lora" else total_parameters
+    return parameters * 4 + side_file_bytes(model_path)
 
 
 def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
@@ -77,10 +100,12 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
         lines.append(f"plus a save every {plan.save_minutes:g} minutes (not counted above)")
     if config.metric_for_best_model:
         lines.append(f"plus a save after each evaluation that sets a new best {config.metric_for_best_model}")
-    if plan.disk_bytes is not None:
+    needed = disk_needed(plan)
+    if needed is not None:
         free = free_bytes(Path(config.output_dir))
-        lines.append(f"needs about {human_bytes(plan.disk_bytes)}; {human_bytes(free)} free")
-        if plan.disk_bytes > free:
+        lines.append(f"needs about {human_bytes(needed)} (checkpoints, final model and a margin); "
+                     f"{human_bytes(free)} free")
+        if needed > free:
             lines.append("warning: the kept checkpoints do not fit on the disk; `lmtune train` will refuse to start")
     return lines + [f"warning: {w}" for w in plan.warnings]
 
@@ -98,14 +123,22 @@ def stream_line(size: dict) -> str:
     return line
 
 
-def check_disk(plan: Plan, config: TrainConfig) -> None:
-    if plan.disk_bytes is None:
+def disk_needed(plan: Plan) -> int | None:
+    """The plan's peak disk use with a margin (file-system blocks, metrics, logs, loss.png)."""
+    return None if plan.disk_bytes is None else int(plan.disk_bytes * DISK_MARGIN) + DISK_MARGIN_BYTES
+
+
+def check_disk(plan: Plan, config: TrainConfig, freed_bytes: int = 0) -> None:
+    """`freed_bytes`: what the run deletes before it writes (an earlier run, with overwrite_output_dir)."""
+    needed = disk_needed(plan)
+    if needed is None:
         return
-    free = free_bytes(Path(config.output_dir))
-    if plan.disk_bytes > free:
+    free = free_bytes(Path(config.output_dir)) + freed_bytes
+    if needed > free:
         raise UserError(
-            f"the kept checkpoints need about {human_bytes(plan.disk_bytes)} but only {human_bytes(free)} is free "
-            f"at {config.output_dir}; lower save_total_limit, set save_only_model: true, or free some disk"
+            f"the kept checkpoints and the final model need about {human_bytes(needed)} but only "
+            f"{human_bytes(free)} is free at {config.output_dir}; lower save_total_limit, set save_only_model: "
+            "true, or free some disk"
         )
 
 

@@ -1,127 +1,131 @@
-"""Resuming: which checkpoint, what it restores, and what the user changed since it was written.
+"""Resuming: which checkpoint, whether it fits this run, and what the user changed since it was written.
 
-A resume continues the same run: weights, optimizer, scheduler, every RNG of every process, the data
-position, and the counters come back as they were after the checkpoint's step, so that the next
-losses equal those of a run that never stopped.
+A resume continues the same run: weights, optimizer, schedule, every RNG of every process, the data
+position and the counters come back as they were after the checkpoint's step (`TrainState`), so that
+the next losses equal those of a run that never stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from lmtune.checkpoint import TRAIN_STATE, CheckpointIndex, atomic_write_text, is_complete_checkpoint
-from lmtune.config import TrainConfig
+from lmtune.checkpoint import (
+    CheckpointIndex,
+    DamagedCheckpoint,
+    atomic_write_text,
+    read_state,
+    read_weights,
+    verify_checkpoint,
+)
+from lmtune.config import TrainConfig, field_meta
 from lmtune.errors import UserError
+from lmtune.state import TrainState
 
 log = logging.getLogger("lmtune")
 
-# Keys that do not change what the next step computes.
-NEUTRAL_KEYS = {"resume_from_checkpoint", "resume_lr", "overwrite_output_dir", "output_dir", "logging_steps",
-                "report_to", "plot_loss", "log_level", "preview_samples", "callbacks", "save_steps", "save_epochs",
-                "saves_per_epoch", "save_minutes", "save_strategy", "save_total_limit", "save_on_eval",
-                "save_only_model", "save_schedule", "eval_steps", "eval_epochs", "evals_per_epoch", "eval_minutes",
-                "per_device_eval_batch_size", "metric_for_best_model", "dataloader_num_workers",
-                "preprocessing_num_workers"}
-LR_KEYS = {"learning_rate", "lr_scheduler_type", "warmup_steps"}
-LENGTH_KEYS = {"max_steps", "num_train_epochs"}
+FINGERPRINT_WHOLE_FILE_BYTES = 16 << 20  # larger files: their size and first and last 4 MB
+FINGERPRINT_EDGE_BYTES = 4 << 20
 
 
 @dataclass
 class ResumePoint:
     path: Path
-    train_state: dict[str, Any]
+    state: TrainState
+    skipped: list[tuple[str, list[str]]] = field(default_factory=list)  # newer checkpoints that were damaged
 
     @property
     def step(self) -> int:
-        return int(self.train_state["step"])
+        return self.state.step
 
     @property
     def saved_config(self) -> dict[str, Any]:
-        return self.train_state.get("config", {})
+        return self.state.run_config
 
 
 def find_resume_point(config: TrainConfig, output_dir: Path) -> ResumePoint | None:
-    """The checkpoint to continue from, or None to start fresh."""
+    """The checkpoint to continue from, or None to start fresh. Auto-resume takes the newest checkpoint
+    whose files all open, and says which newer ones it skipped and why."""
     choice = config.resume_from_checkpoint
     if choice is False:
         return None
     if choice == "auto":
         if not output_dir.is_dir() or config.overwrite_output_dir:
             return None
-        index = CheckpointIndex.load(output_dir)
-        for entry in index.entries:
-            if entry["status"] == "incomplete":
-                log.warning("skipping %s: it was never completed (a crash or a stop during the save)", entry["path"])
-        newest = index.newest_complete()
-        return _read_point(newest) if newest is not None else None
+        return _newest_good(CheckpointIndex.load(output_dir))
     path = Path(choice)
-    if not is_complete_checkpoint(path):
-        raise UserError(
-            f"resume_from_checkpoint: {path} is not a complete checkpoint (no checkpoint_complete.json and "
-            "train_state.json); use `lmtune checkpoints RUN_DIR` to list the complete ones"
-        )
-    return _read_point(path)
+    problems = verify_checkpoint(path) if path.is_dir() else [f"{path} is not a folder"]
+    if problems:
+        raise UserError(f"resume_from_checkpoint: {path} cannot be resumed: {'; '.join(problems)}. "
+                        "`lmtune checkpoints RUN_DIR --verify` lists the checkpoints that can")
+    return ResumePoint(path, read_state(path))
 
 
-def _read_point(path: Path) -> ResumePoint:
-    state = json.loads((path / TRAIN_STATE).read_text())
-    if not (path / "optimizer.pt").is_file():
-        raise UserError(f"{path} was saved with save_only_model: true and holds no optimizer state to resume from; "
-                        "start a new run from its weights instead (model_name_or_path)")
-    return ResumePoint(path, state)
+def _newest_good(index: CheckpointIndex) -> ResumePoint | None:
+    for entry in index.entries:
+        if entry["status"] == "incomplete":
+            log.warning("skipping %s: it was never completed (a crash or a stop during the save)", entry["path"])
+    skipped: list[tuple[str, list[str]]] = []
+    for folder in index.complete_newest_first():
+        problems = verify_checkpoint(folder)
+        if not problems:
+            return ResumePoint(folder, read_state(folder), skipped)
+        log.warning("skipping %s: %s", folder.name, "; ".join(problems))
+        skipped.append((folder.name, problems))
+    if skipped:
+        raise UserError(f"no checkpoint in {index.run_dir} can be resumed ({len(skipped)} damaged: "
+                        f"{'; '.join(p for _, problems in skipped for p in problems)[:600]}); set "
+                        "overwrite_output_dir: true to start over, or resume_from_checkpoint: a path")
+    return None
 
 
-# --- what changed ---------------------------------------------------------------------------
+# --- does it fit this run ------------------------------------------------------------------
 
 
-def describe_changes(point: ResumePoint, config: TrainConfig) -> list[str]:
-    """One line per key the user changed since the checkpoint, and whether it takes effect."""
-    saved, now = point.saved_config, config.to_yaml_dict()
-    lines = []
-    for key in now:
-        if key in ("resume_from_checkpoint", "overwrite_output_dir") or saved.get(key) == now[key]:
-            continue
-        if key not in saved:
-            continue
-        lines.append(f"{key}: {saved[key]!r} -> {now[key]!r} ({_effect(key, config)})")
-    return lines
+def check_compatible(point: ResumePoint, config: TrainConfig, num_processes: int) -> None:
+    saved = point.saved_config
+    made_for = (f"{point.path} was made for model {saved.get('model_name_or_path')!r} with finetuning_type "
+                f"{saved.get('finetuning_type')!r}")
+    if saved.get("finetuning_type") != config.finetuning_type:
+        raise UserError(f"{made_for}; this run is finetuning_type {config.finetuning_type!r}: set finetuning_type "
+                        f"back, or start over (overwrite_output_dir: true, or resume_from_checkpoint: false)")
+    if len(point.state.rng) != num_processes:
+        raise UserError(f"{point.path} was written by {len(point.state.rng)} processes and this run has "
+                        f"{num_processes}: start it with --nproc_per_node {len(point.state.rng)}")
 
 
-def _effect(key: str, config: TrainConfig) -> str:
-    if key in LR_KEYS:
-        return "takes effect now (resume_lr: config)" if config.resume_lr == "config" else (
-            "ignored: resume_lr is keep, the saved schedule continues; set resume_lr: config to apply it")
-    if key in LENGTH_KEYS:
-        return "takes effect: the run's length changes"
-    if key in NEUTRAL_KEYS:
-        return "takes effect"
-    return "changes the run itself: data, model or batches differ from the checkpoint's run"
-
-
-# --- restoring --------------------------------------------------------------------------------
-
-
-def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+def load_weights(model: torch.nn.Module, point: ResumePoint) -> None:
     from peft import PeftModel, set_peft_model_state_dict
 
-    if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-        return
-    state = load_file(checkpoint / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = read_weights(point.path)
+    except DamagedCheckpoint as error:
+        raise UserError(str(error)) from None
+    saved = point.saved_config
+    mismatch = (f"{point.path}: its weights do not fit this model (made for model {saved.get('model_name_or_path')!r}"
+                f", finetuning_type {saved.get('finetuning_type')!r}, lora_rank {saved.get('lora_rank')}); "
+                "did model_name_or_path, lora_rank or lora_target change?")
+    try:
+        if isinstance(model, PeftModel):
+            result = set_peft_model_state_dict(model, state)
+            unexpected = list(getattr(result, "unexpected_keys", []))
+            if unexpected:
+                raise UserError(f"{mismatch} (unexpected {sorted(unexpected)[:3]})")
+            return
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise UserError(f"{mismatch} ({str(error).strip().splitlines()[-1][:300]})") from None
     tied = {name for name in missing if _is_tied(model, name, state)}
     if unexpected or set(missing) - tied:
-        raise UserError(f"{checkpoint}: its weights do not fit this model (missing {sorted(set(missing) - tied)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); did model_name_or_path or finetuning_type change?")
+        raise UserError(f"{mismatch} (missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def _is_tied(model: torch.nn.Module, name: str, saved: dict[str, torch.Tensor]) -> bool:
@@ -130,41 +134,103 @@ def _is_tied(model: torch.nn.Module, name: str, saved: dict[str, torch.Tensor]) 
     return target is not None and any(p is target for other, p in parameters.items() if other in saved)
 
 
+def load_optimizer_state(optimizer: Any, point: ResumePoint, state: dict[str, Any]) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"{point.path}: its optimizer state does not fit this run's trained parameters ({error}); "
+                        "did lora_target, freeze_trainable_layers or the model change?") from None
+
+
+# --- what changed ---------------------------------------------------------------------------
+
+
+def describe_changes(point: ResumePoint, config: TrainConfig, fingerprint: dict[str, str]) -> list[str]:
+    """One line per key the user changed since the checkpoint, with its real effect; and whether the data
+    files or the tokenizer differ from those the checkpoint was trained on."""
+    saved, now = point.saved_config, config.to_yaml_dict()
+    lines = [f"{key}: {saved[key]!r} -> {now[key]!r} ({_effect(key, config)})"
+             for key in now if key in saved and saved[key] != now[key] and key not in ("resume_from_checkpoint",
+                                                                                      "overwrite_output_dir")]
+    for part, what in (("data", "the data files"), ("tokenizer", "the tokenizer")):
+        old = point.state.data_fingerprint.get(part)
+        if old is not None and old != fingerprint.get(part):
+            lines.append(f"{what} differ from those {point.path.name} was trained on: the continued run is not the "
+                         "one an uninterrupted run would have been")
+    return lines
+
+
+def _effect(key: str, config: TrainConfig) -> str:
+    effect = field_meta(key).get("on_resume", "run")
+    if effect == "schedule":
+        return "applied from the resume step (resume_lr: config)" if config.resume_lr == "config" else (
+            "not applied: resume_lr is keep and the saved schedule continues; set resume_lr: config to apply it")
+    if effect == "length":
+        return "the run's length changes"
+    if effect == "neutral":
+        return "takes effect"
+    return "changes what is trained: the continued run differs from an uninterrupted one"
+
+
+def data_fingerprint(files: list[Path], tokenizer: Any) -> dict[str, str]:
+    """What the run trains on, to tell on resume whether it changed: the data files' content and the
+    tokenizer's vocabulary, special tokens and chat template."""
+    data = hashlib.sha256()
+    for path in files:
+        data.update(f"{path.name}:{path.stat().st_size}:".encode())
+        data.update(_content_digest(path))
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    details = [vocab, tokenizer.all_special_tokens, getattr(tokenizer, "chat_template", None)]
+    tokens = hashlib.sha256(json.dumps(details, default=str).encode())
+    return {"data": data.hexdigest()[:20], "tokenizer": tokens.hexdigest()[:20]}
+
+
+def _content_digest(path: Path) -> bytes:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if size <= FINGERPRINT_WHOLE_FILE_BYTES:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(FINGERPRINT_EDGE_BYTES))
+            handle.seek(size - FINGERPRINT_EDGE_BYTES)
+            digest.update(handle.read())
+    return digest.digest()
+
+
+# --- RNG ------------------------------------------------------------------------------------
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG state, as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                   has_gauss, cached], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(checkpoint: Path, process_index: int) -> None:
-    states = torch.load(checkpoint / "rng_state.pth", weights_only=False)
-    state = states[process_index] if isinstance(states, list) else states
+def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def set_learning_rate_from(scheduler_factory: Any, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                           step: int) -> tuple[float, Any]:
-    """resume_lr: config: the config's schedule, at the resume step, over the restored optimizer."""
-    old = optimizer.param_groups[0]["lr"]
-    for group in optimizer.param_groups:
-        group["initial_lr"] = config.learning_rate
-        group["lr"] = config.learning_rate
-    scheduler = scheduler_factory()  # transformers' schedules are LambdaLR: lr = base * factor(step)
-    scheduler.last_epoch = step
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base * factor(step)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return old, scheduler
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Rows after the resume step belong to a continuation that is being replaced."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in path.read_text().splitlines() if _step_of_row(line) <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of_row(line: str) -> float:
+    """A row's step; a line cut short by a crash counts as after every step (it is dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")

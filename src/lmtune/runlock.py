@@ -30,6 +30,13 @@ def running_pid(run_dir: Path) -> int | None:
     return pid if b"lmtune" in command else None
 
 
+def check_not_running(run_dir: Path) -> None:
+    other = running_pid(run_dir)
+    if other is not None and other != os.getpid():
+        raise UserError(f"another run (pid {other}) is writing to {run_dir}; stop it first, or choose another "
+                        "output_dir")
+
+
 class RunLock:
     """Held by the main process for as long as the run writes to its folder."""
 
@@ -37,10 +44,7 @@ class RunLock:
         self.path = Path(run_dir) / PID_FILE
 
     def __enter__(self) -> RunLock:
-        other = running_pid(self.path.parent)
-        if other is not None and other != os.getpid():
-            raise UserError(f"another run (pid {other}) is writing to {self.path.parent}; stop it first, or choose "
-                            "another output_dir")
+        check_not_running(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         return self

@@ -48,20 +48,22 @@ class Plan:
     save_minutes: float | None = None
     eval_minutes: float | None = None
     checkpoint_bytes: int | None = None
+    final_model_bytes: int | None = None
     save_total_limit: int | None = None
     keeps_best: bool = False
     stream: dict | None = None  # for streamed data: what is known or estimated of its size
 
     @property
     def disk_bytes(self) -> int | None:
-        """Peak disk use of the checkpoints: those rotation keeps at once, plus one being written before
-        rotation deletes the oldest, plus the best when it has fallen out of the newest ones."""
+        """Peak disk use of the run: the checkpoints rotation keeps at once, plus one being written before
+        rotation deletes the oldest, plus the best when it has fallen out of the newest ones, plus the final
+        model."""
         if self.checkpoint_bytes is None:
             return None
         at_once = len(self.kept)
         if self.deleted:
             at_once += 1 + (1 if self.keeps_best else 0)
-        return self.checkpoint_bytes * max(at_once, 1)
+        return self.checkpoint_bytes * max(at_once, 1) + (self.final_model_bytes or 0)
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +80,7 @@ class Plan:
             "save_minutes": self.save_minutes,
             "eval_minutes": self.eval_minutes,
             "checkpoint_bytes": self.checkpoint_bytes,
+            "final_model_bytes": self.final_model_bytes,
             "disk_bytes": self.disk_bytes,
             "warnings": self.warnings,
             "stream": self.stream,
@@ -92,7 +95,7 @@ def steps_per_epoch(rows: int, batch_size: int, accumulation: int, world_size: i
 
 def make_plan(
     config: TrainConfig, train_rows: int | None, world_size: int = 1, has_eval_data: bool = False,
-    checkpoint_bytes: int | None = None,
+    checkpoint_bytes: int | None = None, final_model_bytes: int | None = None,
 ) -> Plan:
     """The plan of `config` on `train_rows` rows; None for a stream of unknown length, where a rule
     counted in epochs is an error that names its key."""
@@ -131,7 +134,7 @@ def make_plan(
     _warn_dense_saves(config, len(saves), total, checkpoint_bytes, warnings)
     return Plan(
         per_epoch, total, epochs, saves, evals, kept, deleted, warnings, phases,
-        config.save_minutes, config.eval_minutes if has_eval_data else None, checkpoint_bytes,
+        config.save_minutes, config.eval_minutes if has_eval_data else None, checkpoint_bytes, final_model_bytes,
         config.save_total_limit, keeps_best,
     )
 

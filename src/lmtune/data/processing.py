@@ -18,7 +18,7 @@ from typing import Any
 
 import datasets
 
-from lmtune.config import TrainConfig
+from lmtune.config import TrainConfig, keys_where
 from lmtune.data.registry import DatasetSpec, left_placeholders, load_rows, resolve_datasets, standard_row
 from lmtune.data.templates import IGNORE_INDEX, chat_template_for, encode_conversation
 from lmtune.errors import UserError
@@ -296,13 +296,11 @@ def _cache_key(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, te
         {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime_ns}
         for spec in specs for f in spec.files
     ]
-    keys = ("stage", "cutoff_len", "max_samples", "val_size", "seed", "mix_strategy", "interleave_probs",
-            "eval_dataset", "placeholders")
     description = {
         "version": CACHE_VERSION,
         "files": files,
         "specs": [(s.name, s.formatting, s.columns, s.tags) for s in specs],
-        "config": {k: getattr(config, k) for k in keys},
+        "config": {k: getattr(config, k) for k in keys_where("data")},
         "packing": config.use_packing,
         "template": template,
         "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token, tokenizer.bos_token],

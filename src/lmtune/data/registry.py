@@ -49,6 +49,11 @@ def resolve_datasets(names: list[str], dataset_dir: str, stage: str,
     return specs
 
 
+def data_files(config: Any) -> list[Path]:
+    """Every file a run's data sets read, in order."""
+    return [file for spec in resolve_datasets(config.datasets, config.dataset_dir, config.stage) for file in spec.files]
+
+
 def _read_registry(dataset_dir: Path) -> dict[str, Any]:
     info_path = dataset_dir / "dataset_info.json"
     if not info_path.is_file():
@@ -72,8 +77,8 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
     if not path.exists() and (dataset_dir / name).exists():
         path = dataset_dir / name
     if not path.exists() and (path.suffix in FILE_LOADERS or "/" in name):
-        raise UserError(f"dataset '{name}': file not found (looked for {path.resolve()} and "
-                        f"{(dataset_dir / name).resolve()})")
+        looked = dict.fromkeys([str(path.resolve()), str((dataset_dir / name).resolve())])
+        raise UserError(f"dataset '{name}': file not found (looked for {' and '.join(looked)})")
     if not path.exists():
         known = ", ".join(sorted(registry)) or "none"
         raise UserError(

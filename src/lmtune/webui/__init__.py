@@ -9,10 +9,4 @@ from __future__ import annotations
 
 from lmtune.webui.form import parse_auth
 
-__all__ = ["launch", "parse_auth"]
-
-
-def launch(root, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None) -> None:
-    from lmtune.webui.app import serve
-
-    serve(root, host, port, parse_auth(auth) if auth else None)
+__all__ = ["parse_auth"]

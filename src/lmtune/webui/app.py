@@ -14,7 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from lmtune.config import TrainConfig  # noqa: E402
+from lmtune.config import TrainConfig, keys_where  # noqa: E402
 from lmtune.errors import UserError  # noqa: E402
 from lmtune.webui import form as F  # noqa: E402
 from lmtune.webui import monitor as M  # noqa: E402
@@ -32,16 +32,6 @@ CSS = """
 .lmtune-checkpoints tr.ckpt-hidden td { color: #6b7280; text-align: left; font-style: italic; }
 #plan table { font-size: 0.9em; }
 """
-# Keys that change the plan but not the size of the data or of a checkpoint: the planner's cache
-# of tokenised data and checkpoint size ignores them.
-SCHEDULE_ONLY = {
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "save_steps", "save_epochs",
-    "saves_per_epoch", "save_minutes", "save_strategy", "save_total_limit", "metric_for_best_model", "save_on_eval",
-    "save_schedule", "eval_steps", "eval_epochs", "evals_per_epoch", "eval_minutes", "per_device_eval_batch_size",
-    "resume_from_checkpoint", "resume_lr", "overwrite_output_dir", "output_dir", "logging_steps", "report_to",
-    "plot_loss", "log_level", "callbacks", "preview_samples", "dataloader_num_workers",
-}
 
 
 class Planner:
@@ -49,17 +39,18 @@ class Planner:
     setting (as `plan_for_config` does), the schedule (`make_plan`) on every change."""
 
     def __init__(self) -> None:
-        self._facts: dict[str, tuple[int | None, bool, int | None]] = {}
+        self._facts: dict[str, tuple[int | None, bool, dict[str, int | None]]] = {}
         self._lock = threading.Lock()
 
-    def facts(self, config: TrainConfig) -> tuple[int | None, bool, int | None]:
-        settings = {k: v for k, v in config.to_yaml_dict().items() if k not in SCHEDULE_ONLY}
+    def facts(self, config: TrainConfig) -> tuple[int | None, bool, dict[str, int | None]]:
+        values = config.to_yaml_dict()  # the data set's size and a checkpoint's size depend on these alone
+        settings = {k: values[k] for k in keys_where("data") + keys_where("checkpoint_size")}
         key = json.dumps([settings, _data_files_stamp(config)], sort_keys=True, default=str)
         with self._lock:
             if key not in self._facts:
                 from lmtune.data import prepare_data
                 from lmtune.models import load_tokenizer, resolve_model_path
-                from lmtune.planning import estimate_checkpoint_bytes
+                from lmtune.planning import estimate_sizes
 
                 model_path = resolve_model_path(config.model_name_or_path)
                 tokenizer = load_tokenizer(model_path, config.trust_remote_code)
@@ -68,14 +59,14 @@ class Planner:
                     rows = len(data.train)
                 except TypeError:  # a stream without a known size
                     rows = None
-                self._facts[key] = (rows, data.eval is not None, estimate_checkpoint_bytes(model_path, config))
+                self._facts[key] = (rows, data.eval is not None, estimate_sizes(model_path, config))
             return self._facts[key]
 
     def plan(self, config: TrainConfig):
         from lmtune.schedule import make_plan
 
-        rows, has_eval, size = self.facts(config)
-        return make_plan(config, rows, 1, has_eval, checkpoint_bytes=size), rows
+        rows, has_eval, sizes = self.facts(config)
+        return make_plan(config, rows, 1, has_eval, **sizes), rows
 
 
 def _data_files_stamp(config: TrainConfig, limit: int = 500) -> list:
