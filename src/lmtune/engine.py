@@ -35,7 +35,6 @@ from lmtune.callbacks import (
     MetricsFile,
     ProgressBar,
     RunState,
-    TensorBoardWriter,
     TerminalLog,
     load_user_callbacks,
 )
@@ -72,6 +71,7 @@ from lmtune.resume import (
 from lmtune.runlock import RunLock, check_not_running
 from lmtune.schedule import Plan, make_plan
 from lmtune.state import Schedule
+from lmtune.trackers import tracker_callbacks
 
 log = logging.getLogger("lmtune")
 
@@ -246,8 +246,7 @@ class TrainingLoop:
         if not self.accelerator.is_main_process:
             return self.s.user_callbacks
         built_in: list[Any] = [self.metrics, TerminalLog(), ProgressBar()]
-        if self.config.report_to == "tensorboard":
-            built_in.append(TensorBoardWriter(self.s.output_dir / "runs"))
+        built_in += tracker_callbacks(self.config, self.s.output_dir)
         if self.config.plot_loss:
             built_in.append(LossPlot())
         return built_in + self.s.user_callbacks

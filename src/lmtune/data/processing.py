@@ -20,7 +20,7 @@ import datasets
 
 from lmtune.config import TrainConfig, keys_where
 from lmtune.data.encoding import RowEncoder, row_of
-from lmtune.data.registry import DatasetSpec, load_rows, resolve_datasets
+from lmtune.data.registry import DatasetSpec, left_placeholders, load_rows, resolve_datasets
 from lmtune.data.templates import IGNORE_INDEX, chat_template_for
 from lmtune.errors import UserError
 from lmtune.paths import cache_home
@@ -65,21 +65,26 @@ class ProcessedData:
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) -> ProcessedData:
-    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
+    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage, config.placeholders)
+    eval_specs = resolve_datasets(config.eval_datasets, config.dataset_dir, config.stage, config.placeholders) \
+        if config.eval_datasets else []
     template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
-    cache_dir = cache_home() / "data" / _cache_key(config, specs, tokenizer, template)
-    if use_cache and (cache_dir / "done").exists():
+    cache_dir = cache_home() / "data" / _cache_key(config, specs + eval_specs, tokenizer, template)
+    if use_cache and not config.overwrite_cache and (cache_dir / "done").exists():
         log.info("using processed data from the cache: %s", cache_dir)
         return _load_cached(cache_dir)
-    data = _process(config, specs, tokenizer, template)
+    data = _process(config, specs, eval_specs, tokenizer, template)
     if use_cache:
+        if config.overwrite_cache:  # the entry is replaced only once the data has been processed again
+            shutil.rmtree(cache_dir, ignore_errors=True)
         _save_cached(data, cache_dir)
         data = _load_cached(cache_dir)  # memory-mapped from the cache, as every later run reads it
         data.from_cache = False
     return data
 
 
-def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, template: str | None) -> ProcessedData:
+def _process(config: TrainConfig, specs: list[DatasetSpec], eval_specs: list[DatasetSpec], tokenizer: Any,
+             template: str | None) -> ProcessedData:
     stats = DataStats()
     parts = []
     for spec in specs:
@@ -91,7 +96,12 @@ def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, temp
     stats.examples_kept = len(examples)
     stats.cutoff_len, stats.packing = config.cutoff_len, config.use_packing
     stats.lengths = [len(ids) for ids in examples["input_ids"]]
-    train, evaluation = _split(examples, config)
+    if eval_specs:  # eval_dataset: its own data sets, processed as the training data is
+        train = examples
+        evaluation = datasets.concatenate_datasets(
+            [_tokenize_dataset(config, spec, tokenizer, template, DataStats()) for spec in eval_specs])
+    else:
+        train, evaluation = _split(examples, config)
     stats.train_examples, stats.eval_examples = len(train), len(evaluation) if evaluation else 0
     train = _finish(train, config)
     evaluation = _finish(evaluation, config) if evaluation is not None else None
@@ -118,6 +128,11 @@ def _tokenize_dataset(
         stats.examples_after_max_samples += len(rows)
         if len(rows) == 0:
             continue
+        left = left_placeholders(spec, rows)
+        if left:
+            shown = ", ".join("{{" + name + "}}" for name in sorted(left))
+            log.warning("%s: the placeholders %s are left as they are; give their values with placeholders: "
+                        "{%s}", file, shown, ", ".join(f"{name}: ..." for name in sorted(left)))
         encode = _encoder(config, spec, file, tokenizer, template)
         workers = _num_proc(config, len(rows))
         if workers:

@@ -393,7 +393,7 @@ def open_stream(
     config: TrainConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
 ) -> tuple[TokenStream, StreamInfo]:
     """The stream and what is known of its size; format errors now, before anything is written."""
-    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
+    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage, config.placeholders)
     for spec in specs:
         for path in spec.files:
             open_file(path)
