@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from lmtune.checkpoint import CheckpointStore, Snapshot, cpu_copy
 from lmtune.config import TrainConfig
-from lmtune.engine import _checkpoint_tensors  # the engine's own snapshot helper
+from lmtune.engine import checkpoint_tensors
 from lmtune.models import count_parameters, import_builtin, load_model
 
 
@@ -39,7 +39,7 @@ def one_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 def snapshot(model, optimizer, scheduler, step: int) -> Snapshot:
     """What `TrainingLoop._snapshot` takes, with no model files to write."""
-    weights, name = _checkpoint_tensors(model)
+    weights, name = checkpoint_tensors(model)
     return Snapshot(step=step, weights=weights, weights_name=name, write_model_files=lambda folder: None,
                     optimizer=optimizer.state_dict(), scheduler=cpu_copy(scheduler.state_dict()), rng={},
                     train_state={"step": step}, entry={"step": step, "reasons": ["bench"], "metrics": {}})

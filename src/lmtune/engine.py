@@ -592,7 +592,7 @@ class TrainingLoop:
 
     def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None]) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
-        weights, weights_name = _checkpoint_tensors(model)
+        weights, weights_name = checkpoint_tensors(model)
         saved = state.saved_fields()
         saved.rng, saved.data_loader = positions
         # eval metrics of an earlier step would make this checkpoint look as good as that one
@@ -711,7 +711,7 @@ def _maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, skip: bool)
     return accelerator.no_sync(model)
 
 
-def _checkpoint_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+def checkpoint_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
     """The live tensors a checkpoint holds (the writer thread copies them), and the file they go to."""
     from peft import PeftModel, get_peft_model_state_dict
 
