@@ -78,7 +78,8 @@ def _print_config_help() -> None:
     from lmtune.config import config_help_rows
 
     table = Table(title="lmtune config keys", show_lines=False)
-    for column in ("key", "type", "default", "help"):
+    table.add_column("key", no_wrap=True)  # a key is typed as it is: never broken over two lines
+    for column in ("type", "default", "help"):
         table.add_column(column, overflow="fold")
     for row in config_help_rows():
         table.add_row(*row)
