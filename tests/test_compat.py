@@ -22,7 +22,6 @@ from lmtune.errors import UserError
     ({"optim": "adamw_torch"}, {}),
     ({"optim": "adamw_torch_fused"}, {}),
     ({"fp16": False, "bf16": True}, {"bf16": True}),
-    ({"load_best_model_at_end": False}, {}),
     ({"neat_packing": True}, {"packing": True}),
     ({"resume_from_checkpoint": None}, {"resume_from_checkpoint": "auto"}),
     ({"report_to": ["tensorboard", "wandb"]}, {"trackers": ["tensorboard", "wandb"]}),
@@ -72,7 +71,6 @@ def test_ignored_keys_are_accepted_and_listed_with_why(key):
     ({"lr_scheduler_kwargs": {"min_lr": 0}}, ["lr_scheduler_kwargs"]),
     ({"optim": "adamw_8bit"}, ["optim", "AdamW", "adamw_torch"]),
     ({"fp16": True}, ["fp16", "bf16: true"]),
-    ({"load_best_model_at_end": True}, ["load_best_model_at_end", "lmtune export", "best"]),
     ({"warmup_ratio": 1.5}, ["warmup_ratio", "fraction"]),
     ({"eval_strategy": "no", "eval_steps": 5}, ["eval_strategy: no", "eval_steps"]),
     ({"report_to": "comet_ml"}, ["report_to", "comet_ml", "wandb", "mlflow"]),
@@ -87,8 +85,7 @@ def test_refused_keys_name_the_lmtune_way(values, words):
 
 
 def test_every_table_entry_is_covered_by_a_test():
-    mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "load_best_model_at_end",
-              "neat_packing"}
+    mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "neat_packing"}
     refused = {"deepspeed", "fsdp", "fsdp_config", "fsdp_offload", "pref_beta", "pref_loss", "pref_ftx",
                "train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha", "use_dora",
                "use_rslora", "lr_scheduler_kwargs"}
@@ -146,3 +143,21 @@ def test_the_readme_key_table_is_the_code_table():
     rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
             for line in readme.splitlines() if line.startswith("| `") and line.count("|") == 4}
     assert {key: t.kind for key, t in FOREIGN_KEYS.items()} == {key: rows.get(key) for key in FOREIGN_KEYS}
+
+
+def test_load_best_model_at_end_makes_the_best_checkpoint_the_final_model(tiny_config, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    # the eval loss falls as the run trains: "best" as the highest one is an early checkpoint, never the last
+    config = tiny_config(max_steps=8, val_size=8, eval_steps=2, save_steps=2, greater_is_better=True,
+                         load_best_model_at_end=True)
+    assert run_lmtune("train", config) == 0
+    index = json.loads((run / "checkpoints.json").read_text())["checkpoints"]
+    best = next(e for e in index if e["best"])
+    assert index[0]["metrics"].get("eval_loss") is not None and best["step"] != 8
+    final, chosen = load_file(run / "model.safetensors"), load_file(run / best["path"] / "model.safetensors")
+    assert all(torch.equal(final[key], chosen[key]) for key in final)
+    assert f"the final model is checkpoint-{best['step']}'s (best eval_loss)" in " ".join(
+        capsys.readouterr().err.split())

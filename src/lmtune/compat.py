@@ -68,14 +68,6 @@ def _fp16(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _load_best_model_at_end(value: Any, values: dict[str, Any]) -> dict[str, Any]:
-    if value:
-        raise UserError("load_best_model_at_end: true: lmtune writes the last model as the final model and "
-                        "marks the best checkpoint in checkpoints.json (rotation never deletes it); use "
-                        "`lmtune export RUN/checkpoint-N --out DIR` on it, and remove load_best_model_at_end")
-    return {}
-
-
 def _neat_packing(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {"packing": True} if value else {}
 
@@ -97,8 +89,6 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "optim": Treatment("mapped", "the AdamW variants are lmtune's optimizer (torch AdamW); others are refused",
                        _optim),
     "fp16": Treatment("mapped", "false is lmtune's default; true is refused: use bf16", _fp16),
-    "load_best_model_at_end": Treatment("mapped", "false is lmtune's behaviour; true is refused: export the best "
-                                        "checkpoint", _load_best_model_at_end),
     "neat_packing": Treatment("mapped", "packing: lmtune's packing never attends across examples", _neat_packing),
     # ignored: no effect in lmtune
     "do_train": _ignore("`lmtune train` trains; `lmtune plan` and `lmtune preview` look without training"),

@@ -234,6 +234,9 @@ class TrainConfig(BaseModel):
     greater_is_better: bool | None = Field(
         None, description="whether a higher metric_for_best_model is better; null: false for metrics ending in "
         "'loss', true otherwise", json_schema_extra=on_resume("neutral"))
+    load_best_model_at_end: bool = Field(
+        False, description="the final model is the best checkpoint's (by metric_for_best_model, eval_loss when "
+        "unset), not the last step's", json_schema_extra=on_resume("neutral"))
     save_on_eval: bool = Field(False, description="save a checkpoint at every evaluation",
                                json_schema_extra=on_resume("neutral"))
     save_only_model: bool = Field(False, description="checkpoints without optimizer state (not resumable)",
@@ -357,6 +360,15 @@ class TrainConfig(BaseModel):
         if isinstance(value, str) and value.lower() in ("false", "no", "none"):
             return False
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _best_metric_for_load_best(cls, values: Any) -> Any:
+        """As in the Hugging Face Trainer: load_best_model_at_end without a metric means eval_loss."""
+        wants_best = isinstance(values, dict) and values.get("load_best_model_at_end")
+        if wants_best and not values.get("metric_for_best_model"):
+            values = {**values, "metric_for_best_model": "eval_loss"}
+        return values
 
     @model_validator(mode="after")
     def _save_checks(self) -> TrainConfig:

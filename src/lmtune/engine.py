@@ -45,6 +45,7 @@ from lmtune.checkpoint import (
     Snapshot,
     model_folder_problems,
     read_optimizer_state,
+    read_state,
 )
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
@@ -631,6 +632,12 @@ class TrainingLoop:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.s.model)
+        best = self.store.best_step() if self.config.load_best_model_at_end else None
+        if best is not None and best != self.state.step:
+            folder = self.s.output_dir / f"{PREFIX}{best}"
+            load_weights(model, ResumePoint(folder, read_state(folder)))
+            log.info("load_best_model_at_end: the final model is %s%d's (best %s); the last step's is %s%d",
+                     PREFIX, best, self.config.metric_for_best_model, PREFIX, self.state.step)
         model.config.use_cache = True  # training is over: the saved model generates with its KV cache
         model.save_pretrained(str(self.s.output_dir), safe_serialization=True)
         self.s.tokenizer.save_pretrained(str(self.s.output_dir))
