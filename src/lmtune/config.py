@@ -301,6 +301,9 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{key} must be a positive number of steps")
         if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
             raise ValueError("warmup_steps is a whole number of steps, or a fraction < 1 of the total steps")
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            raise ValueError(f"val_size {self.val_size:g} is neither a fraction < 1 of the data nor a whole number "
+                             "of examples: write e.g. 0.15 or 150")
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
 
     # --- derived values -------------------------------------------------------------------------
