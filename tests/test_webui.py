@@ -143,6 +143,22 @@ def test_fresh_start_and_a_chosen_checkpoint_map_to_resume_keys(workdir):
     (folder / "train_state.json").write_text("{}")
     values = F.form_to_values(workdir, tiny_form(resume_from_checkpoint="checkpoint-6"))
     assert values["resume_from_checkpoint"] == "runs/a/checkpoint-6"
+    # a typed path names that folder, even in another run, as resume_from_checkpoint does in a config file
+    assert F.form_to_values(workdir, tiny_form(output_dir="runs/b", resume_from_checkpoint="runs/a/checkpoint-6"))[
+        "resume_from_checkpoint"] == "runs/a/checkpoint-6"
+    with pytest.raises(UserError, match="runs/b/checkpoint-6 is not a complete checkpoint"):
+        F.form_to_values(workdir, tiny_form(output_dir="runs/b", resume_from_checkpoint="checkpoint-6"))
+
+
+def test_a_chat_message_without_a_loaded_model_stays_in_the_box():
+    from lmtune.webui.chat_tab import ChatHolder
+
+    chat = ChatHolder()
+    history, box, status = next(chat.respond("What is 2 plus 3?", [], 8, 0))
+    assert history == [] and box == "What is 2 plus 3?" and "load a model" in status
+    with chat.lock:  # as while a model loads
+        history, box, status = next(chat.respond("What is 2 plus 3?", [], 8, 0))
+    assert history == [] and box == "What is 2 plus 3?" and "still loading" in status
 
 
 @pytest.mark.parametrize("key, value", [

@@ -133,7 +133,8 @@ def _sandboxed_resume(root: Path, choice: Any, output_dir: Path) -> str | bool:
     name = Path(str(choice)).name
     if not CHECKPOINT_NAME.match(name):
         raise UserError(f"resume_from_checkpoint: '{choice}' is not a checkpoint-<step> folder of the run")
-    folder = inside(root, output_dir / name, "resume_from_checkpoint")
+    # a picked name is one of output_dir's checkpoints; a typed path is taken as the CLI takes it
+    folder = inside(root, choice if "/" in str(choice) else output_dir / name, "resume_from_checkpoint")
     if not is_complete_checkpoint(folder):
         raise UserError(f"resume_from_checkpoint: {relative(root, folder)} is not a complete checkpoint")
     return relative(root, folder)
