@@ -103,8 +103,10 @@ def test_form_writes_the_yaml_that_lmtune_train_reads(workdir, monkeypatch):
 def test_form_errors_name_the_key_and_the_fix(workdir):
     with pytest.raises(UserError, match="save_steps.*save_epochs: 2.5"):
         F.form_to_values(workdir, tiny_form(save_steps="2.5"))
-    with pytest.raises(UserError, match="learning_rate.*'abc'"):
-        F.form_to_values(workdir, tiny_form(learning_rate="abc"))
+    with pytest.raises(UserError, match="learning_rate.*'abc'") as error:
+        F.form_to_values(workdir, tiny_form(learning_rate="abc", max_steps="-5x"))
+    # each line of the error goes to the field it names
+    assert set(F.field_errors(str(error.value))) == {"learning_rate", "max_steps"}
     with pytest.raises(UserError, match="not a checkpoint-<step> folder"):
         F.form_to_values(workdir, tiny_form(resume_from_checkpoint="../../etc"))
 
@@ -469,6 +471,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         # text in a number field is an error that names the key, not a silent default
         ui.fill("learning-rate", "abc")
         ui.wait_text("plan", "The form needs a fix", "learning_rate", "'abc'")
+        ui.wait_text("learning-rate", "learning_rate ⚠ Input should be a valid number")  # at the field too
         ui.fill("learning-rate", "0.005")
         ui.pick("scheduler", "constant")
         ui.fill("epochs", "1000")

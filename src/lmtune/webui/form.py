@@ -197,6 +197,18 @@ def _as_read(given: Any, checked: Any) -> Any:
     return checked
 
 
+def field_errors(message: str) -> dict[str, str]:
+    """The form fields an error message is about (each line of it that starts with a key), so that the
+    form can show each line at its field."""
+    found: dict[str, str] = {}
+    for line in message.splitlines():
+        text = line.removeprefix("web form: ").strip()
+        key = re.match(r"\w+", text)
+        if key and key.group() in FORM_KEYS:
+            found.setdefault(key.group(), text)
+    return found
+
+
 def form_to_config(root: Path, form: dict[str, Any],
                    extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
     values = form_to_values(root, form, extra)

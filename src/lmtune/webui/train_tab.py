@@ -275,25 +275,35 @@ def build(root: Path, runner: Runner) -> TrainTab:
     def as_form(values: tuple) -> dict[str, Any]:
         return dict(zip(F.FORM_KEYS, values, strict=True))
 
+    labels = {key: fields[key].label for key in F.FORM_KEYS}
+
+    def at_fields(message: str = "") -> list:
+        """Each field's label, with the error about it (if any) after it."""
+        errors = {key: text.removeprefix(key).lstrip(": ") for key, text in F.field_errors(message).items()}
+        return [gr.update(label=f"{labels[key]} ⚠ {errors[key]}" if key in errors else labels[key])
+                for key in F.FORM_KEYS]
+
     def refresh_plan(extra_keys: dict, *values):
         form = as_form(values)
         try:
             settings, config = F.form_to_config(root, form, extra_keys)
         except UserError as error:
-            return f"**The form needs a fix**: {error}", "", ""
+            return [f"**The form needs a fix**: {error}", "", "", *at_fields(str(error))]
         text = F.values_to_yaml(settings)
         from lmtune.planning import plan_for_config
 
         try:
             plan = plan_for_config(config)
         except UserError as error:
-            return f"**lmtune plan refuses this config**: {error}", text, resume_note(config, None)
+            return [f"**lmtune plan refuses this config**: {error}", text, resume_note(config, None),
+                    *at_fields(str(error))]
         except Exception as error:  # a model or data set that cannot be read: say so in place of the plan
             log.warning("plan failed: %s", error)
-            return f"**could not plan**: {type(error).__name__}: {error}", text, resume_note(config, None)
-        return plan_markdown(config, plan), text, resume_note(config, plan.total_steps)
+            return [f"**could not plan**: {type(error).__name__}: {error}", text, resume_note(config, None),
+                    *at_fields()]
+        return [plan_markdown(config, plan), text, resume_note(config, plan.total_steps), *at_fields()]
 
-    plan_outputs = [c["plan"], c["yaml"], c["resume_note"]]
+    plan_outputs = [c["plan"], c["yaml"], c["resume_note"], *inputs]
     plan_io = dict(fn=refresh_plan, inputs=[extra, *inputs], outputs=plan_outputs, trigger_mode="always_last",
                    show_progress="hidden", concurrency_id="plan", concurrency_limit=1)
     for component in inputs:
