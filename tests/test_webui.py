@@ -291,6 +291,19 @@ def test_monitor_reads_progress_chart_and_checkpoints_from_the_run_folder(tmp_pa
     assert "epoch,signal" in table and "kept best" in table and "2.5 MB" in table
 
 
+def test_a_run_started_from_the_ui_is_starting_then_says_why_it_was_refused(workdir):
+    from lmtune.webui.runner import Runner
+
+    (workdir / "bad.yaml").write_text("model_name_or_path: models/tiny\ndataset: nowhere.json\noutput_dir: runs/bad\n")
+    runner, run_dir = Runner(workdir), workdir / "runs" / "bad"
+    process = runner.start(workdir / "bad.yaml", run_dir)
+    assert runner.state(run_dir).text == f"starting (pid {process.pid}): loading the model and the data"
+    assert process.wait(timeout=120) == 2
+    state = runner.state(run_dir)
+    assert (state.kind, state.text) == (M.FAILED, "refused to start (exit code 2): the log below says why")
+    assert "dataset 'nowhere.json'" in (run_dir / "train.log").read_text()
+
+
 def test_run_states_and_history_pages_from_the_folders(workdir):
     def make_run(name: str, reasons: list[str], steps: int = 30) -> Path:
         run = workdir / "runs" / name

@@ -161,9 +161,9 @@ def run_state(run_dir: Path) -> RunState:
 
 
 def run_updated(run_dir: Path) -> float:
-    """When the run last wrote to its folder."""
+    """When the run last wrote to its folder (train.log aside: the web UI writes to it too)."""
     times = [(Path(run_dir) / name).stat().st_mtime for name in ("metrics.jsonl", "checkpoints.json",
-                                                                 "run_config.yaml", LOG_NAME)
+                                                                 "run_config.yaml")
              if (Path(run_dir) / name).is_file()]
     return max(times, default=0.0)
 
@@ -178,8 +178,8 @@ def runs_html(root: Path, runs: list[str]) -> str:
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run_updated(Path(root) / run)))
         rows.append(f'<tr class="run-{state.kind}"><td>{html.escape(run)}</td><td>{state.kind}</td>'
                     f"<td>{html.escape(state.text)}</td><td>{updated}</td></tr>")
-    return ('<table class="lmtune-runs"><thead><tr><th>run folder</th><th>state</th><th></th><th>last written</th>'
-            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    header = "".join(f"<th>{name}</th>" for name in ("run folder", "state", "what its folder says", "last written"))
+    return f'<table class="lmtune-runs"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def event_text(row: dict[str, Any]) -> str:

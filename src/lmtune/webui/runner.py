@@ -14,17 +14,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from lmtune.errors import UserError
 from lmtune.runlock import running_pid
-from lmtune.webui.monitor import FAILED, LOG_NAME, RUNNING, RunState, run_state
+from lmtune.webui.monitor import FAILED, LOG_NAME, RUNNING, RunState, run_state, run_updated
 
 
 class Runner:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self._runs: dict[Path, subprocess.Popen] = {}
+        self._started: dict[Path, float] = {}
         self._lock = threading.Lock()
 
     def check_free(self, run_dir: Path) -> None:
@@ -48,7 +50,7 @@ class Runner:
                 log.flush()
                 process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            self._runs[run_dir] = process
+            self._runs[run_dir], self._started[run_dir] = process, time.time()
             return process
 
     def stop(self, run_dir: Path) -> str:
@@ -67,8 +69,10 @@ class Runner:
         if process is None or files.kind == RUNNING:
             return files
         code = process.poll()
-        if code is None:
+        if code is None and run_updated(run_dir) < self._started[Path(run_dir).resolve()]:
             return RunState(RUNNING, f"starting (pid {process.pid}): loading the model and the data")
+        if code is None:  # its train.pid is gone: it is closing down
+            return RunState(files.kind, f"{files.text}; its process (pid {process.pid}) is exiting")
         if code == 2:
             return RunState(FAILED, "refused to start (exit code 2): the log below says why")
         return RunState(files.kind, f"{files.text} (exit code {code})")
