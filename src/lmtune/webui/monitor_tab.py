@@ -56,24 +56,27 @@ def build(root: Path, runner: Runner) -> MonitorTab:
                           elem_id="log-tail")
     timer = gr.Timer(1.0)
 
-    def watch(run: str | None, checkpoint_page, event_page):
-        table = M.runs_html(root, runs_newest_first(root))
+    known = gr.State([])  # the runs the pick list offers
+
+    def watch(run: str | None, checkpoint_page, event_page, offered: list[str]):
+        runs = runs_newest_first(root)
+        listed = (M.runs_html(root, runs), runs, gr.update() if set(runs) == set(offered) else gr.update(choices=runs))
         if not run:
             return ("Choose a run folder (or start a run on the Train tab).", M.chart_html(M.RunView(root, {})),
-                    "", "", "", table)
+                    "", "", "", *listed)
         try:
             run_dir = F.inside(root, run, "run folder")
         except UserError as error:
-            return f"**error**: {error}", "", "", "", "", table
+            return f"**error**: {error}", "", "", "", "", *listed
         view = M.read_run(run_dir)
         return (M.progress_markdown(view, runner.state(run_dir)), M.chart_html(view),
                 M.checkpoints_html(run_dir, checkpoint_page), M.events_markdown(view, event_page),
-                M.log_tail(run_dir, lines=20), table)
+                M.log_tail(run_dir, lines=20), *listed)
 
-    watch_io = ([run_choice, checkpoints_page, events_page], [progress, chart, checkpoints, events, log_view,
-                                                              runs_table])
+    watch_io = ([run_choice, checkpoints_page, events_page, known],
+                [progress, chart, checkpoints, events, log_view, runs_table, known, run_choice])
     timer.tick(watch, *watch_io, show_progress="hidden", concurrency_id="watch", trigger_mode="always_last")
-    for component in watch_io[0]:
+    for component in (run_choice, checkpoints_page, events_page):
         component.change(watch, *watch_io, show_progress="hidden")
 
     def refresh_list(chosen: str | None):
