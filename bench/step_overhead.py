@@ -6,7 +6,8 @@
 A: lmtune's engine, set up from a config as `lmtune train` does (`set_up`, then the loop's own
    `_optimizer_step` and `_after_step`: token-weighted accumulation, clipping, the LR schedule, the
    device-side interval sums, callbacks, and a metrics row every `--logging-steps` steps).
-B: a bare PyTorch loop written here: forward, backward, clip, AdamW step, zero_grad; nothing else.
+B: a bare PyTorch loop written here: forward and loss (the engine's loss object: the model's work),
+   backward, clip, AdamW step, zero_grad; nothing else.
 
 Both train the same model (loaded by the same function, so LoRA is set up the same way) on the same
 micro-batches, taken once from the engine's own data loader, with the same clipping and accumulation.
@@ -53,11 +54,13 @@ class BareSteps:
     def __init__(self, config, device: str):
         import torch
 
+        from lmtune.loss import batch_loss_for
         from lmtune.models import load_model
 
         torch.manual_seed(config.seed)
         self.device = torch.device(device)
         self.model = load_model(config.model_name_or_path, config).to(self.device)
+        self.loss = batch_loss_for(self.model)  # the model's work, as the engine computes it
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.max_grad_norm = config.max_grad_norm
@@ -70,7 +73,7 @@ class BareSteps:
         for batch, _ in group:
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             with autocast(self.autocast):
-                loss = self.model(**batch).loss / len(group)
+                loss = self.loss(self.model, batch) / len(group)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()

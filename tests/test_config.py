@@ -32,6 +32,9 @@ def test_an_unknown_key_suggests_the_nearest_one(tiny_config, tmp_path, capsys, 
     ({"learning_rate": "fast"}, ["learning_rate", "valid number", "'fast'"]),
     ({"stage": "rl"}, ["stage", "'pt'", "'sft'"]),
     ({"per_device_train_batch_size": 0}, ["per_device_train_batch_size", "greater than 0"]),
+    ({"interleave_probs": "0.5,half"}, ["interleave_probs", "comma separated list of numbers"]),
+    ({"dataset": "a.json,b.json", "mix_strategy": "interleave_under", "interleave_probs": "0.2,0.3,0.5"},
+     ["interleave_probs has 3 values for 2 data sets", "one probability a data set"]),
 ])
 def test_a_wrong_value_names_the_key_and_writes_nothing(tiny_config, tmp_path, capsys, values, words):
     err = error_of(capsys, "train", tiny_config(**values))
@@ -72,3 +75,10 @@ def test_help_config_lists_every_key_with_its_type_default_and_help(capsys, monk
     assert rows["save_total_limit"][:2] == ["int | null", "null"]
     assert rows["learning_rate"][0] == "float" and rows["learning_rate"][2]
     assert not any("<class" in " ".join(cells) for cells in rows.values())
+
+
+def test_interleave_probs_are_read_once_as_numbers():
+    from lmtune.config import build_config
+
+    assert build_config({"interleave_probs": "0.7, 0.3"}).interleave_probs == [0.7, 0.3]
+    assert build_config({"interleave_probs": [0.5, 0.5]}).interleave_probs == [0.5, 0.5]

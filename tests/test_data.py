@@ -296,7 +296,8 @@ def test_processed_data_is_reused_and_rebuilt_when_the_file_or_cutoff_len_change
 
 def test_pretraining_text_gets_the_tokenizers_own_bos_and_one_eos(tokenizer):
     from lmtune.config import build_config
-    from lmtune.data.processing import _encode_standard
+    from lmtune.data.encoding import RowEncoder
+    from lmtune.data.registry import DatasetSpec
 
     class AddsBos:  # a Llama-style tokenizer: BOS in front when special tokens are asked for
         bos_token_id, eos_token_id = 1, 2
@@ -305,8 +306,55 @@ def test_pretraining_text_gets_the_tokenizers_own_bos_and_one_eos(tokenizer):
             return {"input_ids": ([1] if add_special_tokens else []) + [10 + len(w) for w in text.split()]}
 
     config = build_config({"stage": "pt", "cutoff_len": 64})
-    (ids, _), = _encode_standard({"text": "the tide rises"}, AddsBos(), None, config)
+    spec = DatasetSpec("corpus", [], "text")
+
+    def ids_of_text(tokenizer):
+        (example,) = RowEncoder(config, tokenizer, None).examples(spec, {"text": "the tide rises"}, "corpus.txt")
+        return example.input_ids
+
+    ids = ids_of_text(AddsBos())
     assert ids == [1, 13, 14, 15, 2]
-    (ids, _), = _encode_standard({"text": "the tide rises"}, tokenizer, None, config)
+    ids = ids_of_text(tokenizer)
     assert ids[0] != tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id  # SmolLM2 adds no BOS
     assert ids[:-1] == tokenizer("the tide rises", add_special_tokens=False)["input_ids"]
+
+
+def test_a_missing_data_file_names_each_place_looked_once(tmp_path, monkeypatch):
+    from lmtune.data.registry import resolve_datasets
+    from lmtune.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError) as raised:
+        resolve_datasets(["data/missing.json"], ".", "sft")
+    message = str(raised.value)
+    assert message.count("missing.json") == 2  # the name given, and the one path looked at (not twice)
+    with pytest.raises(UserError) as raised:
+        resolve_datasets(["missing.json"], "data", "sft")
+    assert f"{tmp_path / 'missing.json'} and {tmp_path / 'data' / 'missing.json'}" in str(raised.value)
+
+
+# --- one data path: streamed and map-style data give the same rows ------------------------------
+
+
+@pytest.mark.parametrize("stage", ["sft", "pt"])
+def test_streamed_and_map_style_data_give_the_same_rows(tmp_path, tiny_model_dir, tokenizer, stage):
+    import itertools
+
+    from lmtune.data.streaming import open_stream
+
+    long_reply = {"instruction": "Count the waves.", "output": "wave " * 200}  # cut at cutoff_len
+    no_room = {"instruction": "Why? " * 200, "output": "Because."}  # no response left: dropped both ways
+    rows = ALPACA_ROWS[:6] + [long_reply, no_room] + ALPACA_ROWS[6:10]
+    if stage == "pt":
+        rows = [{"text": row["instruction"] + " " + row["output"]} for row in rows]
+    write_rows(tmp_path / "rows.jsonl", rows)
+    config = config_for(tmp_path, tiny_model_dir, dataset="rows.jsonl", stage=stage, packing=False, cutoff_len=96)
+    mapped = prepare_data(config, tokenizer, use_cache=False).train
+    assert mapped.num_rows >= 11 and any(len(ids) == 96 for ids in mapped["input_ids"])
+
+    stream, _ = open_stream(config.model_copy(update={"streaming": True, "buffer_size": 1}), tokenizer)
+    streamed = list(itertools.islice(iter(stream), mapped.num_rows))
+    keys = ("input_ids", "labels", "position_ids")
+    assert [{k: row[k] for k in keys} for row in streamed] == [{k: row[k] for k in keys} for row in mapped]
+    assert all(row["labels"][0] == M for row in streamed)  # the first-label mask, applied once for both

@@ -110,3 +110,20 @@ def test_train_refuses_when_the_kept_checkpoints_do_not_fit(tiny_config, tmp_pat
     assert run_lmtune("plan", config) == 0  # the plan itself still prints, with the shortfall
     out = " ".join(capsys.readouterr().out.split())
     assert "1.0 KB free" in out and "the kept checkpoints do not fit on the disk" in out
+
+
+def test_plan_says_which_batching_is_used_and_the_padding_it_removes(tiny_config, capsys):
+    from lmtune.batching import batching_of
+    from lmtune.config import build_config
+
+    plan = plan_json(tiny_config(), capsys)
+    batching = plan["batching"]
+    assert batching["padding_free"] is True and batching["packing"] is False  # the defaults of sft
+    assert 0 < batching["padding_share"] < 1
+    assert run_lmtune("plan", tiny_config()) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "batching: padding-free" in out and f"removes {batching['padding_share']:.1%}" in out
+    assert run_lmtune("plan", tiny_config(), "padding_free=false") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "batching: padded" in out and f"padding is {batching['padding_share']:.1%}" in out
+    assert batching_of(build_config({"stage": "pt"}), [])["padding_free"] is False  # pt packs full rows

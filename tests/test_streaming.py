@@ -277,3 +277,18 @@ def test_preview_of_a_stream_shows_its_first_rows_without_reading_it_all(stream_
     assert out.count("── train row") == 2 and "of the stream" in out
     assert "statistics of the whole data are not computed for a stream" in out
     assert run_lmtune("preview", stream_config(), "--split", "eval") == 2
+
+
+def test_a_resume_in_a_later_pass_keeps_its_pass_count(stream_config, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    settings = {"packing": False, "max_steps": 36, "save_steps": 2}
+    assert run_lmtune("train", stream_config(output_dir=str(straight), **settings)) == 0
+    wrapped_at = next(r["step"] for r in read_jsonl(straight / "metrics.jsonl") if r.get("event") == "stream_pass")
+    from_step = wrapped_at + 2 - wrapped_at % 2  # the first checkpoint in the second pass
+    resumed.mkdir()
+    shutil.copytree(straight / f"checkpoint-{from_step}", resumed / f"checkpoint-{from_step}")
+    assert run_lmtune("train", stream_config(output_dir=str(resumed), **settings)) == 0
+    rows = [r for r in read_jsonl(resumed / "metrics.jsonl") if r["type"] == "train"]
+    expected = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl") if r["type"] == "train"}
+    assert [r["stream_pass"] for r in rows] == [expected[r["step"]]["stream_pass"] for r in rows] == [2] * len(rows)
+    assert not [r for r in read_jsonl(resumed / "metrics.jsonl") if r.get("event") == "stream_pass"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,14 +42,25 @@ class Counts:
 
 
 class Collator:
-    """Pads a list of rows to the longest. Packed rows carry position ids that restart at each
-    example (and at the padding), which tells the model's attention to keep examples apart."""
+    """Rows to tensors, one of three ways:
 
-    def __init__(self, pad_token_id: int, packed: bool):
+    - padding-free (`padding_free`): the rows of the micro-batch laid end to end in one row, no padding;
+    - padded, packed rows: padded to the longest, position ids only;
+    - padded: padded to the longest, with an attention mask.
+
+    Position ids restart at each example (and at the padding); without an attention mask, that is what
+    tells the model's attention to keep examples apart."""
+
+    def __init__(self, pad_token_id: int, packed: bool, padding_free: bool = False):
         self.pad_token_id = pad_token_id
         self.packed = packed
+        self.padding_free = padding_free
 
     def __call__(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], Counts]:
+        if self.padding_free:
+            rows = [{key: [value for row in rows for value in row[key]]
+                     for key in ("input_ids", "labels", "position_ids")}
+                    | {"stream_position": max(row.get("stream_position", 0.0) for row in rows)}]
         width = max(len(row["input_ids"]) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -64,6 +76,63 @@ class Collator:
         samples = int(((positions == 0) & (attention == 1)).sum())  # an example starts at position 0
         counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()),
                         max(row.get("stream_position", 0.0) for row in rows))
-        if self.packed:
+        if self.packed or self.padding_free:
             return {"input_ids": input_ids, "labels": labels, "position_ids": positions}, counts
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}, counts
+
+
+def padding_share(row_lengths: list[int], batch_size: int, seed: int) -> float:
+    """The share of padding in the first epoch's micro-batches (one process), each padded to its longest row."""
+    if not row_lengths:
+        return 0.0
+    padded = real = 0
+    for batch in epoch_batches(len(row_lengths), batch_size, seed, epoch=0):
+        lengths = [row_lengths[i] for i in batch]
+        padded += max(lengths) * len(lengths)
+        real += sum(lengths)
+    return 1 - real / padded
+
+
+def keeps_examples_apart(model: torch.nn.Module) -> bool:
+    """Whether the model reads two examples laid end to end (position ids restarting, no attention mask)
+    as it reads each alone. Linear-attention and convolution layers carry state from one token to the
+    next whatever the position ids say: those models need padded batches."""
+    first, second = [5, 6, 7, 8], [9, 10, 11]
+    rows = [{"input_ids": ids, "labels": ids, "position_ids": list(range(len(ids)))} for ids in (first, second)]
+    joined, _ = Collator(0, packed=False, padding_free=True)(rows)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = model(input_ids=joined["input_ids"].to(device), position_ids=joined["position_ids"].to(device),
+                             use_cache=False).logits[0, len(first):]
+            alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0]
+    except TypeError:  # a forward without position ids
+        return False
+    finally:
+        model.train(was_training)
+    return torch.allclose(together.float(), alone.float(), rtol=1e-3, atol=1e-4)
+
+
+def batching_of(config: Any, row_lengths: list[int], model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """How the run's micro-batches are laid out, and the padding that saves: for the plan, the log and the
+    collator. With a model, padding-free batching is checked to keep its examples apart."""
+    padding_free, note = config.use_padding_free, None
+    if padding_free and model is not None and not keeps_examples_apart(model):
+        padding_free = False
+        note = (f"padding_free: this {model.config.model_type} model mixes examples laid end to end in one row "
+                "(its layers carry state across the position ids), so its micro-batches are padded instead")
+    share = padding_share(row_lengths, config.per_device_train_batch_size, config.seed) if row_lengths else None
+    return {"padding_free": padding_free, "packing": config.use_packing, "padding_share": share, "note": note}
+
+
+def batching_line(batching: dict[str, Any]) -> str:
+    rows = "packed rows" if batching["packing"] else "examples"
+    share = batching["padding_share"]
+    if batching["padding_free"]:
+        removed = f"{share:.1%} of the tokens padded batches would hold" if share is not None else "all padding"
+        return (f"batching: padding-free: the {rows} of each micro-batch laid end to end in one row (same batches "
+                f"and steps as padded ones); this removes {removed} (padding_free: false pads them instead)")
+    padding = f": padding is {share:.1%} of their tokens" if share is not None else ""
+    return f"batching: padded: the {rows} of each micro-batch padded to the longest{padding}"

@@ -120,7 +120,7 @@ def load_model_for_inference(target: str | Target, device: str | None = None) ->
     """The model (in float32, adapter applied as a PeftModel) and its tokenizer, ready for eval()."""
     from transformers import AutoModelForCausalLM
 
-    from lmtune.models import load_tokenizer
+    from lmtune.models import drop_quantization, load_tokenizer
 
     resolved = target if isinstance(target, Target) else resolve_target(target)
     try:
@@ -134,8 +134,7 @@ def load_model_for_inference(target: str | Target, device: str | None = None) ->
         tokenizer = load_tokenizer(resolved.model_path)
     except OSError as error:
         raise UserError(f"{resolved.given}: could not load the model: {error}") from None
-    if getattr(model.config, "quantization_config", None) is not None:
-        model.config.quantization_config = None
+    drop_quantization(model.config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

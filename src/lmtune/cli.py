@@ -63,6 +63,8 @@ def train(
     _stop_on_signals()
     run_config = _load(config, overrides)
     setup_logging(run_config.log_level, quiet, verbose)
+    for note in run_config.brought_key_notes:
+        log.info("config: %s", note)
     from lmtune.engine import train as run_training
 
     out = run_training(run_config)
@@ -94,9 +96,12 @@ def plan(
 
     run_config = _load(config, overrides)
     setup_logging("warning")
+    if not as_json:
+        for note in run_config.brought_key_notes:
+            typer.echo(f"config: {note}")
     the_plan = plan_for_config(run_config)
     if as_json:
-        typer.echo(json.dumps(the_plan.to_json(), indent=1))
+        typer.echo(json.dumps({**the_plan.to_json(), "brought_keys": run_config.brought_key_notes}, indent=1))
     else:
         render_plan(the_plan, run_config)
 

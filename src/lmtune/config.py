@@ -6,14 +6,15 @@ same, so that an existing config can be brought over.
 
 from __future__ import annotations
 
-import difflib
+import importlib.util
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from lmtune.compat import FOREIGN_KEYS, NOT_YET, translate
 from lmtune.errors import UserError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
@@ -69,10 +70,21 @@ class SavePhase(BaseModel):
         return self
 
 
+# report_to values and the package each needs (installed with `pip install 'lmtune[NAME]'`)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "swanlab": "swanlab", "none": None}
+
+
+def _names(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 class TrainConfig(BaseModel):
     """The whole run, one flat set of keys."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _brought_key_notes: list[str] = PrivateAttr(default_factory=list)
 
     # model
     model_name_or_path: str = Field(
@@ -104,6 +116,16 @@ class TrainConfig(BaseModel):
         2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)",
         json_schema_extra=on_resume("run", checkpoint_size=True)
     )
+    quantization_bit: Literal[4, 8] | None = Field(
+        None, description="QLoRA: load the base weights in 4 (NF4, double quantisation) or 8 bits with "
+        "bitsandbytes and train LoRA on top", json_schema_extra=on_resume("run"))
+    quantization_method: Literal["bnb"] = Field(
+        "bnb", description="how the base weights are quantised: bnb (bitsandbytes)", json_schema_extra=on_resume("run"))
+
+    # scale
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (non-reentrant): "
+        "less memory, about a third more compute", json_schema_extra=on_resume("neutral"))
 
     # data
     dataset: str | list[str] | None = Field(
@@ -112,6 +134,18 @@ class TrainConfig(BaseModel):
     )
     dataset_dir: str = Field("data", description="folder holding dataset_info.json and the data files",
                              json_schema_extra=on_resume("run", data=True))
+    eval_dataset: str | list[str] | None = Field(
+        None, description="data sets to evaluate on (names or paths, as dataset), instead of a val_size split",
+        json_schema_extra=on_resume("run", data=True),
+    )
+    placeholders: dict[str, str] = Field(
+        default_factory=dict, description="values for {{key}} placeholders in the data, e.g. "
+        "{name: Lumi, author: Ada} for LLaMA-Factory's identity data", json_schema_extra=on_resume("run", data=True),
+    )
+    overwrite_cache: bool = Field(
+        False, description="process the data again instead of reusing the cache",
+        json_schema_extra=on_resume("neutral"),
+    )
     cutoff_len: int = Field(1024, gt=0, description="longest tokenised example; longer ones are truncated",
                             json_schema_extra=on_resume("run", data=True))
     max_samples: int | None = Field(None, gt=0, description="use at most this many examples of each data set",
@@ -124,6 +158,9 @@ class TrainConfig(BaseModel):
         None, description="pack examples into cutoff_len sequences; null: on for pt, off for sft",
         json_schema_extra=on_resume("run", data=True)
     )
+    padding_free: bool | None = Field(
+        None, description="micro-batches laid end to end in one row, no padding; null: on for sft, off for pt",
+        json_schema_extra=on_resume("run"))
     streaming: bool = Field(False, description="read the data as a stream (needs max_steps)",
                             json_schema_extra=on_resume("run", data=True))
     buffer_size: int = Field(16384, gt=0, description="shuffle buffer of a streamed data set",
@@ -131,7 +168,7 @@ class TrainConfig(BaseModel):
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
         "concat", description="how several data sets are mixed", json_schema_extra=on_resume("run", data=True)
     )
-    interleave_probs: str | list[float] | None = Field(
+    interleave_probs: list[float] | None = Field(
         None, description="sampling probabilities of the data sets when interleaving",
         json_schema_extra=on_resume("run", data=True)
     )
@@ -220,7 +257,7 @@ class TrainConfig(BaseModel):
 
     # resuming
     resume_from_checkpoint: str | bool = Field(
-        "auto", description="auto: newest complete checkpoint in output_dir; false: fresh; or a path",
+        "auto", description="auto (or null): newest complete checkpoint in output_dir; false: fresh; or a path",
         json_schema_extra=on_resume("neutral")
     )
     resume_lr: Literal["keep", "config"] = Field(
@@ -235,8 +272,14 @@ class TrainConfig(BaseModel):
                             json_schema_extra=on_resume("neutral"))
     logging_steps: int = Field(10, gt=0, description="log the loss every N optimizer steps",
                                json_schema_extra=on_resume("neutral"))
-    report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="tensorboard or none",
-                                                      json_schema_extra=on_resume("neutral"))
+    report_to: str | list[str] = Field(
+        "tensorboard", description="tensorboard, wandb, mlflow, swanlab or none; a list (or comma separated) "
+        "for several", json_schema_extra=on_resume("neutral"),
+    )
+    run_name: str | None = Field(
+        None, description="the run's name in W&B, MLflow or SwanLab; null: the name of output_dir",
+        json_schema_extra=on_resume("neutral"),
+    )
     plot_loss: bool = Field(True, description="write loss.png at the end of the run",
                             json_schema_extra=on_resume("neutral"))
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="terminal verbosity",
@@ -264,20 +307,55 @@ class TrainConfig(BaseModel):
             )
         return value
 
-    @field_validator("lora_target", "dataset", mode="before")
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage_not_yet(cls, value: Any) -> Any:
+        if value in ("dpo", "kto", "orpo", "simpo", "rm", "ppo"):
+            raise ValueError(f"stage {value}: preference and reward training is {NOT_YET}; valid: 'pt', 'sft'")
+        return value
+
+    @field_validator("report_to", mode="after")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else list(value)
+        names = [name.strip() for item in names for name in item.split(",") if name.strip()]
+        unknown = [name for name in names if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} is not a tracker; valid: {', '.join(TRACKERS)}")
+        if "none" in names and len(names) > 1:
+            raise ValueError("none cannot be listed with other trackers")
+        for name in names:
+            package = TRACKERS[name]
+            if package is not None and importlib.util.find_spec(package) is None:
+                raise ValueError(f"{name} needs the {package} package, which is not installed: "
+                                 f"pip install 'lmtune[{name}]' (or set report_to: none)")
+        return names[0] if len(names) == 1 else names
+
+    @field_validator("lora_target", "dataset", "eval_dataset", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str) and "," in value:
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("interleave_probs", mode="before")
+    @classmethod
+    def _probabilities(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"'{value}' is not a comma separated list of numbers, e.g. 0.7,0.3") from None
+        return value
+
     @field_validator("resume_from_checkpoint", mode="before")
     @classmethod
     def _resume_value(cls, value: Any) -> Any:
-        if value is None or (isinstance(value, str) and value.lower() in ("false", "no", "none", "null")):
-            return False
-        if value is True:
+        # null is "auto", as in LLaMA-Factory: the newest checkpoint unless overwrite_output_dir is set
+        if value is None or value is True:
             return "auto"
+        if isinstance(value, str) and value.lower() in ("false", "no", "none"):
+            return False
         return value
 
     @model_validator(mode="after")
@@ -293,26 +371,51 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
+        if self.quantization_bit is not None and self.finetuning_type != "lora":
+            raise ValueError(f"quantization_bit: {self.quantization_bit} trains LoRA on quantised base weights "
+                             f"(QLoRA); finetuning_type {self.finetuning_type} would train the quantised weights "
+                             "themselves: set finetuning_type: lora, or remove quantization_bit")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError("max_steps must be a positive number of steps (or -1 / null for unset)")
         for key in ("save_steps", "eval_steps"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"{key} must be a positive number of steps")
+        if self.eval_dataset is not None and self.val_size:
+            raise ValueError("eval_dataset and val_size both name the eval data; keep one of them")
+        if self.eval_dataset is not None and self.streaming:
+            raise ValueError("eval_dataset is not read as a stream; with streaming: true, val_size: N holds out "
+                             "the first N rows for evaluation")
         if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
             raise ValueError("warmup_steps is a whole number of steps, or a fraction < 1 of the total steps")
         if self.val_size >= 1 and not float(self.val_size).is_integer():
             raise ValueError(f"val_size {self.val_size:g} is neither a fraction < 1 of the data nor a whole number "
                              "of examples: write e.g. 0.15 or 150")
+        probs, datasets = self.interleave_probs, self.datasets
+        if probs is not None and datasets and self.mix_strategy != "concat" and len(probs) != len(datasets):
+            raise ValueError(f"interleave_probs has {len(probs)} values for {len(datasets)} data sets "
+                             f"({', '.join(datasets)}); give one probability a data set")
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
 
     # --- derived values -------------------------------------------------------------------------
 
     @property
     def datasets(self) -> list[str]:
-        if self.dataset is None:
-            return []
-        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+        return _names(self.dataset)
+
+    @property
+    def eval_datasets(self) -> list[str]:
+        return _names(self.eval_dataset)
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return [name for name in names if name != "none"]
+
+    @property
+    def brought_key_notes(self) -> list[str]:
+        """What lmtune made of the keys brought from LLaMA-Factory or TrainingArguments (mapped, ignored)."""
+        return list(self._brought_key_notes)
 
     @property
     def best_is_greater(self) -> bool:
@@ -323,6 +426,10 @@ class TrainConfig(BaseModel):
     @property
     def use_packing(self) -> bool:
         return self.stage == "pt" if self.packing is None else self.packing
+
+    @property
+    def use_padding_free(self) -> bool:
+        return self.stage == "sft" if self.padding_free is None else self.padding_free
 
     @property
     def effective_lora_alpha(self) -> int:
@@ -352,14 +459,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions that turn a into b."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
 def nearest_key(key: str) -> str | None:
-    matches = difflib.get_close_matches(key, list(TrainConfig.model_fields), n=1, cutoff=0.5)
-    return matches[0] if matches else None
+    """A real near miss: a known key a few edits away (a third of the key's length at most), else None."""
+    known = [*TrainConfig.model_fields, *FOREIGN_KEYS]
+    distance, best = min((edit_distance(key, name), name) for name in known)
+    return best if distance <= max(1, len(key) // 3) else None
 
 
 def _check_known_keys(values: dict[str, Any], source: str) -> None:
     for key in values:
-        if key not in TrainConfig.model_fields:
+        if key not in TrainConfig.model_fields and key not in FOREIGN_KEYS:
             suggestion = nearest_key(key)
             hint = f"; did you mean '{suggestion}'?" if suggestion else "; see `lmtune train --help-config`"
             raise UserError(f"{source}: unknown key '{key}'{hint}")
@@ -393,10 +513,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
     _check_known_keys(values, source)
+    translated = translate(values, source)
     try:
-        return TrainConfig(**values)
+        config = TrainConfig(**translated.values)
     except ValidationError as error:
         raise UserError(_describe_validation_error(error, source)) from None
+    config._brought_key_notes = translated.notes
+    return config
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

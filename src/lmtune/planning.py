@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from lmtune.batching import batching_line, batching_of
 from lmtune.config import TrainConfig
 from lmtune.errors import UserError
 from lmtune.schedule import Plan, make_plan
@@ -30,10 +31,12 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
         _, info = prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
         plan = make_plan(config, None, world_size, bool(info.held_out), **estimate_sizes(model_path, config))
         plan.stream = stream_size(config, info, world_size)
+        plan.batching = batching_of(config, [])
     else:
         data = prepare_data(config, tokenizer)
         plan = make_plan(config, len(data.train), world_size, data.eval is not None,
                          **estimate_sizes(model_path, config))
+        plan.batching = batching_of(config, data.stats.train_row_lengths)
     plan.resume = resume_lines(config, tokenizer, plan.total_steps)
     return plan
 
@@ -103,6 +106,8 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     """The lines `lmtune plan` and `lmtune train` both print about saving and rotation."""
     written = len(plan.save_steps)
     lines = plan.resume + ([stream_line(plan.stream)] if plan.stream else [])
+    if plan.batching:
+        lines += [batching_line(plan.batching)] + ([plan.batching["note"]] if plan.batching["note"] else [])
     if config.save_total_limit is None:
         lines.append(f"{written} checkpoints will be written; save_total_limit is null: all are kept")
     elif plan.deleted:

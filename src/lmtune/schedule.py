@@ -53,6 +53,7 @@ class Plan:
     keeps_best: bool = False
     stream: dict | None = None  # for streamed data: what is known or estimated of its size
     resume: list[str] = field(default_factory=list)  # where a resume starts and what its learning rate does
+    batching: dict | None = None  # how micro-batches are laid out (batching.batching_of)
 
     @property
     def disk_bytes(self) -> int | None:
@@ -86,6 +87,7 @@ class Plan:
             "warnings": self.warnings,
             "stream": self.stream,
             "resume": self.resume,
+            "batching": self.batching,
         }
 
 

@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from lmtune.batching import epoch_batches
+from lmtune.batching import padding_share
 from lmtune.data.processing import DataStats, ProcessedData
 from lmtune.data.templates import IGNORE_INDEX, chat_template_for, render
 from lmtune.errors import UserError
@@ -130,18 +130,6 @@ def histogram(values: list[int], bins: int = HISTOGRAM_BINS) -> list[dict[str, i
     for value in values:
         counts[(value - low) // width] += 1
     return [{"low": low + i * width, "high": low + (i + 1) * width - 1, "count": c} for i, c in enumerate(counts)]
-
-
-def padding_share(row_lengths: list[int], batch_size: int, seed: int) -> float:
-    """The share of padding in the first epoch's micro-batches (one process), each padded to its longest row."""
-    if not row_lengths:
-        return 0.0
-    padded = real = 0
-    for batch in epoch_batches(len(row_lengths), batch_size, seed, epoch=0):
-        lengths = [row_lengths[i] for i in batch]
-        padded += max(lengths) * len(lengths)
-        real += sum(lengths)
-    return 1 - real / padded
 
 
 def stats_summary(stats: DataStats, batch_size: int, seed: int) -> dict[str, Any]:

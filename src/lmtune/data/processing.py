@@ -19,8 +19,9 @@ from typing import Any
 import datasets
 
 from lmtune.config import TrainConfig, keys_where
-from lmtune.data.registry import DatasetSpec, load_rows, resolve_datasets, standard_row
-from lmtune.data.templates import IGNORE_INDEX, chat_template_for, encode_conversation
+from lmtune.data.encoding import RowEncoder, row_of
+from lmtune.data.registry import DatasetSpec, left_placeholders, load_rows, resolve_datasets
+from lmtune.data.templates import IGNORE_INDEX, chat_template_for
 from lmtune.errors import UserError
 from lmtune.paths import cache_home
 
@@ -64,21 +65,26 @@ class ProcessedData:
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) -> ProcessedData:
-    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
+    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage, config.placeholders)
+    eval_specs = resolve_datasets(config.eval_datasets, config.dataset_dir, config.stage, config.placeholders) \
+        if config.eval_datasets else []
     template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
-    cache_dir = cache_home() / "data" / _cache_key(config, specs, tokenizer, template)
-    if use_cache and (cache_dir / "done").exists():
+    cache_dir = cache_home() / "data" / _cache_key(config, specs + eval_specs, tokenizer, template)
+    if use_cache and not config.overwrite_cache and (cache_dir / "done").exists():
         log.info("using processed data from the cache: %s", cache_dir)
         return _load_cached(cache_dir)
-    data = _process(config, specs, tokenizer, template)
+    data = _process(config, specs, eval_specs, tokenizer, template)
     if use_cache:
+        if config.overwrite_cache:  # the entry is replaced only once the data has been processed again
+            shutil.rmtree(cache_dir, ignore_errors=True)
         _save_cached(data, cache_dir)
         data = _load_cached(cache_dir)  # memory-mapped from the cache, as every later run reads it
         data.from_cache = False
     return data
 
 
-def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, template: str | None) -> ProcessedData:
+def _process(config: TrainConfig, specs: list[DatasetSpec], eval_specs: list[DatasetSpec], tokenizer: Any,
+             template: str | None) -> ProcessedData:
     stats = DataStats()
     parts = []
     for spec in specs:
@@ -90,7 +96,12 @@ def _process(config: TrainConfig, specs: list[DatasetSpec], tokenizer: Any, temp
     stats.examples_kept = len(examples)
     stats.cutoff_len, stats.packing = config.cutoff_len, config.use_packing
     stats.lengths = [len(ids) for ids in examples["input_ids"]]
-    train, evaluation = _split(examples, config)
+    if eval_specs:  # eval_dataset: its own data sets, processed as the training data is
+        train = examples
+        evaluation = datasets.concatenate_datasets(
+            [_tokenize_dataset(config, spec, tokenizer, template, DataStats()) for spec in eval_specs])
+    else:
+        train, evaluation = _split(examples, config)
     stats.train_examples, stats.eval_examples = len(train), len(evaluation) if evaluation else 0
     train = _finish(train, config)
     evaluation = _finish(evaluation, config) if evaluation is not None else None
@@ -117,6 +128,11 @@ def _tokenize_dataset(
         stats.examples_after_max_samples += len(rows)
         if len(rows) == 0:
             continue
+        left = left_placeholders(spec, rows)
+        if left:
+            shown = ", ".join("{{" + name + "}}" for name in sorted(left))
+            log.warning("%s: the placeholders %s are left as they are; give their values with placeholders: "
+                        "{%s}", file, shown, ", ".join(f"{name}: ..." for name in sorted(left)))
         encode = _encoder(config, spec, file, tokenizer, template)
         workers = _num_proc(config, len(rows))
         if workers:
@@ -156,45 +172,24 @@ def _num_proc(config: TrainConfig, num_rows: int) -> int | None:
 
 
 def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any, template: str | None):
-    """A batched map function: rows of the file to token ids and labels."""
+    """A batched map function: rows of the file to token ids and labels, and what happened to each."""
+    encoder = RowEncoder(config, tokenizer, template)
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "has_labels": [], "raw_length": [],
                                 "prompt_length": []}
         for offset, index in enumerate(indices):
             row = {key: values[offset] for key, values in batch.items()}
-            try:
-                standard = standard_row(spec, row)
-            except ValueError as error:
-                raise UserError(f"{file}, row {index + 1}: {error} (data set '{spec.name}')") from None
-            for input_ids, labels in _encode_standard(standard, tokenizer, template, config):
-                out["input_ids"].append(input_ids[: config.cutoff_len])
-                # The first token is never a target (nothing comes before it): its label says so.
-                out["labels"].append([IGNORE_INDEX] * min(1, len(labels)) + labels[1 : config.cutoff_len])
-                out["truncated"].append(len(input_ids) > config.cutoff_len)
-                out["has_labels"].append(any(x != IGNORE_INDEX for x in labels[1 : config.cutoff_len]))
-                out["raw_length"].append(len(input_ids))
-                trained = [i for i, x in enumerate(labels) if x != IGNORE_INDEX and i > 0]
-                out["prompt_length"].append(trained[0] if trained else len(input_ids))
+            for example in encoder.examples(spec, row, f"{file}, row {index + 1}"):
+                out["input_ids"].append(example.input_ids)
+                out["labels"].append(example.labels)
+                out["truncated"].append(example.truncated)
+                out["has_labels"].append(example.has_labels)
+                out["raw_length"].append(example.raw_length)
+                out["prompt_length"].append(example.prompt_length)
         return out
 
     return encode
-
-
-def _encode_standard(standard: dict, tokenizer: Any, template: str | None, config: TrainConfig):
-    """One SFT example, or one text split into cutoff_len chunks for pre-training."""
-    if "messages" in standard:
-        yield encode_conversation(tokenizer, template, standard["messages"])
-        return
-    # The tokenizer's own special tokens (BOS for Llama; none for GPT-2 or SmolLM2, whose bos_token is the
-    # chat marker <|im_start|>, which has no place in raw text), then EOS to end the document.
-    ids = tokenizer(standard["text"], add_special_tokens=True)["input_ids"]
-    if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids = ids + [tokenizer.eos_token_id]
-    for start in range(0, len(ids), config.cutoff_len):
-        chunk = ids[start : start + config.cutoff_len]
-        if len(chunk) > 1:
-            yield chunk, list(chunk)
 
 
 def _mix(parts: list[datasets.Dataset], config: TrainConfig) -> datasets.Dataset:
@@ -203,10 +198,6 @@ def _mix(parts: list[datasets.Dataset], config: TrainConfig) -> datasets.Dataset
     if config.mix_strategy == "concat":
         return datasets.concatenate_datasets(parts)
     probs = config.interleave_probs
-    if isinstance(probs, str):
-        probs = [float(p) for p in probs.split(",")]
-    if probs is not None and len(probs) != len(parts):
-        raise UserError(f"interleave_probs has {len(probs)} values for {len(parts)} data sets")
     stopping = "first_exhausted" if config.mix_strategy == "interleave_under" else "all_exhausted"
     return datasets.interleave_datasets(parts, probabilities=probs, seed=config.seed, stopping_strategy=stopping)
 
@@ -232,10 +223,12 @@ def rows_of_examples(examples: list[tuple[list[int], list[int]]], config: TrainC
 def _finish(examples: datasets.Dataset, config: TrainConfig) -> datasets.Dataset:
     if config.use_packing:
         return pack(examples, config.cutoff_len)
-    return examples.map(
-        lambda batch: {"position_ids": [list(range(len(ids))) for ids in batch["input_ids"]]},
-        batched=True, desc="position ids",
-    )
+
+    def positions(batch: dict[str, list]) -> dict[str, list]:
+        pairs = zip(batch["input_ids"], batch["labels"], strict=True)
+        return {"position_ids": [row_of([pair])["position_ids"] for pair in pairs]}
+
+    return examples.map(positions, batched=True, desc="position ids")
 
 
 def pack(examples: datasets.Dataset, cutoff_len: int) -> datasets.Dataset:
@@ -256,11 +249,9 @@ def pack(examples: datasets.Dataset, cutoff_len: int) -> datasets.Dataset:
     input_ids, labels = examples["input_ids"], examples["labels"]
     rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in bins:
-        members.sort()
-        rows["input_ids"].append([t for i in members for t in input_ids[i]])
-        # The first token of an example is never a target: it would be predicted from the example before.
-        rows["labels"].append([IGNORE_INDEX if p == 0 else t for i in members for p, t in enumerate(labels[i])])
-        rows["position_ids"].append([p for i in members for p in range(lengths[i])])
+        row = row_of([(input_ids[i], labels[i]) for i in sorted(members)])
+        for key in rows:
+            rows[key].append(row[key])
     return datasets.Dataset.from_dict(rows)
 
 

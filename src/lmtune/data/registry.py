@@ -4,6 +4,7 @@ read into rows of one shape: `{"messages": [...]}` for SFT or `{"text": ...}` fo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output
                   "history": "history"}
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "system_tag": "system"}
-OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-               "assistant_tag": "assistant", "system_tag": "system"}
+                 "system_tag": "system", "function_tag": "function_call", "observation_tag": "observation"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "system_tag": "system", "function_tag": "function_call", "observation_tag": "tool"}
 
 
 @dataclass
@@ -34,13 +35,18 @@ class DatasetSpec:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     num_samples: int | None = None  # a size hint for streamed data
+    placeholders: dict[str, str] = field(default_factory=dict)  # {{key}} in the text -> value
 
 
-def resolve_datasets(names: list[str], dataset_dir: str, stage: str) -> list[DatasetSpec]:
+def resolve_datasets(names: list[str], dataset_dir: str, stage: str,
+                     placeholders: dict[str, str] | None = None) -> list[DatasetSpec]:
     if not names:
         raise UserError("no data: set `dataset` to a name in dataset_info.json or to a file path")
     registry = _read_registry(Path(dataset_dir))
-    return [_resolve_one(name, Path(dataset_dir), registry, stage) for name in names]
+    specs = [_resolve_one(name, Path(dataset_dir), registry, stage) for name in names]
+    for spec in specs:
+        spec.placeholders = dict(placeholders or {})
+    return specs
 
 
 def data_files(config: Any) -> list[Path]:
@@ -61,8 +67,7 @@ def _read_registry(dataset_dir: Path) -> dict[str, Any]:
 def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: str) -> DatasetSpec:
     if name in registry:
         entry = registry[name]
-        if "file_name" not in entry:
-            raise UserError(f"dataset_info.json: entry '{name}' needs a file_name (hub datasets are not read)")
+        _check_entry(name, entry, stage)
         files = _files_of(dataset_dir / entry["file_name"], name)
         formatting = "text" if stage == "pt" else entry.get("formatting", "alpaca")
         columns = dict(entry.get("columns", {}))
@@ -83,6 +88,27 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
     files = _files_of(path, name)
     formatting = "text" if stage == "pt" else _guess_formatting(files[0])
     return DatasetSpec(name, files, formatting)
+
+
+HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+
+
+def _check_entry(name: str, entry: dict[str, Any], stage: str) -> None:
+    """What lmtune cannot read in a dataset_info.json entry, said before anything is read."""
+    where = f"dataset_info.json: entry '{name}'"
+    if "file_name" not in entry:
+        hub = [key for key in HUB_KEYS if key in entry]
+        source = f" ({', '.join(hub)})" if hub else ""
+        raise UserError(f"{where} has no file_name: lmtune reads local files and folders only{source}; download "
+                        "the data and give its file or folder as file_name")
+    if entry.get("ranking"):
+        raise UserError(f"{where} is preference data (ranking: true, chosen/rejected answers) for stage: dpo, "
+                        f"which is not available in lmtune yet; stage {stage} needs an alpaca or sharegpt data set")
+    if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
+        raise UserError(f"{where}: formatting {entry['formatting']!r} is not one of alpaca, sharegpt")
+    multimodal = [key for key in ("images", "videos", "audios") if key in entry.get("columns", {})]
+    if multimodal:
+        raise UserError(f"{where}: {', '.join(multimodal)} columns: lmtune trains on text only")
 
 
 def _files_of(path: Path, name: str) -> list[Path]:
@@ -160,13 +186,45 @@ def _root_cause(error: BaseException) -> str:
 # --- rows to one shape ------------------------------------------------------------------------
 
 
+TOOLS_REFUSED = ("tool-call data (a tools column, function_call / observation turns) is not supported by lmtune "
+                 "yet; leave those rows out")
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
 def standard_row(spec: DatasetSpec, row: dict[str, Any]) -> dict[str, Any]:
-    """`{"messages": [...]}` or `{"text": ...}`; ValueError says what the row lacks."""
+    """`{"messages": [...]}` or `{"text": ...}`, placeholders filled; ValueError says what the row lacks."""
     convert = {"alpaca": _alpaca_row, "sharegpt": _sharegpt_row, "text": _text_row}[spec.formatting]
+    if spec.formatting != "text" and row.get(spec.columns.get("tools", "tools")):
+        raise ValueError(TOOLS_REFUSED)
     try:
-        return convert(row, spec)
+        standard = convert(row, spec)
     except (KeyError, TypeError, AttributeError, IndexError) as error:
         raise ValueError(f"malformed row ({error})") from None
+    return _fill_placeholders(standard, spec.placeholders) if spec.placeholders else standard
+
+
+def _fill_placeholders(standard: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:
+    """LLaMA-Factory's identity data writes {{name}} and {{author}}; `placeholders` gives their values."""
+
+    def fill(text: str) -> str:
+        return PLACEHOLDER.sub(lambda match: values.get(match.group(1), match.group(0)), text)
+
+    if "text" in standard:
+        return {"text": fill(standard["text"])}
+    return {"messages": [{**m, "content": fill(m["content"])} for m in standard["messages"]]}
+
+
+def left_placeholders(spec: DatasetSpec, rows: Any, limit: int = 200) -> set[str]:
+    """Placeholders ({{name}}) still in the first `limit` rows after filling: the config gives no value."""
+    left: set[str] = set()
+    for row in rows.select(range(min(limit, len(rows)))):
+        try:
+            standard = standard_row(spec, row)
+        except ValueError:
+            continue  # the row's fault is reported, with its number, when it is encoded
+        texts = [standard["text"]] if "text" in standard else [m["content"] for m in standard["messages"]]
+        left.update(match for text in texts for match in PLACEHOLDER.findall(text))
+    return left
 
 
 def _column(row: dict[str, Any], spec: DatasetSpec, defaults: dict[str, str], key: str) -> Any:
@@ -200,6 +258,7 @@ def _sharegpt_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
         raise ValueError(f"no '{key}' list of messages")
     tags = {**(OPENAI_TAGS if "role" in turns[0] else SHAREGPT_TAGS), **spec.tags}
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    tool_roles = {tags["function_tag"], tags["observation_tag"]}
     messages = []
     system = row.get(spec.columns.get("system", "system"))
     if isinstance(system, str) and system.strip():
@@ -207,6 +266,8 @@ def _sharegpt_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
     for turn in turns:
         role = roles.get(turn.get(tags["role_tag"]))
         content = turn.get(tags["content_tag"])
+        if role is None and turn.get(tags["role_tag"]) in tool_roles:
+            raise ValueError(TOOLS_REFUSED)
         if role is None:
             raise ValueError(f"unknown role {turn.get(tags['role_tag'])!r} (expected one of {sorted(roles)})")
         if not isinstance(content, str):

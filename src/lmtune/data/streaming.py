@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from lmtune.config import TrainConfig
-from lmtune.data.registry import DatasetSpec, resolve_datasets, standard_row
-from lmtune.data.templates import IGNORE_INDEX, chat_template_for
+from lmtune.data.encoding import RowEncoder, row_of
+from lmtune.data.registry import DatasetSpec, resolve_datasets
+from lmtune.data.templates import chat_template_for
 from lmtune.errors import UserError
 
 log = logging.getLogger("lmtune")
@@ -253,9 +254,10 @@ class TokenStream(torch.utils.data.IterableDataset):
     def __init__(self, specs: list[DatasetSpec], config: TrainConfig, tokenizer: Any, rank: int, world_size: int):
         self.specs, self.config, self.tokenizer = specs, config, tokenizer
         self.rank, self.world_size = rank, world_size
-        self.template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
+        template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
+        self.encoder = RowEncoder(config, tokenizer, template)
         self.interleave = len(specs) > 1 and config.mix_strategy != "concat"
-        self.probabilities = _probabilities(config, len(specs)) if self.interleave else [1.0]
+        self.probabilities = (config.interleave_probs or [1.0] * len(specs)) if self.interleave else [1.0]
         # a pass over the mix ends when the first data set ends (under) or when all of them have (over)
         self._mix_position = min if config.mix_strategy == "interleave_over" else max
         self.train_starts: dict[Path, int] = {}  # set by hold_out()
@@ -321,10 +323,10 @@ class TokenStream(torch.utils.data.IterableDataset):
         """A row of at most cutoff_len tokens when one is full; with packing, whole examples side by side.
         The state is brought up to date before the row is handed out."""
         if not self.config.use_packing:
-            return _row([(ids, labels)])
+            return row_of([(ids, labels)])
         row = None
         if pending and sum(len(p[0]) for p in pending) + len(ids) > self.config.cutoff_len:
-            row = _row(list(pending))
+            row = row_of(list(pending))
             pending.clear()
         pending.append((ids, labels))
         return row
@@ -339,37 +341,9 @@ class TokenStream(torch.utils.data.IterableDataset):
         return buffer, [(ids, labels) for ids, labels in state["pending"]]
 
     def _encode(self, spec: DatasetSpec, path: Path, row: dict[str, Any], offset: int):
-        from lmtune.data.processing import _encode_standard
-
-        try:
-            standard = standard_row(spec, row)
-        except ValueError as error:
-            raise UserError(f"{path}, byte {offset}: {error} (data set '{spec.name}')") from None
-        cutoff = self.config.cutoff_len
-        for ids, labels in _encode_standard(standard, self.tokenizer, self.template, self.config):
-            ids, labels = ids[:cutoff], labels[:cutoff]
-            if any(label != IGNORE_INDEX for label in labels[1:]):
-                yield ids, labels
-
-
-def _row(examples: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
-    input_ids, labels, positions = [], [], []
-    for ids, example_labels in examples:
-        input_ids += ids
-        labels += [IGNORE_INDEX] + example_labels[1:]  # never predicted from the example before
-        positions += list(range(len(ids)))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-
-
-def _probabilities(config: TrainConfig, count: int) -> list[float]:
-    probs = config.interleave_probs
-    if isinstance(probs, str):
-        probs = [float(p) for p in probs.split(",")]
-    if probs is None:
-        return [1.0] * count
-    if len(probs) != count:
-        raise UserError(f"interleave_probs has {len(probs)} values for {count} data sets")
-    return list(probs)
+        for example in self.encoder.examples(spec, row, f"{path}, byte {offset}"):
+            if example.has_labels:
+                yield example.input_ids, example.labels
 
 
 def _rng_to_json(rng: random.Random) -> list:
@@ -419,7 +393,7 @@ def open_stream(
     config: TrainConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
 ) -> tuple[TokenStream, StreamInfo]:
     """The stream and what is known of its size; format errors now, before anything is written."""
-    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage)
+    specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage, config.placeholders)
     for spec in specs:
         for path in spec.files:
             open_file(path)

@@ -8,67 +8,171 @@ its label; the rest get -100.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100
 
-_CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-    "+ '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-_LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
-    "+ '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-_MISTRAL = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ message['content'] + eos_token }}{% else %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
-)
-_GEMMA = (
-    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
-    "else 'user' %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-_ALPACA = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-    "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
-)
-_PHI3 = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 
-NAMED_TEMPLATES: dict[str, str] = {
-    "chatml": _CHATML,
-    "qwen": _CHATML,
-    "smollm": _CHATML,
-    "llama3": _LLAMA3,
-    "mistral": _MISTRAL,
+@dataclass(frozen=True)
+class NamedTemplate:
+    """A chat format by LLaMA-Factory's name, as slots: `{content}`, `{bos}` and `{eos}` are filled in.
+
+    The assistant `header` opens a reply (it is also the generation prompt); `assistant` is the reply and
+    its end-of-turn marker, the trained part. `own_marker`: the tokenizer's own chat template is used
+    instead when what it renders contains this marker (the same family, often with more features).
+    """
+
+    user: str
+    assistant: str
+    header: str = ""
+    system: str = "{content}"
+    prefix: str = ""
+    default_system: str = ""
+    system_in_first_user: bool = False  # llama2, mistral, gemma: the system text opens the first user turn
+    empty_thought: str = ""  # reasoning templates: an empty thought is trained before a reply that has none
+    eos_at_end: bool = False  # glm4: a reply ends where the next turn starts, and the conversation with EOS
+    own_marker: str | None = None
+    enable_thinking: bool | None = None  # for the tokenizer's own template: false for *_nothink
+
+
+_CHATML = dict(user="<|im_start|>user\n{content}<|im_end|>\n", header="<|im_start|>assistant\n",
+               assistant="{content}<|im_end|>\n", system="<|im_start|>system\n{content}<|im_end|>\n")
+_GEMMA = NamedTemplate(
+    prefix="{bos}", user="<start_of_turn>user\n{content}<end_of_turn>\n", header="<start_of_turn>model\n",
+    assistant="{content}<end_of_turn>\n", system="{content}\n\n", system_in_first_user=True,
+    own_marker="<start_of_turn>",
+)
+_QWEN = NamedTemplate(**_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                      own_marker="<|im_start|>")
+_PHI = NamedTemplate(user="<|user|>\n{content}<|end|>\n", header="<|assistant|>\n", assistant="{content}<|end|>\n",
+                     system="<|system|>\n{content}<|end|>\n", own_marker="<|end|>")
+
+TEMPLATES: dict[str, NamedTemplate] = {
+    "default": NamedTemplate(user="Human: {content}{eos}\n", header="Assistant:", assistant="{content}{eos}\n",
+                             system="System: {content}{eos}\n"),
+    "empty": NamedTemplate(user="{content}", assistant="{content}"),
+    "alpaca": NamedTemplate(
+        user="### Instruction:\n{content}\n\n", header="### Response:\n", assistant="{content}{eos}\n\n",
+        default_system="Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n",
+    ),
+    "vicuna": NamedTemplate(
+        user="USER: {content}", header=" ASSISTANT:", assistant="{content}{eos}",
+        default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions.",
+    ),
+    "chatml": NamedTemplate(**_CHATML),
+    "qwen": _QWEN,
+    "qwen2": _QWEN,
+    "qwen2_5": _QWEN,
+    "qwen3": NamedTemplate(**_CHATML, empty_thought="<think>\n\n</think>\n\n", own_marker="<|im_start|>"),
+    "qwen3_nothink": NamedTemplate(**_CHATML, own_marker="<|im_start|>", enable_thinking=False),
+    "yi": NamedTemplate(**_CHATML, own_marker="<|im_start|>"),
+    "smollm": NamedTemplate(**_CHATML, own_marker="<|im_start|>"),
+    "smollm2": NamedTemplate(**_CHATML, default_system="You are a helpful AI assistant named SmolLM, trained by "
+                             "Hugging Face.", own_marker="<|im_start|>"),
+    "llama3": NamedTemplate(
+        prefix="{bos}", user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        header="<|start_header_id|>assistant<|end_header_id|>\n\n", assistant="{content}<|eot_id|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>", own_marker="<|start_header_id|>",
+    ),
+    "llama2": NamedTemplate(user="{bos}[INST] {content} [/INST]", assistant="{content}{eos}",
+                            system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_first_user=True,
+                            own_marker="[INST]"),
+    "mistral": NamedTemplate(prefix="{bos}", user="[INST] {content}[/INST]", assistant=" {content}{eos}",
+                             system="{content}\n\n", system_in_first_user=True, own_marker="[INST]"),
     "gemma": _GEMMA,
-    "alpaca": _ALPACA,
-    "phi3": _PHI3,
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "phi": _PHI,
+    "phi3": _PHI,
+    "deepseek": NamedTemplate(prefix="{bos}", user="User: {content}\n\n", header="Assistant:",
+                              assistant="{content}{eos}", system="{content}\n\n", own_marker="\n\nAssistant:"),
+    "glm4": NamedTemplate(prefix="[gMASK]<sop>", user="<|user|>\n{content}", header="<|assistant|>",
+                          assistant="\n{content}", system="<|system|>\n{content}", eos_at_end=True,
+                          own_marker="[gMASK]"),
+    "cohere": NamedTemplate(
+        prefix="{bos}", user="<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{content}<|END_OF_TURN_TOKEN|>",
+        header="<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", assistant="{content}{eos}",
+        system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{content}<|END_OF_TURN_TOKEN|>",
+        own_marker="<|START_OF_TURN_TOKEN|>",
+    ),
 }
+# Markers that close a reply by opening the next turn (glm4); trained with the reply, as its end.
+TURN_CLOSERS = ("<|user|>", "<|observation|>")
+
+
+def _jinja(slot: str, content: str = "content") -> str:
+    """A slot as a Jinja expression: string literals joined with the content and special-token variables."""
+    parts = re.split(r"(\{content\}|\{bos\}|\{eos\})", slot)
+    names = {"{content}": content, "{bos}": "bos_token", "{eos}": "eos_token"}
+    pieces = [names.get(part) or _literal(part) for part in parts if part]
+    return " + ".join(pieces) or "''"
+
+
+def _literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"'{escaped}'"
+
+
+def named_jinja(template: NamedTemplate) -> str:
+    """The Jinja chat template of a named template, as LLaMA-Factory renders it."""
+    out = "{{ " + _jinja(template.prefix) + " }}" if template.prefix else ""
+    if template.default_system:
+        out += "{% set system_message = " + _jinja(template.default_system) + " %}"
+    out += ("{% if messages and messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+            "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% endif %}")
+    has_system = "system_message is defined and system_message"
+    if not template.system_in_first_user:
+        out += "{% if " + has_system + " %}{{ " + _jinja(template.system, "system_message") + " }}{% endif %}"
+    out += "{% for message in loop_messages %}{% set content = message['content'] %}"
+    if template.system_in_first_user:
+        out += ("{% if loop.first and " + has_system + " %}{% set content = "
+                + _jinja(template.system, "system_message") + " + content %}{% endif %}")
+    assistant = template.assistant
+    if template.empty_thought:
+        out += ("{% if message['role'] == 'assistant' and '<think>' not in content %}{% set content = "
+                + _jinja(template.empty_thought) + " + content %}{% endif %}")
+    out += ("{% if message['role'] == 'user' %}{{ " + _jinja(template.user) + " }}"
+            "{% elif message['role'] == 'assistant' %}{{ " + _jinja(template.header + assistant) + " }}"
+            "{% endif %}{% endfor %}")
+    if template.header:
+        out += "{% if add_generation_prompt %}{{ " + _jinja(template.header) + " }}{% endif %}"
+    if template.eos_at_end:
+        out += "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+    return out
 
 
 def chat_template_for(tokenizer: Any, name: str | None) -> str:
-    """The Jinja template to render with; a clear error when there is none."""
+    """The Jinja template to render with: the tokenizer's own (for `null`, and for a named family its
+    own template belongs to), else the named one; a clear error when there is none."""
     from lmtune.errors import UserError
 
+    own = getattr(tokenizer, "chat_template", None)
     if name is None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                "the tokenizer has no chat template of its own; set `template` to one of "
-                + ", ".join(sorted(NAMED_TEMPLATES))
-            )
-        return tokenizer.chat_template
-    if name not in NAMED_TEMPLATES:
-        raise UserError(f"template '{name}' is not known; valid: {', '.join(sorted(NAMED_TEMPLATES))}")
-    return NAMED_TEMPLATES[name]
+        if not own:
+            raise UserError("the tokenizer has no chat template of its own; set `template` to one of "
+                            + ", ".join(sorted(TEMPLATES)))
+        return own
+    if name not in TEMPLATES:
+        raise UserError(f"template '{name}' is not known; valid: {', '.join(sorted(TEMPLATES))}")
+    named = TEMPLATES[name]
+    if own and named.own_marker and named.own_marker in _probe(tokenizer, own):
+        if named.enable_thinking is None:
+            return own
+        flag = "true" if named.enable_thinking else "false"
+        return "{% set enable_thinking = " + flag + " %}" + own
+    return named_jinja(named)
+
+
+def _probe(tokenizer: Any, template: str) -> str:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    try:
+        return render(tokenizer, template, messages, generation_prompt=False)
+    except Exception:  # a template that refuses this conversation is not the family's
+        return ""
 
 
 def render(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -80,20 +184,25 @@ def render(tokenizer: Any, template: str, messages: list[dict[str, str]], genera
 def trained_spans(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> tuple[str, list[range]]:
     """The rendered conversation and the character ranges of the assistant replies in it."""
     text = render(tokenizer, template, messages, generation_prompt=False)
+    closers = tuple(t for t in (*TURN_CLOSERS, tokenizer.eos_token) if t)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = render(tokenizer, template, messages[:index], generation_prompt=True) if index else ""
         upto = render(tokenizer, template, messages[: index + 1], generation_prompt=False)
-        if not text.startswith(upto) or not upto.startswith(before):
-            # A template that rewrites earlier turns: fall back to the reply text itself.
-            start = text.find(message["content"], spans[-1].stop if spans else 0)
-            spans.append(range(start, start + len(message["content"])))
-        else:
+        previous_end = spans[-1].stop if spans else 0
+        start = len(before) if text.startswith(before) and len(before) >= previous_end else \
+            text.find(message["content"], previous_end)
+        if text.startswith(upto) and upto.startswith(before):
             # The reply and its end-of-turn marker; the whitespace after the marker belongs to no one.
-            end = len(upto.rstrip())
-            spans.append(range(len(before), max(end, len(before))))
+            end = max(len(upto.rstrip()), start)
+        else:
+            # A template that renders a turn differently once more follow it: up to the end of the reply text.
+            end = text.find(message["content"], start) + len(message["content"])
+        # A marker that closes the reply right after it (EOS, or glm4's next-turn marker) is its end.
+        closer = next((c for c in closers if text.startswith(c, end)), None)
+        spans.append(range(start, end + len(closer) if closer else end))
     return text, spans
 
 

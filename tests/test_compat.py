@@ -1,0 +1,148 @@
+"""Keys brought from LLaMA-Factory and TrainingArguments: mapped, ignored with why, or refused naming the lmtune way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_lmtune
+
+from lmtune.compat import FOREIGN_KEYS
+from lmtune.config import build_config, nearest_key
+from lmtune.errors import UserError
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"warmup_ratio": 0.1}, {"warmup_steps": 0.1}),
+    ({"warmup_ratio": 0.1, "warmup_steps": 5}, {"warmup_steps": 5}),
+    ({"eval_strategy": "steps", "logging_steps": 7}, {"eval_steps": 7}),
+    ({"eval_strategy": "steps", "eval_steps": 3}, {"eval_steps": 3}),
+    ({"evaluation_strategy": "epoch"}, {"eval_epochs": 1.0}),
+    ({"eval_strategy": "no"}, {"eval_steps": None, "eval_epochs": None}),
+    ({"optim": "adamw_torch"}, {}),
+    ({"optim": "adamw_torch_fused"}, {}),
+    ({"fp16": False, "bf16": True}, {"bf16": True}),
+    ({"load_best_model_at_end": False}, {}),
+    ({"neat_packing": True}, {"packing": True}),
+    ({"resume_from_checkpoint": None}, {"resume_from_checkpoint": "auto"}),
+    ({"report_to": ["tensorboard", "wandb"]}, {"trackers": ["tensorboard", "wandb"]}),
+    ({"report_to": "none"}, {"trackers": []}),
+    ({"overwrite_cache": True}, {"overwrite_cache": True}),
+    ({"eval_dataset": "a,b"}, {"eval_datasets": ["a", "b"]}),
+])
+def test_mapped_keys_become_lmtune_keys(given, expected):
+    config = build_config(given)
+    for key, value in expected.items():
+        assert getattr(config, key) == value, key
+    for key in given:
+        if key in FOREIGN_KEYS:
+            assert any(note.startswith(f"mapped {key}:") for note in config.brought_key_notes)
+
+
+IGNORED = ["do_train", "do_eval", "do_predict", "ddp_timeout", "logging_dir", "logging_first_step", "flash_attn",
+           "enable_liger_kernel", "use_unsloth", "ddp_find_unused_parameters", "remove_unused_columns",
+           "include_num_input_tokens_seen", "disable_tqdm", "dataloader_pin_memory", "preprocessing_batch_size",
+           "trust_remote_code_tokenizer", "double_quantization"]
+
+
+@pytest.mark.parametrize("key", IGNORED)
+def test_ignored_keys_are_accepted_and_listed_with_why(key):
+    config = build_config({key: True})
+    notes = [note for note in config.brought_key_notes if note.startswith(f"ignored {key}: True: ")]
+    assert len(notes) == 1 and len(notes[0]) > len(f"ignored {key}: True: ") + 10
+    assert key not in config.to_yaml_dict()
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"deepspeed": "examples/deepspeed/ds_z3_config.json"}, ["deepspeed", "torchrun", "fsdp"]),
+    ({"fsdp": "full_shard"}, ["fsdp", "not available in lmtune yet"]),
+    ({"fsdp_config": {}}, ["fsdp_config", "not available"]),
+    ({"fsdp_offload": True}, ["fsdp_offload", "not available"]),
+    ({"pref_beta": 0.1}, ["pref_beta", "dpo", "not available"]),
+    ({"pref_loss": "sigmoid"}, ["pref_loss", "not available"]),
+    ({"pref_ftx": 0.0}, ["pref_ftx", "not available"]),
+    ({"stage": "dpo"}, ["stage dpo", "not available", "'pt', 'sft'"]),
+    ({"train_on_prompt": True}, ["train_on_prompt", "stage: pt"]),
+    ({"tokenized_path": "cache"}, ["tokenized_path", "LMTUNE_HOME"]),
+    ({"push_to_hub": True}, ["push_to_hub", "lmtune export"]),
+    ({"hub_model_id": "me/model"}, ["hub_model_id", "lmtune export"]),
+    ({"neftune_noise_alpha": 5}, ["neftune_noise_alpha", "not available"]),
+    ({"use_dora": True}, ["use_dora", "not available"]),
+    ({"use_rslora": True}, ["use_rslora", "not available"]),
+    ({"lr_scheduler_kwargs": {"min_lr": 0}}, ["lr_scheduler_kwargs"]),
+    ({"optim": "adamw_8bit"}, ["optim", "AdamW", "adamw_torch"]),
+    ({"fp16": True}, ["fp16", "bf16: true"]),
+    ({"load_best_model_at_end": True}, ["load_best_model_at_end", "lmtune export", "best"]),
+    ({"warmup_ratio": 1.5}, ["warmup_ratio", "fraction"]),
+    ({"eval_strategy": "no", "eval_steps": 5}, ["eval_strategy: no", "eval_steps"]),
+    ({"report_to": "comet_ml"}, ["report_to", "comet_ml", "wandb", "mlflow"]),
+    ({"report_to": ["none", "wandb"]}, ["none cannot be listed"]),
+])
+def test_refused_keys_name_the_lmtune_way(values, words):
+    with pytest.raises(UserError) as error:
+        build_config(values, "run.yaml")
+    message = str(error.value)
+    for word in words:
+        assert word in message, message
+
+
+def test_every_table_entry_is_covered_by_a_test():
+    mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "load_best_model_at_end",
+              "neat_packing"}
+    refused = {"deepspeed", "fsdp", "fsdp_config", "fsdp_offload", "pref_beta", "pref_loss", "pref_ftx",
+               "train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha", "use_dora",
+               "use_rslora", "lr_scheduler_kwargs"}
+    assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "mapped"} == mapped
+    assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "refused"} == refused
+    assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "ignored"} == set(IGNORED)
+
+
+@pytest.mark.parametrize("typo, suggestion", [
+    ("learnig_rate", "learning_rate"), ("do_trian", "do_train"), ("warmup_ration", "warmup_ratio"),
+    ("lora_ranks", "lora_rank"), ("save_step", "save_steps"), ("dataset_di", "dataset_dir"),
+])
+def test_a_near_miss_suggests_the_key_meant(typo, suggestion):
+    assert nearest_key(typo) == suggestion
+
+
+@pytest.mark.parametrize("unrelated", ["xyz", "colour", "batch", "my_custom_flag", "temperature"])
+def test_an_unrelated_key_suggests_nothing(unrelated):
+    assert nearest_key(unrelated) is None
+
+
+def test_an_unknown_key_without_a_near_miss_points_to_the_key_list(tiny_config, capsys):
+    capsys.readouterr()
+    assert run_lmtune("plan", tiny_config(my_custom_flag=1)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown key 'my_custom_flag'" in err and "did you mean" not in err and "--help-config" in err
+
+
+def test_plan_prints_what_it_mapped_and_ignored_before_the_plan(tiny_config, capsys):
+    config = tiny_config(do_train=True, ddp_timeout=180000000, warmup_ratio=0.1, max_steps=4)
+    capsys.readouterr()
+    assert run_lmtune("plan", config) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("config: ")]
+    assert any("ignored do_train" in line for line in lines) and any("ignored ddp_timeout" in line for line in lines)
+    assert any("mapped warmup_ratio: 0.1 -> warmup_steps: 0.1" in line for line in lines)
+    assert out.index("config: ") < out.index("optimizer steps")
+    assert run_lmtune("plan", config, "--json") == 0
+    notes = json.loads(capsys.readouterr().out)["brought_keys"]
+    assert len(notes) == 3
+
+
+def test_a_refused_key_exits_2_and_writes_nothing(tiny_config, tmp_path, capsys):
+    capsys.readouterr()
+    assert run_lmtune("train", tiny_config(deepspeed="ds_z3_config.json")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "deepspeed" in err and "torchrun" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_key_table_is_the_code_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+            for line in readme.splitlines() if line.startswith("| `") and line.count("|") == 4}
+    assert {key: t.kind for key, t in FOREIGN_KEYS.items()} == {key: rows.get(key) for key in FOREIGN_KEYS}
