@@ -206,12 +206,20 @@ def page_of(items: list, page: Any, size: int) -> tuple[list, int, int]:
     return items[(page - 1) * size: page * size], page, pages
 
 
-def events_markdown(view: RunView, page: Any = 1, size: int = 10) -> str:
-    if not view.events:
-        return "no events yet (resumes, saves, rotations and stops of the run appear here)"
-    shown, page, pages = page_of(view.events[::-1], page, size)
+def is_routine(row: dict[str, Any]) -> bool:
+    """A save or a rotation, which a run writes every few steps (a save on a stop is not routine)."""
+    return row.get("event") == "rotation" or (row.get("event") == "save" and "signal" not in (row.get("reasons") or []))
+
+
+def events_markdown(view: RunView, page: Any = 1, size: int = 10, routine: bool = False) -> str:
+    """The run's events, newest first, in pages; saves and rotations only with `routine`, so that they
+    do not push resumes and stops off the first page."""
+    events = [row for row in view.events if routine or not is_routine(row)]
+    if not events:
+        return "no events yet (resumes, stops and, if chosen, saves and rotations of the run appear here)"
+    shown, page, pages = page_of(events[::-1], page, size)
     lines = [f"- {_markdown_safe(event_text(row))}" for row in shown]
-    return "\n".join(lines) + f"\n\npage {page} of {pages} ({len(view.events)} events, newest first)"
+    return "\n".join(lines) + f"\n\npage {page} of {pages} ({len(events)} events, newest first)"
 
 
 def _markdown_safe(text: str) -> str:

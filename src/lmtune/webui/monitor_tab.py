@@ -50,7 +50,9 @@ def build(root: Path, runner: Runner) -> MonitorTab:
             checkpoints = gr.HTML(elem_id="checkpoints")
         with gr.Column(scale=2):
             gr.Markdown("#### Events")
-            events_page = gr.Number(1, precision=0, minimum=1, label="page (1: newest)", elem_id="events-page")
+            with gr.Row():
+                events_page = gr.Number(1, precision=0, minimum=1, label="page (1: newest)", elem_id="events-page")
+                routine = gr.Checkbox(False, label="saves and rotations too", elem_id="events-routine")
             events = gr.Markdown(elem_id="events")
     log_view = gr.Textbox(label="log (train.log)", lines=20, max_lines=20, interactive=False, autoscroll=True,
                           elem_id="log-tail")
@@ -58,7 +60,7 @@ def build(root: Path, runner: Runner) -> MonitorTab:
 
     known = gr.State([])  # the runs the pick list offers
 
-    def watch(run: str | None, checkpoint_page, event_page, offered: list[str]):
+    def watch(run: str | None, checkpoint_page, event_page, with_routine: bool, offered: list[str]):
         runs = runs_newest_first(root)
         listed = (M.runs_html(root, runs), runs, gr.update() if set(runs) == set(offered) else gr.update(choices=runs))
         if not run:
@@ -70,13 +72,13 @@ def build(root: Path, runner: Runner) -> MonitorTab:
             return f"**error**: {error}", "", "", "", "", *listed
         view = M.read_run(run_dir)
         return (M.progress_markdown(view, runner.state(run_dir)), M.chart_html(view),
-                M.checkpoints_html(run_dir, checkpoint_page), M.events_markdown(view, event_page),
+                M.checkpoints_html(run_dir, checkpoint_page), M.events_markdown(view, event_page, routine=with_routine),
                 M.log_tail(run_dir, lines=20), *listed)
 
-    watch_io = ([run_choice, checkpoints_page, events_page, known],
+    watch_io = ([run_choice, checkpoints_page, events_page, routine, known],
                 [progress, chart, checkpoints, events, log_view, runs_table, known, run_choice])
     timer.tick(watch, *watch_io, show_progress="hidden", concurrency_id="watch", trigger_mode="always_last")
-    for component in (run_choice, checkpoints_page, events_page):
+    for component in (run_choice, checkpoints_page, events_page, routine):
         component.change(watch, *watch_io, show_progress="hidden")
 
     def refresh_list(chosen: str | None):
