@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,22 +51,42 @@ def tiny_form(**changes) -> dict:
 
 @pytest.fixture
 def workdir(tmp_path, tiny_model_dir):
-    return make_workdir(tmp_path / "work", tiny_model_dir)
+    """A working folder; runs still going at the end (runs outlive the web UI) are stopped."""
+    folder = make_workdir(tmp_path / "work", tiny_model_dir)
+    yield folder
+    for pid_file in folder.rglob("train.pid"):
+        stop_run(pid_file.parent)
+
+
+def stop_run(run_dir: Path, timeout: float = 60) -> None:
+    """SIGINT to the run writing to `run_dir`, as its Stop button sends; waits until it has exited."""
+    from lmtune.runlock import running_pid
+
+    pid = running_pid(run_dir)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while running_pid(run_dir) is not None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    if running_pid(run_dir) is not None:
+        os.kill(pid, signal.SIGKILL)
 
 
 # --- the form, without a browser ------------------------------------------------------------------
 
 
 def test_form_writes_the_yaml_that_lmtune_train_reads(workdir, monkeypatch):
-    form = tiny_form(save_epochs="0.25", save_steps=10.0, saves_per_epoch="", save_total_limit="3",
-                     learning_rate=0.002, num_train_epochs=2.0, warmup_steps=0.1, packing="off",
-                     metric_for_best_model="eval_loss", val_size=0.25, resume_lr="config")
+    # the browser sends every number field as the text typed into it
+    form = tiny_form(save_epochs="0.25", save_steps="10.0", saves_per_epoch="", save_total_limit="3",
+                     learning_rate="2e-3", num_train_epochs="2", warmup_steps="0.1", packing="off",
+                     metric_for_best_model="eval_loss", val_size="0.25", resume_lr="config")
     values = F.form_to_values(workdir, form)
     text = F.values_to_yaml(values)
     loaded = yaml.safe_load(text)
     # whole numbers are written as integers, a fraction of an epoch as a float, empty fields not at all
     assert loaded["save_steps"] == 10 and isinstance(loaded["save_steps"], int)
-    assert loaded["save_epochs"] == 0.25 and loaded["save_total_limit"] == 3
+    assert loaded["save_epochs"] == 0.25 and loaded["save_total_limit"] == 3 and loaded["learning_rate"] == 0.002
     assert "saves_per_epoch" not in loaded and "max_steps" not in loaded
     assert loaded["packing"] is False and loaded["metric_for_best_model"] == "eval_loss"
     assert loaded["resume_from_checkpoint"] == "auto" and loaded["resume_lr"] == "config"
@@ -82,12 +103,35 @@ def test_form_writes_the_yaml_that_lmtune_train_reads(workdir, monkeypatch):
 def test_form_errors_name_the_key_and_the_fix(workdir):
     with pytest.raises(UserError, match="save_steps.*save_epochs: 2.5"):
         F.form_to_values(workdir, tiny_form(save_steps="2.5"))
-    with pytest.raises(UserError, match="learning_rate"):
-        F.form_to_values(workdir, tiny_form(learning_rate="fast"))
-    with pytest.raises(UserError, match="pick at least one data set"):
-        F.form_to_values(workdir, tiny_form(dataset=[]))
+    with pytest.raises(UserError, match="learning_rate.*'abc'") as error:
+        F.form_to_values(workdir, tiny_form(learning_rate="abc", max_steps="-5x"))
+    # each line of the error goes to the field it names
+    assert set(F.field_errors(str(error.value))) == {"learning_rate", "max_steps"}
     with pytest.raises(UserError, match="not a checkpoint-<step> folder"):
         F.form_to_values(workdir, tiny_form(resume_from_checkpoint="../../etc"))
+
+
+def test_the_form_drops_and_defaults_nothing_and_checks_as_the_cli_does(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    # an emptied field whose key has a default is an error, not the default
+    with pytest.raises(UserError, match="learning_rate is empty"):
+        F.form_to_values(workdir, tiny_form(learning_rate=""))
+    # the same config model as the CLI: val_size 1.5 is neither a fraction nor a number of examples
+    with pytest.raises(UserError, match="val_size 1.5"):
+        F.form_to_values(workdir, tiny_form(val_size="1.5"))
+    (workdir / "run.yaml").write_text("model_name_or_path: models/tiny\ndataset: sums\nval_size: 1.5\n")
+    with pytest.raises(UserError, match="val_size 1.5"):
+        load_config(workdir / "run.yaml")
+    # a missing dataset_dir is named, whether a data set is chosen or not
+    for dataset in ([], ["sums"]):
+        with pytest.raises(UserError, match="dataset_dir: there is no folder datasets in the working folder"):
+            F.form_to_values(workdir, tiny_form(dataset_dir="datasets", dataset=dataset))
+    with pytest.raises(UserError, match="pick at least one data set"):
+        F.form_to_values(workdir, tiny_form(dataset=[]))
+    # a typed file path is accepted wherever the CLI accepts one, with or without the data folder
+    assert F.form_to_values(workdir, tiny_form(dataset=["data/sums.json"]))["dataset"] == "data/sums.json"
+    assert F.form_to_values(workdir, tiny_form(dataset=["data/sums.json"], dataset_dir="nowhere"))["dataset"] \
+        == "data/sums.json"
 
 
 def test_fresh_start_and_a_chosen_checkpoint_map_to_resume_keys(workdir):
@@ -101,6 +145,22 @@ def test_fresh_start_and_a_chosen_checkpoint_map_to_resume_keys(workdir):
     (folder / "train_state.json").write_text("{}")
     values = F.form_to_values(workdir, tiny_form(resume_from_checkpoint="checkpoint-6"))
     assert values["resume_from_checkpoint"] == "runs/a/checkpoint-6"
+    # a typed path names that folder, even in another run, as resume_from_checkpoint does in a config file
+    assert F.form_to_values(workdir, tiny_form(output_dir="runs/b", resume_from_checkpoint="runs/a/checkpoint-6"))[
+        "resume_from_checkpoint"] == "runs/a/checkpoint-6"
+    with pytest.raises(UserError, match="runs/b/checkpoint-6 is not a complete checkpoint"):
+        F.form_to_values(workdir, tiny_form(output_dir="runs/b", resume_from_checkpoint="checkpoint-6"))
+
+
+def test_a_chat_message_without_a_loaded_model_stays_in_the_box():
+    from lmtune.webui.chat_tab import ChatHolder
+
+    chat = ChatHolder()
+    history, box, status = next(chat.respond("What is 2 plus 3?", [], 8, 0))
+    assert history == [] and box == "What is 2 plus 3?" and "load a model" in status
+    with chat.lock:  # as while a model loads
+        history, box, status = next(chat.respond("What is 2 plus 3?", [], 8, 0))
+    assert history == [] and box == "What is 2 plus 3?" and "still loading" in status
 
 
 @pytest.mark.parametrize("key, value", [
@@ -144,17 +204,50 @@ def test_pickers_list_what_is_in_the_working_folder(workdir):
     assert ("runs/first/checkpoint-4 (checkpoint, step 4)", "runs/first/checkpoint-4") in F.chat_choices(workdir)
 
 
-def test_live_plan_counts_the_data_and_follows_an_edited_data_file(workdir, monkeypatch):
-    from lmtune.webui.app import Planner, plan_markdown
+def test_live_plan_is_lmtune_plan_and_follows_an_edited_data_file(workdir, monkeypatch):
+    from lmtune.planning import plan_for_config
+    from lmtune.webui.train_tab import plan_markdown
 
     monkeypatch.chdir(workdir)  # `lmtune webui` serves the folder it is started in
-    planner = Planner()
-    _, config = F.form_to_config(workdir, tiny_form(num_train_epochs=2, saves_per_epoch="2", save_total_limit="1"))
-    plan = plan_markdown(workdir, planner, config)
-    assert "**16 optimizer steps**, 8 per epoch" in plan and "(32 training rows)" in plan  # 32 rows, batch 4
+    _, config = F.form_to_config(workdir, tiny_form(num_train_epochs="2", saves_per_epoch="2", save_total_limit="1"))
+    plan = plan_markdown(config, plan_for_config(config))
+    assert "**16 optimizer steps**, 8 per epoch" in plan  # 32 rows, batch 4
     assert "**saves at steps** (4): 4, 8, 12, 16" in plan and "**kept after rotation**: 16" in plan
+    assert "4 checkpoints will be written, save_total_limit 1 keeps the last 1: 3 will be deleted" in plan
     (workdir / "data" / "sums.json").write_text(json.dumps(ALPACA_ROWS[:20]))
-    assert "**10 optimizer steps**, 5 per epoch" in plan_markdown(workdir, planner, config)
+    assert "**10 optimizer steps**, 5 per epoch" in plan_markdown(config, plan_for_config(config))
+
+
+def test_resume_note_reads_the_saved_state_and_never_offers_a_deleted_checkpoint(workdir, monkeypatch):
+    from lmtune.engine import train
+    from lmtune.planning import plan_for_config
+    from lmtune.webui.train_tab import plan_markdown, resume_note
+
+    monkeypatch.chdir(workdir)
+    run = dict(lr_scheduler_type="linear", learning_rate="0.01", max_steps="8", save_steps="2", save_total_limit="2",
+               logging_steps="1", report_to="none", plot_loss=False)
+    _, config = F.form_to_config(workdir, tiny_form(**run))
+    train(config.model_copy(update={"preview_samples": 0}))
+    # rotation deleted checkpoints 2 and 4: they are neither offered nor resumed from
+    assert [v for _, v in F.resume_choices(workdir, "runs/a")] == ["auto", "fresh", "checkpoint-8", "checkpoint-6"]
+    # checkpoint-6 of a linear decay from 0.01 over 8 steps: 0.0025 is in effect there, not the 0.01 it began with
+    _, config = F.form_to_config(workdir, tiny_form(**{**run, "learning_rate": "0.002"},
+                                                    resume_from_checkpoint="checkpoint-6"))
+    plan = plan_for_config(config)
+    note = resume_note(config, plan.total_steps)
+    assert "Resuming from **runs/a/checkpoint-6** (step 6)" in note
+    assert "the learning rate in effect there is **0.0025**" in note
+    assert "- **keep** (chosen): learning rate (resume_lr: keep): the saved schedule continues" in note
+    assert "0.0025 at step 6, 0 at step 8" in note
+    # resume_lr config: the form's 0.002 decayed linearly to step 6 of 8
+    assert "- **config**: learning rate (resume_lr: config): the config's schedule (linear, peak 0.002" in note
+    assert "0.0025 -> 0.0005 at step 6" in note
+    assert "resumes from runs/a/checkpoint-6 at step 6" in plan_markdown(config, plan)  # `lmtune plan`'s line
+    # auto takes the newest kept checkpoint; once it is deleted, the next one
+    _, config = F.form_to_config(workdir, tiny_form(**{**run, "max_steps": "12"}))
+    assert "Resuming from **runs/a/checkpoint-8** (step 8)" in resume_note(config, 12)
+    shutil.rmtree(workdir / "runs" / "a" / "checkpoint-8")
+    assert "Resuming from **runs/a/checkpoint-6** (step 6)" in resume_note(config, 12)
 
 
 def test_auth_takes_user_and_password():
@@ -171,7 +264,9 @@ def test_monitor_reads_progress_chart_and_checkpoints_from_the_run_folder(tmp_pa
     rows = [{"type": "train", "step": s, "epoch": s / 6, "samples_seen": 4 * s, "tokens_seen": 100 * s,
              "loss": 3.0 - 0.1 * s, "lr": 0.005, "eta_s": 12.0, "elapsed_s": 2.0 * s} for s in range(1, 8)]
     rows.insert(6, {"type": "eval", "step": 6, "epoch": 1.0, "eval_loss": 2.5})
-    rows.append({"type": "event", "event": "resume", "step": 7, "lr_old": 0.005, "lr_new": 0.001})
+    rows.insert(7, {"type": "event", "event": "save", "step": 6, "path": "checkpoint-6",
+                    "reasons": ["epoch", "signal"]})
+    rows.append({"type": "event", "event": "resume", "step": 7, "lr_old": 0.005, "lr_new": 0.001, "changes": []})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"type": "tr')
     (run / "checkpoints.json").write_text(json.dumps({"version": 1, "save_total_limit": 1, "checkpoints": [
         {"step": 3, "epoch": 0.5, "path": "checkpoint-3", "reasons": ["epoch"], "metrics": {"loss": 2.7},
@@ -179,15 +274,69 @@ def test_monitor_reads_progress_chart_and_checkpoints_from_the_run_folder(tmp_pa
         {"step": 6, "epoch": 1.0, "path": "checkpoint-6", "reasons": ["epoch", "signal"],
          "metrics": {"loss": 2.4, "eval_loss": 2.5}, "size_bytes": 2_500_000, "status": "kept", "best": True}]}))
     view = M.read_run(run)
-    progress = M.progress_markdown(view, None)
-    assert "step **7** / 12 (58%)" in progress and "samples 28" in progress and "tokens 700" in progress
-    assert "eval loss 2.5000 (step 6)" in progress and "learning rate **5.00e-03**" in progress
+    running = M.progress_markdown(view, M.RunState(M.RUNNING, "running (pid 1)"))
+    assert "step **7** / 12 (58%)" in running and "samples 28" in running and "tokens 700" in running
+    assert "eval loss 2.5000 (step 6)" in running and "learning rate **5.00e-03**" in running and "ETA" in running
+    # a run that is not running has no ETA
+    state = M.run_state(run)
+    assert (state.kind, state.text) == (M.STOPPED, "stopped at step 6: no checkpoint to resume from")
+    assert "ETA" not in M.progress_markdown(view, state)
     chart = M.chart_html(view)
     assert 'data-train-points="7" data-eval-points="1"' in chart and "resumed" in chart
-    assert "learning rate: 5.00e-03 -> 1.00e-03" in M.events_markdown(view)
+    events = M.events_markdown(view)
+    assert "learning rate: 5.00e-03 -> 1.00e-03" in events and "changes" not in events  # no empty "changes:"
+    assert "step 6: stopped (SIGINT or SIGTERM); saved checkpoint-6" in events
     table = M.checkpoints_html(run)
     assert "1 kept, 1 deleted, 0 incomplete; save_total_limit 1" in table
     assert "epoch,signal" in table and "kept best" in table and "2.5 MB" in table
+
+
+def test_a_run_started_from_the_ui_is_starting_then_says_why_it_was_refused(workdir):
+    from lmtune.webui.runner import Runner
+
+    (workdir / "bad.yaml").write_text("model_name_or_path: models/tiny\ndataset: nowhere.json\noutput_dir: runs/bad\n")
+    runner, run_dir = Runner(workdir), workdir / "runs" / "bad"
+    process = runner.start(workdir / "bad.yaml", run_dir)
+    assert runner.state(run_dir).text == f"starting (pid {process.pid}): loading the model and the data"
+    assert process.wait(timeout=120) == 2
+    state = runner.state(run_dir)
+    assert (state.kind, state.text) == (M.FAILED, "refused to start (exit code 2): the log below says why")
+    assert "dataset 'nowhere.json'" in (run_dir / "train.log").read_text()
+
+
+def test_run_states_and_history_pages_from_the_folders(workdir):
+    def make_run(name: str, reasons: list[str], steps: int = 30) -> Path:
+        run = workdir / "runs" / name
+        run.mkdir(parents=True)
+        (run / "checkpoints.json").write_text(json.dumps({"version": 1, "checkpoints": [
+            {"step": s, "path": f"checkpoint-{s}", "status": "deleted", "reasons": ["steps"]} for s in range(1, steps)]
+            + [{"step": steps, "path": f"checkpoint-{steps}", "status": "kept", "reasons": reasons}]}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(
+            {"type": "event", "event": "save", "step": s, "path": f"checkpoint-{s}", "reasons": ["steps"]}) + "\n"
+            for s in range(1, steps + 1)))
+        time.sleep(0.02)  # distinct modification times: the list is newest first
+        return run
+
+    make_run("done", ["final"])
+    make_run("broken", ["steps"])
+    stopped = make_run("halted", ["signal"])
+    finished, crashed = M.run_state(workdir / "runs" / "done"), M.run_state(workdir / "runs" / "broken")
+    assert (finished.kind, crashed.kind, M.run_state(stopped).kind) == (M.FINISHED, M.FAILED, M.STOPPED)
+    from lmtune.webui.monitor_tab import opened_run, runs_newest_first
+
+    runs = runs_newest_first(workdir)
+    assert runs == ["runs/halted", "runs/broken", "runs/done"]
+    assert opened_run(workdir, runs, None) == "runs/halted"  # nothing runs: the newest
+    table = M.runs_html(workdir, runs)
+    assert table.index("runs/halted") < table.index("runs/broken") < table.index("runs/done")
+    # history in pages, newest first: 30 checkpoints at 12 a page, 30 events at 10 a page
+    assert "page 1 of 3, newest first" in M.checkpoints_html(stopped) and ">30<" in M.checkpoints_html(stopped)
+    last_page = M.checkpoints_html(stopped, page=3)
+    assert "page 3 of 3" in last_page and "<td>1</td>" in last_page and ">30<" not in last_page
+    assert M.events_markdown(M.read_run(stopped)).startswith("no events yet")  # saves only when asked for
+    events = M.events_markdown(M.read_run(stopped), page=2, routine=True)
+    assert "page 2 of 3 (30 events, newest first)" in events and "step 20: save" in events
+    assert "step 21: save" not in events
 
 
 # --- in the browser -------------------------------------------------------------------------------
@@ -217,8 +366,9 @@ def start_server(workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError("the web UI did not start in 90 s")
 
 
-def stop_server(server: subprocess.Popen) -> None:
-    server.send_signal(2)  # SIGINT, as Ctrl-C: it stops the runs it started first
+def stop_server(server: subprocess.Popen, signum: int = signal.SIGINT) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM: either ends the server alone, the runs it started keep running."""
+    server.send_signal(signum)
     try:
         server.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -332,6 +482,10 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.radio("finetuning-type", "full")
         ui.pick("dataset", "sums (dataset_info.json)")
         ui.fill("val-size", "0.25")
+        # text in a number field is an error that names the key, not a silent default
+        ui.fill("learning-rate", "abc")
+        ui.wait_text("plan", "The form needs a fix", "learning_rate", "'abc'")
+        ui.wait_text("learning-rate", "learning_rate ⚠ Input should be a valid number")  # at the field too
         ui.fill("learning-rate", "0.005")
         ui.pick("scheduler", "constant")
         ui.fill("epochs", "1000")
@@ -367,13 +521,14 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         # -- start: the Monitor fills while it runs
         page.locator("#start").click()
         ui.wait_text("progress", "running (pid")
+        assert (workdir / "runs" / "sums" / "webui_config.yaml").is_file()
         ui.wait_for(lambda: (p := chart_points(ui))[0] >= 8 and p[1] >= 1, "8 train and 1 eval loss points")
         rows = ui.wait_for(lambda: (r := checkpoint_rows(ui)) and any("deleted" in row for row in r) and r,
                            "a checkpoint deleted by rotation", timeout=90)
-        # older deleted ones are summed up in one row; a save in flight is listed as incomplete
+        # newest first; a save in flight is listed as incomplete
         written = [row for row in rows if len(row) == 7 and row[-1].startswith(("kept", "deleted"))]
         steps = [int(row[0]) for row in written]
-        assert steps == sorted(steps) and all(step % 3 == 0 for step in steps)  # a save every half epoch
+        assert steps == sorted(steps, reverse=True) and all(step % 3 == 0 for step in steps)  # every half epoch
         assert all(row[2] == "epoch" for row in written), rows
         progress = ui.text("progress")
         assert "/ 6000" in progress and "samples" in progress and "tokens" in progress and "ETA" in progress
@@ -381,27 +536,33 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.wait_for(lambda: re.search(r"step \d+/6000 epoch", ui.text("log-tail")), "a step line in the log tail")
         ui.shot("2-monitor-running")
 
-        # -- stop: SIGINT, a resumable checkpoint, exit 130
+        # -- stop: SIGINT, a resumable checkpoint, exit 130; the confirmation stays, the ETA goes
         page.locator("#stop-monitor").click()
-        ui.wait_text("progress", "stopped (exit code 130)")
+        ui.wait_text("monitor-status", "stop requested (SIGINT to pid")
+        progress = ui.wait_text("progress", "stopped at step", "resumable from checkpoint-", "exit code 130")
+        assert "ETA" not in progress
         rows = checkpoint_rows(ui)
-        last = rows[-1]
-        assert "signal" in last[2] and last[-1].startswith("kept"), rows
-        stopped_at = int(last[0])
+        newest = rows[0]
+        assert "signal" in newest[2] and newest[-1].startswith("kept"), rows
+        stopped_at = int(newest[0])
         index = json.loads((workdir / "runs" / "sums" / "checkpoints.json").read_text())
         assert [e["step"] for e in index["checkpoints"] if e["status"] == "kept"][-1] == stopped_at
+        ui.wait_text("events", f"step {stopped_at}: stopped (SIGINT or SIGTERM); saved checkpoint-{stopped_at}")
+        assert "stop requested" in ui.text("monitor-status")  # not overwritten by the monitor's refresh
         ui.shot("3-monitor-stopped")
 
-        # -- resume from that checkpoint with a new learning rate, applied on purpose
+        # -- the Train tab has re-read the run folder: the note names the stop's checkpoint, the rate in effect
         page.get_by_role("tab", name="Train").click()
-        page.locator("#refresh-resume").click()
+        ui.wait_text("resume-note", f"Resuming from runs/sums/checkpoint-{stopped_at} (step {stopped_at})",
+                     "the learning rate in effect there is 0.005", "keep (chosen)")
+        # resume from that checkpoint with a new learning rate, applied on purpose
         ui.pick("resume", f"checkpoint-{stopped_at} (step {stopped_at}")
         ui.fill("learning-rate", "0.001")
         ui.radio("resume-lr", "apply the learning rate set above from the resume step on (resume_lr: config)")
         # the note is rewritten after each edit: wait for the one that reflects them all
-        ui.wait_text("resume-note", f"checkpoint-{stopped_at}", "1.00e-03", "trained with learning_rate 5.00e-03",
-                     f"from step {stopped_at + 1} on")
-        ui.wait_text("plan", f"resumes from runs/sums/checkpoint-{stopped_at}")
+        ui.wait_text("resume-note", f"checkpoint-{stopped_at}", "config (chosen)",
+                     f"0.005 -> 0.001 at step {stopped_at}")
+        ui.wait_text("plan", f"resumes from runs/sums/checkpoint-{stopped_at} at step {stopped_at}")
         ui.wait_text("yaml", "resume_lr: config", "learning_rate: 0.001")
         ui.shot("4-resume-form")
         page.locator("#start").click()
@@ -413,7 +574,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.wait_text("loss-chart", "resumed")
         ui.shot("5-monitor-resumed")
         page.locator("#stop-monitor").click()
-        ui.wait_text("progress", "stopped (exit code 130)")
+        ui.wait_text("progress", "stopped at step", "exit code 130")
 
         # -- chat with the newest checkpoint
         page.get_by_role("tab", name="Chat").click()
@@ -447,32 +608,95 @@ def test_auth_asks_for_a_login(workdir, browser, tmp_path):
         ui.shot("login")
 
 
-def test_an_existing_yaml_loads_into_the_form_and_writes_back_the_same(workdir):
-    form = tiny_form(save_epochs="0.25", save_total_limit="3", learning_rate=0.002, packing="on",
-                     metric_for_best_model="eval_loss", val_size=0.25, resume_lr="config", lora_target="q_proj,v_proj")
+def test_an_existing_yaml_loads_into_the_form_and_writes_back_the_same(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    form = tiny_form(save_epochs="0.25", save_total_limit="3", learning_rate="0.002", packing="on",
+                     metric_for_best_model="eval_loss", val_size="0.25", resume_lr="config",
+                     lora_target="q_proj,v_proj")
     written = F.form_to_values(workdir, form)
-    (workdir / "mine.yaml").write_text(F.values_to_yaml(written) + "callbacks: []\n")
-    loaded, left_out = F.yaml_to_form(workdir, Path("mine.yaml"))
-    assert left_out == ["callbacks"]
-    assert F.form_to_values(workdir, loaded) == written
+    (workdir / "mine.yaml").write_text(F.values_to_yaml(written) + "save_schedule: [{until_step: 4, save_steps: 1}]\n"
+                                       "callbacks: [mine:Callback]\n")
+    loaded, extra, not_kept = F.yaml_to_form(workdir, Path("mine.yaml"))
+    # a key the form does not show is kept as it is in the file; one that runs code is named and not kept
+    assert extra == {"save_schedule": [{"until_step": 4, "save_steps": 1}]} and not_kept == ["callbacks"]
+    assert F.form_to_values(workdir, loaded, extra) == {**written, **extra}
     with pytest.raises(UserError):
         F.yaml_to_form(workdir, Path("../outside.yaml"))
 
 
+MINE = """# my run: comments and the order of keys are mine
+model_name_or_path: models/tiny
+finetuning_type: full
+dataset: data/sums.json   # a file path, as lmtune plan accepts
+learning_rate: 0.002
+save_steps: 50
+save_total_limit: 3
+num_train_epochs: 1000
+logging_steps: 1
+report_to: none
+output_dir: runs/mine
+preview_samples: 0        # not a field of the form
+"""
+
+
 @needs_chromium
-def test_load_yaml_fills_the_form_in_the_browser(workdir, browser, tmp_path):
-    written = F.form_to_values(workdir, tiny_form(save_epochs="0.25", save_total_limit="3", learning_rate=0.002))
-    (workdir / "mine.yaml").write_text(F.values_to_yaml(written))
-    with opened_ui(workdir, browser, tmp_path / "webui-shots", viewport={"width": 1440, "height": 1000}) as ui:
-        page = ui.page
+def test_a_loaded_yaml_is_never_rewritten_and_a_run_outlives_the_web_ui(workdir, browser, tmp_path):
+    from lmtune.runlock import running_pid
+
+    (workdir / "mine.yaml").write_text(MINE)
+    shots, viewport = tmp_path / "webui-shots", {"width": 1440, "height": 1000}
+    server, url = start_server(workdir)
+    page = browser.new_page(viewport=viewport)
+    ui = Page(page, shots)
+    try:
+        page.goto(url)
+        ui.wait_text("plan", "pick at least one data set")
+        # data copied in after the server started is listed once the page is reloaded
+        (workdir / "data" / "later.json").write_text(json.dumps(ALPACA_ROWS[:8]))
+        page.reload()
+        page.locator("#dataset input").first.click()
+        page.get_by_role("option", name="later.json (file)").wait_for(timeout=30_000)
+        page.locator("body").click(position={"x": 5, "y": 5})
+
+        # a config whose dataset is a file path loads and plans; a key the form lacks is kept
         ui.fill("config-path", "mine.yaml")
         page.locator("#load-yaml").click()
-        ui.wait_text("train-status", "loaded mine.yaml")
-
-        def field(elem_id: str) -> str:
-            return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
-
-        ui.wait_for(lambda: (field("learning-rate"), field("save-epochs"), field("save-total-limit")) == (
-            "0.002", "0.25", "3"), "learning rate 0.002, save_epochs 0.25 and save_total_limit 3 in the form")
-        ui.wait_text("plan", "save_total_limit 3")
+        ui.wait_text("train-status", "loaded mine.yaml", "not shown in the form: preview_samples")
+        ui.wait_text("dataset", "data/sums.json")
+        ui.wait_text("plan", "8000 optimizer steps", "save_total_limit 3")
+        ui.wait_text("yaml", "dataset: data/sums.json", "preview_samples: 0", "learning_rate: 0.002")
         ui.shot("loaded-yaml")
+
+        # Start runs the form's own file in the run folder; the loaded file keeps every byte
+        page.locator("#start").click()
+        ui.wait_text("train-status", "started lmtune train runs/mine/webui_config.yaml")
+        assert (workdir / "mine.yaml").read_text() == MINE
+        written = yaml.safe_load((workdir / "runs" / "mine" / "webui_config.yaml").read_text())
+        assert written["dataset"] == "data/sums.json" and written["preview_samples"] == 0
+        ui.wait_text("progress", "running (pid")
+        run_dir = workdir / "runs" / "mine"
+        ui.wait_for(lambda: running_pid(run_dir), "train.pid of the run")
+        # a start while it runs is refused, and still leaves the loaded file alone
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#start").click()
+        ui.wait_text("train-status", "is already writing to")
+        assert (workdir / "mine.yaml").read_text() == MINE
+    except BaseException:
+        ui.shot("failed")
+        raise
+    finally:
+        page.close()
+
+    # SIGTERM ends the server and not the run; a new server and a new page find the run running
+    stop_server(server, signal.SIGTERM)
+    pid = running_pid(run_dir)
+    assert pid is not None
+    with opened_ui(workdir, browser, shots, viewport=viewport) as ui:
+        ui.page.get_by_role("tab", name="Monitor").click()
+        ui.wait_text("progress", f"runs/mine: running (pid {pid})")
+        ui.wait_text("runs", "runs/mine", "running")
+        ui.shot("reopened-monitor")
+    # opened_ui ended that server with SIGINT (Ctrl-C): the run is still the same process
+    assert running_pid(run_dir) == pid
+    stop_run(run_dir)
+    assert M.run_state(run_dir).kind == M.STOPPED

@@ -400,6 +400,9 @@ class TrainConfig(BaseModel):
                              "the first N rows for evaluation")
         if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
             raise ValueError("warmup_steps is a whole number of steps, or a fraction < 1 of the total steps")
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            raise ValueError(f"val_size {self.val_size:g} is neither a fraction < 1 of the data nor a whole number "
+                             "of examples: write e.g. 0.15 or 150")
         probs, datasets = self.interleave_probs, self.datasets
         if probs is not None and datasets and self.mix_strategy != "concat" and len(probs) != len(datasets):
             raise ValueError(f"interleave_probs has {len(probs)} values for {len(datasets)} data sets "

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from lmtune.checkpoint import PREFIX, CheckpointIndex, is_complete_checkpoint
-from lmtune.config import BUILTIN_MODEL, TrainConfig, build_config
+from lmtune.config import BUILTIN_MODEL, TrainConfig, build_config, load_config, parse_override, read_yaml
 from lmtune.data.registry import FILE_LOADERS
 from lmtune.errors import UserError
 
@@ -35,6 +35,10 @@ FORM_KEYS = [
     "output_dir", "resume_from_checkpoint", "resume_lr", "overwrite_output_dir",
     "logging_steps", "report_to", "plot_loss",
 ]
+# Keys whose values are paths or names checked against the working folder, not read as YAML.
+PATH_KEYS = ("model_name_or_path", "dataset", "dataset_dir", "output_dir", "resume_from_checkpoint")
+# Keys that run code: the web UI neither offers them nor keeps them from a loaded file.
+CODE_KEYS = ("callbacks", "trust_remote_code")
 RESUME_AUTO = "auto"
 RESUME_FRESH = "fresh"
 PACKING_CHOICES = {"auto": None, "on": True, "off": False}
@@ -52,7 +56,6 @@ def _keys_typed(accept) -> set[str]:
     return keys
 
 
-WHOLE_NUMBER_KEYS = _keys_typed(lambda parts: int in parts and float not in parts)
 NUMBER_KEYS = _keys_typed(lambda parts: bool(parts & {int, float}) and str not in parts)
 
 
@@ -60,6 +63,7 @@ def default_form() -> dict[str, Any]:
     """The form as it first appears: the config's defaults, packing and resume as the form shows them."""
     defaults = TrainConfig().model_dump()
     form = {key: defaults[key] for key in FORM_KEYS}
+    form = {key: shown(key, value) for key, value in form.items()}
     form.update(dataset=[], output_dir="out/run", resume_from_checkpoint=RESUME_AUTO, packing="auto",
                 metric_for_best_model="")
     return form
@@ -98,6 +102,9 @@ def _sandboxed_datasets(root: Path, names: list[str] | str | None, dataset_dir: 
     if isinstance(names, str):
         names = [part.strip() for part in names.split(",")]
     names = [name.strip() for name in names or [] if name and name.strip()]
+    if not dataset_dir.is_dir() and not all(inside(root, name, "dataset").is_file() for name in names or ["?"]):
+        raise UserError(f"dataset_dir: there is no folder {relative(root, dataset_dir)} in the working folder "
+                        f"{root} (it holds dataset_info.json and the data files); create it or name another")
     if not names:
         raise UserError("dataset: pick at least one data set (a name from dataset_info.json or a data file)")
     registry = dataset_registry(dataset_dir)
@@ -126,7 +133,8 @@ def _sandboxed_resume(root: Path, choice: Any, output_dir: Path) -> str | bool:
     name = Path(str(choice)).name
     if not CHECKPOINT_NAME.match(name):
         raise UserError(f"resume_from_checkpoint: '{choice}' is not a checkpoint-<step> folder of the run")
-    folder = inside(root, output_dir / name, "resume_from_checkpoint")
+    # a picked name is one of output_dir's checkpoints; a typed path is taken as the CLI takes it
+    folder = inside(root, choice if "/" in str(choice) else output_dir / name, "resume_from_checkpoint")
     if not is_complete_checkpoint(folder):
         raise UserError(f"resume_from_checkpoint: {relative(root, folder)} is not a complete checkpoint")
     return relative(root, folder)
@@ -135,45 +143,36 @@ def _sandboxed_resume(root: Path, choice: Any, output_dir: Path) -> str | bool:
 # --- form -> config -----------------------------------------------------------------------------
 
 
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    return text  # the config's validation names the key and what it expects
-
-
-def _clean(key: str, value: Any) -> Any:
+def _parsed(key: str, value: Any) -> Any:
+    """A field's text read as `lmtune train ... key=value` reads it (YAML: numbers, true/false, null);
+    an empty field is unset, which only a key whose default is null may be."""
     if isinstance(value, str):
         value = value.strip()
         if value == "":
-            return None
-        if key in NUMBER_KEYS:
-            value = _number(value)
-    if isinstance(value, float) and value.is_integer():
-        if key in WHOLE_NUMBER_KEYS or (key == "warmup_steps" and value >= 1):
-            return int(value)
+            value = None
+        elif key in NUMBER_KEYS:
+            value = parse_override(f"{key}={value}")[1]
+    if value is None and TrainConfig.model_fields[key].default is not None:
+        raise UserError(f"{key} is empty: give a value (the default is "
+                        f"{TrainConfig.model_fields[key].default!r})")
     return value
 
 
-def form_to_values(root: Path, form: dict[str, Any]) -> dict[str, Any]:
-    """The YAML mapping for the form: paths made relative to (and kept inside) the working folder,
-    empty fields left out so that the config's defaults apply, every value validated."""
+def form_to_values(root: Path, form: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The YAML mapping for the form: paths made relative to (and kept inside) the working folder, unset
+    fields left out, every value checked by the config model as `lmtune train` checks it, and written as
+    that model reads it. `extra`: keys of a loaded config file that the form does not show, kept as they
+    were."""
     root = Path(root).resolve()
     unknown = set(form) - set(FORM_KEYS)
     if unknown:
         raise UserError(f"the form has no field {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(extra or {})
     for key in FORM_KEYS:
-        if key not in form:
+        if key not in form or key in PATH_KEYS:
             continue
-        value = form[key]
-        if key == "packing":
-            value = PACKING_CHOICES.get(value, value)
-        elif key == "dataset":
-            continue
-        value = _clean(key, value)
+        value = PACKING_CHOICES.get(form[key], form[key]) if key == "packing" else form[key]
+        value = _parsed(key, value)
         if value is not None:
             values[key] = value
     values["model_name_or_path"] = _sandboxed_model(root, form.get("model_name_or_path", BUILTIN_MODEL))
@@ -185,35 +184,72 @@ def form_to_values(root: Path, form: dict[str, Any]) -> dict[str, Any]:
         raise UserError("output_dir: choose a folder inside the working folder, not the working folder itself")
     values["output_dir"] = relative(root, output_dir)
     values["resume_from_checkpoint"] = _sandboxed_resume(root, form.get("resume_from_checkpoint"), output_dir)
-    ordered = {key: values[key] for key in FORM_KEYS if key in values}
-    build_config(ordered, "web form")
-    return ordered
+    checked = build_config(values, "web form").to_yaml_dict()
+    shown = {key: _as_read(values[key], checked[key]) for key in FORM_KEYS if key in values}
+    return {**shown, **(extra or {})}
 
 
-def form_to_config(root: Path, form: dict[str, Any]) -> tuple[dict[str, Any], TrainConfig]:
-    values = form_to_values(root, form)
+def _as_read(given: Any, checked: Any) -> Any:
+    """The value as the config model reads it (10.0 steps is 10), but a number the user wrote as a whole
+    number stays one (warmup_steps 10, not 10.0)."""
+    if isinstance(given, int) and not isinstance(given, bool) and checked == given:
+        return given
+    return checked
+
+
+def field_errors(message: str) -> dict[str, str]:
+    """The form fields an error message is about (each line of it that starts with a key), so that the
+    form can show each line at its field."""
+    found: dict[str, str] = {}
+    for line in message.splitlines():
+        text = line.removeprefix("web form: ").strip()
+        key = re.match(r"\w+", text)
+        if key and key.group() in FORM_KEYS:
+            found.setdefault(key.group(), text)
+    return found
+
+
+def form_to_config(root: Path, form: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], TrainConfig]:
+    values = form_to_values(root, form, extra)
     return values, build_config(values, "web form")
 
 
-def yaml_to_form(root: Path, path: Path) -> tuple[dict[str, Any], list[str]]:
-    """An existing config file (inside the working folder) as form values, and the keys of it that the
-    form does not show (they are not kept: the form writes only what it shows)."""
-    from lmtune.config import read_yaml
-
-    values = read_yaml(inside(root, path, "config file"))
-    config = build_config(values, str(path))
+def yaml_to_form(root: Path, path: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """A config file (inside the working folder), read as `lmtune plan FILE` reads it, as form values;
+    its keys that the form does not show (kept as they are when the form writes its config); and those
+    of them that run code, which the web UI does not keep (`lmtune train FILE` runs them)."""
+    full = inside(root, path, "config file")
+    values = read_yaml(full)
+    config = load_config(full)
     form = default_form()
     for key in FORM_KEYS:
         if key in values:
-            form[key] = getattr(config, key)
+            form[key] = shown(key, getattr(config, key))
     form["dataset"] = config.datasets
+    form["dataset_dir"] = _relative_if_inside(root, config.dataset_dir)
     form["packing"] = next(name for name, value in PACKING_CHOICES.items() if value == config.packing)
     form["metric_for_best_model"] = config.metric_for_best_model or ""
-    if "lora_target" in values and isinstance(config.lora_target, list):
+    if isinstance(config.lora_target, list):
         form["lora_target"] = ",".join(config.lora_target)
     resume = config.resume_from_checkpoint
     form["resume_from_checkpoint"] = RESUME_FRESH if resume is False else resume
-    return form, sorted(set(values) - set(FORM_KEYS))
+    extra = {key: value for key, value in values.items() if key not in FORM_KEYS}
+    return form, {k: v for k, v in extra.items() if k not in CODE_KEYS}, [k for k in extra if k in CODE_KEYS]
+
+
+def _relative_if_inside(root: Path, text: str) -> str:
+    try:
+        return relative(root, inside(root, text, "dataset_dir"))
+    except UserError:
+        return text  # shown as written: the form then says why it is refused
+
+
+def shown(key: str, value: Any) -> Any:
+    """A config value as its form field shows it: numbers are text (empty when unset)."""
+    if key in NUMBER_KEYS:
+        return "" if value is None else str(value)
+    return value
 
 
 def values_to_yaml(values: dict[str, Any]) -> str:
@@ -305,13 +341,13 @@ def run_choices(root: Path) -> list[str]:
 
 
 def checkpoint_entries(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's complete, kept checkpoints from checkpoints.json, newest first."""
+    """The run's complete, kept checkpoints from checkpoints.json, newest first (as auto-resume sees them)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     index = CheckpointIndex.load(run_dir)
-    kept = [e for e in index.entries if e.get("status") == "kept" and is_complete_checkpoint(run_dir / e["path"])]
-    return sorted(kept, key=lambda e: e["step"], reverse=True)
+    by_path = {entry["path"]: entry for entry in index.entries}
+    return [by_path[folder.name] for folder in index.complete_newest_first()]
 
 
 def resume_choices(root: Path, output_dir_text: str) -> list[tuple[str, str]]:

@@ -82,8 +82,7 @@ def read_run(run_dir: Path) -> RunView:
         run_dir, config,
         train=_latest_per_step([r for r in rows if r.get("type") == "train" and "loss" in r]),
         evals=_latest_per_step([r for r in rows if r.get("type") == "eval" and "eval_loss" in r]),
-        # saves and rotations have their own table (checkpoints.json); the panel keeps the rarer events
-        events=[r for r in rows if r.get("type") == "event" and r.get("event") not in ("save", "rotation")],
+        events=[r for r in rows if r.get("type") == "event"],
     )
 
 
@@ -106,10 +105,9 @@ def lr_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-def progress_markdown(view: RunView, process: str | None) -> str:
-    """Status, steps, samples, tokens, ETA, loss and learning rate."""
-    status = process or _status_from_files(view)
-    lines = [f"**{_markdown_safe(str(view.run_dir))}**: {status}"]
+def progress_markdown(view: RunView, state: RunState) -> str:
+    """State, steps, samples, tokens, ETA (while running), loss and learning rate."""
+    lines = [f"**{_markdown_safe(str(view.run_dir))}**: {state.text}"]
     last = view.last
     if last is None:
         lines.append("no training step logged yet")
@@ -120,10 +118,10 @@ def progress_markdown(view: RunView, process: str | None) -> str:
     epoch = f" · epoch {last['epoch']:.2f}" if last.get("epoch") is not None else ""
     if last.get("stream_pass") is not None:
         epoch += f"{' (estimated)' if last.get('epoch_estimated') else ''} · pass {last['stream_pass']}"
+    eta = f" · ETA {format_duration(last.get('eta_s'))}" if state.kind == RUNNING else ""
     lines.append(
         f"step **{step}** / {total or '?'}{share}{epoch} · samples {_number(last.get('samples_seen'))} · "
-        f"tokens {_number(last.get('tokens_seen'))} · elapsed {format_duration(last.get('elapsed_s'))} · "
-        f"ETA {format_duration(last.get('eta_s'))}"
+        f"tokens {_number(last.get('tokens_seen'))} · elapsed {format_duration(last.get('elapsed_s'))}{eta}"
     )
     loss = f"loss {last['loss']:.4f}"
     if view.evals:
@@ -133,35 +131,97 @@ def progress_markdown(view: RunView, process: str | None) -> str:
     return "\n\n".join(lines)
 
 
-def _status_from_files(view: RunView) -> str:
-    index = CheckpointIndex.load(view.run_dir) if view.run_dir.is_dir() else None
-    if index and any("final" in e.get("reasons", []) and e.get("status") == "kept" for e in index.entries):
-        return "finished"
-    pid = running_pid(view.run_dir)
+# --- what state a run is in, from its folder --------------------------------------------------
+
+RUNNING, STOPPED, FINISHED, FAILED = "running", "stopped", "finished", "failed"
+
+
+@dataclass
+class RunState:
+    kind: str  # RUNNING, STOPPED, FINISHED or FAILED
+    text: str  # what the Monitor says, e.g. "stopped: resumable from checkpoint-12"
+
+
+def run_state(run_dir: Path) -> RunState:
+    """Running while train.pid names a live lmtune process; otherwise what its newest checkpoint says: a
+    final save is finished, a save on SIGINT / SIGTERM is stopped, anything else ended without either."""
+    run_dir = Path(run_dir)
+    pid = running_pid(run_dir)
     if pid is not None:
-        return f"running (pid {pid}, started elsewhere; Stop sends it SIGINT)"
-    path = view.run_dir / "metrics.jsonl"
-    if path.is_file() and time.time() - path.stat().st_mtime < 30:
-        return "running (started elsewhere)"
-    return "not running" if view.train else "no run in this folder yet"
+        return RunState(RUNNING, f"running (pid {pid})")
+    index = CheckpointIndex.load(run_dir) if run_dir.is_dir() else None
+    written = sorted((e for e in index.entries if e.get("status") != "incomplete"), key=lambda e: e["step"]) \
+        if index else []
+    resumable = index.complete_newest_first() if index else []
+    reasons = written[-1].get("reasons", []) if written else []
+    if "final" in reasons:
+        return RunState(FINISHED, f"finished at step {written[-1]['step']}")
+    resume = (f"resumable from {resumable[0].name}" if resumable else "no checkpoint to resume from")
+    if "signal" in reasons:
+        return RunState(STOPPED, f"stopped at step {written[-1]['step']}: {resume}")
+    return RunState(FAILED, f"failed or killed (no final or stop checkpoint; train.log says why): {resume}")
+
+
+def run_updated(run_dir: Path) -> float:
+    """When the run last wrote to its folder (train.log aside: the web UI writes to it too)."""
+    times = [(Path(run_dir) / name).stat().st_mtime for name in ("metrics.jsonl", "checkpoints.json",
+                                                                 "run_config.yaml")
+             if (Path(run_dir) / name).is_file()]
+    return max(times, default=0.0)
+
+
+def runs_html(root: Path, runs: list[str]) -> str:
+    """Every run of the working folder with its state, newest first."""
+    if not runs:
+        return "<p>No run in the working folder yet: start one on the Train tab or with lmtune train.</p>"
+    rows = []
+    for run in runs:
+        state = run_state(Path(root) / run)
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run_updated(Path(root) / run)))
+        rows.append(f'<tr class="run-{state.kind}"><td>{html.escape(run)}</td><td>{state.kind}</td>'
+                    f"<td>{html.escape(state.text)}</td><td>{updated}</td></tr>")
+    header = "".join(f"<th>{name}</th>" for name in ("run folder", "state", "what its folder says", "last written"))
+    return f'<table class="lmtune-runs"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def event_text(row: dict[str, Any]) -> str:
+    if row.get("event") == "save" and "signal" in (row.get("reasons") or []):
+        return f"step {row.get('step', '?')}: stopped (SIGINT or SIGTERM); saved {row.get('path', 'a checkpoint')}"
     parts = [f"step {row.get('step', '?')}: {row.get('event', 'event')}"]
     if "lr_old" in row or "lr_new" in row:
         parts.append(f"learning rate: {lr_text(row.get('lr_old'))} -> {lr_text(row.get('lr_new'))}")
     for key, value in row.items():
-        if key in ("type", "event", "step", "lr_old", "lr_new"):
+        if key in ("type", "event", "step", "lr_old", "lr_new") or value in (None, "", [], {}):
             continue
         shown = "; ".join(str(v) for v in value) if isinstance(value, list) else value
         parts.append(f"{key}: {shown}")
     return " · ".join(parts)
 
 
-def events_markdown(view: RunView, limit: int = 8) -> str:
-    if not view.events:
-        return "no events yet (resumes, stops and other events of the run appear here)"
-    return "\n".join(f"- {_markdown_safe(event_text(row))}" for row in view.events[-limit:])
+def page_of(items: list, page: Any, size: int) -> tuple[list, int, int]:
+    """Items (newest first) on page `page` (1 = newest) of `size` each; the page shown and the page count."""
+    pages = max(1, math.ceil(len(items) / size))
+    try:
+        page = min(max(1, int(page or 1)), pages)
+    except (TypeError, ValueError):
+        page = 1
+    return items[(page - 1) * size: page * size], page, pages
+
+
+def is_routine(row: dict[str, Any]) -> bool:
+    """A save or a rotation, which a run writes every few steps (a save on a stop is not routine)."""
+    return row.get("event") == "rotation" or (row.get("event") == "save" and "signal" not in (row.get("reasons") or []))
+
+
+def events_markdown(view: RunView, page: Any = 1, size: int = 10, routine: bool = False) -> str:
+    """The run's events, newest first, in pages; saves and rotations only with `routine`, so that they
+    do not push resumes and stops off the first page."""
+    events = [row for row in view.events if routine or not is_routine(row)]
+    if not events:
+        return "no events yet (resumes, stops and, if chosen, saves and rotations of the run appear here)"
+    shown, page, pages = page_of(events[::-1], page, size)
+    lines = [f"- {_markdown_safe(event_text(row))}" for row in shown]
+    return "\n".join(lines) + f"\n\npage {page} of {pages} ({len(events)} events, newest first)"
 
 
 def _markdown_safe(text: str) -> str:
@@ -263,28 +323,24 @@ def _metric(metrics: dict[str, Any], key: str) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
-def checkpoints_html(run_dir: Path, recent: int = 12) -> str:
-    """checkpoints.json (and incomplete folders) as a table: kept, deleted, best, incomplete; of the
-    deleted ones only those among the `recent` newest rows are listed, the others counted."""
+def checkpoints_html(run_dir: Path, page: Any = 1, size: int = 12) -> str:
+    """checkpoints.json (and incomplete folders) as a table, newest first, `size` rows a page: kept,
+    deleted, best, incomplete."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return "<p>No run folder yet.</p>"
     index = CheckpointIndex.load(run_dir)
     if not index.entries:
         return "<p>No checkpoint yet: checkpoints.json lists them as they are written.</p>"
-    entries = sorted(index.entries, key=lambda e: e["step"])
+    entries = sorted(index.entries, key=lambda e: e["step"], reverse=True)
     counts = {status: sum(e.get("status") == status for e in entries) for status in ("kept", "deleted", "incomplete")}
     limit = "null (keep all)" if index.save_total_limit is None else index.save_total_limit
+    shown, page, pages = page_of(entries, page, size)
     summary = (f"<p>{counts['kept']} kept, {counts['deleted']} deleted, {counts['incomplete']} incomplete; "
-               f"save_total_limit {limit}</p>")
+               f"save_total_limit {limit}; page {page} of {pages}, newest first</p>")
     header = "".join(f"<th>{name}</th>" for name in ("step", "epoch", "reasons", "loss", "eval loss", "size",
                                                       "status"))
     rows = []
-    shown = [e for i, e in enumerate(entries) if e.get("status") != "deleted" or i >= len(entries) - recent]
-    hidden = [e["step"] for e in entries if e not in shown]
-    if hidden:
-        rows.append(f'<tr class="ckpt-hidden"><td colspan="7">{len(hidden)} older deleted checkpoints '
-                    f"(steps {hidden[0]} to {hidden[-1]}) not listed</td></tr>")
     for e in shown:
         status = e.get("status", "?") + (" best" if e.get("best") else "")
         epoch = f"{e['epoch']:.3f}" if isinstance(e.get("epoch"), int | float) else "-"

@@ -1,36 +1,47 @@
-"""Runs started from the browser: `lmtune train CONFIG` as a subprocess, stopped with SIGINT.
+"""Runs started from the browser: `lmtune train CONFIG` as a subprocess of its own session.
 
 The command line is fixed here; the browser only chooses the config file (inside the working
 folder, written by the form). Its output goes to `<output_dir>/train.log`, which the Monitor reads.
+A run does not belong to the web UI: it has its own session, so that neither Ctrl-C in the web
+UI's terminal nor the web UI's end (SIGINT or SIGTERM) reaches it; the Stop buttons send it SIGINT,
+as Ctrl-C in its own terminal would, and a reopened web UI finds it again from its `train.pid`.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from lmtune.errors import UserError
 from lmtune.runlock import running_pid
-from lmtune.webui.monitor import LOG_NAME
+from lmtune.webui.monitor import FAILED, LOG_NAME, RUNNING, RunState, run_state, run_updated
 
 
 class Runner:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self._runs: dict[Path, subprocess.Popen] = {}
+        self._started: dict[Path, float] = {}
         self._lock = threading.Lock()
-        atexit.register(self.stop_all)
+
+    def check_free(self, run_dir: Path) -> None:
+        """A UserError when a run (started here or elsewhere) is writing to `run_dir`."""
+        run_dir = Path(run_dir).resolve()
+        process = self._runs.get(run_dir)
+        pid = process.pid if process is not None and process.poll() is None else running_pid(run_dir)
+        if pid is not None:
+            raise UserError(f"a run (pid {pid}) is already writing to {run_dir}; stop it first, or choose another "
+                            "output_dir")
 
     def start(self, config_path: Path, run_dir: Path) -> subprocess.Popen:
         run_dir = Path(run_dir).resolve()
         with self._lock:
-            if self.is_running(run_dir):
-                raise UserError(f"a run is already writing to {run_dir}; stop it first")
+            self.check_free(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "lmtune", "train", str(Path(config_path).relative_to(self.root))]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "TERM": "dumb"}
@@ -38,48 +49,30 @@ class Runner:
                 log.write(f"$ lmtune train {command[-1]}\n")
                 log.flush()
                 process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, env=env)
-            self._runs[run_dir] = process
+                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self._runs[run_dir], self._started[run_dir] = process, time.time()
             return process
-
-    def is_running(self, run_dir: Path) -> bool:
-        process = self._runs.get(Path(run_dir).resolve())
-        return process is not None and process.poll() is None
 
     def stop(self, run_dir: Path) -> str:
         """SIGINT, as Ctrl-C in a terminal: the run finishes its step, writes a checkpoint and exits 130."""
         process = self._runs.get(Path(run_dir).resolve())
-        if process is None or process.poll() is not None:
-            pid = running_pid(run_dir)  # a run started elsewhere, e.g. in a terminal
-            if pid is None:
-                return "no run is writing to this folder"
-            os.kill(pid, signal.SIGINT)
-            return f"stop requested (SIGINT to pid {pid}): the run writes a resumable checkpoint and exits"
-        process.send_signal(signal.SIGINT)
-        return f"stop requested (SIGINT to pid {process.pid}): the run writes a resumable checkpoint and exits"
+        pid = process.pid if process is not None and process.poll() is None else running_pid(run_dir)
+        if pid is None:
+            return "no run is writing to this folder"
+        os.kill(pid, signal.SIGINT)
+        return f"stop requested (SIGINT to pid {pid}): the run writes a resumable checkpoint and exits"
 
-    def status(self, run_dir: Path) -> str | None:
-        """The process's state, or None when this page started no run in the folder."""
+    def state(self, run_dir: Path) -> RunState:
+        """What the run folder says, with what only this web UI knows: a run still loading, an exit code."""
+        files = run_state(run_dir)
         process = self._runs.get(Path(run_dir).resolve())
-        if process is None:
-            return None
+        if process is None or files.kind == RUNNING:
+            return files
         code = process.poll()
-        if code is None:
-            return f"running (pid {process.pid})"
-        if code == 0:
-            return "finished (exit code 0)"
-        if code in (130, -signal.SIGINT, -signal.SIGTERM):
-            return f"stopped (exit code {code}); resume it from the Train tab"
+        if code is None and run_updated(run_dir) < self._started[Path(run_dir).resolve()]:
+            return RunState(RUNNING, f"starting (pid {process.pid}): loading the model and the data")
+        if code is None:  # its train.pid is gone: it is closing down
+            return RunState(files.kind, f"{files.text}; its process (pid {process.pid}) is exiting")
         if code == 2:
-            return "refused to start (exit code 2): the log below says why"
-        return f"failed (exit code {code}): the log below says why"
-
-    def stop_all(self) -> None:
-        for process in list(self._runs.values()):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in list(self._runs.values()):
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            return RunState(FAILED, "refused to start (exit code 2): the log below says why")
+        return RunState(files.kind, f"{files.text} (exit code {code})")
