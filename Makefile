@@ -20,8 +20,15 @@ quickstart: setup
 	$(BIN)/lmtune train examples/quickstart.yaml overwrite_output_dir=true
 	$(BIN)/lmtune chat out/quickstart --prompt "What is your name?"
 
-test: setup
-	$(BIN)/python -m pytest -q
+# The oldest transformers pyproject allows, beside the venv: the tests load lmtune's model folders with it.
+OLDEST_TRANSFORMERS := $(VENV)/oldest-transformers
+$(OLDEST_TRANSFORMERS): pyproject.toml
+	rm -rf $@
+	$(BIN)/pip install --quiet --target $@ \
+		"transformers==$$(sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)"
+
+test: setup $(OLDEST_TRANSFORMERS)
+	LMTUNE_OLD_TRANSFORMERS=$(CURDIR)/$(OLDEST_TRANSFORMERS) $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests bench

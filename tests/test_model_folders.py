@@ -79,7 +79,7 @@ for folder in sys.argv[1:]:
 
 
 @pytest.mark.skipif(OLD is None, reason="LMTUNE_OLD_TRANSFORMERS (a folder with the oldest allowed transformers, "
-                    "installed with pip --target) is not set")
+                    "installed with pip --target; `make test` sets it) is not set")
 def test_written_folders_load_and_generate_with_the_oldest_transformers(tiny_config, tiny_model_dir, tmp_path,
                                                                         smollm2_dir):
     folders = [smollm2_dir]  # the built-in model as `lmtune model import` leaves it
