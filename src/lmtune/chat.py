@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import warnings
@@ -114,6 +115,8 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes (imported by PEFT where it is installed) offers a hub kernel for 4-bit CPU layers at import
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def load_model_for_inference(target: str | Target, device: str | None = None) -> tuple[Any, Any]:
