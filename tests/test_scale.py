@@ -68,8 +68,7 @@ def test_qlora_trains_resumes_and_exports_a_full_precision_model(tiny_config, tm
                          max_steps=6, save_steps=3, learning_rate=2e-2, gradient_checkpointing=True,
                          output_dir=str(resumed))
     assert run_lmtune("train", resume) == 0
-    # unlike every other method, a QLoRA resume is not bit-exact on CPU (5e-6 relative at the first step): within noise
-    assert losses_of(resumed) == pytest.approx(losses[3:], rel=1e-5)
+    assert losses_of(resumed) == losses[3:]
 
     out = tmp_path / "exported"
     assert run_lmtune("export", str(run), "--out", str(out)) == 0

@@ -723,7 +723,10 @@ def checkpoint_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor],
     from peft import PeftModel, get_peft_model_state_dict
 
     if isinstance(model, PeftModel):
-        state = get_peft_model_state_dict(model)
+        # from the trained parameters, not model.state_dict(): taking the state dict of a bitsandbytes 4-bit
+        # layer lays its weights out anew, and the following steps would compute differently
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        state = get_peft_model_state_dict(model, state_dict=trained)
         return {k: v.detach() for k, v in state.items()}, "adapter_model.safetensors"
     state, seen = {}, set()
     for key, value in model.state_dict().items():
