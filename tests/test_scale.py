@@ -93,3 +93,24 @@ def test_qlora_without_bitsandbytes_names_the_package(tiny_config, tmp_path, cap
     err = " ".join(capsys.readouterr().err.split())
     assert "needs the bitsandbytes package" in err and "lmtune[qlora]" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_estimates_the_memory_of_a_process(tiny_config, wider_tiny_model, capsys):
+    def memory(**settings) -> dict:
+        capsys.readouterr()
+        assert run_lmtune("plan", tiny_config(model_name_or_path=str(wider_tiny_model), **settings), "--json") == 0
+        return json.loads(capsys.readouterr().out)["memory"]
+
+    from transformers import AutoModelForCausalLM
+
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(wider_tiny_model).parameters())
+    full = memory(finetuning_type="full")
+    assert full["weights"] == full["gradients"] == 4 * parameters and full["optimizer"] == 8 * parameters
+    lora = memory(finetuning_type="lora")
+    assert lora["weights"] > 4 * parameters and 0 < lora["gradients"] < full["gradients"] / 10  # the adapter only
+    qlora = memory(finetuning_type="lora", quantization_bit=4)
+    assert qlora["weights"] < lora["weights"] and qlora["gradients"] == lora["gradients"]
+    checkpointed = memory(finetuning_type="full", gradient_checkpointing=True)
+    assert checkpointed["activations_per_token"] < full["activations_per_token"]  # 2 layers: one kept whole
+    assert run_lmtune("plan", tiny_config(model_name_or_path=str(wider_tiny_model))) == 0
+    assert "memory per process (estimate): weights" in " ".join(capsys.readouterr().out.split())

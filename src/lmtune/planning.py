@@ -74,10 +74,47 @@ def estimate_sizes(model_path: str, config: TrainConfig) -> dict[str, int | None
             model = prepare_for_training(model, config)
     except (OSError, ValueError, UserError) as error:
         log.warning("could not size a checkpoint of %s: %s", model_path, error)
-        return {"checkpoint_bytes": None, "final_model_bytes": None}
+        return {"checkpoint_bytes": None, "final_model_bytes": None, "memory": None}
     trainable, total = count_parameters(model)
     return {"checkpoint_bytes": checkpoint_bytes(trainable, config, model_path),
-            "final_model_bytes": final_model_bytes(trainable, total, config, model_path)}
+            "final_model_bytes": final_model_bytes(trainable, total, config, model_path),
+            "memory": memory_estimate(model, config)}
+
+
+def memory_estimate(model, config: TrainConfig) -> dict[str, int | None]:
+    """Bytes one process holds while training: weights (fp32; the decoder layers' linear weights in 4 or 8
+    bits with quantization_bit), gradients and AdamW's two moments of what is trained, and the activations
+    kept for the backward pass per token of a micro-batch (a Llama-like layer keeps about 8 x hidden +
+    4 x intermediate values a token; with gradient_checkpointing only each layer's input, plus one layer)."""
+    quantised_bytes = {4: 0.53, 8: 1.0}.get(config.quantization_bit)  # NF4 with its block scales
+    weights = trained = 0.0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            trained += parameter.numel()
+        quantised = quantised_bytes is not None and parameter.ndim == 2 and not parameter.requires_grad and \
+            ".layers." in name and "embed" not in name
+        weights += parameter.numel() * (quantised_bytes if quantised else 4)
+    shape = model.config
+    hidden, layers = getattr(shape, "hidden_size", None), getattr(shape, "num_hidden_layers", None)
+    per_token = None
+    if hidden and layers:
+        value_bytes = 2 if config.bf16 else 4
+        per_layer = (8 * hidden + 4 * getattr(shape, "intermediate_size", 4 * hidden)) * value_bytes
+        per_token = (layers * hidden * value_bytes + per_layer) if config.gradient_checkpointing else layers * per_layer
+    return {"weights": int(weights), "gradients": int(trained * 4), "optimizer": int(trained * 8),
+            "activations_per_token": per_token}
+
+
+def memory_line(memory: dict[str, int | None], tokens_per_micro_batch: int) -> str:
+    fixed = memory["weights"] + memory["gradients"] + memory["optimizer"]
+    line = (f"memory per process (estimate): weights {human_bytes(memory['weights'])}, gradients "
+            f"{human_bytes(memory['gradients'])}, AdamW state {human_bytes(memory['optimizer'])}")
+    if memory["activations_per_token"] is None:
+        return line + f"; {human_bytes(fixed)} before activations"
+    activations = memory["activations_per_token"] * tokens_per_micro_batch
+    return (line + f", activations about {human_bytes(memory['activations_per_token'])} a token: "
+            f"{human_bytes(activations)} for a full micro-batch of {tokens_per_micro_batch} tokens; "
+            f"about {human_bytes(fixed + activations)} in all")
 
 
 def side_file_bytes(model_path: str) -> int:
@@ -107,6 +144,8 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     """The lines `lmtune plan` and `lmtune train` both print about saving and rotation."""
     written = len(plan.save_steps)
     lines = plan.resume + ([stream_line(plan.stream)] if plan.stream else [])
+    if plan.memory:
+        lines.append(memory_line(plan.memory, config.per_device_train_batch_size * config.cutoff_len))
     if plan.batching:
         lines += [batching_line(plan.batching)] + ([plan.batching["note"]] if plan.batching["note"] else [])
     if config.save_total_limit is None:

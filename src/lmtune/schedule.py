@@ -49,6 +49,7 @@ class Plan:
     eval_minutes: float | None = None
     checkpoint_bytes: int | None = None
     final_model_bytes: int | None = None
+    memory: dict | None = None  # bytes per process: weights, gradients, optimizer, activations per token
     save_total_limit: int | None = None
     keeps_best: bool = False
     stream: dict | None = None  # for streamed data: what is known or estimated of its size
@@ -83,6 +84,7 @@ class Plan:
             "eval_minutes": self.eval_minutes,
             "checkpoint_bytes": self.checkpoint_bytes,
             "final_model_bytes": self.final_model_bytes,
+            "memory": self.memory,
             "disk_bytes": self.disk_bytes,
             "warnings": self.warnings,
             "stream": self.stream,
@@ -99,7 +101,7 @@ def steps_per_epoch(rows: int, batch_size: int, accumulation: int, world_size: i
 
 def make_plan(
     config: TrainConfig, train_rows: int | None, world_size: int = 1, has_eval_data: bool = False,
-    checkpoint_bytes: int | None = None, final_model_bytes: int | None = None,
+    checkpoint_bytes: int | None = None, final_model_bytes: int | None = None, memory: dict | None = None,
 ) -> Plan:
     """The plan of `config` on `train_rows` rows; None for a stream of unknown length, where a rule
     counted in epochs is an error that names its key."""
@@ -139,7 +141,7 @@ def make_plan(
     return Plan(
         per_epoch, total, epochs, saves, evals, kept, deleted, warnings, phases,
         config.save_minutes, config.eval_minutes if has_eval_data else None, checkpoint_bytes, final_model_bytes,
-        config.save_total_limit, keeps_best,
+        memory, config.save_total_limit, keeps_best,
     )
 
 
