@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -144,3 +146,18 @@ def run_lmtune(*args: str) -> int:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def torchrun(config: Path, processes: int = 2, *extra: str, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node PROCESSES -m lmtune train CONFIG EXTRA` on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(port), "-m", "lmtune", "train", str(config), *extra]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result

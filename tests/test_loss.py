@@ -3,13 +3,9 @@ micro-batches, give the losses and gradients of full logits over padded batches.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import read_jsonl, run_lmtune
+from conftest import read_jsonl, run_lmtune, torchrun
 from safetensors.torch import load_file
 
 import lmtune.loss
@@ -136,13 +132,8 @@ def test_padding_free_trains_as_padded_batches_do(tiny_config, tmp_path, capsys,
 
 
 def test_padding_free_with_two_processes_trains_as_padded_batches_do(tiny_config, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, padding_free, port in (("free", True, "29541"), ("padded", False, "29542")):
-        config = tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / name), padding_free=padding_free)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                   "-m", "lmtune", "train", str(config)]
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+    for name, padding_free in (("free", True), ("padded", False)):
+        torchrun(tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / name), padding_free=padding_free))
     assert_same_training(tmp_path / "free", tmp_path / "padded")
     # one process with both processes' rows in its micro-batch: the gradients were averaged, token-weighted
     one = tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / "one"), per_device_train_batch_size=8)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import read_jsonl, run_lmtune
+from conftest import read_jsonl, run_lmtune, torchrun
 from safetensors.torch import load_file
 
 
@@ -193,19 +193,12 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tiny_config, tmp_p
 
 
 def test_two_process_resume_matches(tiny_config, tmp_path):
-    def torchrun(config, port):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                   "-m", "lmtune", "train", str(config)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[-3000:]
-
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     settings = dict(max_steps=4, save_steps=1, lora_dropout=0.2, finetuning_type="lora")
-    torchrun(tiny_config(output_dir=str(straight), **settings), 29541)
+    torchrun(tiny_config(output_dir=str(straight), **settings))
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    torchrun(tiny_config(output_dir=str(resumed), **settings), 29542)
+    torchrun(tiny_config(output_dir=str(resumed), **settings))
     assert_same_run(straight, resumed, 2)
 
 

@@ -6,11 +6,9 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import read_jsonl, run_lmtune
+from conftest import read_jsonl, run_lmtune, torchrun
 from test_resume import assert_same_run
 
 
@@ -416,22 +414,16 @@ def test_one_and_a_half_passes_count_what_was_trained_and_resume_exactly(pass_an
 
 
 def test_two_processes_train_one_and_a_half_passes_and_resume_exactly(pass_and_a_half, tmp_path):
-    def torchrun(config, port):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                   "-m", "lmtune", "train", str(config)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
-        assert result.returncode == 0, result.stderr[-3000:]
-
     settings = dict(per_device_train_batch_size=2, dataloader_num_workers=2)  # 2 x 2 rows a step: 100 a pass
+    callbacks_on_path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     straight = tmp_path / "straight"
-    torchrun(pass_and_a_half(output_dir=str(straight), **settings), 29561)
+    torchrun(pass_and_a_half(output_dir=str(straight), **settings), env=callbacks_on_path)
     assert_one_and_a_half_passes(straight)
-    for step, port in ((99, 29562), (101, 29563)):
+    for step in (99, 101):
         resumed = tmp_path / f"resumed-{step}"
         resumed.mkdir()
         shutil.copytree(straight / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
-        torchrun(pass_and_a_half(output_dir=str(resumed), **settings), port)
+        torchrun(pass_and_a_half(output_dir=str(resumed), **settings), env=callbacks_on_path)
         assert_same_run(straight, resumed, step)
         assert_same_progress(straight, resumed)
 
