@@ -131,15 +131,40 @@ def test_two_processes_resume_on_one_with_double_accumulation_and_with_another_g
     print(f"2 -> 1 processes, accumulation 1 -> 2: largest loss difference {difference:.2e}")
 
 
-def test_one_process_resumes_on_two_within_float_noise(rows_config, tmp_path, capsys):
+def test_one_process_resumes_on_two_within_float_noise_with_a_repeat_at_the_end_of_the_epoch(
+        rows_config, tmp_path):
     straight = tmp_path / "straight"
-    # 4 x 2 x 1 = 8 rows a step: 4 steps; the checkpoint of step 2 resumes on 4 x 1 x 2
-    assert run_lmtune("train", rows_config(straight, save_steps=2, gradient_accumulation_steps=2)) == 0
+    # 31 rows, 4 x 2 x 1 = 8 rows a step: steps of 8, 8, 8 and 7 rows; the checkpoint of step 2 resumes on
+    # 4 x 1 x 2, where the last 7 rows do not split over 2 processes: a repeat of the epoch's first row pads them
+    settings = dict(max_samples=31, save_steps=2)
+    assert run_lmtune("train", rows_config(straight, gradient_accumulation_steps=2, **settings)) == 0
     resumed = resume_copy(straight, tmp_path / "resumed", 2)
-    result = torchrun(rows_config(resumed, save_steps=2))
-    difference = assert_same_steps(straight, resumed, 2)
+    result = torchrun(rows_config(resumed, **settings))
     assert "written by 1 process, resumed on 2" in " ".join(result.stderr.split())
+    steps, straight_steps = trained_rows(resumed), trained_rows(straight)
+    assert steps[3] == straight_steps[3]
+    repeat = steps[4] - straight_steps[4]  # run through the model, but nothing of it trained or counted
+    assert not straight_steps[4] - steps[4] and sum(repeat.values()) == 1 and set(repeat) <= set(straight_steps[1])
+    steps[4] -= repeat
+    expected, got = train_losses(straight), train_losses(resumed)
+    assert sorted(got) == [3, 4]
+    difference = max(abs(got[s] - expected[s]) for s in got)
+    assert difference < 1e-4
+    assert last_train_row(resumed)["samples_seen"] == last_train_row(straight)["samples_seen"] == 31
     print(f"1 -> 2 processes, accumulation 2 -> 1: largest loss difference {difference:.2e}")
+
+
+def test_a_plan_after_another_global_batch_counts_epochs_from_the_resume():
+    from lmtune.config import build_config
+    from lmtune.schedule import epoch_origin_at, make_plan
+
+    # 32 rows; 8 a step before, 4 after a resume at step 3 (24 rows done): the rest of epoch 1 takes 2 steps
+    origin = epoch_origin_at(3, 0, 24, 32, 4)
+    config = build_config(dict(per_device_train_batch_size=4, num_train_epochs=2, saves_per_epoch=2))
+    plan = make_plan(config, 32, epoch_origin=origin)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.epochs) == (8, 13, 2)
+    assert [s for s in sorted(plan.save_steps) if s > 3] == [5, 9, 13]  # end of epoch 1, middle and end of 2
+    assert epoch_origin_at(3, 0, 24, 32, 8) == 0  # the global batch kept: the plan of the uninterrupted run
 
 
 # --- the data position, without processes: rows left, repeats at the end of an epoch ----------------------
