@@ -112,6 +112,7 @@ def test_a_stream_resumes_only_on_the_number_of_processes_that_read_it(stream_co
     assert "a stream read by 1 process (each reads its own share of the files" in err
     assert "start it with --nproc_per_node 1 to resume it" in err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert run_lmtune("plan", stream_config(max_steps=2, save_steps=1), "--processes", "2") == 2  # as train
 
 
 def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):

@@ -23,9 +23,11 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
     """The plan `lmtune train` on `world_size` processes would follow, resume included."""
     from lmtune.data import prepare_data
     from lmtune.models import load_tokenizer, resolve_model_path
-    from lmtune.resume import epoch_origin, find_resume_point
+    from lmtune.resume import check_compatible, epoch_origin, find_resume_point
 
     point = find_resume_point(config, Path(config.output_dir))
+    if point is not None:
+        check_compatible(point, config, world_size)  # what `lmtune train` would refuse, the plan refuses
     model_path = resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     if config.streaming:
