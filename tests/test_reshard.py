@@ -208,3 +208,22 @@ def test_a_repeated_row_is_neither_trained_nor_counted():
         batch, counts = Collator(0, packed=False, padding_free=padding_free)([rows[0], rows[repeat_index(1)]])
         assert (counts.samples, counts.tokens, counts.trained_tokens) == (1, 3, 2)
         assert batch["input_ids"].numel() >= 5  # the repeat is there, so that every process has a micro-batch
+
+
+def test_each_process_continues_its_saved_random_numbers_and_a_new_one_starts_its_own(tmp_path):
+    import torch
+
+    from lmtune.resume import ResumePoint, restore_rng_of_process, rng_state
+    from lmtune.state import TrainState
+
+    torch.manual_seed(1)
+    point = ResumePoint(tmp_path, TrainState(step=3, rng=[rng_state()]))  # written by one process
+    after_the_checkpoint = torch.rand(4)
+
+    def draws(process_index):
+        restore_rng_of_process(point, process_index, seed=42)
+        return torch.rand(4)
+
+    assert torch.equal(draws(0), after_the_checkpoint)
+    assert torch.equal(draws(1), draws(1)) and not torch.equal(draws(1), after_the_checkpoint)
+    assert not torch.equal(draws(1), draws(2))
