@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 from conftest import read_jsonl, run_lmtune, torchrun
-from test_resume import train_losses
+from test_resume import final_weights, train_losses
 
 # A callback that writes, after each step, the examples (token ids) this process trained in that step.
 TRAINED_ROWS = '''
@@ -68,20 +68,28 @@ def last_train_row(run) -> dict:
     return [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"][-1]
 
 
-def assert_same_steps(straight, resumed, from_step: int) -> float:
-    """Every step after `from_step` trains the same examples as the uninterrupted run's step, to within float
-    noise of its loss; returns the largest loss difference."""
+def assert_same_steps(straight, resumed, from_step: int) -> tuple[float, float]:
+    """Every step after `from_step` trains the same examples as the uninterrupted run's step."""
+    rows, straight_rows = trained_rows(resumed), trained_rows(straight)
+    assert sorted(rows) == sorted(train_losses(resumed))
+    for step in rows:
+        assert rows[step] == straight_rows[step], step
+    return assert_within_float_noise(straight, resumed, from_step)
+
+
+def assert_within_float_noise(straight, resumed, from_step: int) -> tuple[float, float]:
+    """The steps after `from_step`, no step twice, their losses and the final weights within float noise of the
+    uninterrupted run, and the same samples seen; returns the largest loss and weight differences."""
     expected, got = train_losses(straight), train_losses(resumed)
     assert sorted(got) == [s for s in sorted(expected) if s > from_step]  # no step twice, none missing
-    rows, straight_rows = trained_rows(resumed), trained_rows(straight)
-    assert sorted(rows) == sorted(got)
-    for step in got:
-        assert rows[step] == straight_rows[step], step
-    difference = max(abs(got[s] - expected[s]) for s in got)
-    assert difference < 1e-4
+    loss_difference = max(abs(got[s] - expected[s]) for s in got)
+    weights, straight_weights = final_weights(resumed), final_weights(straight)
+    assert weights.keys() == straight_weights.keys()
+    weight_difference = max(float((weights[k] - straight_weights[k]).abs().max()) for k in straight_weights)
+    assert loss_difference < 1e-4 and weight_difference < 1e-4
     assert last_train_row(resumed)["samples_seen"] == last_train_row(straight)["samples_seen"]
     assert last_train_row(resumed)["epoch"] == last_train_row(straight)["epoch"]
-    return difference
+    return loss_difference, weight_difference
 
 
 def assert_each_row_once_an_epoch(run, epochs: list[range], rows_per_epoch: int = 32) -> None:
@@ -128,7 +136,7 @@ def test_two_processes_resume_on_one_with_double_accumulation_and_with_another_g
     final = last_train_row(changed)
     assert (final["samples_seen"], final["epoch"]) == (64, 2.0)
     assert [r["step"] for r in read_jsonl(changed / "metrics.jsonl") if r.get("event") == "save"] == [6, 9, 12, 13]
-    print(f"2 -> 1 processes, accumulation 1 -> 2: largest loss difference {difference:.2e}")
+    print("2 -> 1: largest loss and final weight differences", *(f"{d:.2e}" for d in difference))
 
 
 def test_one_process_resumes_on_two_within_float_noise_with_a_repeat_at_the_end_of_the_epoch(
@@ -145,13 +153,9 @@ def test_one_process_resumes_on_two_within_float_noise_with_a_repeat_at_the_end_
     assert steps[3] == straight_steps[3]
     repeat = steps[4] - straight_steps[4]  # run through the model, but nothing of it trained or counted
     assert not straight_steps[4] - steps[4] and sum(repeat.values()) == 1 and set(repeat) <= set(straight_steps[1])
-    steps[4] -= repeat
-    expected, got = train_losses(straight), train_losses(resumed)
-    assert sorted(got) == [3, 4]
-    difference = max(abs(got[s] - expected[s]) for s in got)
-    assert difference < 1e-4
-    assert last_train_row(resumed)["samples_seen"] == last_train_row(straight)["samples_seen"] == 31
-    print(f"1 -> 2 processes, accumulation 2 -> 1: largest loss difference {difference:.2e}")
+    difference = assert_within_float_noise(straight, resumed, 2)
+    assert last_train_row(resumed)["samples_seen"] == 31
+    print("1 -> 2: largest loss and final weight differences", *(f"{d:.2e}" for d in difference))
 
 
 def test_a_plan_after_another_global_batch_counts_epochs_from_the_resume():
