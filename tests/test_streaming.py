@@ -102,6 +102,19 @@ def test_a_stream_resumes_only_with_the_loader_workers_that_read_it(stream_confi
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
+def test_a_stream_resumes_only_on_the_number_of_processes_that_read_it(stream_config, tmp_path):
+    assert run_lmtune("train", stream_config(max_steps=2, save_steps=1)) == 0
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    result = torchrun(stream_config(max_steps=2, save_steps=1), 2, check=False)
+    err = " ".join(result.stderr.split())
+    assert result.returncode != 0 and "exitcode : 2" in err  # torchrun's report of the first process's exit
+    assert "a stream read by 1 process (each reads its own share of the files" in err
+    assert "start it with --nproc_per_node 1 to resume it" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert run_lmtune("plan", stream_config(max_steps=2, save_steps=1), "--processes", "2") == 2  # as train
+
+
 def test_the_stream_starts_over_and_says_so(stream_config, tmp_path):
     assert run_lmtune("train", stream_config(max_steps=40, packing=False)) == 0  # 60 docs, 2 per step
     events = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "stream_pass"]

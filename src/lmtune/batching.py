@@ -1,12 +1,12 @@
 """Which rows go into which micro-batch, and how rows become tensors.
 
-The order of an epoch is a pure function of (seed, epoch), so a run can be continued from any
-micro-batch by slicing the list; every process takes its own stride of the same order.
+The order of an epoch is a pure function of (seed, epoch), the same for any number of processes, so
+a run can be continued from any row of it (on any number of processes) by slicing the list; every
+process takes its own stride of what is left.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,20 +15,51 @@ import torch
 from lmtune.data.templates import IGNORE_INDEX
 
 
+def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """The order of an epoch's rows: the same on every process, whatever their number."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_rows, generator=generator).tolist()
+
+
 def epoch_batches(
     num_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-    shuffle: bool = True,
+    shuffle: bool = True, start: int = 0,
 ) -> list[list[int]]:
-    """The micro-batches (row indices) of this process in one epoch."""
+    """The micro-batches (row indices) of this process in one epoch, from row `start` of the epoch's order.
+
+    Optimizer step j of all processes together trains rows [start + j*G, start + (j+1)*G) of the order
+    (G the global batch): the rows left are the same whatever the number of processes. They are padded
+    to a multiple of the processes with the epoch's first rows as repeats (`repeat_index`), which keep
+    every process at the same number of micro-batches and train nothing."""
     if shuffle:
-        generator = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(num_rows, generator=generator).tolist()
-        per_process = math.ceil(num_rows / world_size)
-        order += order[: per_process * world_size - num_rows]  # every process gets as many rows
+        order = epoch_order(num_rows, seed, epoch)
+        rows = order[start:]
+        rows += [repeat_index(row) for row in order[: -len(rows) % world_size]]
     else:
-        order = list(range(num_rows))
-    mine = order[rank::world_size]
-    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+        rows = list(range(num_rows))
+    mine = rows[rank::world_size]
+    return [mine[first : first + batch_size] for first in range(0, len(mine), batch_size)]
+
+
+def repeat_index(row: int) -> int:
+    """The index by which `EpochRows` gives `row` as a repeat: nothing trained, nothing counted."""
+    return -1 - row
+
+
+class EpochRows(torch.utils.data.Dataset):
+    """The training rows by index; a repeat index gives its row with every label masked."""
+
+    def __init__(self, rows: Any):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        if index >= 0:
+            return self.rows[index]
+        row = self.rows[-1 - index]
+        return {**row, "labels": [IGNORE_INDEX] * len(row["labels"]), "repeat": True}
 
 
 @dataclass
@@ -56,6 +87,9 @@ class Collator:
         self.padding_free = padding_free
 
     def __call__(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], Counts]:
+        repeats = [row for row in rows if row.get("repeat")]  # trained nothing; not counted as seen
+        repeated = Counts(sum(list(row["position_ids"]).count(0) for row in repeats),
+                          sum(len(row["input_ids"]) for row in repeats), 0)
         if self.padding_free:
             rows = [{key: [value for row in rows for value in row[key]]
                      for key in ("input_ids", "labels", "position_ids")}]
@@ -72,7 +106,8 @@ class Collator:
             positions[index, length:] = torch.arange(width - length)
             attention[index, :length] = 1
         samples = int(((positions == 0) & (attention == 1)).sum())  # an example starts at position 0
-        counts = Counts(samples, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()))
+        counts = Counts(samples - repeated.samples, int(attention.sum()) - repeated.tokens,
+                        int((labels[:, 1:] != IGNORE_INDEX).sum()))
         if self.packed or self.padding_free:
             return {"input_ids": input_ids, "labels": labels, "position_ids": positions}, counts
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}, counts

@@ -24,6 +24,7 @@ RESUME_EFFECTS = {
     "neutral": "does not change what the next step computes (logging, saving, evaluation, workers)",
     "schedule": "the learning-rate schedule: applied only with resume_lr: config",
     "length": "the length of the run",
+    "batch": "how a step's rows are split over micro-batches and processes: only the global batch changes them",
     "run": "what is trained: data, model, method or batches",
 }
 
@@ -191,9 +192,9 @@ class TrainConfig(BaseModel):
         json_schema_extra=on_resume("length")
     )
     per_device_train_batch_size: int = Field(4, gt=0, description="examples per micro-batch per process",
-                                             json_schema_extra=on_resume("run"))
+                                             json_schema_extra=on_resume("batch"))
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step",
-                                             json_schema_extra=on_resume("run"))
+                                             json_schema_extra=on_resume("batch"))
     lr_scheduler_type: Literal[
         "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt",
         "cosine_with_restarts",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import random
 import resource
 import shutil
 import signal
@@ -23,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from lmtune.batching import Collator, Counts, batching_of, epoch_batches
+from lmtune.batching import Collator, Counts, EpochRows, batching_of, epoch_batches
 from lmtune.callbacks import (
     CallbackList,
     LossPlot,
@@ -59,18 +57,21 @@ from lmtune.models import count_parameters, inference_config, load_model, load_t
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
 from lmtune.resume import (
     ResumePoint,
+    batch_lines,
     check_compatible,
     data_fingerprint,
     describe_changes,
+    epoch_origin,
     find_resume_point,
     load_optimizer_state,
     load_weights,
-    restore_rng,
+    restore_rng_of_process,
     rng_state,
+    seed_everything,
     truncate_metrics,
 )
 from lmtune.runlock import RunLock, check_not_running
-from lmtune.schedule import Plan, make_plan
+from lmtune.schedule import Plan, global_batch, make_plan
 from lmtune.state import Schedule
 from lmtune.trackers import tracker_callbacks
 
@@ -120,7 +121,7 @@ def set_up(config: TrainConfig) -> Setup:
     point = find_resume_point(config, output_dir)
     starts_fresh_here = point is None or point.path.parent.resolve() != output_dir.resolve()
     to_clear = _earlier_run_files(config, output_dir) if starts_fresh_here else []
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     with accelerator.main_process_first():
         model_path = resolve_model_path(config.model_name_or_path)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
@@ -140,9 +141,11 @@ def set_up(config: TrainConfig) -> Setup:
              f"{total:,}", config.finetuning_type)
     plan_config = config if data.stream_info is None else with_planned_steps(config, data.stream_info,
                                                                               accelerator.num_processes)
-    plan = make_plan(plan_config, None if config.streaming else len(data.train), accelerator.num_processes,
+    train_rows = None if config.streaming else len(data.train)
+    plan = make_plan(plan_config, train_rows, accelerator.num_processes,
                      data.eval is not None, checkpoint_bytes=checkpoint_bytes(trainable, config, model_path),
-                     final_model_bytes=final_model_bytes(trainable, total, config, model_path))
+                     final_model_bytes=final_model_bytes(trainable, total, config, model_path),
+                     epoch_origin=epoch_origin(point, config, train_rows, accelerator.num_processes))
     if data.stream_info is not None:
         plan.stream = stream_size(config, data.stream_info, accelerator.num_processes)
     plan.batching = batching_of(config, data.stats.train_row_lengths, model)
@@ -158,8 +161,9 @@ def set_up(config: TrainConfig) -> Setup:
         schedule = resumed_schedule(point.state.schedule, config, plan.total_steps)
     scheduler = build_scheduler(optimizer, schedule, point.step if point is not None else 0)
     if point is not None:
-        _log_resume_point(point, config, fingerprint, plan.total_steps, accelerator.is_main_process)
-        restore_rng(point.state.rng[accelerator.process_index])  # last: nothing may draw from the RNG after it
+        _log_resume_point(point, config, fingerprint, plan, accelerator)
+        # last: nothing may draw from the RNG after it
+        restore_rng_of_process(point, accelerator.process_index, config.seed)
     collator = Collator(tokenizer.pad_token_id, packed=config.use_packing,
                         padding_free=plan.batching["padding_free"])
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
@@ -173,14 +177,16 @@ def _read_optimizer(point: ResumePoint) -> dict[str, Any]:
         raise UserError(str(error)) from None
 
 
-def _log_resume_point(point: ResumePoint, config: TrainConfig, fingerprint: dict[str, str], total_steps: int,
-                      is_main: bool) -> None:
-    if not is_main:
+def _log_resume_point(point: ResumePoint, config: TrainConfig, fingerprint: dict[str, str], plan: Plan,
+                      accelerator: Accelerator) -> None:
+    if not accelerator.is_main_process:
         return
     log.info("resuming from %s at step %d", point.path, point.step)
     for line in describe_changes(point, config, fingerprint):
         log.info("changed since the checkpoint: %s", line)
-    for line in resume_lr_lines(point.state.schedule, config, point.step, total_steps):
+    for line in batch_lines(point, config, accelerator.num_processes, plan.steps_per_epoch):
+        log.info("%s", line)
+    for line in resume_lr_lines(point.state.schedule, config, point.step, plan.total_steps):
         log.info("%s", line)
 
 
@@ -216,12 +222,6 @@ def _size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -332,31 +332,40 @@ class TrainingLoop:
                                    "changes": describe_changes(point, self.config, self.s.fingerprint),
                                    "schedule": resume_lr_lines(point.state.schedule, self.config, point.step,
                                                                self.state.total_steps)}
+        processes = self.accelerator.num_processes
+        details["processes"] = {"saved": len(point.state.rng), "now": processes}
+        details["batch"] = batch_lines(point, self.config, processes, self.s.plan.steps_per_epoch)
         lr_saved, lr_now = lr_at(point.state.schedule, point.step), self.s.scheduler.get_last_lr()[0]
         if lr_saved != lr_now:
             details["lr_old"], details["lr_new"] = lr_saved, lr_now
         self.metrics.event(self.state, "resume", **details)
 
     def _step_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
-        """Micro-batches, `gradient_accumulation_steps` at a time; a step never spans two epochs."""
+        """Micro-batches, `gradient_accumulation_steps` at a time, from the data position of the state (the
+        rows of the epoch's order trained so far, on any number of processes); a step never spans two epochs.
+        The position after each step is in the state once its micro-batches are handed out."""
         if self.config.streaming:
             yield from self._stream_groups()
             return
-        accumulation = self.config.gradient_accumulation_steps
-        per_epoch = self.state.steps_per_epoch
-        epoch, skip = (self.state.step // per_epoch, self.state.step % per_epoch) if per_epoch else (0, 0)
+        accumulation, rows = self.config.gradient_accumulation_steps, len(self.s.data.train)
+        step_rows = global_batch(self.config, self.accelerator.num_processes)
+        epoch, start = self.state.data_epoch, min(self.state.data_rows, rows)
         while self.state.step < self.state.total_steps:
             group: list = []
-            for batch in self._epoch_loader(epoch, skip_micro_batches=skip * accumulation):
+            trained = start
+            for batch in self._epoch_loader(epoch, start):
                 group.append(batch)
                 if len(group) == accumulation:
+                    trained = min(trained + step_rows, rows)
+                    self.state.data_epoch, self.state.data_rows = (epoch, trained) if trained < rows else (epoch + 1, 0)
                     yield group
                     group = []
                     if self.state.step >= self.state.total_steps:
                         return
             if group:
+                self.state.data_epoch, self.state.data_rows = epoch + 1, 0
                 yield group
-            epoch, skip = epoch + 1, 0
+            epoch, start = epoch + 1, 0
 
     def _stream_groups(self) -> Iterator[list[tuple[dict, Counts]]]:
         """A stream has no epochs: micro-batches in a row, from the position the checkpoint saved, until
@@ -427,10 +436,11 @@ class TrainingLoop:
             if self.accelerator.is_main_process:
                 self.metrics.event(self.state, "stream_pass", stream_pass=stream_pass + 1)
 
-    def _epoch_loader(self, epoch: int, skip_micro_batches: int = 0) -> DataLoader:
+    def _epoch_loader(self, epoch: int, start: int = 0) -> DataLoader:
+        """This process's micro-batches of `epoch`, from row `start` of its order."""
         batches = epoch_batches(len(self.s.data.train), self.config.per_device_train_batch_size, self.config.seed,
-                                epoch, self.accelerator.process_index, self.accelerator.num_processes)
-        return self._loader(self.s.data.train, batches[skip_micro_batches:], epoch)
+                                epoch, self.accelerator.process_index, self.accelerator.num_processes, start=start)
+        return self._loader(EpochRows(self.s.data.train), batches, epoch)
 
     def _loader(self, dataset: Any, batches: list[list[int]], epoch: int = 0) -> DataLoader:
         # Its own generator, so that creating the loader does not draw from the global RNG.
@@ -493,7 +503,7 @@ class TrainingLoop:
         """Real epochs for data of known size; for a stream, the passes trained over this process's share
         (exact once it was read to its end, estimated before: see StreamProgress)."""
         if self.s.plan.steps_per_epoch:
-            return self.state.step / self.s.plan.steps_per_epoch
+            return (self.state.step - self.s.plan.epoch_origin) / self.s.plan.steps_per_epoch
         return self._stream_progress.epoch if self.config.streaming else None
 
     def _stop_requested(self) -> bool:

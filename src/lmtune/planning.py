@@ -20,9 +20,14 @@ DISK_MARGIN_BYTES = 16 << 20
 
 
 def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
+    """The plan `lmtune train` on `world_size` processes would follow, resume included."""
     from lmtune.data import prepare_data
     from lmtune.models import load_tokenizer, resolve_model_path
+    from lmtune.resume import check_compatible, epoch_origin, find_resume_point
 
+    point = find_resume_point(config, Path(config.output_dir))
+    if point is not None:
+        check_compatible(point, config, world_size)  # what `lmtune train` would refuse, the plan refuses
     model_path = resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     if config.streaming:
@@ -36,24 +41,25 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
     else:
         data = prepare_data(config, tokenizer)
         plan = make_plan(config, len(data.train), world_size, data.eval is not None,
-                         **estimate_sizes(model_path, config))
+                         **estimate_sizes(model_path, config),
+                         epoch_origin=epoch_origin(point, config, len(data.train), world_size))
         plan.batching = batching_of(config, data.stats.train_row_lengths)
-    plan.resume = resume_lines(config, tokenizer, plan.total_steps)
+    if point is not None:
+        plan.resume = resume_lines(point, config, tokenizer, plan, world_size)
     return plan
 
 
-def resume_lines(config: TrainConfig, tokenizer, total_steps: int) -> list[str]:
+def resume_lines(point, config: TrainConfig, tokenizer, plan: Plan, world_size: int) -> list[str]:
     """Where `lmtune train` would resume, what changed since, and what the learning rate does to the end."""
     from lmtune.data.registry import data_files
     from lmtune.lr_schedule import resume_lr_lines
-    from lmtune.resume import data_fingerprint, describe_changes, find_resume_point
+    from lmtune.resume import batch_lines, data_fingerprint, describe_changes
 
-    point = find_resume_point(config, Path(config.output_dir))
-    if point is None:
-        return []
+    total_steps = plan.total_steps
     lines = [f"resumes from {point.path} at step {point.step}"]
     lines += [f"changed since the checkpoint: {line}" for line in
               describe_changes(point, config, data_fingerprint(data_files(config), tokenizer))]
+    lines += batch_lines(point, config, world_size, plan.steps_per_epoch)
     if point.step >= total_steps:
         return lines + [f"the run is complete at step {point.step}: raise max_steps or num_train_epochs to go on"]
     return lines + resume_lr_lines(point.state.schedule, config, point.step, total_steps)

@@ -3,6 +3,11 @@
 A resume continues the same run: weights, optimizer, schedule, every RNG of every process, the data
 position and the counters come back as they were after the checkpoint's step (`TrainState`), so that
 the next losses equal those of a run that never stopped.
+
+On another number of processes (data of known size), the data continues at the same row of the same
+epoch order (batching.epoch_batches), each step holding the rows an uninterrupted run's step would
+hold as long as the global batch is kept; processes the checkpoint had not take an RNG derived from
+the seed and the step.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from lmtune.checkpoint import (
 )
 from lmtune.config import TrainConfig, field_meta
 from lmtune.errors import UserError
+from lmtune.schedule import epoch_origin_at, global_batch
 from lmtune.state import TrainState
 
 log = logging.getLogger("lmtune")
@@ -102,9 +108,45 @@ def check_compatible(point: ResumePoint, config: TrainConfig, num_processes: int
         raise UserError(f"{point.path} holds the position of a stream read by {workers} data loader workers a "
                         f"process (each reads its own share of the files) and this run has "
                         f"{config.dataloader_num_workers}: set dataloader_num_workers: {workers} to resume it")
-    if len(point.state.rng) != num_processes:
-        raise UserError(f"{point.path} was written by {len(point.state.rng)} processes and this run has "
-                        f"{num_processes}: start it with --nproc_per_node {len(point.state.rng)}")
+    processes = len(point.state.rng)
+    if config.streaming and processes != num_processes:
+        raise UserError(f"{point.path} holds the position of a stream read by {_processes(processes)} (each reads its "
+                        f"own share of the files, so another number of processes cannot continue where they were) "
+                        f"and this run has {num_processes}: start it with --nproc_per_node {processes} to resume it")
+
+
+def batch_lines(point: ResumePoint, config: TrainConfig, num_processes: int, steps_per_epoch: int | None) -> list[str]:
+    """For the plan and the log: another number of processes than the checkpoint's, another global batch."""
+    saved, written_by = point.saved_config, len(point.state.rng)
+    before = (saved.get("per_device_train_batch_size", 0), saved.get("gradient_accumulation_steps", 0), written_by)
+    now = (config.per_device_train_batch_size, config.gradient_accumulation_steps, num_processes)
+    lines = []
+    if written_by != num_processes:
+        lines.append(f"written by {_processes(written_by)}, resumed on {num_processes}: the data continues at the "
+                     f"same row of epoch {point.state.data_epoch + 1}'s order, split over {num_processes}; the "
+                     "random numbers differ from an uninterrupted run's (dropout draws other noise)")
+    if before == now:
+        return lines
+    old, new = before[0] * before[1] * before[2], global_batch(config, num_processes)
+    split = f"(per_device x accumulation x processes: {' x '.join(map(str, before))} -> {' x '.join(map(str, now))})"
+    if old == new:
+        return lines + [f"global batch kept: {new} {split}: each step trains the rows an uninterrupted run's step "
+                        "would"]
+    per_epoch = f"; {steps_per_epoch} steps per epoch from here" if steps_per_epoch else ""
+    return lines + [f"global batch changed: {old} -> {new} {split}: steps count on from step {point.step}{per_epoch}"]
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def epoch_origin(point: ResumePoint | None, config: TrainConfig, train_rows: int | None, num_processes: int) -> int:
+    """The plan's epoch origin for a run that continues from `point` (schedule.epoch_origin_at)."""
+    if point is None or train_rows is None:
+        return 0
+    state = point.state
+    return epoch_origin_at(state.step, state.data_epoch, state.data_rows, train_rows,
+                           global_batch(config, num_processes))
 
 
 def load_weights(model: torch.nn.Module, point: ResumePoint) -> None:
@@ -172,6 +214,8 @@ def _effect(key: str, config: TrainConfig) -> str:
             "not applied: resume_lr is keep and the saved schedule continues; set resume_lr: config to apply it")
     if effect == "length":
         return "the run's length changes"
+    if effect == "batch":
+        return "each step's rows are split another way; only a change of the global batch changes what is trained"
     if effect == "neutral":
         return "takes effect"
     return "changes what is trained: the continued run differs from an uninterrupted one"
@@ -214,6 +258,21 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restore_rng_of_process(point: ResumePoint, process_index: int, seed: int) -> None:
+    """Process r continues the checkpoint's RNG of process r; a process it did not have starts one derived
+    from the seed, the step and its index (deterministic, but not what any uninterrupted run draws)."""
+    if process_index < len(point.state.rng):
+        restore_rng(point.state.rng[process_index])
+    else:
+        seed_everything(seed + 1_000_003 * point.step + 7919 * process_index)
 
 
 def restore_rng(state: dict[str, Any]) -> None:

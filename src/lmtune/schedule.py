@@ -16,6 +16,12 @@ all their reasons):
   (`until_step`, or the first step at which `until_epoch` epochs are done); its rules name the same
   step numbers as they would on their own, restricted to that range.
 - the final step, always.
+
+After a resume that changed the global batch (per_device_train_batch_size x gradient_accumulation_steps
+x processes), the steps before it were of another size: steps count on from the checkpoint's, and
+epochs are counted from `epoch_origin`, the step at which epoch 0 would have begun had every step been
+of the new size (`epoch_origin_at`; 0 when the global batch is kept). Epoch k then ends at step
+`epoch_origin + k * steps_per_epoch`, and the rules counted in epochs name steps of that frame.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Plan:
     stream: dict | None = None  # for streamed data: what is known or estimated of its size
     resume: list[str] = field(default_factory=list)  # where a resume starts and what its learning rate does
     batching: dict | None = None  # how micro-batches are laid out (batching.batching_of)
+    epoch_origin: int = 0  # see the module's docstring
 
     @property
     def disk_bytes(self) -> int | None:
@@ -90,6 +97,7 @@ class Plan:
             "stream": self.stream,
             "resume": self.resume,
             "batching": self.batching,
+            "epoch_origin": self.epoch_origin,
         }
 
 
@@ -99,12 +107,25 @@ def steps_per_epoch(rows: int, batch_size: int, accumulation: int, world_size: i
     return math.ceil(micro_batches / accumulation)
 
 
+def global_batch(config: TrainConfig, world_size: int) -> int:
+    """Rows an optimizer step trains on all processes together."""
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
+
+
+def epoch_origin_at(step: int, data_epoch: int, data_rows: int, train_rows: int, batch: int) -> int:
+    """The epoch origin of a run that continues after `step`, at row `data_rows` of epoch `data_epoch`,
+    with a global batch of `batch` rows: the rest of that epoch takes ceil(rows left / batch) steps."""
+    steps_left = math.ceil(max(train_rows - data_rows, 0) / batch)
+    return step + steps_left - (data_epoch + 1) * math.ceil(train_rows / batch)
+
+
 def make_plan(
     config: TrainConfig, train_rows: int | None, world_size: int = 1, has_eval_data: bool = False,
     checkpoint_bytes: int | None = None, final_model_bytes: int | None = None, memory: dict | None = None,
+    epoch_origin: int = 0,
 ) -> Plan:
     """The plan of `config` on `train_rows` rows; None for a stream of unknown length, where a rule
-    counted in epochs is an error that names its key."""
+    counted in epochs is an error that names its key. `epoch_origin`: see the module's docstring."""
     per_epoch = None
     if train_rows is not None:
         per_epoch = steps_per_epoch(
@@ -118,20 +139,21 @@ def make_plan(
         raise UserError("max_steps is needed: the length of the data is unknown, so num_train_epochs cannot tell "
                         "when to stop")
     else:
-        total = max(1, math.ceil(_exact(config.num_train_epochs) * per_epoch))
-    epochs = total / per_epoch if per_epoch else None
+        total = epoch_origin + max(1, math.ceil(_exact(config.num_train_epochs) * per_epoch))
+    epochs = (total - epoch_origin) / per_epoch if per_epoch else None
     warnings: list[str] = []
 
-    saves = _save_rules(config, per_epoch, total, warnings)
+    saves = _save_rules(config, per_epoch, total, warnings, epoch_origin)
     phases = []
     for index, phase in enumerate(config.save_schedule or []):
-        start, end = _phase_range(config.save_schedule, index, per_epoch, total, warnings)
+        start, end = _phase_range(config.save_schedule, index, per_epoch, total, warnings, epoch_origin)
         phase_saves = _rule_steps(phase.save_steps, phase.save_epochs, phase.saves_per_epoch, per_epoch, total,
                                   start, end, "phase steps", "phase epoch",
-                                  (f"save_schedule[{index}].save_epochs", f"save_schedule[{index}].saves_per_epoch"))
+                                  (f"save_schedule[{index}].save_epochs", f"save_schedule[{index}].saves_per_epoch"),
+                                  epoch_origin)
         phases.append({"phase": index, "from_step": start + 1, "until_step": end, "saves": sorted(phase_saves)})
         _merge(saves, phase_saves)
-    evals = _eval_rules(config, per_epoch, total, has_eval_data, warnings)
+    evals = _eval_rules(config, per_epoch, total, has_eval_data, warnings, epoch_origin)
     if config.save_on_eval:
         _merge(saves, {step: ["eval"] for step in evals})
     _merge(saves, {total: ["final"]})
@@ -141,7 +163,7 @@ def make_plan(
     return Plan(
         per_epoch, total, epochs, saves, evals, kept, deleted, warnings, phases,
         config.save_minutes, config.eval_minutes if has_eval_data else None, checkpoint_bytes, final_model_bytes,
-        memory, config.save_total_limit, keeps_best,
+        memory, config.save_total_limit, keeps_best, epoch_origin=epoch_origin,
     )
 
 
@@ -159,7 +181,7 @@ def rotation(steps: list[int], limit: int | None, best: int | None = None) -> tu
 # --- the rules --------------------------------------------------------------------------------
 
 
-def _save_rules(config: TrainConfig, per_epoch: int | None, total: int, warnings: list[str]) -> dict:
+def _save_rules(config: TrainConfig, per_epoch: int | None, total: int, warnings: list[str], origin: int) -> dict:
     save_steps, save_epochs, per = config.save_steps, config.save_epochs, config.saves_per_epoch
     if config.save_strategy == "steps" and save_steps is None:
         save_steps = HF_DEFAULT_SAVE_STEPS
@@ -175,16 +197,18 @@ def _save_rules(config: TrainConfig, per_epoch: int | None, total: int, warnings
     if save_steps is not None and save_steps > total:
         warnings.append(f"save_steps {save_steps} is larger than the run ({total} steps): it never saves; "
                         "only the final save is written")
-    if save_epochs is not None and per_epoch is not None and epoch_to_step(save_epochs, per_epoch) > total:
-        warnings.append(f"save_epochs {save_epochs:g} is longer than the run ({total / per_epoch:.3g} epochs): "
+    if save_epochs is not None and per_epoch is not None and origin + epoch_to_step(save_epochs, per_epoch) > total:
+        epochs = (total - origin) / per_epoch
+        warnings.append(f"save_epochs {save_epochs:g} is longer than the run ({epochs:.3g} epochs): "
                         "only the final save is written")
     if per is not None and per_epoch is not None and per > per_epoch:
         warnings.append(f"saves_per_epoch {per} is more than the {per_epoch} steps of an epoch: it saves at every "
                         "step")
-    return _rule_steps(save_steps, save_epochs, per, per_epoch, total, 0, total, "steps", "epoch")
+    return _rule_steps(save_steps, save_epochs, per, per_epoch, total, 0, total, "steps", "epoch", origin=origin)
 
 
-def _eval_rules(config: TrainConfig, per_epoch: int | None, total: int, has_eval: bool, warnings: list[str]):
+def _eval_rules(config: TrainConfig, per_epoch: int | None, total: int, has_eval: bool, warnings: list[str],
+                origin: int):
     rules = (config.eval_steps, config.eval_epochs, config.evals_per_epoch)
     if not has_eval:
         if any(r is not None for r in rules) or config.eval_minutes:
@@ -196,14 +220,15 @@ def _eval_rules(config: TrainConfig, per_epoch: int | None, total: int, has_eval
     if config.eval_steps is not None and config.eval_steps > total:
         warnings.append(f"eval_steps {config.eval_steps} is larger than the run ({total} steps): "
                         "only the final evaluation")
-    evals = _rule_steps(*rules, per_epoch, total, 0, total, "steps", "epoch", ("eval_epochs", "evals_per_epoch"))
+    evals = _rule_steps(*rules, per_epoch, total, 0, total, "steps", "epoch", ("eval_epochs", "evals_per_epoch"),
+                        origin)
     if not evals and not config.eval_minutes:
         evals = {total: ["final"]}
     return evals
 
 
 def _phase_range(phases: list[SavePhase], index: int, per_epoch: int | None, total: int,
-                 warnings: list[str]) -> tuple[int, int]:
+                 warnings: list[str], origin: int) -> tuple[int, int]:
     """The steps (start, end] of phase `index`; ends must grow from one phase to the next."""
     from lmtune.errors import UserError
 
@@ -213,7 +238,7 @@ def _phase_range(phases: list[SavePhase], index: int, per_epoch: int | None, tot
             return phase.until_step
         if per_epoch is None:
             raise_unknown_epoch(f"save_schedule[{i}].until_epoch")
-        return epoch_to_step(phase.until_epoch, per_epoch)
+        return origin + epoch_to_step(phase.until_epoch, per_epoch)
 
     start = end_of(index - 1) if index else 0
     end = end_of(index)
@@ -237,9 +262,10 @@ def _phase_range(phases: list[SavePhase], index: int, per_epoch: int | None, tot
 def _rule_steps(
     every_steps: int | None, every_epochs: float | None, per_epoch_count: int | None, per_epoch: int | None,
     total: int, start: int, end: int, steps_reason: str, epoch_reason: str, keys: tuple[str, str] = SAVE_KEYS,
+    origin: int = 0,
 ) -> dict[int, list[str]]:
     """The steps in (start, end] named by each rule, with the rule's reason; `keys` name the two epoch
-    rules in an error."""
+    rules in an error; the rules counted in epochs count from step `origin`."""
     found: dict[int, list[str]] = {}
     if every_steps is not None:
         first = (start // every_steps + 1) * every_steps
@@ -247,11 +273,12 @@ def _rule_steps(
     if every_epochs is not None:
         if per_epoch is None:
             raise_unknown_epoch(keys[0])
-        _merge(found, {s: [epoch_reason] for s in _every_epochs(every_epochs, per_epoch, end) if s > start})
+        steps = [origin + s for s in _every_epochs(every_epochs, per_epoch, end - origin)]
+        _merge(found, {s: [epoch_reason] for s in steps if s > start})
     if per_epoch_count is not None:
         if per_epoch is None:
             raise_unknown_epoch(keys[1])
-        steps = _evenly_per_epoch(per_epoch_count, per_epoch, total)
+        steps = {origin + s for s in _evenly_per_epoch(per_epoch_count, per_epoch, total - origin)}
         _merge(found, {s: [epoch_reason] for s in steps if start < s <= end})
     return found
 

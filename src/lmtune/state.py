@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 @dataclass
@@ -25,10 +25,15 @@ class Schedule:
 
 @dataclass
 class TrainState:
-    """After step `step`: the counters, the stream's pass, the schedule, the RNG of every process."""
+    """After step `step`: the counters, the data position, the stream's pass, the schedule, the RNG of
+    every process."""
 
     step: int = 0
     epoch: float | None = 0.0
+    # data of known size: the epoch in training and how many rows of its order all processes have trained,
+    # so that a resume on any number of processes, with any batch, continues at that row
+    data_epoch: int = 0
+    data_rows: int = 0
     samples_seen: int = 0
     tokens_seen: int = 0
     stream_pass: int = 0
