@@ -22,6 +22,7 @@ from lmtune.checkpoint import (
     CheckpointIndex,
     DamagedCheckpoint,
     atomic_write_text,
+    read_sharded,
     read_state,
     read_weights,
     verify_checkpoint,
@@ -137,6 +138,16 @@ def _is_tied(model: torch.nn.Module, name: str, saved: dict[str, torch.Tensor]) 
     parameters = dict(model.named_parameters(remove_duplicate=False))
     target = parameters.get(name)
     return target is not None and any(p is target for other, p in parameters.items() if other in saved)
+
+
+def load_sharded_checkpoint(model: torch.nn.Module, optimizer: Any, point: ResumePoint) -> None:
+    """The weights and optimizer state of a sharded checkpoint, into a sharded or a whole model: DCP reads
+    from the shards, whatever the number of processes that wrote them, what each process holds."""
+    from lmtune.sharding import load_sharded_state, sharded_state
+
+    state = sharded_state(model, optimizer)
+    read_sharded(point.path, state)
+    load_sharded_state(model, optimizer, state)
 
 
 def load_optimizer_state(optimizer: Any, point: ResumePoint, state: dict[str, Any]) -> None:
