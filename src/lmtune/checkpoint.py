@@ -519,7 +519,7 @@ def verify_checkpoint(folder: Path) -> list[str]:
         return [f"{mark_path}: not readable JSON ({error})"]
     problems = [f"{folder / name}: {problem}" for name, problem in _listed_file_problems(folder, mark)]
     problems += _open_problems(folder, mark.get("step"))
-    return problems
+    return list(dict.fromkeys(problems))  # a missing shard is named by the mark and by DCP's metadata
 
 
 def _listed_file_problems(folder: Path, mark: dict[str, Any]) -> list[tuple[str, str]]:
