@@ -331,3 +331,31 @@ def test_fsdp_on_one_process_is_refused_before_anything_is_written(tiny_config, 
     assert run_lmtune("train", tiny_config(fsdp="full_shard", max_steps=2)) == 2
     assert "torchrun --nproc_per_node" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_divides_what_fsdp_shards_over_the_processes(tiny_model_dir, tiny_config, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.planning import memory_estimate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for name, p in model.named_parameters() if ".layers.0." in name)
+    gathered = 4 * (params - layer)  # embeddings (tied output layer), norms and one of the 2 layers, in fp32
+
+    def estimate(**keys):
+        return memory_estimate(model, build_config({"finetuning_type": "full", **keys}), 4)
+
+    assert estimate() | {"activations_per_token": None} == {
+        "weights": 4 * params, "gradients": 4 * params, "optimizer": 8 * params, "cpu": 0, "processes": 1,
+        "activations_per_token": None}  # no fsdp: every process holds it all
+    full = estimate(fsdp="full_shard")
+    assert (full["weights"], full["gradients"], full["optimizer"]) == (params + gathered, params, 2 * params)
+    grad_op = estimate(fsdp="shard_grad_op")
+    assert (grad_op["weights"], grad_op["gradients"], grad_op["optimizer"]) == (4 * params, params, 2 * params)
+    offload = estimate(fsdp="full_shard", fsdp_offload=True)
+    assert (offload["weights"], offload["gradients"], offload["optimizer"]) == (gathered, 0, 0)
+    assert offload["cpu"] == params + params + 2 * params  # the shards of weights, gradients and AdamW state
+    capsys.readouterr()
+    assert run_lmtune("plan", tiny_config(fsdp="full_shard"), "--processes", "4") == 0
+    assert "memory per process (fsdp over 4) (estimate)" in " ".join(capsys.readouterr().out.split())

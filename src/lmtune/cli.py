@@ -91,8 +91,10 @@ def plan(
     config: Annotated[Path, typer.Argument(help="the run's YAML file")],
     overrides: Overrides = None,
     as_json: Annotated[bool, typer.Option("--json", help="the plan as JSON")] = False,
+    processes: Annotated[int, typer.Option("--processes", min=1,
+                                           help="processes the run will have (torchrun --nproc_per_node)")] = 1,
 ) -> None:
-    """Print the schedule of a run without training: steps, saves, evals, rotation, disk."""
+    """Print the schedule of a run without training: steps, saves, evals, rotation, disk, memory."""
     from lmtune.planning import plan_for_config, render_plan
 
     run_config = _load(config, overrides)
@@ -100,7 +102,7 @@ def plan(
     if not as_json:
         for note in run_config.brought_key_notes:
             typer.echo(f"config: {note}")
-    the_plan = plan_for_config(run_config)
+    the_plan = plan_for_config(run_config, processes)
     if as_json:
         typer.echo(json.dumps({**the_plan.to_json(), "brought_keys": run_config.brought_key_notes}, indent=1))
     else:
