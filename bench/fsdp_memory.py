@@ -85,7 +85,8 @@ def run(folder: Path, model: Path, data: Path, fsdp: bool, checkpointing: bool, 
            "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
     subprocess.run([*launcher, "-m", "lmtune", "train", str(config)], env=env, check=True, capture_output=True)
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank-*.json"))]
-    return {"peak_mb": max(r["peak_mb"] for r in ranks), "blocked_s": median([b for r in ranks for b in r["blocked_s"]])}
+    blocked = [seconds for rank in ranks for seconds in rank["blocked_s"]]
+    return {"peak_mb": max(rank["peak_mb"] for rank in ranks), "blocked_s": median(blocked)}
 
 
 def main() -> None:

@@ -221,29 +221,39 @@ def test_a_kill_during_a_sharded_save_leaves_the_previous_checkpoint(runs, modul
 
 
 def test_lora_with_fsdp_saves_a_sharded_adapter_and_a_whole_one_at_the_end(module_dir, runs):
+    """shard_grad_op, LoRA, gradient checkpointing, accumulation, evaluation and load_best_model_at_end:
+    the final adapter is the best checkpoint's, read back from its shards."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lmtune.chat import load_model_for_inference
     from lmtune.checkpoint import read_shard_metadata
 
-    config = config_file(module_dir, "lora", fsdp="shard_grad_op", finetuning_type="lora", max_steps=4,
-                         gradient_checkpointing=True, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    config = config_file(module_dir, "lora", fsdp="shard_grad_op", finetuning_type="lora", max_steps=6,
+                         gradient_checkpointing=True, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                         val_size=8, eval_steps=2, load_best_model_at_end=True, learning_rate=5e-2)
     torchrun(config)
     run = module_dir / "lora"
     losses = train_losses(run)
-    assert sorted(losses) == [1, 2, 3, 4] and all(loss == loss for loss in losses.values())
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(loss == loss for loss in losses.values())
+    evals = {r["step"]: r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"}
+    assert sorted(evals) == [2, 4, 6]
     keys = list(read_shard_metadata(run / "checkpoint-2").state_dict_metadata)
     model_keys = [k for k in keys if k.startswith("model.")]
     assert model_keys and all("lora_" in k for k in model_keys)  # the adapter only, not the frozen base
-    base = AutoModelForCausalLM.from_pretrained(module_dir / "model")
-    model = PeftModel.from_pretrained(base, run)
-    trained = load_file(run / "adapter_model.safetensors")
-    assert trained and any(value.abs().sum() > 0 for key, value in trained.items() if "lora_B" in key)
-    assert model.peft_config["default"].r == 8
+    best = min(evals, key=evals.get)
+    from_shards, _ = load_model_for_inference(str(run / f"checkpoint-{best}"), device="cpu")
+    final = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(module_dir / "model"), run)
+    shards = {n: p for n, p in from_shards.named_parameters() if "lora_" in n}
+    assert shards and any(p.abs().sum() > 0 for n, p in shards.items() if "lora_B" in n)
+    for name, parameter in final.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(parameter, shards[name]), name
 
 
-def test_accelerate_launch_with_an_fsdp_config(module_dir, runs, tmp_path):
-    """A LLaMA-Factory style accelerate FSDP config: SHARD_GRAD_OP is fsdp: shard_grad_op, same run as DDP."""
+def test_accelerate_launch_with_an_fsdp_config_continues_a_ddp_checkpoint(module_dir, runs, tmp_path):
+    """A LLaMA-Factory style accelerate FSDP config (SHARD_GRAD_OP is fsdp: shard_grad_op) resumes the DDP
+    run's checkpoint-2: its whole weights and AdamW state are sharded, and the run goes on as DDP's did."""
     ddp, _ = runs
     accelerate_config = tmp_path / "fsdp_config.yaml"
     accelerate_config.write_text(yaml.safe_dump({
@@ -254,16 +264,22 @@ def test_accelerate_launch_with_an_fsdp_config(module_dir, runs, tmp_path):
                         "fsdp_offload_params": False, "fsdp_sharding_strategy": "SHARD_GRAD_OP",
                         "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_use_orig_params": True},
     }))
+    run = module_dir / "accelerate"
+    run.mkdir()
+    shutil.copytree(ddp / "checkpoint-2", run / "checkpoint-2")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
                "--main_process_port", str(free_port()), "-m", "lmtune", "train",
                str(config_file(module_dir, "accelerate"))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    run = module_dir / "accelerate"
     assert yaml.safe_load((run / "run_config.yaml").read_text())["fsdp"] == "shard_grad_op"
-    assert (run / "checkpoint-2" / "shards" / ".metadata").is_file()
-    assert_close_runs(ddp, run)
+    assert (run / "checkpoint-4" / "shards" / ".metadata").is_file()
+    expected, got = train_losses(ddp), train_losses(run)
+    assert sorted(got) == [3, 4, 5, 6]
+    assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)], abs=1e-5)
+    for key, value in final_weights(ddp).items():
+        torch.testing.assert_close(final_weights(run)[key], value, atol=1e-5, rtol=1e-4)
 
 
 # --- without a launch ------------------------------------------------------------------------
@@ -359,3 +375,9 @@ def test_the_plan_divides_what_fsdp_shards_over_the_processes(tiny_model_dir, ti
     capsys.readouterr()
     assert run_lmtune("plan", tiny_config(fsdp="full_shard"), "--processes", "4") == 0
     assert "memory per process (fsdp over 4) (estimate)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_accelerate_fsdp_config_is_checked_with_the_yaml_keys():
+    environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}
+    with pytest.raises(UserError, match="quantization_bit"):
+        take_accelerate_fsdp(build_config({"finetuning_type": "lora", "quantization_bit": 4}), environ)

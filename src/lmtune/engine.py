@@ -162,7 +162,7 @@ def set_up(config: TrainConfig) -> Setup:
     model, optimizer = sharding.prepare(accelerator, model, lambda wrapped: _optimizer(wrapped, config))
     schedule = config_schedule(config, plan.total_steps)
     if point is not None:
-        _load_trained_state(point, accelerator.unwrap_model(model), optimizer)
+        _load_trained_state(point, accelerator.unwrap_model(model), optimizer, sharding)
         schedule = resumed_schedule(point.state.schedule, config, plan.total_steps)
     scheduler = build_scheduler(optimizer, schedule, point.step if point is not None else 0)
     if point is not None:
@@ -174,13 +174,15 @@ def set_up(config: TrainConfig) -> Setup:
                  collator, user_callbacks, fingerprint, to_clear, sharding, point)
 
 
-def _load_trained_state(point: ResumePoint, model: torch.nn.Module, optimizer: Any) -> None:
+def _load_trained_state(point: ResumePoint, model: torch.nn.Module, optimizer: Any,
+                        sharding: DataParallel | FullySharded) -> None:
     """The optimizer state (and, from a sharded checkpoint, the weights: resharded to this run's processes)."""
     try:
         if is_sharded(point.path):
             load_sharded_checkpoint(model, optimizer, point)
         else:
-            load_optimizer_state(optimizer, point, read_optimizer_state(point.path))
+            load_optimizer_state(optimizer, point, read_optimizer_state(point.path),
+                                 sharding.optimizer_loader(model, optimizer))
     except DamagedCheckpoint as error:
         raise UserError(str(error)) from None
 

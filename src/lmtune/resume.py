@@ -150,9 +150,10 @@ def load_sharded_checkpoint(model: torch.nn.Module, optimizer: Any, point: Resum
     load_sharded_state(model, optimizer, state)
 
 
-def load_optimizer_state(optimizer: Any, point: ResumePoint, state: dict[str, Any]) -> None:
+def load_optimizer_state(optimizer: Any, point: ResumePoint, state: dict[str, Any], load: Any = None) -> None:
+    """`load`: how this run's optimizer takes a whole state dict (a sharded one: `FullySharded.load_optimizer`)."""
     try:
-        optimizer.load_state_dict(state)
+        (load or optimizer.load_state_dict)(state)
     except (ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"{point.path}: its optimizer state does not fit this run's trained parameters ({error}); "
                         "did lora_target, freeze_trainable_layers or the model change?") from None

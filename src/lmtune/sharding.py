@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from lmtune.config import TrainConfig
+from lmtune.config import TrainConfig, build_config
 from lmtune.errors import UserError
 from lmtune.models import decoder_layers
 
@@ -63,8 +63,7 @@ def take_accelerate_fsdp(config: TrainConfig, environ: dict[str, str] | os._Envi
                             f"{value!r}; remove {key} from one of them")
     if not settings:
         return config
-    updated = config.model_copy(update=settings)
-    TrainConfig.model_validate(updated.model_dump())  # the same cross-key checks as a YAML file
+    updated = build_config({**config.to_yaml_dict(), **settings}, "accelerate launch")  # the same checks
     log.info("accelerate launch: %s", ", ".join(f"{key}: {value}" for key, value in settings.items()))
     return updated
 
@@ -124,6 +123,9 @@ class DataParallel:
     def clip_grad_norm(self, accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         return accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
+    def optimizer_loader(self, model: torch.nn.Module, optimizer: Any) -> Callable[[dict[str, Any]], None]:
+        return optimizer.load_state_dict
+
     def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights for the final model folder; None: the model's own state dict."""
         return None
@@ -179,6 +181,23 @@ class FullySharded:
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
         return norm
+
+    def optimizer_loader(self, model: torch.nn.Module, optimizer: Any) -> Callable[[dict[str, Any]], None]:
+        """How a whole AdamW state dict (an unsharded checkpoint's, keyed by parameter number) goes into this
+        run's sharded optimizer: by parameter name, each process keeping its shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        inner = getattr(optimizer, "optimizer", optimizer)
+
+        def load(whole: dict[str, Any]) -> None:
+            names = {id(parameter): name for name, parameter in model.named_parameters()}
+            ordered = [names[id(parameter)] for group in inner.param_groups for parameter in group["params"]]
+            by_name = {"state": {ordered[number]: value for number, value in whole["state"].items()},
+                       "param_groups": [{**group, "params": [ordered[number] for number in group["params"]]}
+                                        for group in whole["param_groups"]]}
+            set_optimizer_state_dict(model, inner, by_name, options=StateDictOptions(full_state_dict=True))
+
+        return load
 
     def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """Gathered from every process (all take part) onto the main process's CPU; empty elsewhere. A tied
