@@ -6,7 +6,7 @@ steps on short sequences, with a callback that writes each process's peak RSS wh
 times the engine's own `_save_checkpoint` on the training thread (plus, for an unsharded save, the wait
 of the next optimizer step for the writer's copy). The settings alternate over the repeats.
 
-    .venv/bin/python bench/fsdp_memory.py [--steps 4] [--seq 256] [--repeats 1]
+    .venv/bin/python bench/fsdp_memory.py [--steps 2] [--seq 128] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def run(folder: Path, model: Path, data: Path, fsdp: bool, checkpointing: bool, 
     config = folder / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
         "model_name_or_path": str(model), "dataset": str(data), "output_dir": str(folder / f"run-{name}"),
-        "overwrite_output_dir": True, "finetuning_type": "full", "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1 if fsdp else 2,  # the same global batch: 4 examples a step
-        "cutoff_len": seq, "max_steps": steps, "save_steps": 2, "logging_steps": 1, "report_to": "none",
+        "overwrite_output_dir": True, "finetuning_type": "full", "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 1 if fsdp else 2,  # the same global batch: 2 examples a step
+        "cutoff_len": seq, "max_steps": steps, "save_steps": 1, "logging_steps": 1, "report_to": "none",
         "plot_loss": False, "preview_samples": 0, "gradient_checkpointing": checkpointing,
         "fsdp": "full_shard" if fsdp else False, "callbacks": ["fsdp_bench_report:Report"],
     }))
@@ -91,8 +91,8 @@ def run(folder: Path, model: Path, data: Path, fsdp: bool, checkpointing: bool, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     print(f"load average at the start: {os.getloadavg()[0]:.1f}")
@@ -106,7 +106,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for setting in settings:
                 results[setting].append(run(folder, model, data, *setting, args.steps, args.seq))
-    print(f"SmolLM2-135M full fine-tuning, {args.steps} steps of 4 examples x up to {args.seq} tokens, CPU; "
+    print(f"SmolLM2-135M full fine-tuning, {args.steps} steps of 2 examples x up to {args.seq} tokens, CPU; "
           f"peak RSS of the largest process (median of {args.repeats}):")
     peak = {s: median([r["peak_mb"] for r in rows]) for s, rows in results.items()}
     blocked = {s: median([r["blocked_s"] for r in rows]) for s, rows in results.items()}

@@ -343,10 +343,12 @@ def test_fsdp_settings_lmtune_cannot_take_are_refused(given, words):
         assert word in str(error.value), str(error.value)
 
 
-def test_fsdp_on_one_process_is_refused_before_anything_is_written(tiny_config, tmp_path, capsys):
-    assert run_lmtune("train", tiny_config(fsdp="full_shard", max_steps=2)) == 2
-    assert "torchrun --nproc_per_node" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+def test_fsdp_on_one_process_trains_the_whole_model(tiny_config, tmp_path, capsys):
+    """Nothing to shard over: the same config runs on one process, with unsharded checkpoints."""
+    assert run_lmtune("train", tiny_config(fsdp="full_shard", max_steps=2, save_steps=1)) == 0
+    assert "this run has one process, nothing to shard over" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "run" / "checkpoint-1" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "checkpoint-1" / "shards").exists()
 
 
 def test_the_plan_divides_what_fsdp_shards_over_the_processes(tiny_model_dir, tiny_config, capsys):

@@ -68,9 +68,14 @@ def take_accelerate_fsdp(config: TrainConfig, environ: dict[str, str] | os._Envi
     return updated
 
 
-def strategy_for(config: TrainConfig) -> DataParallel | FullySharded:
-    if config.fsdp:
+def strategy_for(config: TrainConfig, processes: int) -> DataParallel | FullySharded:
+    """One process has nothing to shard over: it holds the whole model, whatever `fsdp` says (so that a run
+    sharded over N processes continues on one with the same config)."""
+    if config.fsdp and processes > 1:
         return FullySharded(reshard_after_forward=config.fsdp == "full_shard", offload=config.fsdp_offload)
+    if config.fsdp:
+        log.info("fsdp: %s: this run has one process, nothing to shard over: it holds the whole model and "
+                 "writes unsharded checkpoints", config.fsdp)
     return DataParallel()
 
 
@@ -149,9 +154,6 @@ class FullySharded:
                 make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> tuple[Any, Any]:
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-        if accelerator.num_processes < 2:
-            raise UserError("fsdp shards the model over several processes and this run has one: start it with "
-                            "torchrun --nproc_per_node N -m lmtune train (or accelerate launch), or set fsdp: false")
         policy = OffloadPolicy()
         if self.offload and torch.cuda.is_available():
             policy = CPUOffloadPolicy()
@@ -195,6 +197,8 @@ class FullySharded:
             by_name = {"state": {ordered[number]: value for number, value in whole["state"].items()},
                        "param_groups": [{**group, "params": [ordered[number] for number in group["params"]]}
                                         for group in whole["param_groups"]]}
+            for group, saved in zip(inner.param_groups, whole["param_groups"], strict=True):
+                group.update({key: value for key, value in saved.items() if key not in group})  # initial_lr
             set_optimizer_state_dict(model, inner, by_name, options=StateDictOptions(full_state_dict=True))
 
         return load
