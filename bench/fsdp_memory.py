@@ -2,7 +2,8 @@
 without gradient_checkpointing; and how long a save blocks the training thread, unsharded and sharded.
 
 Each setting is a real `lmtune train` (in a child process, or `torchrun --nproc_per_node 2`), a few
-steps on short sequences, with a callback that writes each process's peak RSS when training ends and
+steps on short sequences, with a callback that writes each process's peak RSS after the first step
+(before any save) and when training ends (saves and the gathered final model included), and that
 times the engine's own `_save_checkpoint` on the training thread (plus, for an unsharded save, the wait
 of the next optimizer step for the writer's copy). The settings alternate over the repeats.
 
@@ -47,6 +48,8 @@ class Report:
         engine.TrainingLoop._save_checkpoint = timed
 
     def on_step_end(self, state, metrics):
+        if state.step == 1:  # after a whole step (AdamW state made), before the first save
+            self.training_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if getattr(self, "store", None) is not None:  # the step after a save: its wait for the copy
             self.blocked[-1] += self.store.guard_wait_s - self.waited_before
             self.store = None
@@ -56,7 +59,8 @@ class Report:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out = os.path.join(os.environ["FSDP_BENCH_OUT"], f"rank-{rank}.json")
         with open(out, "w") as handle:
-            json.dump({"peak_mb": peak_mb, "blocked_s": self.blocked[:-1]}, handle)  # the last is the final save
+            json.dump({"peak_mb": peak_mb, "training_peak_mb": self.training_peak_mb,
+                       "blocked_s": self.blocked[:-1]}, handle)  # the last save is the final one
 '''
 
 
@@ -86,7 +90,8 @@ def run(folder: Path, model: Path, data: Path, fsdp: bool, checkpointing: bool, 
     subprocess.run([*launcher, "-m", "lmtune", "train", str(config)], env=env, check=True, capture_output=True)
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank-*.json"))]
     blocked = [seconds for rank in ranks for seconds in rank["blocked_s"]]
-    return {"peak_mb": max(rank["peak_mb"] for rank in ranks), "blocked_s": median(blocked)}
+    return {"peak_mb": max(rank["peak_mb"] for rank in ranks), "blocked_s": median(blocked),
+            "training_peak_mb": max(rank["training_peak_mb"] for rank in ranks)}
 
 
 def main() -> None:
@@ -109,15 +114,17 @@ def main() -> None:
     print(f"SmolLM2-135M full fine-tuning, {args.steps} steps of 2 examples x up to {args.seq} tokens, CPU; "
           f"peak RSS of the largest process (median of {args.repeats}):")
     peak = {s: median([r["peak_mb"] for r in rows]) for s, rows in results.items()}
+    training = {s: median([r["training_peak_mb"] for r in rows]) for s, rows in results.items()}
     blocked = {s: median([r["blocked_s"] for r in rows]) for s, rows in results.items()}
     for fsdp, gc in settings:
         label = f"{'FSDP full_shard, 2 processes' if fsdp else '1 process, no sharding':30s}" \
                 f"{' gradient_checkpointing' if gc else '':24s}"
-        print(f"  {label} peak {peak[(fsdp, gc)]:7.0f} MB a process; a save blocks the training thread "
-              f"{blocked[(fsdp, gc)]:.3f} s")
+        print(f"  {label} peak {training[(fsdp, gc)]:6.0f} MB training, {peak[(fsdp, gc)]:6.0f} MB with the saves "
+              f"and the final model; a save blocks the training thread {blocked[(fsdp, gc)]:.3f} s")
     for gc in (False, True):
-        print(f"ratio FSDP / 1 process{' (gradient_checkpointing)' if gc else ''}: "
-              f"{peak[(True, gc)] / peak[(False, gc)]:.3f}")
+        print(f"ratio FSDP / 1 process{' (gradient_checkpointing)' if gc else ''}: training "
+              f"{training[(True, gc)] / training[(False, gc)]:.3f}, "
+              f"with saves {peak[(True, gc)] / peak[(False, gc)]:.3f}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

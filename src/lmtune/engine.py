@@ -597,7 +597,7 @@ class TrainingLoop:
                 self._saved(state_at_save, reasons, path, deleted_steps)
 
             # the weights and optimizer state are copied on the writer thread; the next optimizer step waits for it
-            self.store.save(snapshot, on_saved=saved, guard=None if shards else self.s.optimizer)
+            self.store.save(snapshot, on_saved=saved, guard=self.s.optimizer if shards is None else None)
         elif shards is not None:
             self.store.hold(shards)
         self.accelerator.wait_for_everyone()
