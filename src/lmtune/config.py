@@ -608,7 +608,7 @@ def yaml_type_name(annotation: Any) -> str:
     """A type as a YAML writer thinks of it: `int | null`, `pt | sft`, `list`."""
     origin = get_origin(annotation)
     if origin is Literal:
-        return " | ".join(str(choice) for choice in get_args(annotation))
+        return " | ".join(yaml_value(choice) for choice in get_args(annotation))
     if origin in (Union, UnionType):
         return " | ".join(yaml_type_name(member) for member in get_args(annotation))
     if annotation is type(None):

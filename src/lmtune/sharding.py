@@ -160,7 +160,13 @@ class FullySharded:
         elif self.offload:
             log.info("fsdp_offload: the parameters and optimizer state are on the CPU already (no GPU)")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for layer in decoder_layers(base):
+        try:
+            layers = decoder_layers(base)
+        except UserError:
+            raise UserError(f"fsdp: {type(base).__name__} has no decoder layers where lmtune looks for them (model."
+                            "layers, transformer.h, model.decoder.layers, gpt_neox.layers), the units it shards; "
+                            "set fsdp: false") from None
+        for layer in layers:
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, offload_policy=policy)
         fully_shard(model, reshard_after_forward=False, offload_policy=policy)
         # DCP's background writes talk over a group of their own, never interleaved with the step's collectives
