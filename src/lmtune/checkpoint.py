@@ -29,6 +29,7 @@ import pickle
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ class Snapshot:
     optimizer: dict | None
     state: TrainState
     entry: dict[str, Any]
-    shards: Any = None  # the Future of this process's shard (start_sharded_save); the others' are waited for
+    shards: Any = None  # the Future of this process's shard (CheckpointStore.start_shards)
 
 
 def cpu_copy(value: Any) -> Any:
@@ -191,19 +192,9 @@ def temporary_folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f".{PREFIX}{step}.tmp"
 
 
-def start_sharded_save(run_dir: Path, step: int, state: dict[str, Any], process_group: Any, is_main: bool) -> Any:
-    """On every process: its shard of `state` into the checkpoint's temporary folder, in the background;
-    the tensors are copied before this returns. The Future goes to `Snapshot.shards` on the main process
-    (its writer completes the checkpoint) and to `CheckpointStore.hold` on the others."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-
-    tmp = temporary_folder(run_dir, step)
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / SHARDS).mkdir(parents=True)
-    dist.barrier(group=process_group)
-    return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS)), process_group=process_group)
+def _settle(future: Future, done: Future) -> None:
+    error = done.exception()
+    future.set_exception(error) if error is not None else future.set_result(done.result())
 
 
 class CheckpointStore:
@@ -246,6 +237,38 @@ class CheckpointStore:
             handle.remove()
 
         handle = inner.register_step_pre_hook(wait_for_copy)
+
+    def start_shards(self, step: int, state: dict[str, Any], process_group: Any, is_main: bool,
+                     guard: Any) -> Future:
+        """On every process: its shard of `state` into the checkpoint's temporary folder, with DCP's
+        asynchronous save started on a thread of its own: its copy of the tensors to CPU memory runs
+        during the next forward and backward passes, and the guard's (the optimizer's) next step waits
+        for it. The Future goes to `Snapshot.shards` on the main process (its writer completes the
+        checkpoint once every shard is written) and to `hold` on the others."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        tmp = temporary_folder(self.run_dir, step)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / SHARDS).mkdir(parents=True)
+        dist.barrier(group=process_group)
+        copied, written = threading.Event(), Future()
+        self._hold_steps_until(copied, guard)
+
+        def stage_and_write() -> None:
+            try:
+                upload = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS)),
+                                        process_group=process_group)
+            except BaseException as error:
+                written.set_exception(error)
+                return
+            finally:
+                copied.set()
+            upload.add_done_callback(lambda done: _settle(written, done))
+
+        threading.Thread(target=stage_and_write, daemon=True).start()
+        return written
 
     def hold(self, shards: Any) -> None:
         """On a process other than the main one: its shard of a sharded save, waited for by `wait`."""

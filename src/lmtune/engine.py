@@ -48,7 +48,6 @@ from lmtune.checkpoint import (
     model_folder_problems,
     read_optimizer_state,
     read_state,
-    start_sharded_save,
 )
 from lmtune.config import TrainConfig, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
@@ -603,12 +602,12 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
 
     def _start_shards(self) -> Any:
-        """Every process's shard of the weights and optimizer state, copied now and written in the background."""
+        """Every process's shard of the weights and optimizer state, copied and written in the background."""
         self.store.wait()  # one save in flight: every process waits for its part of the one before
         optimizer = None if self.config.save_only_model else self.s.optimizer
         state = sharded_state(self.accelerator.unwrap_model(self.s.model), optimizer)
-        return start_sharded_save(self.s.output_dir, self.state.step, state, self.s.sharding.checkpoint_group,
-                                  self.accelerator.is_main_process)
+        return self.store.start_shards(self.state.step, state, self.s.sharding.checkpoint_group,
+                                       self.accelerator.is_main_process, guard=self.s.optimizer)
 
     def _saved(self, state: RunState, reasons: list[str], path: Path, deleted_steps: list[int]) -> None:
         """On the writer thread, once a checkpoint is complete (and rotation has run)."""
