@@ -9,7 +9,7 @@ next `optimizer.step()` waits (a step pre-hook) until the copy is done, as it is
 
 A sharded checkpoint (`fsdp`) holds the weights and optimizer state in `shards/`, written with
 `torch.distributed.checkpoint` (DCP): every process writes its own shard into the same temporary
-folder, in the background (DCP's asynchronous save, the tensors copied before the step goes on); the
+folder, in the background (DCP's asynchronous save, copying on a thread as the writer does); the
 main process's writer waits until every shard and DCP's `.metadata` are written, and only then writes
 the completion mark and renames the folder. DCP reshards on load, so any number of processes reads it.
 
