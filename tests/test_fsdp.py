@@ -251,6 +251,17 @@ def test_lora_with_fsdp_saves_a_sharded_adapter_and_a_whole_one_at_the_end(modul
             assert torch.equal(parameter, shards[name]), name
 
 
+def test_freeze_with_fsdp_trains_only_the_last_layer(module_dir):
+    config = config_file(module_dir, "freeze", fsdp="full_shard", finetuning_type="freeze",
+                         freeze_trainable_layers=1, max_steps=2, save_steps=1)
+    torchrun(config)
+    run, base = module_dir / "freeze", load_file(module_dir / "model" / "model.safetensors")
+    final = load_file(run / "model.safetensors")
+    changed = {key for key in base if not torch.equal(base[key], final[key])}
+    assert changed and all(key.startswith("model.layers.1.") for key in changed)
+    assert verify_checkpoint(run / "checkpoint-1") == []
+
+
 def test_accelerate_launch_with_an_fsdp_config_continues_a_ddp_checkpoint(module_dir, runs, tmp_path):
     """A LLaMA-Factory style accelerate FSDP config (SHARD_GRAD_OP is fsdp: shard_grad_op) resumes the DDP
     run's checkpoint-2: its whole weights and AdamW state are sharded, and the run goes on as DDP's did."""
