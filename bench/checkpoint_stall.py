@@ -5,7 +5,8 @@ what `lmtune train` spends on the training thread for a save, with the same call
 taking the snapshot and handing it to the background writer, plus the time the next
 `optimizer.step()` waits for the writer thread to finish copying the tensors (the next forward and
 backward passes run meanwhile). The baseline writes the same tensors with one synchronous
-`safetensors.save_file`.
+`safetensors.save_file`. The blocked time of a sharded save (fsdp) is measured in real runs by
+bench/fsdp_memory.py.
 
     .venv/bin/python bench/checkpoint_stall.py [--repeats 3] [--dir /tmp/stall]
 
@@ -24,10 +25,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lmtune.checkpoint import CheckpointStore, Snapshot, cpu_copy
+from lmtune.checkpoint import CheckpointStore, Snapshot
 from lmtune.config import TrainConfig
 from lmtune.engine import checkpoint_tensors
 from lmtune.models import count_parameters, import_builtin, load_model
+from lmtune.state import TrainState
 
 
 def one_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -41,8 +43,8 @@ def snapshot(model, optimizer, scheduler, step: int) -> Snapshot:
     """What `TrainingLoop._snapshot` takes, with no model files to write."""
     weights, name = checkpoint_tensors(model)
     return Snapshot(step=step, weights=weights, weights_name=name, write_model_files=lambda folder: None,
-                    optimizer=optimizer.state_dict(), scheduler=cpu_copy(scheduler.state_dict()), rng={},
-                    train_state={"step": step}, entry={"step": step, "reasons": ["bench"], "metrics": {}})
+                    optimizer=optimizer.state_dict(), state=TrainState(step=step, rng=[{}]),
+                    entry={"step": step, "reasons": ["bench"], "metrics": {}})
 
 
 def flat_state(model, optimizer) -> dict[str, torch.Tensor]:

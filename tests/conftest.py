@@ -148,15 +148,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_command(config: Path, processes: int = 2, *extra: str) -> list[str]:
+    """`torchrun --nproc_per_node PROCESSES -m lmtune train CONFIG EXTRA` on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(free_port()), "-m", "lmtune", "train", str(config), *extra]
+
+
 def torchrun(config: Path, processes: int = 2, *extra: str, env: dict[str, str] | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node PROCESSES -m lmtune train CONFIG EXTRA` on a free port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(port), "-m", "lmtune", "train", str(config), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(torchrun_command(config, processes, *extra), capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
         assert result.returncode == 0, result.stderr[-3000:]

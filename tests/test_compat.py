@@ -23,6 +23,8 @@ from lmtune.errors import UserError
     ({"optim": "adamw_torch_fused"}, {}),
     ({"fp16": False, "bf16": True}, {"bf16": True}),
     ({"neat_packing": True}, {"packing": True}),
+    ({"fsdp": "full_shard", "fsdp_config": {"fsdp_offload_params": True, "fsdp_activation_checkpointing": True}},
+     {"fsdp_offload": True, "gradient_checkpointing": True}),
     ({"resume_from_checkpoint": None}, {"resume_from_checkpoint": "auto"}),
     ({"report_to": ["tensorboard", "wandb"]}, {"trackers": ["tensorboard", "wandb"]}),
     ({"report_to": "none"}, {"trackers": []}),
@@ -54,9 +56,6 @@ def test_ignored_keys_are_accepted_and_listed_with_why(key):
 
 @pytest.mark.parametrize("values, words", [
     ({"deepspeed": "examples/deepspeed/ds_z3_config.json"}, ["deepspeed", "torchrun", "fsdp"]),
-    ({"fsdp": "full_shard"}, ["fsdp", "not available in lmtune yet"]),
-    ({"fsdp_config": {}}, ["fsdp_config", "not available"]),
-    ({"fsdp_offload": True}, ["fsdp_offload", "not available"]),
     ({"pref_beta": 0.1}, ["pref_beta", "dpo", "not available"]),
     ({"pref_loss": "sigmoid"}, ["pref_loss", "not available"]),
     ({"pref_ftx": 0.0}, ["pref_ftx", "not available"]),
@@ -85,8 +84,8 @@ def test_refused_keys_name_the_lmtune_way(values, words):
 
 
 def test_every_table_entry_is_covered_by_a_test():
-    mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "neat_packing"}
-    refused = {"deepspeed", "fsdp", "fsdp_config", "fsdp_offload", "pref_beta", "pref_loss", "pref_ftx",
+    mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "neat_packing", "fsdp_config"}
+    refused = {"deepspeed", "pref_beta", "pref_loss", "pref_ftx",
                "train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha", "use_dora",
                "use_rslora", "lr_scheduler_kwargs"}
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "mapped"} == mapped

@@ -82,7 +82,7 @@ def test_dense_saves_of_a_big_model_warn_in_the_plan(tiny_config, capsys, monkey
     import lmtune.planning as planning
 
     monkeypatch.setattr(planning, "estimate_sizes",
-                        lambda path, config: {"checkpoint_bytes": 2_000_000_000, "final_model_bytes": None})
+                        lambda *args: {"checkpoint_bytes": 2_000_000_000, "final_model_bytes": None})
     plan = plan_json(tiny_config(max_steps=40, save_steps=1, per_device_train_batch_size=1), capsys)
     assert any(w.startswith("save_steps save at every step, a checkpoint of about 2.0 GB each (80 GB written")
                for w in plan["warnings"]), plan["warnings"]

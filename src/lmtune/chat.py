@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmtune.checkpoint import DamagedCheckpoint, is_sharded
 from lmtune.errors import UserError
 
 EXPECTED = ("a Hugging Face model folder (config.json), a run folder (run_config.yaml and its final model), "
@@ -127,7 +128,9 @@ def load_model_for_inference(target: str | Target, device: str | None = None) ->
 
     resolved = target if isinstance(target, Target) else resolve_target(target)
     try:
-        if resolved.is_adapter:
+        if resolved.kind == "checkpoint" and is_sharded(Path(resolved.model_path)):
+            model = _from_shards(resolved)
+        elif resolved.is_adapter:
             from peft import PeftModel
 
             base = AutoModelForCausalLM.from_pretrained(resolved.base_model, dtype=torch.float32)
@@ -140,6 +143,29 @@ def load_model_for_inference(target: str | Target, device: str | None = None) ->
     drop_quantization(model.config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
+
+
+def _from_shards(resolved: Target) -> Any:
+    """A sharded checkpoint (fsdp): the model built from its config (LoRA: the adapter on its base model),
+    its weights read from the shards, whatever the number of processes that wrote them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmtune.checkpoint import read_state
+    from lmtune.resume import ResumePoint, load_sharded_checkpoint
+
+    folder = Path(resolved.model_path)
+    if resolved.is_adapter:
+        from peft import LoraConfig, get_peft_model
+
+        base = AutoModelForCausalLM.from_pretrained(resolved.base_model, dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig.from_pretrained(str(folder)))
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    try:
+        load_sharded_checkpoint(model, None, ResumePoint(folder, read_state(folder)))
+    except DamagedCheckpoint as error:
+        raise UserError(str(error)) from None
+    return model
 
 
 @dataclass

@@ -7,9 +7,16 @@ flight at a time. That thread also copies the tensors to the CPU: the training t
 references and goes on with the next forward and backward passes, which only read the weights; the
 next `optimizer.step()` waits (a step pre-hook) until the copy is done, as it is what changes them.
 
+A sharded checkpoint (`fsdp`) holds the weights and optimizer state in `shards/`, written with
+`torch.distributed.checkpoint` (DCP): every process writes its own shard into the same temporary
+folder, in the background (DCP's asynchronous save, copying on a thread as the writer does); the
+main process's writer waits until every shard and DCP's `.metadata` are written, and only then writes
+the completion mark and renames the folder. DCP reshards on load, so any number of processes reads it.
+
 This module alone writes and reads the files of a checkpoint. Nothing in them can run code: tensors
-are safetensors or `torch.load(weights_only=True)` pickles of plain data, the rest JSON. A checkpoint
-is used only after `verify_checkpoint` has opened every one of its files.
+are safetensors or `torch.load(weights_only=True)` pickles of plain data, DCP's metadata is unpickled
+with DCP's own classes alone, the rest JSON. A checkpoint is used only after `verify_checkpoint` has
+opened every one of its files.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import pickle
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,7 @@ TRAIN_STATE = "train_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG_STATE = "rng_state.pth"
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
+SHARDS = "shards"  # a sharded checkpoint's weights and optimizer state (DCP)
 PREFIX = "checkpoint-"
 
 
@@ -159,12 +168,13 @@ class Snapshot:
     """A copy of everything a checkpoint holds, taken on the training thread."""
 
     step: int
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None  # None: a sharded checkpoint, weights and optimizer in `shards`
     weights_name: str  # adapter_model.safetensors or model.safetensors
     write_model_files: Any  # callable(folder): configs and tokenizer
     optimizer: dict | None
     state: TrainState
     entry: dict[str, Any]
+    shards: Any = None  # the Future of this process's shard (CheckpointStore.start_shards)
 
 
 def cpu_copy(value: Any) -> Any:
@@ -178,6 +188,15 @@ def cpu_copy(value: Any) -> Any:
     return value
 
 
+def temporary_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f".{PREFIX}{step}.tmp"
+
+
+def _settle(future: Future, done: Future) -> None:
+    error = done.exception()
+    future.set_exception(error) if error is not None else future.set_result(done.result())
+
+
 class CheckpointStore:
     def __init__(self, run_dir: Path, save_total_limit: int | None, best_metric: str | None,
                  greater_is_better: bool = False):
@@ -188,6 +207,7 @@ class CheckpointStore:
         self.index.best_metric = best_metric
         self.greater_is_better = greater_is_better
         self._thread: threading.Thread | None = None
+        self._shards: Any = None  # a process other than the main one: its shard of the save in flight
         self._error: tuple[int, BaseException] | None = None
         self.guard_wait_s = 0.0  # time optimizer steps spent waiting for a snapshot copy
 
@@ -218,8 +238,51 @@ class CheckpointStore:
 
         handle = inner.register_step_pre_hook(wait_for_copy)
 
+    def start_shards(self, step: int, state: dict[str, Any], process_group: Any, is_main: bool,
+                     guard: Any) -> Future:
+        """On every process: its shard of `state` into the checkpoint's temporary folder, with DCP's
+        asynchronous save started on a thread of its own: its copy of the tensors to CPU memory runs
+        during the next forward and backward passes, and the guard's (the optimizer's) next step waits
+        for it. The Future goes to `Snapshot.shards` on the main process (its writer completes the
+        checkpoint once every shard is written) and to `hold` on the others."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        tmp = temporary_folder(self.run_dir, step)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / SHARDS).mkdir(parents=True)
+        dist.barrier(group=process_group)
+        copied, written = threading.Event(), Future()
+        self._hold_steps_until(copied, guard)
+
+        def stage_and_write() -> None:
+            try:
+                upload = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS)),
+                                        process_group=process_group)
+            except BaseException as error:
+                written.set_exception(error)
+                return
+            finally:
+                copied.set()
+            upload.add_done_callback(lambda done: _settle(written, done))
+
+        threading.Thread(target=stage_and_write, daemon=True).start()
+        return written
+
+    def hold(self, shards: Any) -> None:
+        """On a process other than the main one: its shard of a sharded save, waited for by `wait`."""
+        self._shards = shards
+
     def wait(self) -> None:
         """Wait for the save in flight; a failed save stops the run with the reason (RunFailed)."""
+        if self._shards is not None:
+            shards, self._shards = self._shards, None
+            try:
+                shards.result()
+            except BaseException as error:
+                raise RunFailed(f"writing this process's shard of a checkpoint failed: {type(error).__name__}: "
+                                f"{error}; the checkpoints written before are intact") from error
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -251,10 +314,13 @@ class CheckpointStore:
 
     def write(self, snapshot: Snapshot) -> Path:
         final = self.run_dir / f"{PREFIX}{snapshot.step}"
-        tmp = self.run_dir / f".{PREFIX}{snapshot.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = temporary_folder(self.run_dir, snapshot.step)
+        if snapshot.shards is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         try:
+            if snapshot.shards is not None:
+                snapshot.shards.result()  # DCP gathers every process's write before this returns
             self._write_files(tmp, snapshot)
             _fsync_tree(tmp)
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -276,7 +342,8 @@ class CheckpointStore:
         return final
 
     def _write_files(self, folder: Path, snapshot: Snapshot) -> None:
-        save_file(snapshot.weights, str(folder / snapshot.weights_name), metadata={"format": "pt"})
+        if snapshot.weights is not None:
+            save_file(snapshot.weights, str(folder / snapshot.weights_name), metadata={"format": "pt"})
         snapshot.write_model_files(folder)
         if snapshot.optimizer is not None:
             torch.save(snapshot.optimizer, folder / OPTIMIZER)
@@ -375,6 +442,94 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise DamagedCheckpoint(f"{path}: unreadable safetensors ({error})") from None
 
 
+def is_sharded(folder: Path) -> bool:
+    return (Path(folder) / SHARDS).is_dir()
+
+
+# What DCP's .metadata pickle may hold: its own record classes, tensor shapes, dtypes and layouts.
+DCP_METADATA_CLASSES = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
+        "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                       torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def _shard_reader(folder: Path) -> Any:
+    """DCP's reader of `folder/shards`, reading its metadata with `_MetadataUnpickler` alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return read_shard_metadata(folder, self.load_id)
+
+    return Reader(str(Path(folder) / SHARDS))
+
+
+def read_shard_metadata(folder: Path, load_id: Any = None) -> Any:
+    """The DCP metadata of a sharded checkpoint: which tensors and objects it holds, and where."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    path = Path(folder) / SHARDS / ".metadata"
+    try:
+        with path.open("rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except pickle.UnpicklingError as error:
+        raise DamagedCheckpoint(f"{path}: refused to load: {error}, which could run code") from None
+    except (OSError, EOFError, ValueError, AttributeError, TypeError) as error:
+        raise DamagedCheckpoint(f"{path}: unreadable ({type(error).__name__}: {error or 'cut short'})") from None
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    metadata.storage_meta.load_id = load_id
+    return metadata
+
+
+def _shard_planner() -> Any:
+    """DCP's load planner, with the objects of a checkpoint (AdamW's settings) read as plain data only."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise DamagedCheckpoint(f"{fqn} in a sharded checkpoint holds objects that are not plain data, "
+                                        f"which could run code ({str(error).strip().splitlines()[-1][:200]})") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
+            else:
+                self.state_dict[fqn] = loaded
+
+    return Planner()
+
+
+def read_sharded(folder: Path, state: dict[str, Any]) -> None:
+    """Fill `state` (this run's own, shaped as it saves it) from a sharded checkpoint: DCP reads from each
+    saved shard what this process holds, whatever the number of processes that wrote it."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=_shard_reader(folder), planner=_shard_planner())
+    except DamagedCheckpoint:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        raise DamagedCheckpoint(f"{Path(folder) / SHARDS}: does not fit this run ({type(error).__name__}: "
+                                f"{str(error).strip().splitlines()[-1][:300]})") from None
+
+
 def verify_checkpoint(folder: Path) -> list[str]:
     """What stops `folder` from being resumed, by opening every file; empty when it is resumable."""
     folder = Path(folder)
@@ -387,7 +542,7 @@ def verify_checkpoint(folder: Path) -> list[str]:
         return [f"{mark_path}: not readable JSON ({error})"]
     problems = [f"{folder / name}: {problem}" for name, problem in _listed_file_problems(folder, mark)]
     problems += _open_problems(folder, mark.get("step"))
-    return problems
+    return list(dict.fromkeys(problems))  # a missing shard is named by the mark and by DCP's metadata
 
 
 def _listed_file_problems(folder: Path, mark: dict[str, Any]) -> list[tuple[str, str]]:
@@ -412,6 +567,8 @@ def _open_problems(folder: Path, marked_step: Any) -> list[str]:
             problems.append(f"{folder / TRAIN_STATE}: says step {state.step}, the folder is step {step}")
     except DamagedCheckpoint as error:
         problems.append(str(error))
+    if is_sharded(folder):
+        return problems + _shard_problems(folder) + _config_problems(folder)
     try:
         with safe_open(str(weights_file(folder)), framework="pt"):
             pass
@@ -427,12 +584,32 @@ def _open_problems(folder: Path, marked_step: Any) -> list[str]:
             load_plain(folder / OPTIMIZER, mmap=True)  # mapped, not read: a cut-off file still fails here
         except DamagedCheckpoint as error:
             problems.append(str(error))
+    return problems + _config_problems(folder)
+
+
+def _config_problems(folder: Path) -> list[str]:
+    problems = []
     for name in ("config.json", "adapter_config.json"):
         if (folder / name).is_file():
             try:
                 json.loads((folder / name).read_text())
             except ValueError as error:
                 problems.append(f"{folder / name}: not readable JSON ({error})")
+    return problems
+
+
+def _shard_problems(folder: Path) -> list[str]:
+    """A sharded checkpoint: its metadata opens, and every shard file it names is there."""
+    try:
+        metadata = read_shard_metadata(folder)
+    except DamagedCheckpoint as error:
+        return [str(error)]
+    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    problems = [f"{folder / SHARDS / name}: missing" for name in sorted(files)
+                if not (folder / SHARDS / name).is_file()]
+    if not any(key.startswith("optimizer.") for key in metadata.state_dict_metadata):
+        problems.append(f"{folder.name} holds no optimizer state (saved with save_only_model: true): it cannot be "
+                        "resumed")
     return problems
 
 

@@ -94,7 +94,7 @@ def plan(
     processes: Annotated[int, typer.Option("--processes", min=1,
                                            help="processes the run will have (torchrun --nproc_per_node x nodes)")] = 1,
 ) -> None:
-    """Print the schedule of a run without training: steps, saves, evals, rotation, disk."""
+    """Print the schedule of a run without training: steps, saves, evals, rotation, disk, memory."""
     from lmtune.planning import plan_for_config, render_plan
 
     run_config = _load(config, overrides)

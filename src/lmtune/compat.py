@@ -72,6 +72,23 @@ def _neat_packing(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {"packing": True} if value else {}
 
 
+FSDP_CONFIG_KEYS = {"offload_params": "fsdp_offload", "activation_checkpointing": "gradient_checkpointing"}
+
+
+def _fsdp_config(value: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The Hugging Face `fsdp_config` dict (keys with or without the `fsdp_` prefix): what lmtune has a key
+    for is mapped; the rest (wrap policy, prefetching, state dict type) is how lmtune does it anyway."""
+    if not isinstance(value, dict):
+        raise UserError(f"fsdp_config: {value!r}: lmtune reads no FSDP config file; write its settings as lmtune "
+                        "keys (fsdp: full_shard, fsdp_offload: true, gradient_checkpointing: true)")
+    settings = {key.removeprefix("fsdp_"): setting for key, setting in value.items()}
+    changes = {FSDP_CONFIG_KEYS[key]: bool(setting) for key, setting in settings.items()
+               if key in FSDP_CONFIG_KEYS and setting}
+    if settings.get("reshard_after_forward") is False and values.get("fsdp"):
+        changes["fsdp"] = "shard_grad_op"
+    return changes
+
+
 def _refuse(message: str) -> Treatment:
     return Treatment("refused", message)
 
@@ -90,6 +107,9 @@ FOREIGN_KEYS: dict[str, Treatment] = {
                        _optim),
     "fp16": Treatment("mapped", "false is lmtune's default; true is refused: use bf16", _fp16),
     "neat_packing": Treatment("mapped", "packing: lmtune's packing never attends across examples", _neat_packing),
+    "fsdp_config": Treatment("mapped", "offload_params: fsdp_offload; activation_checkpointing: "
+                             "gradient_checkpointing; reshard_after_forward false: fsdp shard_grad_op; the rest is "
+                             "how lmtune shards anyway (FSDP2, each decoder layer a unit)", _fsdp_config),
     # ignored: no effect in lmtune
     "do_train": _ignore("`lmtune train` trains; `lmtune plan` and `lmtune preview` look without training"),
     "do_eval": _ignore("lmtune evaluates by val_size / eval_dataset and the eval rules; `lmtune eval` measures a run"),
@@ -109,11 +129,9 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "trust_remote_code_tokenizer": _ignore("trust_remote_code covers the tokenizer too"),
     # refused: lmtune does it another way, or not yet
     "deepspeed": _refuse("lmtune does not use DeepSpeed: data-parallel training runs with "
-                         "`torchrun --nproc_per_node N -m lmtune train CONFIG`; sharded training is `fsdp`, "
-                         f"{NOT_YET}; remove deepspeed"),
-    "fsdp": _refuse(f"FSDP sharding is {NOT_YET}; remove fsdp (data-parallel: torchrun --nproc_per_node N)"),
-    "fsdp_config": _refuse(f"FSDP sharding is {NOT_YET}; remove fsdp_config"),
-    "fsdp_offload": _refuse(f"FSDP sharding is {NOT_YET}; remove fsdp_offload"),
+                         "`torchrun --nproc_per_node N -m lmtune train CONFIG`; for ZeRO-3-like sharding of weights, "
+                         "gradients and optimizer state set fsdp: full_shard (ZeRO-2: shard_grad_op; offload: "
+                         "fsdp_offload: true); remove deepspeed"),
     "double_quantization": _ignore("4-bit QLoRA (quantization_bit: 4) always uses double quantisation"),
     "pref_beta": _refuse(f"preference training (stage: dpo) is {NOT_YET}; remove pref_beta"),
     "pref_loss": _refuse(f"preference training (stage: dpo) is {NOT_YET}; remove pref_loss"),

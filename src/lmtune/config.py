@@ -127,6 +127,13 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass (non-reentrant): "
         "less memory, about a third more compute", json_schema_extra=on_resume("neutral"))
+    fsdp: Literal["full_shard", "shard_grad_op", False] = Field(
+        False, description="shard weights, gradients and AdamW state over the processes (FSDP2): full_shard "
+        "gathers each decoder layer's weights for its forward and again for its backward, shard_grad_op keeps "
+        "them gathered in between; false: each process holds the whole model (DDP)",
+        json_schema_extra=on_resume("neutral"))
+    fsdp_offload: bool = Field(False, description="with fsdp: keep the weights and AdamW state in CPU memory, "
+                               "the GPU holds one layer at a time", json_schema_extra=on_resume("neutral"))
 
     # data
     dataset: str | list[str] | None = Field(
@@ -364,6 +371,34 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _fsdp_words(cls, values: Any) -> Any:
+        """The Hugging Face forms of fsdp: true, "full_shard auto_wrap", "shard_grad_op offload", "no_shard"."""
+        if not isinstance(values, dict) or "fsdp" not in values:
+            return values
+        value = values["fsdp"]
+        if value is True:
+            return {**values, "fsdp": "full_shard"}
+        if value is None or value is False:
+            return {**values, "fsdp": False}
+        if not isinstance(value, str):
+            return values
+        words = value.replace(",", " ").lower().split()
+        unknown = [w for w in words if w not in ("full_shard", "shard_grad_op", "no_shard", "offload", "auto_wrap",
+                                                 "false", "no")]
+        modes = [w for w in words if w in ("full_shard", "shard_grad_op")]
+        if unknown or len(modes) > 1:
+            raise ValueError(f"fsdp: {value!r}: valid: full_shard, shard_grad_op or false, with Hugging Face's "
+                             "'offload' and 'auto_wrap' words accepted (lmtune always wraps each decoder layer)"
+                             + (f"; {', '.join(unknown)} is not available in lmtune" if unknown else ""))
+        values = {**values, "fsdp": modes[0] if modes else False}
+        if "offload" in words:
+            if values.get("fsdp_offload") is False:
+                raise ValueError(f"fsdp: {value!r} asks for offload and fsdp_offload is false; keep one of them")
+            values["fsdp_offload"] = True
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
     def _best_metric_for_load_best(cls, values: Any) -> Any:
         """As in the Hugging Face Trainer: load_best_model_at_end without a metric means eval_loss."""
         wants_best = isinstance(values, dict) and values.get("load_best_model_at_end")
@@ -388,6 +423,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"quantization_bit: {self.quantization_bit} trains LoRA on quantised base weights "
                              f"(QLoRA); finetuning_type {self.finetuning_type} would train the quantised weights "
                              "themselves: set finetuning_type: lora, or remove quantization_bit")
+        if self.fsdp_offload and not self.fsdp:
+            raise ValueError("fsdp_offload moves sharded weights to the CPU and fsdp is false: set fsdp: full_shard, "
+                             "or remove fsdp_offload")
+        if self.fsdp and self.quantization_bit is not None:
+            raise ValueError(f"fsdp with quantization_bit (QLoRA) is {NOT_YET}: QLoRA fits a model on one device; "
+                             "remove fsdp or quantization_bit")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError("max_steps must be a positive number of steps (or -1 / null for unset)")
         for key in ("save_steps", "eval_steps"):
@@ -568,7 +609,7 @@ def yaml_type_name(annotation: Any) -> str:
     """A type as a YAML writer thinks of it: `int | null`, `pt | sft`, `list`."""
     origin = get_origin(annotation)
     if origin is Literal:
-        return " | ".join(str(choice) for choice in get_args(annotation))
+        return " | ".join(yaml_value(choice) for choice in get_args(annotation))
     if origin in (Union, UnionType):
         return " | ".join(yaml_type_name(member) for member in get_args(annotation))
     if annotation is type(None):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -41,6 +42,7 @@ from lmtune.checkpoint import (
     CheckpointStore,
     DamagedCheckpoint,
     Snapshot,
+    is_sharded,
     model_folder_problems,
     read_optimizer_state,
     read_state,
@@ -64,6 +66,7 @@ from lmtune.resume import (
     epoch_origin,
     find_resume_point,
     load_optimizer_state,
+    load_sharded_checkpoint,
     load_weights,
     restore_rng_of_process,
     rng_state,
@@ -72,6 +75,7 @@ from lmtune.resume import (
 )
 from lmtune.runlock import RunLock, check_not_running
 from lmtune.schedule import Plan, global_batch, make_plan
+from lmtune.sharding import DataParallel, FullySharded, sharded_state, strategy_for, take_accelerate_fsdp
 from lmtune.state import Schedule
 from lmtune.trackers import tracker_callbacks
 
@@ -97,6 +101,7 @@ class Setup:
     user_callbacks: list[Any]
     fingerprint: dict[str, str]
     to_clear: list[Path]  # an earlier run's files, removed (overwrite_output_dir) once the run holds the folder
+    sharding: DataParallel | FullySharded
     resume: ResumePoint | None = None
 
 
@@ -114,8 +119,10 @@ def train(config: TrainConfig) -> Path:
 def set_up(config: TrainConfig) -> Setup:
     """Everything a run needs, every check made: config, data, model, callbacks, the checkpoint to resume
     and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
+    config = take_accelerate_fsdp(config)
     accelerator = Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())
+    sharding = strategy_for(config, accelerator.num_processes)
     output_dir = Path(config.output_dir)
     check_not_running(output_dir)
     point = find_resume_point(config, output_dir)
@@ -135,7 +142,8 @@ def set_up(config: TrainConfig) -> Setup:
     model = load_model(model_path, config)
     if point is not None:
         check_compatible(point, config, accelerator.num_processes)
-        load_weights(model, point)
+        if not is_sharded(point.path):
+            load_weights(model, point)
     trainable, total = count_parameters(model)
     log.info("model %s: %s trainable of %s parameters (%s)", config.model_name_or_path, f"{trainable:,}",
              f"{total:,}", config.finetuning_type)
@@ -153,11 +161,10 @@ def set_up(config: TrainConfig) -> Setup:
         for line in plan_summary_lines(plan, config):
             log.info("%s", line)
     check_disk(plan, config, freed_bytes=sum(_size_of(path) for path in to_clear))
-    optimizer = _optimizer(model, config)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = sharding.prepare(accelerator, model, lambda wrapped: _optimizer(wrapped, config))
     schedule = config_schedule(config, plan.total_steps)
     if point is not None:
-        load_optimizer_state(optimizer, point, _read_optimizer(point))
+        _load_trained_state(point, accelerator.unwrap_model(model), optimizer, sharding)
         schedule = resumed_schedule(point.state.schedule, config, plan.total_steps)
     scheduler = build_scheduler(optimizer, schedule, point.step if point is not None else 0)
     if point is not None:
@@ -167,12 +174,18 @@ def set_up(config: TrainConfig) -> Setup:
     collator = Collator(tokenizer.pad_token_id, packed=config.use_packing,
                         padding_free=plan.batching["padding_free"])
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
-                 collator, user_callbacks, fingerprint, to_clear, point)
+                 collator, user_callbacks, fingerprint, to_clear, sharding, point)
 
 
-def _read_optimizer(point: ResumePoint) -> dict[str, Any]:
+def _load_trained_state(point: ResumePoint, model: torch.nn.Module, optimizer: Any,
+                        sharding: DataParallel | FullySharded) -> None:
+    """The optimizer state (and, from a sharded checkpoint, the weights: resharded to this run's processes)."""
     try:
-        return read_optimizer_state(point.path)
+        if is_sharded(point.path):
+            load_sharded_checkpoint(model, optimizer, point)
+        else:
+            load_optimizer_state(optimizer, point, read_optimizer_state(point.path),
+                                 sharding.optimizer_loader(model, optimizer))
     except DamagedCheckpoint as error:
         raise UserError(str(error)) from None
 
@@ -463,13 +476,14 @@ class TrainingLoop:
         for index, (batch, _) in enumerate(group):
             batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
-            with _maybe_no_sync(accelerator, model, skip=last), accelerator.autocast():
+            hold_back = self.s.sharding.no_sync(accelerator, model) if not last else contextlib.nullcontext()
+            with hold_back, accelerator.autocast():
                 loss = self.loss(model, batch) / trained_tokens
                 # The gradient is averaged over processes; the count above is already global.
                 accelerator.backward(loss * accelerator.num_processes)
             step_loss += loss.detach().float()
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = self.s.sharding.clip_grad_norm(accelerator, model, max_norm)
         lr = self.s.scheduler.get_last_lr()[0]
         self.s.optimizer.step()
         self.s.scheduler.step()
@@ -583,16 +597,27 @@ class TrainingLoop:
     def _save_checkpoint(self, reasons: list[str]) -> None:
         self._last_save_time = time.monotonic()
         positions = self._all_positions()  # every process takes part
+        shards = self._start_shards() if self.s.sharding.sharded else None
         if self.accelerator.is_main_process:
-            snapshot = self._snapshot(reasons, positions)
+            snapshot = self._snapshot(reasons, positions, shards)
             state_at_save = copy.copy(self.state)  # the writer reports when training has moved on
 
             def saved(path: Path, deleted_steps: list[int]) -> None:
                 self._saved(state_at_save, reasons, path, deleted_steps)
 
             # the weights and optimizer state are copied on the writer thread; the next optimizer step waits for it
-            self.store.save(snapshot, on_saved=saved, guard=self.s.optimizer)
+            self.store.save(snapshot, on_saved=saved, guard=self.s.optimizer if shards is None else None)
+        elif shards is not None:
+            self.store.hold(shards)
         self.accelerator.wait_for_everyone()
+
+    def _start_shards(self) -> Any:
+        """Every process's shard of the weights and optimizer state, copied and written in the background."""
+        self.store.wait()  # one save in flight: every process waits for its part of the one before
+        optimizer = None if self.config.save_only_model else self.s.optimizer
+        state = sharded_state(self.accelerator.unwrap_model(self.s.model), optimizer)
+        return self.store.start_shards(self.state.step, state, self.s.sharding.checkpoint_group,
+                                       self.accelerator.is_main_process, guard=self.s.optimizer)
 
     def _saved(self, state: RunState, reasons: list[str], path: Path, deleted_steps: list[int]) -> None:
         """On the writer thread, once a checkpoint is complete (and rotation has run)."""
@@ -601,9 +626,9 @@ class TrainingLoop:
             self.metrics.event(state, "rotation", deleted=[f"{PREFIX}{step}" for step in deleted_steps])
         self.callbacks.fire("on_save", state, path)
 
-    def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None]) -> Snapshot:
+    def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None], shards: Any) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
-        weights, weights_name = checkpoint_tensors(model)
+        weights, weights_name = checkpoint_tensors(model) if shards is None else (None, "")
         saved = state.saved_fields()
         saved.rng, saved.data_loader = positions
         # eval metrics of an earlier step would make this checkpoint look as good as that one
@@ -616,8 +641,8 @@ class TrainingLoop:
         return Snapshot(
             step=state.step, weights=weights, weights_name=weights_name,
             write_model_files=lambda folder: _write_model_files(model, tokenizer, folder),
-            optimizer=None if self.config.save_only_model else self.s.optimizer.state_dict(),
-            state=saved, entry=entry,
+            optimizer=None if self.config.save_only_model or shards is not None else self.s.optimizer.state_dict(),
+            state=saved, entry=entry, shards=shards,
         )
 
     def _all_positions(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -639,17 +664,27 @@ class TrainingLoop:
         self._write_final_model()
 
     def _write_final_model(self) -> None:
-        if not self.accelerator.is_main_process:
+        """On the main process; a sharded model is gathered from every process first (all take part)."""
+        sharded = self.s.sharding.sharded
+        if not (sharded or self.accelerator.is_main_process):
             return
         model = self.accelerator.unwrap_model(self.s.model)
         best = self.store.best_step() if self.config.load_best_model_at_end else None
+        if sharded:
+            from accelerate.utils import broadcast_object_list
+
+            best = broadcast_object_list([best])[0]  # the main process's index knows it
         if best is not None and best != self.state.step:
             folder = self.s.output_dir / f"{PREFIX}{best}"
-            load_weights(model, ResumePoint(folder, read_state(folder)))
+            point = ResumePoint(folder, read_state(folder))
+            load_sharded_checkpoint(model, None, point) if is_sharded(folder) else load_weights(model, point)
             log.info("load_best_model_at_end: the final model is %s%d's (best %s); the last step's is %s%d",
                      PREFIX, best, self.config.metric_for_best_model, PREFIX, self.state.step)
+        weights = self.s.sharding.full_state(model)
+        if not self.accelerator.is_main_process:
+            return
         model.config.use_cache = True  # training is over: the saved model generates with its KV cache
-        model.save_pretrained(str(self.s.output_dir), safe_serialization=True)
+        model.save_pretrained(str(self.s.output_dir), safe_serialization=True, state_dict=weights)
         self.s.tokenizer.save_pretrained(str(self.s.output_dir))
         log.info("final model written to %s", self.s.output_dir)
 
@@ -718,14 +753,6 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _maybe_no_sync(accelerator: Accelerator, model: torch.nn.Module, skip: bool):
-    from contextlib import nullcontext
-
-    if skip or accelerator.num_processes == 1:
-        return nullcontext()
-    return accelerator.no_sync(model)
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:

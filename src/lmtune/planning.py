@@ -35,13 +35,13 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
 
         _, info = prepare_stream(config, tokenizer, 0, world_size)  # the same checks as `train`
         plan = make_plan(with_planned_steps(config, info, world_size), None, world_size, bool(info.held_out),
-                         **estimate_sizes(model_path, config))
+                         **estimate_sizes(model_path, config, world_size))
         plan.stream = stream_size(config, info, world_size)
         plan.batching = batching_of(config, [])
     else:
         data = prepare_data(config, tokenizer)
         plan = make_plan(config, len(data.train), world_size, data.eval is not None,
-                         **estimate_sizes(model_path, config),
+                         **estimate_sizes(model_path, config, world_size),
                          epoch_origin=epoch_origin(point, config, len(data.train), world_size))
         plan.batching = batching_of(config, data.stats.train_row_lengths)
     if point is not None:
@@ -65,7 +65,7 @@ def resume_lines(point, config: TrainConfig, tokenizer, plan: Plan, world_size: 
     return lines + resume_lr_lines(point.state.schedule, config, point.step, total_steps)
 
 
-def estimate_sizes(model_path: str, config: TrainConfig) -> dict[str, int | None]:
+def estimate_sizes(model_path: str, config: TrainConfig, processes: int = 1) -> dict[str, int | None]:
     """`checkpoint_bytes` and `final_model_bytes` from the model's shape, built on the meta device (no
     weights read)."""
     import torch
@@ -84,37 +84,60 @@ def estimate_sizes(model_path: str, config: TrainConfig) -> dict[str, int | None
     trainable, total = count_parameters(model)
     return {"checkpoint_bytes": checkpoint_bytes(trainable, config, model_path),
             "final_model_bytes": final_model_bytes(trainable, total, config, model_path),
-            "memory": memory_estimate(model, config)}
+            "memory": memory_estimate(model, config, processes)}
 
 
-def memory_estimate(model, config: TrainConfig) -> dict[str, int | None]:
+def memory_estimate(model, config: TrainConfig, processes: int = 1) -> dict[str, int | None]:
     """Bytes one process holds while training: weights (fp32; the decoder layers' linear weights in 4 or 8
     bits with quantization_bit), gradients and AdamW's two moments of what is trained, and the activations
     kept for the backward pass per token of a micro-batch (a Llama-like layer keeps about 8 x hidden +
-    4 x intermediate values a token; with gradient_checkpointing only each layer's input, plus one layer)."""
+    4 x intermediate values a token; with gradient_checkpointing only each layer's input, plus one layer).
+
+    With fsdp over `processes`, gradients and AdamW state are 1/processes each; full_shard also shards the
+    weights, gathering the embeddings and output layer and one decoder layer at a time, shard_grad_op keeps
+    them all gathered from forward to backward. fsdp_offload (on a GPU) keeps the shards in CPU memory
+    (`cpu`), the device holds the gathered weights alone."""
     quantised_bytes = {4: 0.53, 8: 1.0}.get(config.quantization_bit)  # NF4 with its block scales
-    weights = trained = 0.0
+    weights = trained = one_layer = 0.0
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             trained += parameter.numel()
         quantised = quantised_bytes is not None and parameter.ndim == 2 and not parameter.requires_grad and \
             ".layers." in name and "embed" not in name
-        weights += parameter.numel() * (quantised_bytes if quantised else 4)
-    shape = model.config
+        size = parameter.numel() * (quantised_bytes if quantised else 4)
+        weights += size
+        one_layer += size if ".layers.0." in name else 0
+    shards = processes if config.fsdp and processes > 1 else 1
+    memory: dict[str, int | None] = {"weights": int(weights), "gradients": int(trained * 4 / shards),
+                                     "optimizer": int(trained * 8 / shards), "cpu": 0, "processes": shards}
+    if shards > 1 and config.fsdp == "full_shard":
+        layers = getattr(model.config, "num_hidden_layers", 1) or 1
+        gathered = weights - one_layer * (layers - 1)  # embeddings, output layer, norms and one layer
+        memory["weights"] = int(weights / shards + gathered)
+    if shards > 1 and config.fsdp_offload:
+        memory["cpu"] = int(weights / shards) + memory["gradients"] + memory["optimizer"]
+        memory["weights"] = memory["weights"] - int(weights / shards)
+        memory["gradients"] = memory["optimizer"] = 0
+    memory["activations_per_token"] = activations_per_token(model.config, config)
+    return memory
+
+
+def activations_per_token(shape, config: TrainConfig) -> int | None:
     hidden, layers = getattr(shape, "hidden_size", None), getattr(shape, "num_hidden_layers", None)
-    per_token = None
-    if hidden and layers:
-        value_bytes = 2 if config.bf16 else 4
-        per_layer = (8 * hidden + 4 * getattr(shape, "intermediate_size", 4 * hidden)) * value_bytes
-        per_token = (layers * hidden * value_bytes + per_layer) if config.gradient_checkpointing else layers * per_layer
-    return {"weights": int(weights), "gradients": int(trained * 4), "optimizer": int(trained * 8),
-            "activations_per_token": per_token}
+    if not (hidden and layers):
+        return None
+    value_bytes = 2 if config.bf16 else 4
+    per_layer = (8 * hidden + 4 * getattr(shape, "intermediate_size", 4 * hidden)) * value_bytes
+    return (layers * hidden * value_bytes + per_layer) if config.gradient_checkpointing else layers * per_layer
 
 
 def memory_line(memory: dict[str, int | None], tokens_per_micro_batch: int) -> str:
     fixed = memory["weights"] + memory["gradients"] + memory["optimizer"]
-    line = (f"memory per process (estimate): weights {human_bytes(memory['weights'])}, gradients "
+    where = "process" if memory.get("processes", 1) == 1 else f"process (fsdp over {memory['processes']})"
+    line = (f"memory per {where} (estimate): weights {human_bytes(memory['weights'])}, gradients "
             f"{human_bytes(memory['gradients'])}, AdamW state {human_bytes(memory['optimizer'])}")
+    if memory.get("cpu"):
+        line += f" (fsdp_offload: {human_bytes(memory['cpu'])} of shards in CPU memory)"
     if memory["activations_per_token"] is None:
         return line + f"; {human_bytes(fixed)} before activations"
     activations = memory["activations_per_token"] * tokens_per_micro_batch

@@ -27,6 +27,7 @@ from lmtune.checkpoint import (
     CheckpointIndex,
     DamagedCheckpoint,
     atomic_write_text,
+    read_sharded,
     read_state,
     read_weights,
     verify_checkpoint,
@@ -181,9 +182,20 @@ def _is_tied(model: torch.nn.Module, name: str, saved: dict[str, torch.Tensor]) 
     return target is not None and any(p is target for other, p in parameters.items() if other in saved)
 
 
-def load_optimizer_state(optimizer: Any, point: ResumePoint, state: dict[str, Any]) -> None:
+def load_sharded_checkpoint(model: torch.nn.Module, optimizer: Any, point: ResumePoint) -> None:
+    """The weights and optimizer state of a sharded checkpoint, into a sharded or a whole model: DCP reads
+    from the shards, whatever the number of processes that wrote them, what each process holds."""
+    from lmtune.sharding import load_sharded_state, sharded_state
+
+    state = sharded_state(model, optimizer)
+    read_sharded(point.path, state)
+    load_sharded_state(model, optimizer, state)
+
+
+def load_optimizer_state(optimizer: Any, point: ResumePoint, state: dict[str, Any], load: Any = None) -> None:
+    """`load`: how this run's optimizer takes a whole state dict (a sharded one: `FullySharded.load_optimizer`)."""
     try:
-        optimizer.load_state_dict(state)
+        (load or optimizer.load_state_dict)(state)
     except (ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"{point.path}: its optimizer state does not fit this run's trained parameters ({error}); "
                         "did lora_target, freeze_trainable_layers or the model change?") from None
