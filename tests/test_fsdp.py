@@ -149,6 +149,23 @@ def test_one_process_loads_a_checkpoint_two_processes_sharded(runs):
     assert state[embeddings]["exp_avg"].shape == model.get_input_embeddings().weight.shape  # whole, not a shard
 
 
+def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_with_double_accumulation(runs, module_dir, tmp_path):
+    """Issue's end-to-end case: 2 x 4 rows a step under FSDP, resumed on one process as 1 x 4 x 2 accumulation."""
+    from test_reshard import assert_within_float_noise
+
+    _, fsdp = runs
+    resumed = tmp_path / "one"
+    resumed.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
+    config = config_file(module_dir, "one", fsdp="full_shard", gradient_accumulation_steps=2)
+    config.write_text(config.read_text().replace(str(module_dir / "one"), str(resumed)))
+    assert run_lmtune("train", config) == 0
+    loss_difference, weight_difference = assert_within_float_noise(fsdp, resumed, 2)
+    event = next(r for r in read_jsonl(resumed / "metrics.jsonl") if r.get("event") == "resume")
+    assert event["processes"] == {"saved": 2, "now": 1}
+    print(f"FSDP 2 -> 1: largest loss difference {loss_difference:.2e}, weights {weight_difference:.2e}")
+
+
 def test_export_of_a_sharded_checkpoint_is_a_whole_model(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
