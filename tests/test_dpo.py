@@ -290,15 +290,22 @@ def test_streaming_preference_data_is_refused_with_the_way_out(tmp_path, dpo_con
 def test_preview_shows_prompt_chosen_and_rejected_with_the_trained_tokens_marked(dpo_config, capsys):
     assert run_lmtune("preview", dpo_config(), "-n", "1") == 0
     out = capsys.readouterr().out
-    assert "prompt" in out and "chosen" in out and "rejected" in out
-    assert "Question" in out and "Yes, it is more." in out
+    assert "a preference pair: prompt, chosen, rejected" in out
+    prompt = out[out.index("prompt (masked in both):"):out.index("chosen: tokens")]
+    assert "Question" in prompt and "Yes, it is more." not in prompt
+    chosen = out[out.index("chosen: tokens"):out.index("rejected: tokens")]
+    rejected = out[out.index("rejected: tokens"):]
+    assert "]Yes, it is more.<|im_end|>[-100" in chosen  # the labels: the answer trained, the rest masked
+    assert "Yes, it is more." not in rejected and "7 trained" in rejected
 
 
 def test_plan_counts_pairs(dpo_config, capsys):
     assert run_lmtune("plan", dpo_config(per_device_train_batch_size=4), "--json") == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["steps_per_epoch"] == 8  # 32 pairs, 4 a step
-    assert "pairs" in json.dumps(plan)
+    assert plan["data"] == {"train": 32, "eval": 0, "unit": "pairs"}
+    assert run_lmtune("plan", dpo_config(per_device_train_batch_size=4)) == 0
+    assert "8 per epoch, 1.00 epochs over 32 training pairs" in capsys.readouterr().out
 
 
 # --- SmolLM2 --------------------------------------------------------------------------------------

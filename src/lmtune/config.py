@@ -474,6 +474,11 @@ class TrainConfig(BaseModel):
         return self.stage in ("sft", "dpo") if self.padding_free is None else self.padding_free
 
     @property
+    def sample_name(self) -> str:
+        """What one training row is: a preference pair, a packed row, or an example."""
+        return "pairs" if self.stage == "dpo" else "packed rows" if self.use_packing else "examples"
+
+    @property
     def uses_reference(self) -> bool:
         """Whether the preference loss compares the model with a reference (simpo and orpo need none)."""
         return self.stage == "dpo" and self.pref_loss in ("sigmoid", "ipo")

@@ -310,8 +310,9 @@ class TrainingLoop:
             if self.s.resume is not None:
                 self._log_resume(self.s.resume)
             log.info(
-                "%s training rows, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
-                "streamed" if config.streaming else len(self.s.data.train), plan.steps_per_epoch or "unknown",
+                "%s training %s, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
+                "streamed" if config.streaming else len(self.s.data.train), config.sample_name,
+                plan.steps_per_epoch or "unknown",
                 plan.total_steps, config.per_device_train_batch_size,
                 config.gradient_accumulation_steps, self.accelerator.num_processes,
             )

@@ -38,6 +38,8 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
         plan = make_plan(config, len(data.train), world_size, data.eval is not None,
                          **estimate_sizes(model_path, config))
         plan.batching = batching_of(config, data.stats.train_row_lengths)
+        plan.data = {"train": len(data.train), "eval": len(data.eval) if data.eval is not None else 0,
+                     "unit": config.sample_name}
     plan.resume = resume_lines(config, tokenizer, plan.total_steps)
     return plan
 
@@ -235,8 +237,9 @@ def render_plan(plan: Plan, config: TrainConfig) -> None:
         console.print(f"[bold]about {plan.total_steps} optimizer steps[/] (estimated): the stream stops after "
                       f"{plan.stream['stops_after_passes']:g} passes (num_train_epochs)")
     else:
+        over = f" over {plan.data['train']:,} training {plan.data['unit']}" if plan.data else ""
         console.print(f"[bold]{plan.total_steps} optimizer steps[/], {plan.steps_per_epoch or '?'} per epoch, "
-                      f"{epochs} epochs")
+                      f"{epochs} epochs{over}")
     for phase in plan.phases:
         console.print(f"save_schedule[{phase['phase']}]: steps {phase['from_step']}..{phase['until_step']}: "
                       f"{len(phase['saves'])} saves")

@@ -55,6 +55,7 @@ class Plan:
     stream: dict | None = None  # for streamed data: what is known or estimated of its size
     resume: list[str] = field(default_factory=list)  # where a resume starts and what its learning rate does
     batching: dict | None = None  # how micro-batches are laid out (batching.batching_of)
+    data: dict | None = None  # the training rows planned over: {"train": int, "eval": int, "unit": "pairs", ...}
 
     @property
     def disk_bytes(self) -> int | None:
@@ -90,6 +91,7 @@ class Plan:
             "stream": self.stream,
             "resume": self.resume,
             "batching": self.batching,
+            "data": self.data,
         }
 
 
