@@ -325,3 +325,20 @@ def test_smollm2_learns_to_prefer_the_chosen_answers(tmp_path, smollm2_dir, pair
     assert rows[-1]["rewards/margins"] > rows[1]["rewards/margins"] > 0
     assert rows[-1]["loss"] < LN2
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_the_web_form_offers_stage_dpo_and_writes_its_keys_only_for_it(tmp_path, tiny_model_dir, pairs_file):
+    import yaml
+    from test_webui import make_workdir, tiny_form
+
+    from lmtune.webui import form as F
+
+    workdir = make_workdir(tmp_path / "work", tiny_model_dir)
+    (workdir / "data" / "pairs.jsonl").write_text(pairs_file.read_text())
+    form = tiny_form(stage="dpo", dataset=["data/pairs.jsonl"], pref_beta="0.2", pref_loss="ipo", pref_ftx="0.1",
+                     precompute_ref_log_probs=True, metric_for_best_model="eval_rewards/accuracies", val_size="4")
+    loaded = yaml.safe_load(F.values_to_yaml(F.form_to_values(workdir, form)))
+    assert (loaded["stage"], loaded["pref_beta"], loaded["pref_loss"], loaded["pref_ftx"]) == ("dpo", 0.2, "ipo", 0.1)
+    assert loaded["precompute_ref_log_probs"] is True and loaded["metric_for_best_model"] == "eval_rewards/accuracies"
+    sft = yaml.safe_load(F.values_to_yaml(F.form_to_values(workdir, tiny_form(pref_beta="0.2"))))
+    assert not set(F.PREFERENCE_KEYS) & set(sft)
