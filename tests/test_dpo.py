@@ -167,6 +167,22 @@ def test_one_step_of_pairs_is_the_mean_over_pairs_whatever_the_accumulation(dpo_
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_lmtune_eval_of_a_dpo_checkpoint_gives_the_runs_own_eval(dpo_config, tmp_path, capsys, finetuning_type):
+    config = dpo_config(finetuning_type=finetuning_type, learning_rate=1e-2 if finetuning_type == "lora" else 1e-3,
+                        max_steps=3, val_size=4, eval_steps=3)
+    assert run_lmtune("train", config) == 0
+    logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval"][-1]
+    capsys.readouterr()
+    assert run_lmtune("eval", tmp_path / "run", "--checkpoint", tmp_path / "run" / "checkpoint-3") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs"] == 4 and "perplexity" not in report
+    assert report["loss"] == pytest.approx(logged["eval_loss"], rel=1e-5)
+    for name in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert report[name] == pytest.approx(logged[f"eval_{name}"], rel=1e-5, abs=1e-6), name
+    assert report["rewards/margins"] != 0.0  # measured against the reference, not against itself
+
+
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -316,7 +332,7 @@ def test_smollm2_learns_to_prefer_the_chosen_answers(tmp_path, smollm2_dir, pair
 
     config = write_config(
         tmp_path, model_name_or_path=str(smollm2_dir), stage="dpo", dataset=str(pairs_file), finetuning_type="lora",
-        lora_rank=8, pref_beta=0.1, learning_rate=5e-4, per_device_train_batch_size=4, max_steps=4,
+        lora_rank=8, pref_beta=0.1, learning_rate=5e-4, per_device_train_batch_size=2, max_steps=3,
         logging_steps=1, report_to="none", plot_loss=False, preview_samples=0, cutoff_len=128,
         output_dir=str(tmp_path / "run"), lr_scheduler_type="constant")
     assert run_lmtune("train", config) == 0

@@ -147,7 +147,8 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     written = len(plan.save_steps)
     lines = plan.resume + ([stream_line(plan.stream)] if plan.stream else [])
     if plan.memory:
-        lines.append(memory_line(plan.memory, config.per_device_train_batch_size * config.cutoff_len))
+        sequences = 2 if config.stage == "dpo" else 1  # a pair is two sequences
+        lines.append(memory_line(plan.memory, config.per_device_train_batch_size * config.cutoff_len * sequences))
     if plan.batching:
         lines += [batching_line(plan.batching)] + ([plan.batching["note"]] if plan.batching["note"] else [])
     if config.save_total_limit is None:
