@@ -9,7 +9,8 @@ import random
 
 import pytest
 import torch
-from conftest import read_jsonl, run_lmtune
+from conftest import read_jsonl, run_lmtune, torchrun
+from test_loss import assert_same_training
 from test_resume import assert_same_run
 
 from lmtune.config import build_config, load_config
@@ -181,6 +182,33 @@ def test_lmtune_eval_of_a_dpo_checkpoint_gives_the_runs_own_eval(dpo_config, tmp
     for name in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert report[name] == pytest.approx(logged[f"eval_{name}"], rel=1e-5, abs=1e-6), name
     assert report["rewards/margins"] != 0.0  # measured against the reference, not against itself
+
+
+def assert_same_metrics(a, b) -> None:
+    for row_a, row_b in zip(train_rows(a), train_rows(b), strict=True):
+        for key in ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-5), (row_a["step"], key)
+
+
+def test_padded_pairs_train_as_padding_free_ones_do(dpo_config, tmp_path, capsys):
+    """Padded, each sequence of a pair gets its own row (an attention mask would let the rejected answer
+    see the chosen one): the same losses, metrics and weights as padding-free."""
+    common = dict(max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    assert run_lmtune("train", dpo_config(output_dir=str(tmp_path / "free"), **common)) == 0
+    assert run_lmtune("train", dpo_config(output_dir=str(tmp_path / "padded"), padding_free=False, **common)) == 0
+    assert "batching: padded" in capsys.readouterr().err
+    assert_same_training(tmp_path / "free", tmp_path / "padded")
+    assert_same_metrics(tmp_path / "free", tmp_path / "padded")
+
+
+def test_two_processes_train_pairs_as_one_process_with_both_their_pairs(dpo_config, tmp_path):
+    """The loss and the metrics of a step are means over the pairs of every process."""
+    torchrun(dpo_config(output_dir=str(tmp_path / "two"), max_steps=2, per_device_train_batch_size=2))
+    assert run_lmtune("train", dpo_config(output_dir=str(tmp_path / "one"), max_steps=2,
+                                          per_device_train_batch_size=4)) == 0
+    assert [r["samples_seen"] for r in train_rows(tmp_path / "two")] == [4, 8]
+    assert_same_training(tmp_path / "two", tmp_path / "one")
+    assert_same_metrics(tmp_path / "two", tmp_path / "one")
 
 
 # --- data ------------------------------------------------------------------------------------
