@@ -86,11 +86,16 @@ def test_metric_for_best_model_names_a_reward_metric(dpo_config, tmp_path):
     assert best == [max(evals, key=evals.get)]  # greater is better for a margin
 
 
-def test_a_resumed_dpo_run_continues_with_the_same_losses_bit_for_bit(dpo_config, tmp_path):
+@pytest.mark.parametrize("method", [
+    {},  # LoRA: the adapter switched off
+    {"finetuning_type": "full", "learning_rate": 1e-3},  # a frozen copy of the model as loaded, not of the checkpoint
+    {"finetuning_type": "full", "learning_rate": 1e-3, "precompute_ref_log_probs": True},
+])
+def test_a_resumed_dpo_run_continues_with_the_same_losses_bit_for_bit(dpo_config, tmp_path, method):
     import shutil
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    settings = dict(max_steps=5, save_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    settings = dict(max_steps=5, save_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method)
     assert run_lmtune("train", dpo_config(output_dir=str(straight), **settings)) == 0
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
@@ -112,13 +117,20 @@ def test_full_fine_tuning_compares_with_the_model_as_loaded(dpo_config, tmp_path
     assert rows[1]["rewards/margins"] != 0.0  # the model moved away from its reference
 
 
-def test_precomputed_reference_log_probs_are_kept_with_the_processed_data(dpo_config, tmp_path, isolated_cache):
-    config = dpo_config(finetuning_type="full", max_steps=1, precompute_ref_log_probs=True)
-    assert run_lmtune("train", config) == 0
+def test_precomputed_reference_log_probs_are_kept_with_the_processed_data(dpo_config, tmp_path, isolated_cache,
+                                                                          capsys):
+    settings = dict(finetuning_type="full", max_steps=1, precompute_ref_log_probs=True)
+    assert run_lmtune("train", dpo_config(output_dir=str(tmp_path / "first"), **settings)) == 0
+    assert "reference log-probabilities of 32 pairs computed" in capsys.readouterr().err
     stored = sorted((isolated_cache / "data").glob("*/ref_logps-*.json"))
-    assert stored
-    values = json.loads(stored[-1].read_text())
+    assert len(stored) == 1
+    values = json.loads(stored[0].read_text())
     assert len(values["train"]) == 32 and all(len(pair) == 2 and pair[0] < 0 for pair in values["train"])
+    assert run_lmtune("train", dpo_config(output_dir=str(tmp_path / "second"), **settings)) == 0
+    assert "reference log-probabilities read from" in " ".join(capsys.readouterr().err.split())
+    first, second = train_rows(tmp_path / "first")[0], train_rows(tmp_path / "second")[0]
+    for key in ("loss", "grad_norm", "rewards/chosen", "logps/chosen", "logps/rejected"):
+        assert first[key] == second[key], key
 
 
 def test_the_loss_formulas_match_a_hand_computation():

@@ -481,8 +481,9 @@ class TrainingLoop:
                 loss = self.loss(model, batch) / divisor
                 # The gradient is averaged over processes; the count above is already global.
                 accelerator.backward(loss * accelerator.num_processes)
-            metrics = self.loss.metric_sums().to(step_loss) / divisor.to(step_loss)
-            step_loss += torch.cat([loss.detach().float().view(1), metrics])
+            step_loss[0] += loss.detach().float()
+            if self.loss.metric_names:  # means over the step's units, as the loss
+                step_loss[1:] += self.loss.metric_sums() / divisor
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         lr = self.s.scheduler.get_last_lr()[0]
