@@ -107,14 +107,29 @@ def test_a_resumed_dpo_run_continues_with_the_same_losses_bit_for_bit(dpo_config
 
 
 @pytest.mark.parametrize("settings", [
-    {},  # a frozen copy of the model as loaded
-    {"precompute_ref_log_probs": True},
+    {"finetuning_type": "full"},  # a frozen copy of the model as loaded
+    {"finetuning_type": "full", "precompute_ref_log_probs": True},
+    {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
 ])
 def test_full_fine_tuning_compares_with_the_model_as_loaded(dpo_config, tmp_path, settings):
-    assert run_lmtune("train", dpo_config(finetuning_type="full", learning_rate=1e-3, max_steps=2, **settings)) == 0
+    assert run_lmtune("train", dpo_config(learning_rate=1e-3, max_steps=2, **settings)) == 0
     rows = train_rows(tmp_path / "run")
     assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-5)
     assert rows[1]["rewards/margins"] != 0.0  # the model moved away from its reference
+
+
+@pytest.mark.parametrize("pref_loss", ["simpo", "orpo"])
+def test_a_reference_free_loss_trains_without_a_reference(dpo_config, tmp_path, capsys, pref_loss):
+    assert run_lmtune("train", dpo_config(finetuning_type="full", learning_rate=1e-3, max_steps=2,
+                                          pref_loss=pref_loss, pref_beta=0.2)) == 0
+    assert "frozen copy" not in capsys.readouterr().err
+    for row in train_rows(tmp_path / "run"):
+        # rewards are beta x the answers' mean log-probabilities, which are means over their tokens
+        assert row["rewards/chosen"] == pytest.approx(0.2 * row["logps/chosen"], rel=1e-5)
+        assert row["rewards/rejected"] == pytest.approx(0.2 * row["logps/rejected"], rel=1e-5)
+        assert -12 < row["logps/chosen"] < 0  # a token mean of a random model (ln 49152 is 10.8)
+    rows = train_rows(tmp_path / "run")
+    assert rows[0]["loss"] != pytest.approx(LN2, abs=1e-3)
 
 
 def test_precomputed_reference_log_probs_are_kept_with_the_processed_data(dpo_config, tmp_path, isolated_cache,
