@@ -56,10 +56,11 @@ def test_ignored_keys_are_accepted_and_listed_with_why(key):
 
 @pytest.mark.parametrize("values, words", [
     ({"deepspeed": "examples/deepspeed/ds_z3_config.json"}, ["deepspeed", "torchrun", "fsdp"]),
-    ({"pref_beta": 0.1}, ["pref_beta", "dpo", "not available"]),
-    ({"pref_loss": "sigmoid"}, ["pref_loss", "not available"]),
-    ({"pref_ftx": 0.0}, ["pref_ftx", "not available"]),
-    ({"stage": "dpo"}, ["stage dpo", "not available", "'pt', 'sft'"]),
+    ({"stage": "kto"}, ["stage kto", "not available", "'pt', 'sft', 'dpo'"]),
+    ({"stage": "orpo"}, ["stage orpo", "stage: dpo", "pref_loss: orpo"]),
+    ({"stage": "dpo", "pref_loss": "simpo", "precompute_ref_log_probs": True}, ["precompute_ref_log_probs",
+                                                                               "no reference"]),
+    ({"stage": "dpo", "packing": True}, ["packing", "stage: dpo"]),
     ({"train_on_prompt": True}, ["train_on_prompt", "stage: pt"]),
     ({"tokenized_path": "cache"}, ["tokenized_path", "LMTUNE_HOME"]),
     ({"push_to_hub": True}, ["push_to_hub", "lmtune export"]),
@@ -85,9 +86,8 @@ def test_refused_keys_name_the_lmtune_way(values, words):
 
 def test_every_table_entry_is_covered_by_a_test():
     mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "neat_packing", "fsdp_config"}
-    refused = {"deepspeed", "pref_beta", "pref_loss", "pref_ftx",
-               "train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha", "use_dora",
-               "use_rslora", "lr_scheduler_kwargs"}
+    refused = {"deepspeed", "train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha",
+               "use_dora", "use_rslora", "lr_scheduler_kwargs"}
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "mapped"} == mapped
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "refused"} == refused
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "ignored"} == set(IGNORED)

@@ -88,7 +88,7 @@ def test_identity_placeholders_without_values_are_left_and_named(tmp_path, tiny_
 @pytest.mark.parametrize("entry, rows, words", [
     ({"file_name": "p.json", "ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen",
                                                          "rejected": "rejected"}},
-     [{"instruction": "q", "chosen": "good", "rejected": "bad"}], ["ranking: true", "dpo", "not available"]),
+     [{"instruction": "q", "chosen": "good", "rejected": "bad"}], ["ranking: true", "for stage: dpo", "stage sft"]),
     ({"hf_hub_url": "llamafactory/alpaca_en"}, [], ["no file_name", "hf_hub_url", "local files"]),
     ({"file_name": "p.json", "formatting": "openai"}, [{"instruction": "q", "output": "a"}],
      ["formatting 'openai'", "alpaca, sharegpt"]),

@@ -64,7 +64,8 @@ class EpochRows(torch.utils.data.Dataset):
 
 @dataclass
 class Counts:
-    """What a micro-batch holds, for progress: examples, non-padding tokens, trained tokens."""
+    """What a micro-batch holds, for progress: samples (rows of the data: examples, or preference pairs; the
+    examples of a packed row), non-padding tokens, trained tokens."""
 
     samples: int
     tokens: int
@@ -76,10 +77,12 @@ class Collator:
 
     - padding-free (`padding_free`): the rows of the micro-batch laid end to end in one row, no padding;
     - padded, packed rows: padded to the longest, position ids only;
-    - padded: padded to the longest, with an attention mask.
+    - padded: padded to the longest, with an attention mask; a row of several sequences (a preference
+      pair) becomes a row for each, since an attention mask does not keep them apart.
 
     Position ids restart at each example (and at the padding); without an attention mask, that is what
-    tells the model's attention to keep examples apart."""
+    tells the model's attention to keep examples apart. Precomputed reference log-probabilities of a
+    pair's sequences (`ref_logps`) come along, in the order of the sequences."""
 
     def __init__(self, pad_token_id: int, packed: bool, padding_free: bool = False):
         self.pad_token_id = pad_token_id
@@ -87,12 +90,15 @@ class Collator:
         self.padding_free = padding_free
 
     def __call__(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], Counts]:
-        repeats = [row for row in rows if row.get("repeat")]  # trained nothing; not counted as seen
-        repeated = Counts(sum(list(row["position_ids"]).count(0) for row in repeats),
-                          sum(len(row["input_ids"]) for row in repeats), 0)
+        trained = [row for row in rows if not row.get("repeat")]  # a repeat trains nothing and is not counted
+        samples = sum(list(row["position_ids"]).count(0) for row in trained) if self.packed else len(trained)
+        repeated_tokens = sum(len(row["input_ids"]) for row in rows if row.get("repeat"))
+        reference = [value for row in rows for value in row["ref_logps"]] if "ref_logps" in rows[0] else None
         if self.padding_free:
             rows = [{key: [value for row in rows for value in row[key]]
                      for key in ("input_ids", "labels", "position_ids")}]
+        elif not self.packed:
+            rows = [sequence for row in rows for sequence in _sequences(row)]
         width = max(len(row["input_ids"]) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -105,12 +111,22 @@ class Collator:
             positions[index, :length] = torch.tensor(row["position_ids"])
             positions[index, length:] = torch.arange(width - length)
             attention[index, :length] = 1
-        samples = int(((positions == 0) & (attention == 1)).sum())  # an example starts at position 0
-        counts = Counts(samples - repeated.samples, int(attention.sum()) - repeated.tokens,
-                        int((labels[:, 1:] != IGNORE_INDEX).sum()))
+        counts = Counts(samples, int(attention.sum()) - repeated_tokens, int((labels[:, 1:] != IGNORE_INDEX).sum()))
+        batch = {"input_ids": input_ids, "labels": labels}
         if self.packed or self.padding_free:
-            return {"input_ids": input_ids, "labels": labels, "position_ids": positions}, counts
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}, counts
+            batch["position_ids"] = positions
+        else:
+            batch["attention_mask"] = attention
+        if reference is not None:
+            batch["ref_logps"] = torch.tensor(reference, dtype=torch.float32)
+        return batch, counts
+
+
+def _sequences(row: dict) -> list[dict]:
+    """A row cut where its position ids restart: one example, or the two sequences of a pair."""
+    starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
+    return [{key: row[key][start:end] for key in ("input_ids", "labels", "position_ids")}
+            for start, end in zip(starts, starts[1:], strict=False)]
 
 
 def padding_share(row_lengths: list[int], batch_size: int, seed: int) -> float:

@@ -103,16 +103,24 @@ class TerminalLog:
         if metrics.get("stream_pass") is not None:  # a stream: its pass, and an epoch estimated until its size is known
             epoch += f"{' (estimated)' if metrics['epoch_estimated'] else ''} pass {metrics['stream_pass']}"
         log.info(
-            "step %d/%d%s  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s  mem %.0f MB  eta %s",
-            metrics["step"], state.total_steps, epoch, metrics["loss"], metrics["lr"], metrics["grad_norm"],
-            metrics["tokens_per_s"], metrics["mem_peak_mb"], format_duration(metrics["eta_s"]),
+            "step %d/%d%s  loss %.4f%s  lr %.3g  grad_norm %.3f  %.0f tok/s  mem %.0f MB  eta %s",
+            metrics["step"], state.total_steps, epoch, metrics["loss"], _rewards(metrics), metrics["lr"],
+            metrics["grad_norm"], metrics["tokens_per_s"], metrics["mem_peak_mb"], format_duration(metrics["eta_s"]),
         )
 
     def on_evaluate(self, state: RunState, metrics: dict) -> None:
-        log.info("step %d  eval_loss %.4f", metrics["step"], metrics["eval_loss"])
+        log.info("step %d  eval_loss %.4f%s", metrics["step"], metrics["eval_loss"], _rewards(metrics, "eval_"))
 
     def on_save(self, state: RunState, path: Path) -> None:
         log.info("saved %s", path)
+
+
+def _rewards(metrics: dict, prefix: str = "") -> str:
+    """Preference training: how often the chosen answer wins, and by how much."""
+    if f"{prefix}rewards/accuracies" not in metrics:
+        return ""
+    return (f"  accuracy {metrics[f'{prefix}rewards/accuracies']:.2f}  margin "
+            f"{metrics[f'{prefix}rewards/margins']:.3f}")
 
 
 class ProgressBar:

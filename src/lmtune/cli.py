@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -83,7 +84,9 @@ def _print_config_help() -> None:
         table.add_column(column, overflow="fold")
     for row in config_help_rows():
         table.add_row(*row)
-    Console().print(table)
+    # the width from the live environment (COLUMNS): rich reads a copy of os.environ taken at import, which
+    # datasets' multi-process map replaces
+    Console(width=shutil.get_terminal_size().columns).print(table)
 
 
 @app.command()

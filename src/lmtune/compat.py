@@ -6,7 +6,7 @@ Each has one of three treatments, in the one table below (the README's key table
 - ignored: no effect in lmtune; accepted, and listed once when a run or a plan starts, with why;
 - refused: something lmtune does another way, or not yet: exit 2 with a message that names the lmtune way.
 
-Values of lmtune's own keys that come from those tools (`stage: dpo`, `report_to: [wandb]`) are
+Values of lmtune's own keys that come from those tools (`stage: kto`, `report_to: [wandb]`) are
 checked in config.py with the key.
 """
 
@@ -133,9 +133,6 @@ FOREIGN_KEYS: dict[str, Treatment] = {
                          "gradients and optimizer state set fsdp: full_shard (ZeRO-2: shard_grad_op; offload: "
                          "fsdp_offload: true); remove deepspeed"),
     "double_quantization": _ignore("4-bit QLoRA (quantization_bit: 4) always uses double quantisation"),
-    "pref_beta": _refuse(f"preference training (stage: dpo) is {NOT_YET}; remove pref_beta"),
-    "pref_loss": _refuse(f"preference training (stage: dpo) is {NOT_YET}; remove pref_loss"),
-    "pref_ftx": _refuse(f"preference training (stage: dpo) is {NOT_YET}; remove pref_ftx"),
     "train_on_prompt": _refuse("lmtune trains the assistant replies only (the rule of SFT labels); for training "
                                "on whole texts use stage: pt; remove train_on_prompt"),
     "tokenized_path": _refuse("lmtune caches processed data itself under $LMTUNE_HOME/data, keyed by the files, "

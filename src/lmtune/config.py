@@ -100,8 +100,9 @@ class TrainConfig(BaseModel):
                                     json_schema_extra=on_resume("run", data=True))
 
     # method
-    stage: Literal["pt", "sft"] = Field("sft", description="pt: continued pre-training on text; sft: supervised",
-                                        json_schema_extra=on_resume("run", data=True))
+    stage: Literal["pt", "sft", "dpo"] = Field(
+        "sft", description="pt: continued pre-training on text; sft: supervised; dpo: preference pairs "
+        "(chosen / rejected answers)", json_schema_extra=on_resume("run", data=True))
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained",
                                                                json_schema_extra=on_resume("run", checkpoint_size=True))
     lora_rank: int = Field(8, gt=0, description="LoRA rank r", json_schema_extra=on_resume("run", checkpoint_size=True))
@@ -122,6 +123,20 @@ class TrainConfig(BaseModel):
         "bitsandbytes and train LoRA on top", json_schema_extra=on_resume("run"))
     quantization_method: Literal["bnb"] = Field(
         "bnb", description="how the base weights are quantised: bnb (bitsandbytes)", json_schema_extra=on_resume("run"))
+
+    pref_beta: float = Field(0.1, gt=0, description="dpo: the beta of the preference loss (how far the model "
+                             "may move from the reference)", json_schema_extra=on_resume("run"))
+    pref_loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo, or the reference-free simpo and orpo",
+        json_schema_extra=on_resume("run"))
+    pref_ftx: float = Field(0.0, ge=0, description="dpo: weight of an SFT loss (mean over the chosen answer's "
+                            "tokens) added to the preference loss", json_schema_extra=on_resume("run"))
+    simpo_gamma: float = Field(0.5, description="pref_loss simpo: the target reward margin gamma",
+                               json_schema_extra=on_resume("run"))
+    precompute_ref_log_probs: bool = Field(
+        False, description="dpo with finetuning_type full / freeze: the reference log-probabilities computed once "
+        "before training and kept with the processed data, instead of a frozen copy of the model in memory",
+        json_schema_extra=on_resume("run"))
 
     # scale
     gradient_checkpointing: bool = Field(
@@ -167,7 +182,7 @@ class TrainConfig(BaseModel):
         json_schema_extra=on_resume("run", data=True)
     )
     padding_free: bool | None = Field(
-        None, description="micro-batches laid end to end in one row, no padding; null: on for sft, off for pt",
+        None, description="micro-batches laid end to end in one row, no padding; null: on for sft and dpo, off for pt",
         json_schema_extra=on_resume("run"))
     streaming: bool = Field(False, description="read the data as a stream (needs max_steps, or num_samples hints)",
                             json_schema_extra=on_resume("run", data=True))
@@ -321,8 +336,10 @@ class TrainConfig(BaseModel):
     @field_validator("stage", mode="before")
     @classmethod
     def _stage_not_yet(cls, value: Any) -> Any:
-        if value in ("dpo", "kto", "orpo", "simpo", "rm", "ppo"):
-            raise ValueError(f"stage {value}: preference and reward training is {NOT_YET}; valid: 'pt', 'sft'")
+        if value in ("orpo", "simpo"):
+            raise ValueError(f"stage {value}: lmtune trains it as stage: dpo with pref_loss: {value}")
+        if value in ("kto", "rm", "ppo"):
+            raise ValueError(f"stage {value}: reward and KTO training is {NOT_YET}; valid: 'pt', 'sft', 'dpo'")
         return value
 
     @field_validator("report_to", mode="after")
@@ -449,7 +466,20 @@ class TrainConfig(BaseModel):
         if probs is not None and datasets and self.mix_strategy != "concat" and len(probs) != len(datasets):
             raise ValueError(f"interleave_probs has {len(probs)} values for {len(datasets)} data sets "
                              f"({', '.join(datasets)}); give one probability a data set")
+        if self.stage == "dpo":
+            self._preference_checks()
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
+
+    def _preference_checks(self) -> None:
+        if self.packing:
+            raise ValueError("packing: true with stage: dpo: a preference pair is trained as its two sequences, "
+                             "never packed with other pairs; remove packing")
+        if self.streaming:
+            raise ValueError(f"streaming: true with stage: dpo: streamed preference data is {NOT_YET}; "
+                             "remove streaming (map-style data is cached after the first run)")
+        if self.precompute_ref_log_probs and not self.uses_reference:
+            raise ValueError(f"precompute_ref_log_probs: true with pref_loss: {self.pref_loss}, which needs no "
+                             "reference model; remove precompute_ref_log_probs")
 
     # --- derived values -------------------------------------------------------------------------
 
@@ -483,7 +513,17 @@ class TrainConfig(BaseModel):
 
     @property
     def use_padding_free(self) -> bool:
-        return self.stage == "sft" if self.padding_free is None else self.padding_free
+        return self.stage in ("sft", "dpo") if self.padding_free is None else self.padding_free
+
+    @property
+    def sample_name(self) -> str:
+        """What one training row is: a preference pair, a packed row, or an example."""
+        return "pairs" if self.stage == "dpo" else "packed rows" if self.use_packing else "examples"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the preference loss compares the model with a reference (simpo and orpo need none)."""
+        return self.stage == "dpo" and self.pref_loss in ("sigmoid", "ipo")
 
     @property
     def effective_lora_alpha(self) -> int:

@@ -1,9 +1,10 @@
 """The training loop, top to bottom.
 
     set up (devices, data, model, optimizer, schedule)  ->  for each optimizer step:
-        take `gradient_accumulation_steps` micro-batches, count their trained tokens on all
-        processes, forward + backward each with the loss divided by that count (every token
-        weighs the same), clip, step, schedule the LR, log, evaluate and save as the plan says
+        take `gradient_accumulation_steps` micro-batches, count their trained tokens (their pairs,
+        for dpo) on all processes, forward + backward each with the loss divided by that count
+        (every token or pair weighs the same), clip, step, schedule the LR, log, evaluate and save
+        as the plan says
     ->  the final model.
 """
 
@@ -57,6 +58,7 @@ from lmtune.loss import batch_loss_for
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
+from lmtune.preference import PreferenceLoss, precompute_reference, reference_for
 from lmtune.resume import (
     ResumePoint,
     batch_lines,
@@ -103,6 +105,7 @@ class Setup:
     to_clear: list[Path]  # an earlier run's files, removed (overwrite_output_dir) once the run holds the folder
     sharding: DataParallel | FullySharded
     resume: ResumePoint | None = None
+    reference: Any = None  # dpo: the model the preference loss compares with (None: none, or precomputed)
 
 
 def train(config: TrainConfig) -> Path:
@@ -140,6 +143,7 @@ def set_up(config: TrainConfig) -> Setup:
 
         log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does
     model = load_model(model_path, config)
+    reference = _preference_reference(config, model, data, tokenizer, accelerator)  # before a checkpoint's weights
     if point is not None:
         check_compatible(point, config, accelerator.num_processes)
         if not is_sharded(point.path):
@@ -174,7 +178,23 @@ def set_up(config: TrainConfig) -> Setup:
     collator = Collator(tokenizer.pad_token_id, packed=config.use_packing,
                         padding_free=plan.batching["padding_free"])
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
-                 collator, user_callbacks, fingerprint, to_clear, sharding, point)
+                 collator, user_callbacks, fingerprint, to_clear, sharding, point, reference)
+
+
+def _preference_reference(config: TrainConfig, model: torch.nn.Module, data: ProcessedData, tokenizer: Any,
+                          accelerator: Accelerator) -> Any:
+    """dpo: the reference model, taken from the model as loaded; or the reference log-probabilities, computed
+    with it once and added to the data (precompute_ref_log_probs)."""
+    if config.stage != "dpo":
+        return None
+    if config.precompute_ref_log_probs:
+        if config.quantization_bit is None:
+            model.to(accelerator.device)
+        collator = Collator(tokenizer.pad_token_id, packed=False,
+                            padding_free=batching_of(config, [], model)["padding_free"])
+        with accelerator.main_process_first():
+            precompute_reference(config, model, data, collator, accelerator)
+    return reference_for(model, config, accelerator.device)
 
 
 def _load_trained_state(point: ResumePoint, model: torch.nn.Module, optimizer: Any,
@@ -253,7 +273,10 @@ class TrainingLoop:
         self.accelerator = setup.accelerator
         self.config = setup.config
         self.metrics = MetricsFile(setup.output_dir / "metrics.jsonl")
-        self.loss = batch_loss_for(self.accelerator.unwrap_model(setup.model))  # of a batch: a token sum
+        unwrapped = self.accelerator.unwrap_model(setup.model)
+        # of a batch: a sum over its trained tokens (sft, pt) or its pairs (dpo)
+        self.loss = PreferenceLoss(unwrapped, setup.config, setup.reference) if setup.config.stage == "dpo" \
+            else batch_loss_for(unwrapped)
         self._interval = _Interval(state.samples_seen, state.tokens_seen)
         self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
@@ -300,8 +323,9 @@ class TrainingLoop:
             if self.s.resume is not None:
                 self._log_resume(self.s.resume)
             log.info(
-                "%s training rows, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
-                "streamed" if config.streaming else len(self.s.data.train), plan.steps_per_epoch or "unknown",
+                "%s training %s, %s steps per epoch, %d steps; batch %d x %d accumulation x %d processes",
+                "streamed" if config.streaming else len(self.s.data.train), config.sample_name,
+                plan.steps_per_epoch or "unknown",
                 plan.total_steps, config.per_device_train_batch_size,
                 config.gradient_accumulation_steps, self.accelerator.num_processes,
             )
@@ -466,22 +490,24 @@ class TrainingLoop:
     def _optimizer_step(self, group: list[tuple[dict, Counts]]) -> None:
         accelerator, model = self.accelerator, self.s.model
         model.train()
-        local = [sum(getattr(c, k) for _, c in group) for k in ("trained_tokens", "tokens", "samples")]
+        local = [sum(getattr(c, k) for _, c in group) for k in (self.loss.divided_by, "tokens", "samples")]
         counts = _to_device(torch.tensor(local, dtype=torch.float64), accelerator.device)
         if accelerator.num_processes > 1:
             counts = accelerator.reduce(counts, reduction="sum")
             local = [int(n) for n in counts.tolist()]  # the global counts: one read, only with several processes
-        trained_tokens = counts[0].clamp(min=1)
-        step_loss = torch.zeros((), device=accelerator.device)
+        divisor = counts[0].clamp(min=1)  # the loss's units (trained tokens, or pairs) in the whole step
+        step_loss = torch.zeros(1 + len(self.loss.metric_names), device=accelerator.device)
         for index, (batch, _) in enumerate(group):
             batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
             hold_back = self.s.sharding.no_sync(accelerator, model) if not last else contextlib.nullcontext()
             with hold_back, accelerator.autocast():
-                loss = self.loss(model, batch) / trained_tokens
+                loss = self.loss(model, batch) / divisor
                 # The gradient is averaged over processes; the count above is already global.
                 accelerator.backward(loss * accelerator.num_processes)
-            step_loss += loss.detach().float()
+            step_loss[0] += loss.detach().float()
+            if self.loss.metric_names:  # means over the step's units, as the loss
+                step_loss[1:] += self.loss.metric_sums() / divisor
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = self.s.sharding.clip_grad_norm(accelerator, model, max_norm)
         lr = self.s.scheduler.get_last_lr()[0]
@@ -490,7 +516,7 @@ class TrainingLoop:
         self.s.optimizer.zero_grad(set_to_none=True)
         if accelerator.num_processes > 1:
             step_loss = accelerator.reduce(step_loss, reduction="sum")
-        self._interval.add(step_loss, grad_norm, lr, samples=local[2], tokens=local[1])
+        self._interval.add(step_loss, grad_norm, lr, samples=local[2], tokens=local[1])  # loss, then the metrics
 
     def _after_step(self) -> None:
         state, plan = self.state, self.s.plan
@@ -531,7 +557,8 @@ class TrainingLoop:
 
     def _train_row(self) -> dict[str, Any]:
         state, interval = self.state, self._interval
-        loss, grad_norm, lr, tokens_per_s, seconds_per_step = interval.flush()
+        losses, grad_norm, lr, tokens_per_s, seconds_per_step = interval.flush()
+        loss = losses[0]
         row = {
             "type": "train", "step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
             "tokens_seen": state.tokens_seen, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -539,6 +566,7 @@ class TrainingLoop:
             "eta_s": round(seconds_per_step * (state.total_steps - state.step), 1),
             "mem_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        row.update(zip(self.loss.metric_names, losses[1:], strict=True))
         if torch.cuda.is_available():
             row["gpu_mem_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
             row["gpu_mem_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
@@ -546,7 +574,7 @@ class TrainingLoop:
         if self.config.streaming:
             row["stream_pass"] = state.stream_pass + 1
             row["epoch_estimated"] = not self._stream_progress.exact
-        state.last_metrics["loss"] = loss
+        state.last_metrics.update((key, row[key]) for key in ("loss", *self.loss.metric_names))
         return row
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -562,7 +590,8 @@ class TrainingLoop:
     def _evaluate(self) -> None:
         accelerator, model, data = self.accelerator, self.s.model, self.s.data.eval
         model.eval()
-        sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+        names = self.loss.metric_names
+        sums = torch.zeros(2 + len(names), device=accelerator.device, dtype=torch.float64)
         batches = epoch_batches(len(data), self.config.per_device_eval_batch_size, 0, 0,
                                 accelerator.process_index, accelerator.num_processes, shuffle=False)
         with torch.no_grad():
@@ -570,14 +599,17 @@ class TrainingLoop:
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                 with accelerator.autocast():
                     loss_sum = self.loss(model, batch)
-                sums += torch.stack([loss_sum.double(), torch.tensor(counts.trained_tokens, dtype=torch.float64,
-                                                                     device=accelerator.device)])
+                count = torch.tensor([getattr(counts, self.loss.divided_by)], dtype=torch.float64,
+                                     device=accelerator.device)
+                sums += torch.cat([loss_sum.double().view(1), count, self.loss.metric_sums().to(sums)])
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, reduction="sum")
-        eval_loss = float(sums[0] / sums[1].clamp(min=1))
+        means = (sums / sums[1].clamp(min=1)).tolist()
+        eval_loss = means[0]
         self._last_eval_time = time.monotonic()
         row = {"type": "eval", "step": self.state.step, "epoch": _round(self.state.epoch), "eval_loss": eval_loss}
-        self.state.last_metrics["eval_loss"] = eval_loss
+        row.update((f"eval_{name}", value) for name, value in zip(names, means[2:], strict=True))
+        self.state.last_metrics.update((key, value) for key, value in row.items() if key.startswith("eval_"))
         self.callbacks.fire("on_evaluate", self.state, row)
         self._save_if_best(eval_loss)
 
@@ -698,7 +730,7 @@ class _Interval:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss_sum: Any = 0.0
+        self.loss_sum: Any = 0.0  # the loss, then the loss's metrics
         self.steps = 0
         self.tokens = 0
         self.started = time.monotonic()
@@ -713,9 +745,10 @@ class _Interval:
         self.tokens_total += tokens
         self.tokens += tokens
 
-    def flush(self) -> tuple[float, float, float, float, float]:
+    def flush(self) -> tuple[list[float], float, float, float, float]:
         seconds = max(time.monotonic() - self.started, 1e-9)
-        result = (float(self.loss_sum) / max(self.steps, 1), float(self.grad_norm), self.lr,
+        result = ((torch.as_tensor(self.loss_sum, dtype=torch.float64) / max(self.steps, 1)).view(-1).tolist(),
+                  float(self.grad_norm), self.lr,
                   self.tokens / seconds, seconds / max(self.steps, 1))
         self._reset()
         return result

@@ -2,7 +2,9 @@
 
 The data goes through `prepare_data`, the `Collator` and the batch loss (lmtune.loss) exactly as in
 training, so the loss is the training loss: mean over trained tokens (labels not masked), summed over
-the whole set, not averaged per batch. Perplexity is exp(loss).
+the whole set, not averaged per batch. Perplexity is exp(loss). For a preference run (stage dpo) the
+loss is the mean over pairs, with the reward metrics training logs, against the reference training
+used (the adapter switched off, or the base model loaded again for full and freeze).
 """
 
 from __future__ import annotations
@@ -38,21 +40,42 @@ def evaluate(config_or_run: Path, checkpoint: str | None = None, dataset: str | 
     rows = _rows_to_evaluate(config, tokenizer, whole=dataset is not None)
     if rows is None or len(rows) == 0:
         raise UserError(f"{config_or_run}: no rows to evaluate")
-    loss_sum, tokens, examples = _loss_sum(model, rows, tokenizer.pad_token_id, config)
-    if tokens == 0:
+    loss_of = _loss_for(config, model)
+    loss_sum, count, examples, metric_sums = _loss_sum(model, rows, tokenizer.pad_token_id, config, loss_of)
+    if count == 0:
         raise UserError(f"{config_or_run}: the data has no trained tokens (every label is masked)")
-    loss = loss_sum / tokens
-    return {
+    loss = loss_sum / count
+    report = {
         "model": target.describe() | {"step": _step_of(target)},
         "data": {"dataset": config.datasets, "dataset_dir": config.dataset_dir,
                  "split": "all" if dataset is not None else _split_name(config),
                  "cutoff_len": config.cutoff_len, "packing": config.use_packing, "template": config.template},
         "examples": examples,
-        "tokens": tokens,
+        "tokens": count,
         "loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if config.stage == "dpo":  # a mean over pairs: no tokens, no perplexity
+        del report["tokens"], report["perplexity"]
+        report |= {"pairs": count} | {name: value / count for name, value in zip(loss_of.metric_names, metric_sums,
+                                                                               strict=True)}
+    return report
+
+
+def _loss_for(config: TrainConfig, model: Any) -> Any:
+    """The batch loss training used: SFT's, or the preference loss with the run's reference."""
+    if config.stage != "dpo":
+        return batch_loss_for(model)
+    from lmtune.preference import AdapterOff, FrozenModel, PreferenceLoss
+
+    reference = None
+    if config.uses_reference and hasattr(model, "disable_adapter"):
+        reference = AdapterOff(model)
+    elif config.uses_reference:
+        base, _ = load_model_for_inference(config.model_name_or_path, str(model.device))
+        reference = FrozenModel(base)
+    return PreferenceLoss(model, config, reference)
 
 
 def _rows_to_evaluate(config: TrainConfig, tokenizer: Any, whole: bool) -> Any:
@@ -110,21 +133,24 @@ def _step_of(target: Target) -> int | None:
         return None
 
 
-def _loss_sum(model: Any, rows: Any, pad_token_id: int, config: TrainConfig) -> tuple[float, int, int]:
-    """(summed token loss, trained tokens, examples), in the order of the rows."""
+def _loss_sum(model: Any, rows: Any, pad_token_id: int, config: TrainConfig,
+              loss_of: Any) -> tuple[float, int, int, list[float]]:
+    """(summed loss, the count it is a sum over: trained tokens or pairs, examples, summed metrics), in the
+    order of the rows."""
     padding_free = batching_of(config, [], model)["padding_free"]
     collator = Collator(pad_token_id, packed=config.use_packing, padding_free=padding_free)
-    loss_of = batch_loss_for(model)
     batches = epoch_batches(len(rows), config.per_device_eval_batch_size, 0, 0, shuffle=False)
-    loss_sum, tokens, examples = 0.0, 0, 0
+    loss_sum, count, examples = 0.0, 0, 0
+    metric_sums = torch.zeros(len(loss_of.metric_names), dtype=torch.float64)
     with torch.no_grad():
         for indices in batches:
             batch, counts = collator([rows[i] for i in indices])
             batch = {key: value.to(model.device) for key, value in batch.items()}
             loss_sum += float(loss_of(model, batch).double())
-            tokens += counts.trained_tokens
+            metric_sums += loss_of.metric_sums().double().cpu()
+            count += getattr(counts, loss_of.divided_by)
             examples += counts.samples
-    return loss_sum, tokens, examples
+    return loss_sum, count, examples, metric_sums.tolist()
 
 
 def write_report(report: dict[str, Any], out: Path | None) -> str:

@@ -1,14 +1,16 @@
 """The loss of a batch: summed next-token cross-entropy over its trained positions.
 
-The engine divides the sum by the trained tokens of the whole optimizer step (all micro-batches, all
-processes), evaluation by those of the whole eval set, so that every token weighs the same.
+A batch loss says what its sum is a sum over (`divided_by`, a field of the micro-batch's Counts): the
+engine divides the sum by that count over the whole optimizer step (all micro-batches, all processes),
+evaluation by that of the whole eval set, so that every token (SFT) or every pair (DPO) weighs the same.
+Metrics of the loss (`metric_names`, `metric_sums()`) are sums too, divided by the same count.
 
 `TrainedPositionsLoss` (the default) runs the model's forward without its output layer, takes the
 final hidden states where the next label is not -100, and applies the output layer and the
 cross-entropy to those alone, a chunk of positions at a time: the logits of the masked prompt and of
 padding are never computed, and the logits of a long row never exist all at once. `FullLogitsLoss` is
 the model's own loss over every position: for models whose forward cannot leave out its logits.
-A stage with another loss (DPO) plugs in as an object of the same shape: `loss(model, batch)`.
+A stage with another loss (DPO, lmtune.preference) plugs in as an object of the same shape.
 """
 
 from __future__ import annotations
@@ -31,15 +33,38 @@ log = logging.getLogger("lmtune")
 LOGITS_PER_CHUNK = 2**26
 
 
-class FullLogitsLoss:
+class TokenSumLoss:
+    """The contract of a batch loss: `loss(model, batch)` is a sum over `divided_by` units; the metrics it
+    reports with it are sums over the same units (SFT reports none)."""
+
+    divided_by = "trained_tokens"
+    metric_names: tuple[str, ...] = ()
+
+    def metric_sums(self) -> torch.Tensor:
+        """The metric sums of the last batch, in `metric_names` order."""
+        return torch.zeros(0)
+
+    def remove(self) -> None:
+        """Leaves the model as it was (no hook of this loss left on it)."""
+
+
+class FullLogitsLoss(TokenSumLoss):
     """The model's own loss: logits at every position, cross-entropy summed over the trained ones."""
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # num_items_in_batch=1: transformers divides its summed loss by it, so this is the sum
         return model(**batch, num_items_in_batch=1, use_cache=False).loss
 
+    def token_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy of each trained position (float32), and the [rows, length - 1] mask of them."""
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        trained = targets != IGNORE_INDEX
+        return F.cross_entropy(logits[trained].float(), targets[trained], reduction="none"), trained
 
-class TrainedPositionsLoss:
+
+class TrainedPositionsLoss(TokenSumLoss):
     """Hidden states -> logits at trained positions only -> summed cross-entropy, in chunks.
 
     `model` is the unwrapped model (a PeftModel or a transformers causal LM); the call takes the model
@@ -51,12 +76,24 @@ class TrainedPositionsLoss:
         self.head = causal_lm.get_output_embeddings()
         self.vocab_size = self.head.weight.shape[0]
         self._hidden: torch.Tensor | None = None
-        causal_lm.get_decoder().register_forward_hook(self._keep_hidden_states)
+        self._hook = causal_lm.get_decoder().register_forward_hook(self._keep_hidden_states)
+
+    def remove(self) -> None:
+        self._hook.remove()
 
     def _keep_hidden_states(self, module: Any, args: Any, output: Any) -> None:
         self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, targets, _ = self._trained_hidden(model, batch)
+        return self._summed_cross_entropy(hidden, targets)
+
+    def token_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy of each trained position (float32), and the [rows, length - 1] mask of them."""
+        hidden, targets, trained = self._trained_hidden(model, batch)
+        return self._token_cross_entropy(hidden, targets).float(), trained
+
+    def _trained_hidden(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         labels = batch["labels"]
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         no_logits = torch.zeros(0, dtype=torch.long, device=labels.device)
@@ -65,26 +102,40 @@ class TrainedPositionsLoss:
         # position i predicts token i+1: its target is labels[i+1]
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
-        hidden, targets = hidden[:, :-1][trained], targets[trained]
-        return self._summed_cross_entropy(hidden, targets)
+        return hidden[:, :-1][trained], targets[trained], trained
 
     def _summed_cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        parts = self._in_chunks(self._chunk_loss, hidden, targets)
+        if len(parts) == 1:
+            return parts[0]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for part in parts:
+            total = total + part
+        return total
+
+    def _token_cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._in_chunks(self._chunk_token_losses, hidden, targets))
+
+    def _in_chunks(self, chunk_loss: Any, hidden: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         chunk = max(1, LOGITS_PER_CHUNK // self.vocab_size)
         if len(targets) <= chunk:
-            return self._chunk_loss(hidden, targets)
-        total = hidden.new_zeros((), dtype=torch.float32)
+            return [chunk_loss(hidden, targets)]
+        parts = []
         for start in range(0, len(targets), chunk):
             part = (hidden[start : start + chunk], targets[start : start + chunk])
             if torch.is_grad_enabled():
                 # the chunk's logits are computed again in the backward pass instead of being kept
-                total = total + checkpoint(self._chunk_loss, *part, use_reentrant=False)
+                parts.append(checkpoint(chunk_loss, *part, use_reentrant=False))
             else:
-                total = total + self._chunk_loss(*part)
-        return total
+                parts.append(chunk_loss(*part))
+        return parts
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()  # in float32, as transformers computes its loss
         return F.cross_entropy(logits, targets, reduction="sum")
+
+    def _chunk_token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(hidden).float(), targets, reduction="none")
 
 
 def batch_loss_for(model: torch.nn.Module) -> TrainedPositionsLoss | FullLogitsLoss:

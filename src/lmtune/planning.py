@@ -44,6 +44,8 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
                          **estimate_sizes(model_path, config, world_size),
                          epoch_origin=epoch_origin(point, config, len(data.train), world_size))
         plan.batching = batching_of(config, data.stats.train_row_lengths)
+        plan.data = {"train": len(data.train), "eval": len(data.eval) if data.eval is not None else 0,
+                     "unit": config.sample_name}
     if point is not None:
         plan.resume = resume_lines(point, config, tokenizer, plan, world_size)
     return plan
@@ -174,7 +176,8 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     written = len(plan.save_steps)
     lines = plan.resume + ([stream_line(plan.stream)] if plan.stream else [])
     if plan.memory:
-        lines.append(memory_line(plan.memory, config.per_device_train_batch_size * config.cutoff_len))
+        sequences = 2 if config.stage == "dpo" else 1  # a pair is two sequences
+        lines.append(memory_line(plan.memory, config.per_device_train_batch_size * config.cutoff_len * sequences))
     if plan.batching:
         lines += [batching_line(plan.batching)] + ([plan.batching["note"]] if plan.batching["note"] else [])
     if config.save_total_limit is None:
@@ -264,8 +267,9 @@ def render_plan(plan: Plan, config: TrainConfig) -> None:
         console.print(f"[bold]about {plan.total_steps} optimizer steps[/] (estimated): the stream stops after "
                       f"{plan.stream['stops_after_passes']:g} passes (num_train_epochs)")
     else:
+        over = f" over {plan.data['train']:,} training {plan.data['unit']}" if plan.data else ""
         console.print(f"[bold]{plan.total_steps} optimizer steps[/], {plan.steps_per_epoch or '?'} per epoch, "
-                      f"{epochs} epochs")
+                      f"{epochs} epochs{over}")
     for phase in plan.phases:
         console.print(f"save_schedule[{phase['phase']}]: steps {phase['from_step']}..{phase['until_step']}: "
                       f"{len(phase['saves'])} saves")

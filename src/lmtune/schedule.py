@@ -62,6 +62,7 @@ class Plan:
     resume: list[str] = field(default_factory=list)  # where a resume starts and what its learning rate does
     batching: dict | None = None  # how micro-batches are laid out (batching.batching_of)
     epoch_origin: int = 0  # see the module's docstring
+    data: dict | None = None  # the training rows planned over: {"train": int, "eval": int, "unit": "pairs", ...}
 
     @property
     def disk_bytes(self) -> int | None:
@@ -98,6 +99,7 @@ class Plan:
             "resume": self.resume,
             "batching": self.batching,
             "epoch_origin": self.epoch_origin,
+            "data": self.data,
         }
 
 

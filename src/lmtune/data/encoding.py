@@ -1,7 +1,9 @@
 """A raw row of a data file -> training examples (tokens, labels, first-label mask) -> training rows.
 
 Map-style data (processing.py) and streamed data (streaming.py) both go through `RowEncoder` and
-`row_of`, so that the same file gives the same rows either way.
+`row_of`, so that the same file gives the same rows either way. A preference pair is one example of
+two sequences end to end, the chosen then the rejected answer, each after the same prompt: its
+position ids restart where the rejected one starts, as between the examples of a packed row.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Example:
     labels: list[int]
     raw_length: int  # tokens before truncation
     prompt_length: int  # tokens before the first trained one, before truncation
+    lengths: list[int] | None = None  # a preference pair: the lengths of its chosen and rejected sequences
 
     @property
     def truncated(self) -> bool:
@@ -32,7 +35,16 @@ class Example:
 
     @property
     def has_labels(self) -> bool:
-        return any(label != IGNORE_INDEX for label in self.labels)
+        """Something to train: for a pair, in both of its sequences."""
+        starts = [0]
+        for length in self.lengths or [len(self.input_ids)]:
+            starts.append(starts[-1] + length)
+        return all(any(label != IGNORE_INDEX for label in self.labels[start:end])
+                   for start, end in zip(starts, starts[1:], strict=False))
+
+    @property
+    def position_ids(self) -> list[int]:
+        return [position for length in self.lengths or [len(self.input_ids)] for position in range(length)]
 
 
 class RowEncoder:
@@ -48,6 +60,8 @@ class RowEncoder:
             standard = standard_row(spec, row)
         except ValueError as error:
             raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
+        if "chosen" in standard:
+            return [self._pair(standard)]
         cutoff = self.cutoff_len
         examples = []
         for input_ids, labels in self._tokenised(standard):
@@ -71,6 +85,44 @@ class RowEncoder:
             chunk = ids[start : start + self.cutoff_len]
             if len(chunk) > 1:
                 yield chunk, list(chunk)
+
+
+    def _pair(self, standard: dict) -> Example:
+        """The chosen and the rejected sequence, each cut to cutoff_len as LLaMA-Factory cuts a pair: the
+        answers keep the larger share (the longer answer decides), the prompt is cut from its end."""
+        sequences = []
+        for key in ("chosen", "rejected"):
+            messages = [*standard["messages"], {"role": "assistant", "content": standard[key]}]
+            sequences.append(encode_conversation(self.tokenizer, self.template, messages, last_reply_only=True))
+        prompt_lengths = [_first_trained(labels) for _, labels in sequences]
+        prompt_keep, answer_keep = truncated_lengths(
+            max(prompt_lengths), max(len(ids) - n for (ids, _), n in zip(sequences, prompt_lengths, strict=True)),
+            self.cutoff_len)
+        input_ids, labels, lengths = [], [], []
+        for (ids, sequence_labels), prompt in zip(sequences, prompt_lengths, strict=True):
+            keep = [*range(min(prompt, prompt_keep)), *range(prompt, min(len(ids), prompt + answer_keep))]
+            input_ids += [ids[i] for i in keep]
+            labels += [IGNORE_INDEX] + [sequence_labels[i] for i in keep[1:]]
+            lengths.append(len(keep))
+        raw = sum(len(ids) for ids, _ in sequences)
+        return Example(input_ids, labels, raw, max(prompt_lengths), lengths)
+
+
+def _first_trained(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def truncated_lengths(prompt: int, answer: int, cutoff_len: int) -> tuple[int, int]:
+    """How much of a prompt and of its answer fit in cutoff_len: LLaMA-Factory's `infer_seqlen`. A short
+    answer keeps all of itself, a short prompt too; otherwise each keeps its share of the length."""
+    if answer * 2 < cutoff_len:
+        answer_room = cutoff_len
+    elif prompt * 2 < cutoff_len:
+        answer_room = cutoff_len - prompt
+    else:
+        answer_room = int(cutoff_len * (answer / (prompt + answer)))
+    answer_kept = min(answer_room, answer)
+    return min(max(cutoff_len - answer_kept, 0), prompt), answer_kept
 
 
 def row_of(examples: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:

@@ -3,7 +3,8 @@
 One rendering serves `lmtune preview`, `lmtune preview --json` and the sample that `lmtune train`
 logs when it starts. Masked tokens (label -100) are shown as `[-100 xN]` runs, trained tokens as their
 text; on a colour terminal the trained text is also green and the masked text dim. Packed rows are
-shown example by example, cut where the position ids restart at 0.
+shown example by example, cut where the position ids restart at 0; a preference pair (stage dpo) as its
+prompt, then its chosen and its rejected sequence.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def describe_row(row: dict[str, list[int]], index: int, tokenizer: Any) -> dict[str, Any]:
-    """A processed row as data: its ids, labels and position ids, and each packed example decoded."""
+def describe_row(row: dict[str, list[int]], index: int, tokenizer: Any, pair: bool = False) -> dict[str, Any]:
+    """A processed row as data: its ids, labels and position ids, and each packed example (or, for a
+    preference `pair`, its chosen and rejected sequence) decoded."""
     input_ids, labels = list(row["input_ids"]), list(row["labels"])
     position_ids = list(row.get("position_ids") or range(len(input_ids)))
     examples = []
@@ -71,11 +73,17 @@ def describe_row(row: dict[str, list[int]], index: int, tokenizer: Any) -> dict[
             "trained_tokens": sum(1 for x in labs if x != IGNORE_INDEX),
             "text": _decode(tokenizer, ids), "labels_text": _runs_text(runs), "runs": runs,
         })
-    return {
+    described = {
         "row": index, "tokens": len(input_ids), "trained_tokens": sum(1 for x in labels if x != IGNORE_INDEX),
         "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
         "text": _decode(tokenizer, input_ids), "examples": examples,
     }
+    if pair and len(examples) == 2:
+        for example, name in zip(examples, ("chosen", "rejected"), strict=True):
+            example["name"] = name
+        first = examples[0]["runs"][0]
+        described["prompt"] = first["text"] if not first["trained"] else ""
+    return described
 
 
 def _runs_text(runs: list[dict[str, Any]]) -> str:
@@ -89,11 +97,18 @@ def render_row(described: dict[str, Any], split: str, total_rows: int, color: bo
     examples = described["examples"]
     out = Text()
     packed = f" · {len(examples)} examples packed" if len(examples) > 1 else ""
+    if "prompt" in described:
+        packed = " · a preference pair: prompt, chosen, rejected"
     out.append(f"── {split} row {described['row']} of {total_rows}{packed} · {described['tokens']} tokens · "
                f"{described['trained_tokens']} trained ──\n", style="bold" if color else "")
     out.append(f"input_ids: {described['input_ids']}\n")
+    if "prompt" in described:
+        out.append(f"prompt (masked in both):\n{described['prompt']}\n", style=MASKED_STYLE if color else "")
     for number, example in enumerate(examples, start=1):
-        if len(examples) > 1:
+        if "name" in example:
+            out.append(f"{example['name']}: tokens {example['start']}-{example['end'] - 1}, "
+                       f"{example['trained_tokens']} trained\n", style="bold cyan" if color else "")
+        elif len(examples) > 1:
             out.append(f"example {number} of {len(examples)} in this row: tokens {example['start']}-"
                        f"{example['end'] - 1} (position ids restart at 0), {example['trained_tokens']} trained\n",
                        style="bold cyan" if color else "")
@@ -191,7 +206,7 @@ def stats_lines(summary: dict[str, Any], fancy: bool = False) -> list[str]:
 def template_warnings(config: Any, tokenizer: Any) -> list[str]:
     """A chat template whose markers (`<|eot_id|>`, `<start_of_turn>`...) are not tokens of this tokenizer
     was written for another model family: the model would see them as plain text."""
-    if config.stage != "sft":
+    if config.stage == "pt":
         return []
     template = chat_template_for(tokenizer, config.template)
     sample = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -220,7 +235,8 @@ def _split_data(data: ProcessedData, split: str):
 def preview_data(config: Any, data: ProcessedData, tokenizer: Any, n: int, split: str) -> dict[str, Any]:
     """`lmtune preview --json`: the first N rows of the split and the statistics."""
     rows = _split_data(data, split)
-    shown = [describe_row(rows[i], i, tokenizer) for i in range(min(n, len(rows)))]
+    pair = config.stage == "dpo"
+    shown = [describe_row(rows[i], i, tokenizer, pair) for i in range(min(n, len(rows)))]
     return {
         "split": split, "rows": len(rows), "packing": data.stats.packing, "cache_dir": str(data.cache_dir),
         "from_cache": data.from_cache, "examples": shown, "warnings": template_warnings(config, tokenizer),
@@ -342,11 +358,12 @@ def log_sample(config: Any, data: ProcessedData, tokenizer: Any) -> None:
     total = len(data.train)
     count = min(config.preview_samples, total)
     chosen = sorted(random.Random(config.seed).sample(range(total), count))
-    what = "rows" if data.stats.packing else "examples"
+    what = "rows" if data.stats.packing else "pairs" if config.stage == "dpo" else "examples"
     log.info("preview: %d of %d training %s, chosen at random with seed %d (preview_samples; `lmtune preview` "
              "shows more and the statistics)", count, total, what, config.seed)
     for index in chosen:
-        log.info("%s", render_row(describe_row(data.train[index], index, tokenizer), "train", total).plain)
+        described = describe_row(data.train[index], index, tokenizer, pair=config.stage == "dpo")
+        log.info("%s", render_row(described, "train", total).plain)
     s = data.stats
     log.info("data: %d of %d examples kept; cutoff_len %d truncated %d and dropped %d (no response left); "
              "%d of %d train tokens trained", s.examples_kept, s.examples_encoded, s.cutoff_len, s.truncated,

@@ -68,7 +68,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) ->
     specs = resolve_datasets(config.datasets, config.dataset_dir, config.stage, config.placeholders)
     eval_specs = resolve_datasets(config.eval_datasets, config.dataset_dir, config.stage, config.placeholders) \
         if config.eval_datasets else []
-    template = chat_template_for(tokenizer, config.template) if config.stage == "sft" else None
+    template = chat_template_for(tokenizer, config.template) if config.stage != "pt" else None
     cache_dir = cache_home() / "data" / _cache_key(config, specs + eval_specs, tokenizer, template)
     if use_cache and not config.overwrite_cache and (cache_dir / "done").exists():
         log.info("using processed data from the cache: %s", cache_dir)
@@ -176,13 +176,14 @@ def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any,
     encoder = RowEncoder(config, tokenizer, template)
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "has_labels": [], "raw_length": [],
-                                "prompt_length": []}
+        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "truncated": [], "has_labels": [],
+                                "raw_length": [], "prompt_length": []}
         for offset, index in enumerate(indices):
             row = {key: values[offset] for key, values in batch.items()}
             for example in encoder.examples(spec, row, f"{file}, row {index + 1}"):
                 out["input_ids"].append(example.input_ids)
                 out["labels"].append(example.labels)
+                out["position_ids"].append(example.position_ids)
                 out["truncated"].append(example.truncated)
                 out["has_labels"].append(example.has_labels)
                 out["raw_length"].append(example.raw_length)
@@ -216,19 +217,14 @@ def _split(examples: datasets.Dataset, config: TrainConfig) -> tuple[datasets.Da
 def rows_of_examples(examples: list[tuple[list[int], list[int]]], config: TrainConfig) -> datasets.Dataset:
     """Tokenised (input_ids, labels) pairs as rows, packed or not as the config says (a stream's eval data)."""
     data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
-                                       "labels": [labels for _, labels in examples]})
+                                       "labels": [labels for _, labels in examples],
+                                       "position_ids": [list(range(len(ids))) for ids, _ in examples]})
     return _finish(data, config)
 
 
 def _finish(examples: datasets.Dataset, config: TrainConfig) -> datasets.Dataset:
-    if config.use_packing:
-        return pack(examples, config.cutoff_len)
-
-    def positions(batch: dict[str, list]) -> dict[str, list]:
-        pairs = zip(batch["input_ids"], batch["labels"], strict=True)
-        return {"position_ids": [row_of([pair])["position_ids"] for pair in pairs]}
-
-    return examples.map(positions, batched=True, desc="position ids")
+    """Examples as training rows: packed, or each its own row (its position ids are the example's)."""
+    return pack(examples, config.cutoff_len) if config.use_packing else examples
 
 
 def pack(examples: datasets.Dataset, cutoff_len: int) -> datasets.Dataset:

@@ -1,5 +1,6 @@
 """Where the data comes from: `dataset_info.json` entries (as in LLaMA-Factory) or plain file paths,
-read into rows of one shape: `{"messages": [...]}` for SFT or `{"text": ...}` for pre-training."""
+read into rows of one shape: `{"messages": [...]}` for SFT, `{"messages": [...], "chosen": ..., "rejected": ...}`
+for preference pairs (the prompt's messages and the two answers' texts) or `{"text": ...}` for pre-training."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class DatasetSpec:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     num_samples: int | None = None  # a size hint for streamed data
+    ranking: bool = False  # preference pairs: a prompt, a chosen and a rejected answer (stage dpo)
     placeholders: dict[str, str] = field(default_factory=dict)  # {{key}} in the text -> value
 
 
@@ -72,7 +74,7 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
         formatting = "text" if stage == "pt" else entry.get("formatting", "alpaca")
         columns = dict(entry.get("columns", {}))
         tags = dict(entry.get("tags", {}))
-        return DatasetSpec(name, files, formatting, columns, tags, entry.get("num_samples"))
+        return DatasetSpec(name, files, formatting, columns, tags, entry.get("num_samples"), stage == "dpo")
     path = Path(name)
     if not path.exists() and (dataset_dir / name).exists():
         path = dataset_dir / name
@@ -87,7 +89,7 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
         )
     files = _files_of(path, name)
     formatting = "text" if stage == "pt" else _guess_formatting(files[0])
-    return DatasetSpec(name, files, formatting)
+    return DatasetSpec(name, files, formatting, ranking=stage == "dpo")
 
 
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -101,9 +103,12 @@ def _check_entry(name: str, entry: dict[str, Any], stage: str) -> None:
         source = f" ({', '.join(hub)})" if hub else ""
         raise UserError(f"{where} has no file_name: lmtune reads local files and folders only{source}; download "
                         "the data and give its file or folder as file_name")
-    if entry.get("ranking"):
-        raise UserError(f"{where} is preference data (ranking: true, chosen/rejected answers) for stage: dpo, "
-                        f"which is not available in lmtune yet; stage {stage} needs an alpaca or sharegpt data set")
+    if entry.get("ranking") and stage != "dpo":
+        raise UserError(f"{where} is preference data (ranking: true, chosen/rejected answers), for stage: dpo; "
+                        f"stage {stage} needs an alpaca or sharegpt data set without ranking")
+    if stage == "dpo" and not entry.get("ranking"):
+        raise UserError(f"{where}: stage dpo trains on preference pairs; this entry has no ranking: true (add "
+                        "it, with chosen and rejected columns, if its rows hold chosen/rejected answers)")
     if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
         raise UserError(f"{where}: formatting {entry['formatting']!r} is not one of alpaca, sharegpt")
     multimodal = [key for key in ("images", "videos", "audios") if key in entry.get("columns", {})]
@@ -127,9 +132,10 @@ def _files_of(path: Path, name: str) -> list[Path]:
 
 
 def _guess_formatting(file: Path) -> str:
-    """A plain file path for SFT: alpaca if it has instruction/output, sharegpt if it has messages."""
+    """A plain file path: alpaca if it has instruction, sharegpt if it has messages (or, for preference
+    pairs, TRL's prompt)."""
     columns = set(_first_row(file))
-    if {"messages"} & columns or {"conversations"} & columns:
+    if "instruction" not in columns and {"messages", "conversations", "prompt"} & columns:
         return "sharegpt"
     return "alpaca"
 
@@ -194,6 +200,8 @@ PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 def standard_row(spec: DatasetSpec, row: dict[str, Any]) -> dict[str, Any]:
     """`{"messages": [...]}` or `{"text": ...}`, placeholders filled; ValueError says what the row lacks."""
     convert = {"alpaca": _alpaca_row, "sharegpt": _sharegpt_row, "text": _text_row}[spec.formatting]
+    if spec.ranking:
+        convert = _preference_row
     if spec.formatting != "text" and row.get(spec.columns.get("tools", "tools")):
         raise ValueError(TOOLS_REFUSED)
     try:
@@ -211,7 +219,8 @@ def _fill_placeholders(standard: dict[str, Any], values: dict[str, str]) -> dict
 
     if "text" in standard:
         return {"text": fill(standard["text"])}
-    return {"messages": [{**m, "content": fill(m["content"])} for m in standard["messages"]]}
+    answers = {key: fill(standard[key]) for key in ANSWERS if key in standard}
+    return {"messages": [{**m, "content": fill(m["content"])} for m in standard["messages"]], **answers}
 
 
 def left_placeholders(spec: DatasetSpec, rows: Any, limit: int = 200) -> set[str]:
@@ -223,6 +232,7 @@ def left_placeholders(spec: DatasetSpec, rows: Any, limit: int = 200) -> set[str
         except ValueError:
             continue  # the row's fault is reported, with its number, when it is encoded
         texts = [standard["text"]] if "text" in standard else [m["content"] for m in standard["messages"]]
+        texts += [standard[key] for key in ANSWERS if key in standard]
         left.update(match for text in texts for match in PLACEHOLDER.findall(text))
     return left
 
@@ -232,14 +242,20 @@ def _column(row: dict[str, Any], spec: DatasetSpec, defaults: dict[str, str], ke
 
 
 def _alpaca_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
-    instruction = _column(row, spec, ALPACA_COLUMNS, "prompt")
-    query = _column(row, spec, ALPACA_COLUMNS, "query")
     response = _column(row, spec, ALPACA_COLUMNS, "response")
     needed = ", ".join(spec.columns.get(k, ALPACA_COLUMNS[k]) for k in ("prompt", "response"))
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"no '{spec.columns.get('prompt', 'instruction')}' text (alpaca rows need {needed})")
+    messages = _alpaca_prompt(row, spec, needed)
     if not isinstance(response, str) or not response.strip():
         raise ValueError(f"no '{spec.columns.get('response', 'output')}' text (alpaca rows need {needed})")
+    return {"messages": messages + [{"role": "assistant", "content": response}]}
+
+
+def _alpaca_prompt(row: dict[str, Any], spec: DatasetSpec, needed: str) -> list[dict[str, str]]:
+    """System, history and the instruction (+ input) as messages, ending with the user's."""
+    instruction = _column(row, spec, ALPACA_COLUMNS, "prompt")
+    query = _column(row, spec, ALPACA_COLUMNS, "query")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"no '{spec.columns.get('prompt', 'instruction')}' text (alpaca rows need {needed})")
     messages = []
     system = _column(row, spec, ALPACA_COLUMNS, "system")
     if isinstance(system, str) and system.strip():
@@ -247,35 +263,82 @@ def _alpaca_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
     for turn in _column(row, spec, ALPACA_COLUMNS, "history") or []:
         messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     user = instruction if not query else f"{instruction}\n{query}"
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
-    return {"messages": messages}
+    return messages + [{"role": "user", "content": user}]
 
 
 def _sharegpt_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
-    key = spec.columns.get("messages") or ("messages" if "messages" in row else "conversations")
+    messages = _sharegpt_messages(row, spec, ("messages", "conversations"))
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message to train on")
+    return {"messages": messages}
+
+
+def _sharegpt_messages(row: dict[str, Any], spec: DatasetSpec, keys: tuple[str, ...]) -> list[dict[str, str]]:
+    """The system column and the turns of the first of `keys` the row has (a plain string is one user turn,
+    as TRL's `prompt`); a file's rows all have every column, None where a row has none."""
+    key = spec.columns.get("messages") or next((k for k in keys if row.get(k) is not None), keys[-1])
     turns = row.get(key)
+    if isinstance(turns, str) and turns.strip() and spec.ranking:
+        turns = [{"role": "user", "content": turns}]
     if not isinstance(turns, list) or not turns:
-        raise ValueError(f"no '{key}' list of messages")
-    tags = {**(OPENAI_TAGS if "role" in turns[0] else SHAREGPT_TAGS), **spec.tags}
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
-    tool_roles = {tags["function_tag"], tags["observation_tag"]}
+        what = "prompt (a string or a list of messages)" if spec.ranking else "list of messages"
+        raise ValueError(f"no '{key}' {what}")
     messages = []
     system = row.get(spec.columns.get("system", "system"))
     if isinstance(system, str) and system.strip():
         messages.append({"role": "system", "content": system})
-    for turn in turns:
-        role = roles.get(turn.get(tags["role_tag"]))
-        content = turn.get(tags["content_tag"])
-        if role is None and turn.get(tags["role_tag"]) in tool_roles:
-            raise ValueError(TOOLS_REFUSED)
-        if role is None:
-            raise ValueError(f"unknown role {turn.get(tags['role_tag'])!r} (expected one of {sorted(roles)})")
-        if not isinstance(content, str):
-            raise ValueError(f"a message without '{tags['content_tag']}' text")
-        messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("no assistant message to train on")
-    return {"messages": messages}
+    return messages + [_message(turn, spec) for turn in turns]
+
+
+def _message(turn: dict[str, Any], spec: DatasetSpec) -> dict[str, str]:
+    """One turn in sharegpt (from / value) or OpenAI (role / content) tags, as {role, content}."""
+    tags = {**(OPENAI_TAGS if "role" in turn else SHAREGPT_TAGS), **spec.tags}
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    role = roles.get(turn.get(tags["role_tag"]))
+    content = turn.get(tags["content_tag"])
+    if role is None and turn.get(tags["role_tag"]) in (tags["function_tag"], tags["observation_tag"]):
+        raise ValueError(TOOLS_REFUSED)
+    if role is None:
+        raise ValueError(f"unknown role {turn.get(tags['role_tag'])!r} (expected one of {sorted(roles)})")
+    if not isinstance(content, str):
+        raise ValueError(f"a message without '{tags['content_tag']}' text")
+    return {"role": role, "content": content}
+
+
+ANSWERS = ("chosen", "rejected")
+
+
+def _preference_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    """A prompt and its two answers. The prompt: alpaca's instruction (+ input, history, system), or a
+    conversation (sharegpt `conversations`, OpenAI `messages`, TRL `prompt` as a string or messages) that
+    ends with the user's turn; each answer a string, an assistant message, or a list of one."""
+    if spec.formatting == "alpaca":
+        prompt = _alpaca_prompt(row, spec, ", ".join(spec.columns.get(k, k) for k in ("prompt", *ANSWERS)))
+    else:
+        prompt = _sharegpt_messages(row, spec, ("messages", "conversations", "prompt"))
+    if prompt[-1]["role"] != "user":
+        raise ValueError(f"the prompt's last message is the {prompt[-1]['role']}'s; the chosen and rejected "
+                         "answers reply to the user's last message, so the prompt must end with it")
+    answers = {}
+    for key in ANSWERS:
+        column = spec.columns.get(key, key)
+        answers[key] = _answer_text(row.get(column), column, spec)
+    return {"messages": prompt, **answers}
+
+
+def _answer_text(answer: Any, column: str, spec: DatasetSpec) -> str:
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    if isinstance(answer, dict):
+        message = _message(answer, spec)
+        if message["role"] != "assistant":
+            raise ValueError(f"'{column}' is a {message['role']} message; it must be the assistant's answer")
+        answer = message["content"]
+    if isinstance(answer, list):
+        raise ValueError(f"'{column}' holds {len(answer)} messages; a preference answer is one assistant message")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"no '{column}' answer (preference rows need a prompt and the chosen and rejected answers)")
+    return answer
 
 
 def _text_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:

@@ -207,10 +207,13 @@ def trained_spans(tokenizer: Any, template: str, messages: list[dict[str, str]])
 
 
 def encode_conversation(
-    tokenizer: Any, template: str, messages: list[dict[str, str]]
+    tokenizer: Any, template: str, messages: list[dict[str, str]], last_reply_only: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside the assistant replies), not yet truncated."""
+    """Token ids and labels (-100 outside the assistant replies, or outside the last one: the answer of a
+    preference pair, whose earlier turns are its prompt), not yet truncated."""
     text, spans = trained_spans(tokenizer, template, messages)
+    if last_reply_only:
+        spans = spans[-1:]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)

@@ -169,7 +169,8 @@ def build_form(root: Path) -> dict[str, Any]:
                 info=_help("model_name_or_path"), allow_custom_value=True, scale=3, elem_id="model")
             fields["template"] = gr.Textbox(label="template", info=_help("template"), scale=1)
         with gr.Row():
-            fields["stage"] = gr.Radio(["sft", "pt"], value=defaults["stage"], label="stage", info=_help("stage"))
+            fields["stage"] = gr.Radio(["sft", "pt", "dpo"], value=defaults["stage"], label="stage",
+                                       info=_help("stage"))
             fields["finetuning_type"] = gr.Radio(["lora", "full", "freeze"], value=defaults["finetuning_type"],
                                                  label="finetuning_type", info=_help("finetuning_type"),
                                                  elem_id="finetuning-type")
@@ -178,6 +179,15 @@ def build_form(root: Path) -> dict[str, Any]:
                 fields[key] = _text(key, defaults[key])
             fields["lora_target"] = gr.Textbox(defaults["lora_target"], label="lora_target", info=_help("lora_target"))
             fields["freeze_trainable_layers"] = _text("freeze_trainable_layers", defaults["freeze_trainable_layers"])
+        with gr.Row():  # stage dpo
+            fields["pref_loss"] = gr.Dropdown(
+                list(TrainConfig.model_fields["pref_loss"].annotation.__args__), value=defaults["pref_loss"],
+                label="pref_loss", info=_help("pref_loss"))
+            for key in ("pref_beta", "pref_ftx", "simpo_gamma"):
+                fields[key] = _text(key, defaults[key])
+            fields["precompute_ref_log_probs"] = gr.Checkbox(
+                defaults["precompute_ref_log_probs"], label="precompute_ref_log_probs",
+                info=_help("precompute_ref_log_probs"))
     with gr.Accordion("Data", open=True):
         with gr.Row():
             fields["dataset_dir"] = gr.Textbox(defaults["dataset_dir"], label="dataset_dir", info=_help("dataset_dir"),
@@ -215,7 +225,9 @@ def build_form(root: Path) -> dict[str, Any]:
         with gr.Row():
             fields["save_total_limit"] = _text("save_total_limit", None, elem_id="save-total-limit")
             fields["metric_for_best_model"] = gr.Dropdown(
-                [("none", ""), ("eval_loss", "eval_loss"), ("loss", "loss")], value="", label="metric_for_best_model",
+                [("none", ""), ("eval_loss", "eval_loss"), ("loss", "loss"),
+                 ("eval_rewards/accuracies (dpo)", "eval_rewards/accuracies"),
+                 ("eval_rewards/margins (dpo)", "eval_rewards/margins")], value="", label="metric_for_best_model",
                 info=_help("metric_for_best_model"))
             fields["save_on_eval"] = gr.Checkbox(False, label="save_on_eval", info=_help("save_on_eval"))
             fields["save_only_model"] = gr.Checkbox(False, label="save_only_model", info=_help("save_only_model"))

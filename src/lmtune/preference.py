@@ -1,0 +1,210 @@
+"""Preference training (stage dpo): the loss of a batch of pairs, and the reference model it compares with.
+
+A pair is two sequences, the chosen and the rejected answer after the same prompt; a micro-batch lays
+the sequences of its pairs out as the SFT collator does (end to end without padding, or one padded row
+each), chosen before rejected, so that both go through the model in one forward. The log-probability
+of a sequence is the sum over its answer's tokens, computed at the trained positions only, as the SFT
+loss is. The formulas are LLaMA-Factory's (after TRL): ipo, simpo and orpo use the mean over the
+answer's tokens instead of the sum; pref_ftx adds the chosen answer's mean NLL, weighted.
+
+The reference: for LoRA the model itself with its adapter switched off; for full and freeze a frozen
+copy of the model as loaded, or (`precompute_ref_log_probs`) the log-probabilities of every pair
+computed once before training and kept with the processed data.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmtune.config import TrainConfig
+from lmtune.loss import TokenSumLoss, batch_loss_for
+
+log = logging.getLogger("lmtune")
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+LENGTH_NORMALISED = ("ipo", "simpo", "orpo")  # their log-probabilities are means over the answer's tokens
+
+
+def sequence_log_probs(token_loss: Any, model: torch.nn.Module,
+                       batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed log-probability of each sequence's trained tokens, and how many there are, in the order
+    of the sequences: a sequence starts where the position ids restart (padding-free rows), or is a row."""
+    token_losses, trained = token_loss.token_losses(model, batch)
+    if "position_ids" in batch:
+        starts = batch["position_ids"] == 0
+        sequence_of = (starts.flatten().cumsum(0) - 1).view_as(starts)
+        count = int(starts.sum())
+    else:
+        rows, width = batch["input_ids"].shape
+        sequence_of = torch.arange(rows, device=trained.device)[:, None].expand(rows, width)
+        count = rows
+    sequence = sequence_of[:, 1:][trained]  # position i predicts token i+1, of token i+1's sequence
+    sums = token_losses.new_zeros(count).index_add(0, sequence, -token_losses)
+    tokens = token_losses.new_zeros(count).index_add(0, sequence, torch.ones_like(token_losses))
+    return sums, tokens
+
+
+def preference_losses(config: TrainConfig, chosen: torch.Tensor, rejected: torch.Tensor,
+                      ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
+                      chosen_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of each pair and the rewards of its answers, from the answers' log-probabilities (means
+    for ipo, simpo and orpo, sums for sigmoid) and the chosen answer's mean log-probability."""
+    beta = config.pref_beta
+    if config.uses_reference:
+        logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+        if config.pref_loss == "sigmoid":
+            losses = -F.logsigmoid(beta * logits)
+        else:  # ipo
+            losses = (logits - 1 / (2 * beta)) ** 2
+        chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    else:
+        if config.pref_loss == "simpo":
+            losses = -F.logsigmoid(beta * ((chosen - rejected) - config.simpo_gamma / beta))
+        else:  # orpo: the odds ratio, plus the chosen answer's NLL
+            log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+            losses = -chosen - beta * F.logsigmoid(log_odds)
+        chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
+    if config.pref_ftx > 0:
+        losses = losses + config.pref_ftx * -chosen_mean
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+class PreferenceLoss(TokenSumLoss):
+    """The summed loss of a batch's pairs (the engine divides by the pairs of the step), and its metrics
+    (TRL's names), summed over the pairs too."""
+
+    divided_by = "samples"
+    metric_names = METRICS
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, reference: Any):
+        self.token_loss = batch_loss_for(model)
+        self.config = config
+        self.reference = reference
+        self._metric_sums = torch.zeros(len(METRICS))
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {key: value for key, value in batch.items() if key != "ref_logps"}
+        sums, tokens = sequence_log_probs(self.token_loss, model, inputs)
+        means = sums / tokens.clamp(min=1)
+        policy = means if self.config.pref_loss in LENGTH_NORMALISED else sums
+        ref_chosen = ref_rejected = None
+        if self.config.uses_reference:
+            ref_sums = batch["ref_logps"].to(sums) if "ref_logps" in batch else self.reference.log_probs(inputs)
+            ref = ref_sums / tokens.clamp(min=1) if self.config.pref_loss in LENGTH_NORMALISED else ref_sums
+            ref_chosen, ref_rejected = ref[0::2], ref[1::2]
+        losses, chosen_rewards, rejected_rewards = preference_losses(
+            self.config, policy[0::2], policy[1::2], ref_chosen, ref_rejected, means[0::2])
+        # a pair with no trained token is a repeat that pads an epoch's end (batching.epoch_batches): it counts
+        # in no sum, as it counts in no divisor
+        trained = ((tokens[0::2] > 0) & (tokens[1::2] > 0)).to(losses.dtype)
+        detached = policy.detach()
+        self._metric_sums = torch.stack([
+            (chosen_rewards * trained).sum(), (rejected_rewards * trained).sum(),
+            ((chosen_rewards > rejected_rewards).to(losses.dtype) * trained).sum(),
+            ((chosen_rewards - rejected_rewards) * trained).sum(), (detached[0::2] * trained).sum(),
+            (detached[1::2] * trained).sum(),
+        ])
+        return (losses * trained).sum()
+
+    def metric_sums(self) -> torch.Tensor:
+        return self._metric_sums
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+
+class FrozenModel:
+    """A model whose log-probabilities are the reference: computed without gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.token_loss = batch_loss_for(model)
+
+    def log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_log_probs(self.token_loss, self.model, batch)[0]
+
+
+class AdapterOff(FrozenModel):
+    """LoRA: the model itself with its adapter switched off, the base model it trains from (no copy)."""
+
+    def log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.model.disable_adapter():
+            return super().log_probs(batch)
+
+
+def reference_for(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> FrozenModel | None:
+    """The reference of the run's model, taken before a checkpoint's weights are loaded into it: the model
+    itself with its adapter off (LoRA), or a frozen copy of it (full, freeze)."""
+    if not config.uses_reference or config.precompute_ref_log_probs:
+        return None
+    if hasattr(model, "disable_adapter"):
+        return AdapterOff(model)
+    log.info("dpo: the reference is a frozen copy of the model (precompute_ref_log_probs: true needs none)")
+    return FrozenModel(copy.deepcopy(model).eval().requires_grad_(False).to(device))
+
+
+# --- reference log-probabilities computed once ----------------------------------------------------
+
+
+def precompute_reference(config: TrainConfig, model: torch.nn.Module, data: Any, collator: Any,
+                         accelerator: Any) -> None:
+    """Adds `ref_logps` (chosen, rejected) to every pair of the train and eval data, computed with the model
+    as loaded, or read from where an earlier run stored them with the processed data."""
+    stored = _stored_path(config, data.cache_dir)
+    if stored is not None and stored.exists():
+        values = json.loads(stored.read_text())
+        log.info("precompute_ref_log_probs: reference log-probabilities read from %s", stored)
+    else:
+        reference = AdapterOff(model) if hasattr(model, "disable_adapter") else FrozenModel(model)
+        values = {split: _log_probs_of(rows, reference, collator, config, accelerator)
+                  for split, rows in (("train", data.train), ("eval", data.eval)) if rows is not None}
+        reference.token_loss.remove()
+        if stored is not None and accelerator.is_main_process:
+            partial = stored.with_name(f"{stored.name}.partial-{os.getpid()}")
+            partial.write_text(json.dumps(values))
+            partial.replace(stored)
+        log.info("precompute_ref_log_probs: reference log-probabilities of %d pairs computed", len(values["train"]))
+    data.train = data.train.add_column("ref_logps", values["train"])
+    if data.eval is not None:
+        data.eval = data.eval.add_column("ref_logps", values["eval"])
+
+
+def _log_probs_of(rows: Any, reference: Any, collator: Any, config: TrainConfig, accelerator: Any) -> list:
+    was_training = reference.model.training
+    reference.model.eval()
+    device = next(reference.model.parameters()).device
+    values = []
+    size = config.per_device_eval_batch_size
+    for start in range(0, len(rows), size):
+        batch, _ = collator([rows[i] for i in range(start, min(start + size, len(rows)))])
+        with accelerator.autocast():
+            sums = reference.log_probs({key: value.to(device) for key, value in batch.items()})
+        values += sums.view(-1, 2).tolist()
+    reference.model.train(was_training)
+    return values
+
+
+def _stored_path(config: TrainConfig, cache_dir: Path | None) -> Path | None:
+    """Where the reference log-probabilities of this data and model are kept: next to the processed data,
+    named by the model's files and the precision they were computed in."""
+    if cache_dir is None:
+        return None
+    from lmtune.models import resolve_model_path
+
+    model_path = Path(resolve_model_path(config.model_name_or_path))
+    files = sorted(model_path.glob("*")) if model_path.is_dir() else [model_path]
+    description = {"model": str(model_path.resolve()), "bf16": config.bf16,
+                   "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]}
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / f"ref_logps-{key}.json"
