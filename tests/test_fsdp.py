@@ -129,14 +129,14 @@ def test_the_final_model_of_an_fsdp_run_loads_with_transformers_alone(runs):
 def test_one_process_loads_a_checkpoint_two_processes_sharded(runs):
     """DCP reshards: the weights and AdamW state of a 2-process sharded checkpoint, into a whole model."""
     from lmtune.checkpoint import read_state
-    from lmtune.engine import _optimizer
+    from lmtune.engine import build_optimizer
     from lmtune.models import load_model
     from lmtune.resume import ResumePoint, load_sharded_checkpoint
 
     _, fsdp = runs
     config = build_config({"model_name_or_path": str(fsdp.parent / "model"), "finetuning_type": "full"})
     model = load_model(config.model_name_or_path, config)
-    optimizer = _optimizer(model, config)
+    optimizer = build_optimizer(model, config)
     checkpoint = fsdp / "checkpoint-6"  # the final step's: its weights are the final model's
     load_sharded_checkpoint(model, optimizer, ResumePoint(checkpoint, read_state(checkpoint)))
     final = load_file(fsdp / "model.safetensors")

@@ -165,7 +165,7 @@ def set_up(config: TrainConfig) -> Setup:
         for line in plan_summary_lines(plan, config):
             log.info("%s", line)
     check_disk(plan, config, freed_bytes=sum(_size_of(path) for path in to_clear))
-    model, optimizer = sharding.prepare(accelerator, model, lambda wrapped: _optimizer(wrapped, config))
+    model, optimizer = sharding.prepare(accelerator, model, lambda wrapped: build_optimizer(wrapped, config))
     schedule = config_schedule(config, plan.total_steps)
     if point is not None:
         _load_trained_state(point, accelerator.unwrap_model(model), optimizer, sharding)
@@ -257,7 +257,7 @@ def _size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
