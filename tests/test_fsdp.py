@@ -4,6 +4,7 @@ survive a kill, a final model transformers loads, and accelerate's FSDP configs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -411,3 +412,22 @@ def test_an_accelerate_fsdp_config_is_checked_with_the_yaml_keys():
     environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}
     with pytest.raises(UserError, match="quantization_bit"):
         take_accelerate_fsdp(build_config({"finetuning_type": "lora", "quantization_bit": 4}), environ)
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_dpo_with_fsdp_trains_as_one_process_with_both_processes_pairs(module_dir, tmp_path, finetuning_type):
+    """The reference under FSDP: the sharded model with its adapter off (LoRA), or a frozen whole copy (full)."""
+    from test_dpo import pair_rows
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(row) for row in pair_rows(16)))
+    dpo = dict(stage="dpo", dataset=str(pairs), finetuning_type=finetuning_type, max_steps=3, save_steps=3,
+               per_device_train_batch_size=2, learning_rate=1e-2 if finetuning_type == "lora" else 1e-3)
+    torchrun(config_file(module_dir, f"dpo-{finetuning_type}", fsdp="full_shard", **dpo))
+    one = config_file(module_dir, f"dpo-one-{finetuning_type}", **{**dpo, "per_device_train_batch_size": 4})
+    assert run_lmtune("train", one) == 0
+    sharded, whole = module_dir / f"dpo-{finetuning_type}", module_dir / f"dpo-one-{finetuning_type}"
+    assert train_losses(sharded)[1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+    assert_close_runs(whole, sharded)
+    margins = [r["rewards/margins"] for r in read_jsonl(sharded / "metrics.jsonl") if r["type"] == "train"]
+    assert margins[-1] > 0
