@@ -404,13 +404,34 @@ def test_every_config_key_says_what_a_change_means_on_resume():
     assert unclassified == []
 
 
+@pytest.mark.parametrize("stage, metric", [("sft", "eval_accuracy"), ("sft", "loss_eval"),
+                                           ("dpo", "eval_rewards/acuracies"), ("dpo", "rewards/margin")])
+def test_a_metric_for_best_model_no_evaluation_writes_is_exit_2_naming_the_valid_ones(tiny_config, stage, metric,
+                                                                                       capsys):
+    """It marked no checkpoint best by its own value: the best was chosen by eval_loss, in the direction of
+    the misspelt name (higher is better for a name not ending in loss: the worst checkpoint kept as best)."""
+    config = tiny_config(stage=stage, metric_for_best_model=metric, val_size=4, max_steps=2)
+    assert run_lmtune("train", config) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "metric_for_best_model" in err and "eval_loss" in err and "Traceback" not in err
+    assert ("eval_rewards/accuracies" in err) == (stage == "dpo")
+
+
+def test_a_metric_named_without_eval_is_the_evaluations(tiny_config):
+    from lmtune.config import build_config
+
+    assert build_config({"stage": "dpo", "metric_for_best_model": "rewards/margins"}).metric_for_best_model == \
+        "eval_rewards/margins"
+    assert build_config({"metric_for_best_model": "loss"}).metric_for_best_model == "eval_loss"
+
+
 def test_greater_is_better_marks_the_highest_metric_best(tmp_path):
     from test_checkpoint import snapshot
 
     from lmtune.checkpoint import CheckpointStore
     from lmtune.config import TrainConfig
 
-    assert TrainConfig(metric_for_best_model="eval_accuracy").best_is_greater
+    assert TrainConfig(stage="dpo", metric_for_best_model="eval_rewards/accuracies").best_is_greater
     assert not TrainConfig(metric_for_best_model="eval_loss").best_is_greater
     store = CheckpointStore(tmp_path, save_total_limit=1, best_metric="eval_accuracy", greater_is_better=True)
     for step, accuracy in ((1, 0.2), (2, 0.9), (3, 0.5), (4, 0.4)):

@@ -71,6 +71,10 @@ class SavePhase(BaseModel):
         return self
 
 
+# what a dpo step and evaluation measure besides the loss (TRL's names)
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                      "logps/chosen", "logps/rejected")
+
 # report_to values and the package each needs (installed with `pip install 'lmtune[NAME]'`)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "swanlab": "swanlab", "none": None}
 
@@ -417,11 +421,25 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _best_metric_for_load_best(cls, values: Any) -> Any:
-        """As in the Hugging Face Trainer: load_best_model_at_end without a metric means eval_loss."""
-        wants_best = isinstance(values, dict) and values.get("load_best_model_at_end")
-        if wants_best and not values.get("metric_for_best_model"):
+        """As in the Hugging Face Trainer: load_best_model_at_end without a metric means eval_loss, and a
+        metric named without its `eval_` prefix means the evaluation's."""
+        if not isinstance(values, dict):
+            return values
+        metric = values.get("metric_for_best_model")
+        if values.get("load_best_model_at_end") and not metric:
             values = {**values, "metric_for_best_model": "eval_loss"}
+        elif isinstance(metric, str) and metric and not metric.startswith("eval_"):
+            values = {**values, "metric_for_best_model": f"eval_{metric}"}
         return values
+
+    @model_validator(mode="after")
+    def _best_metric_is_measured(self) -> TrainConfig:
+        metric = self.metric_for_best_model
+        if metric is not None and metric not in self.eval_metrics:
+            raise ValueError(f"metric_for_best_model: {metric!r} is not a metric an evaluation of stage "
+                             f"{self.stage} writes (it would never mark a checkpoint best); valid: "
+                             f"{', '.join(self.eval_metrics)}")
+        return self
 
     @model_validator(mode="after")
     def _save_checks(self) -> TrainConfig:
@@ -500,6 +518,12 @@ class TrainConfig(BaseModel):
     def brought_key_notes(self) -> list[str]:
         """What lmtune made of the keys brought from LLaMA-Factory or TrainingArguments (mapped, ignored)."""
         return list(self._brought_key_notes)
+
+    @property
+    def eval_metrics(self) -> tuple[str, ...]:
+        """The metrics of an eval row of metrics.jsonl."""
+        measured = PREFERENCE_METRICS if self.stage == "dpo" else ()
+        return ("eval_loss", *(f"eval_{name}" for name in measured))
 
     @property
     def best_is_greater(self) -> bool:

@@ -25,13 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmtune.config import TrainConfig
+from lmtune.config import PREFERENCE_METRICS, TrainConfig
 from lmtune.loss import TokenSumLoss, batch_loss_for
 
 log = logging.getLogger("lmtune")
 
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
 LENGTH_NORMALISED = ("ipo", "simpo", "orpo")  # their log-probabilities are means over the answer's tokens
 
 
@@ -84,13 +82,13 @@ class PreferenceLoss(TokenSumLoss):
     (TRL's names), summed over the pairs too."""
 
     divided_by = "samples"
-    metric_names = METRICS
+    metric_names = PREFERENCE_METRICS
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, reference: Any):
         self.token_loss = batch_loss_for(model)
         self.config = config
         self.reference = reference
-        self._metric_sums = torch.zeros(len(METRICS))
+        self._metric_sums = torch.zeros(len(PREFERENCE_METRICS))
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items() if key != "ref_logps"}
