@@ -225,3 +225,30 @@ def test_one_writer_per_run_folder_and_the_web_ui_can_stop_a_terminal_run(tiny_c
     assert process.returncode == 130, stderr[-2000:]
     assert not (run / "train.pid").exists()
     assert "signal" in read_jsonl_index(run)[-1]["reasons"]
+
+
+def as_written_by_state_version_2(checkpoint) -> None:
+    """The checkpoint as lmtune wrote it before the data position was saved (state version 2)."""
+    import json
+
+    state_file, mark_file = checkpoint / "train_state.json", checkpoint / "checkpoint_complete.json"
+    state = json.loads(state_file.read_text())
+    del state["data_epoch"], state["data_rows"]
+    state_file.write_text(json.dumps({**state, "version": 2}))
+    mark = json.loads(mark_file.read_text())
+    mark["files"]["train_state.json"] = state_file.stat().st_size
+    mark_file.write_text(json.dumps(mark))
+
+
+def test_a_checkpoint_of_state_version_2_resumes_at_its_place_in_the_epoch(tiny_config, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_lmtune("train", tiny_config(output_dir=str(straight), max_steps=12, save_steps=1)) == 0
+    rows = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl") if r["type"] == "train"}
+    epoch_end = next(step for step, row in rows.items() if row["epoch"] == 1.0)
+    for step in (3, epoch_end):  # within the first epoch, and at its end
+        resumed = tmp_path / f"resumed-{step}"
+        resumed.mkdir()
+        shutil.copytree(straight / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+        as_written_by_state_version_2(resumed / f"checkpoint-{step}")
+        assert run_lmtune("train", tiny_config(output_dir=str(resumed), max_steps=12, save_steps=1)) == 0
+        assert_same_run(straight, resumed, step)

@@ -73,6 +73,7 @@ from lmtune.resume import (
     restore_rng_of_process,
     rng_state,
     seed_everything,
+    settle_data_position,
     truncate_metrics,
 )
 from lmtune.runlock import RunLock, check_not_running
@@ -146,6 +147,7 @@ def set_up(config: TrainConfig) -> Setup:
     reference = _preference_reference(config, model, data, tokenizer, accelerator)  # before a checkpoint's weights
     if point is not None:
         check_compatible(point, config, accelerator.num_processes)
+        settle_data_position(point, None if config.streaming else len(data.train))
         if not is_sharded(point.path):
             load_weights(model, point)
     trainable, total = count_parameters(model)

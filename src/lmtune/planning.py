@@ -23,7 +23,7 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
     """The plan `lmtune train` on `world_size` processes would follow, resume included."""
     from lmtune.data import prepare_data
     from lmtune.models import load_tokenizer, resolve_model_path
-    from lmtune.resume import check_compatible, epoch_origin, find_resume_point
+    from lmtune.resume import check_compatible, epoch_origin, find_resume_point, settle_data_position
 
     point = find_resume_point(config, Path(config.output_dir))
     if point is not None:
@@ -40,6 +40,8 @@ def plan_for_config(config: TrainConfig, world_size: int = 1) -> Plan:
         plan.batching = batching_of(config, [])
     else:
         data = prepare_data(config, tokenizer)
+        if point is not None:
+            settle_data_position(point, len(data.train))
         plan = make_plan(config, len(data.train), world_size, data.eval is not None,
                          **estimate_sizes(model_path, config, world_size),
                          epoch_origin=epoch_origin(point, config, len(data.train), world_size))

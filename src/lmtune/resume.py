@@ -34,7 +34,7 @@ from lmtune.checkpoint import (
 )
 from lmtune.config import TrainConfig, field_meta
 from lmtune.errors import UserError
-from lmtune.schedule import epoch_origin_at, global_batch
+from lmtune.schedule import epoch_origin_at, global_batch, steps_per_epoch
 from lmtune.state import TrainState
 
 log = logging.getLogger("lmtune")
@@ -139,6 +139,22 @@ def batch_lines(point: ResumePoint, config: TrainConfig, num_processes: int, ste
 
 def _processes(count: int) -> str:
     return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def settle_data_position(point: ResumePoint, train_rows: int | None) -> None:
+    """A checkpoint of state version 2 saved no data position: it follows from its step, as that version laid
+    epochs out (an epoch of steps_per_epoch steps, each taking its global batch of rows of the order)."""
+    state = point.state
+    if state.data_epoch is not None:
+        return
+    if train_rows is None:  # a stream: its position is its loaders'
+        state.data_epoch, state.data_rows = 0, 0
+        return
+    saved = point.saved_config
+    batch, accumulation = saved["per_device_train_batch_size"], saved["gradient_accumulation_steps"]
+    per_epoch = steps_per_epoch(train_rows, batch, accumulation, len(state.rng))
+    state.data_epoch, steps_done = divmod(state.step, per_epoch)
+    state.data_rows = min(steps_done * batch * accumulation * len(state.rng), train_rows)
 
 
 def epoch_origin(point: ResumePoint | None, config: TrainConfig, train_rows: int | None, num_processes: int) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STATE_VERSION = 3
+VERSION_3_FIELDS = ("data_epoch", "data_rows")  # what version 2 lacks; its checkpoints still resume
 
 
 @dataclass
@@ -31,9 +32,10 @@ class TrainState:
     step: int = 0
     epoch: float | None = 0.0
     # data of known size: the epoch in training and how many rows of its order all processes have trained,
-    # so that a resume on any number of processes, with any batch, continues at that row
-    data_epoch: int = 0
-    data_rows: int = 0
+    # so that a resume on any number of processes, with any batch, continues at that row (None: a state of
+    # version 2, which saved no position; resume.settle_data_position derives it)
+    data_epoch: int | None = 0
+    data_rows: int | None = 0
     samples_seen: int = 0
     tokens_seen: int = 0
     stream_pass: int = 0
@@ -73,7 +75,9 @@ def state_from_json(values: dict[str, Any], binary: dict[str, Any]) -> TrainStat
     """The state written by `state_to_json` and the binary fields; a missing field is a KeyError."""
     names = [f.name for f in dataclasses.fields(TrainState)]
     missing = [name for name in names if name not in values and name not in BINARY_FIELDS]
-    if values.get("version") != STATE_VERSION or missing:
+    if values.get("version") == 2 and set(missing) == set(VERSION_3_FIELDS):
+        values, missing = {**values, **dict.fromkeys(VERSION_3_FIELDS)}, []
+    if values.get("version") not in (2, STATE_VERSION) or missing:
         raise KeyError(f"written by another version of lmtune (version {values.get('version')}, "
                        f"missing {', '.join(missing) or 'nothing'})")
     kwargs = {name: values[name] for name in names if name not in BINARY_FIELDS}
