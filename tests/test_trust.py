@@ -369,7 +369,8 @@ def _a_value_for(field: dataclasses.Field, index: int):
     from lmtune.state import Schedule
 
     examples = {
-        "int": 7 + index, "float": 0.25 + index, "float | None": 1.5 + index, "dict[str, float]": {"loss": 0.5},
+        "int": 7 + index, "int | None": 7 + index, "float": 0.25 + index, "float | None": 1.5 + index,
+        "dict[str, float]": {"loss": 0.5},
         "Schedule | None": Schedule("cosine", 3e-4, 5, 100), "dict[str, str]": {"data": "abc", "tokenizer": "def"},
         "dict[str, Any]": {"learning_rate": 3e-4},
         "list[dict[str, Any]]": [{"python": (3, tuple(range(625)), None), "torch": torch.arange(4)}],
