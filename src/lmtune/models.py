@@ -133,6 +133,7 @@ def save_tiny_llama(tokenizer: Any, folder: Path, seed: int = 0) -> Path:
 def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    _check_weight_files(path)
     with _named_load_errors(path, "the model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      trust_remote_code=config.trust_remote_code,
@@ -143,6 +144,20 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
     return prepare_for_training(model, config)
+
+
+def _check_weight_files(path: str) -> None:
+    """Each safetensors file of a model folder opens (its header read, its size checked against it): a
+    file cut short or overwritten is named here, not met as a library's error while loading."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"model_name_or_path: {file} is damaged or cut short ({error}); copy it again") from None
 
 
 @contextlib.contextmanager
