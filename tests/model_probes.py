@@ -4,6 +4,7 @@ check a feature is really on: what each records is kept on its class, since runs
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import torch
@@ -56,3 +57,22 @@ class BaseLayers:
             if base is not None:
                 BaseLayers.classes.add(f"{type(base).__module__}.{type(base).__name__}")
                 BaseLayers.dtypes.add(base.weight.dtype)
+
+
+class ComputeDtypes:
+    """The dtype of the first decoder layer's MLP weights and of its output in the first step, written to
+    `compute_dtypes.json` in the run's folder (for a run in another process)."""
+
+    def on_train_begin(self, state: Any, model: torch.nn.Module) -> None:
+        self.seen: dict[str, str] = {}
+        mlp = decoder_layers(_causal_lm(model))[0].mlp
+        self.seen["weight"] = str(next(mlp.parameters()).dtype)
+        self.hook = mlp.register_forward_hook(self._record)
+
+    def _record(self, module: Any, args: Any, output: torch.Tensor) -> None:
+        self.seen.setdefault("output", str(output.dtype))
+
+    def on_step_end(self, state: Any, metrics: Any) -> None:
+        if state.step == 1:
+            self.hook.remove()
+            (state.output_dir / "compute_dtypes.json").write_text(json.dumps(self.seen))
