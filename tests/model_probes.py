@@ -76,3 +76,15 @@ class ComputeDtypes:
         if state.step == 1:
             self.hook.remove()
             (state.output_dir / "compute_dtypes.json").write_text(json.dumps(self.seen))
+
+
+class ModelLayout:
+    """The attention kernel the trained model runs and whether each decoder layer is compiled."""
+
+    attention: str | None = None
+    compiled: list[bool] = []
+
+    def on_train_begin(self, state: Any, model: torch.nn.Module) -> None:
+        causal_lm = _causal_lm(model)
+        ModelLayout.attention = causal_lm.config._attn_implementation
+        ModelLayout.compiled = [layer._compiled_call_impl is not None for layer in decoder_layers(causal_lm)]

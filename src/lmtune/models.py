@@ -133,16 +133,69 @@ def save_tiny_llama(tokenizer: Any, folder: Path, seed: int = 0) -> Path:
 def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = attention_implementation(config, device_type)
+    if attention is not None:
+        log.info("attention: %s (flash_attn: %s)", attention, config.flash_attn)
     with _named_load_errors(path, "the model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype(config, device_type),
                                                      trust_remote_code=config.trust_remote_code,
+                                                     **({"attn_implementation": attention} if attention else {}),
                                                      **_quantised_loading(config))
     if config.quantization_bit is None:
         drop_quantization(model.config)  # a dequantised GGUF import trains, and is saved, as a plain model
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
-    return prepare_for_training(model, config)
+    model = prepare_for_training(model, config)
+    if config.torch_compile:
+        compile_layers(model, config.torch_compile_backend or "inductor")
+    return model
+
+
+def weights_dtype(config: TrainConfig, device_type: str) -> torch.dtype:
+    """The dtype the weights are loaded in. float32, but for LoRA with bf16 on a GPU (and no fsdp, whose
+    mixed-precision policy casts instead): there the frozen base is only read, so it is held in bfloat16
+    (half the memory), while PEFT keeps the adapter, which AdamW updates, in float32. On a CPU, bf16 is
+    autocast over float32 weights."""
+    frozen_base = config.finetuning_type == "lora" and config.quantization_bit is None and not config.fsdp
+    if config.bf16 and device_type == "cuda" and frozen_base and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention_implementation(config: TrainConfig, device_type: str) -> str | None:
+    """transformers' attn_implementation for `flash_attn` (LLaMA-Factory's key); None: transformers' own pick.
+
+    Examples laid end to end (padding-free or packed rows) are kept apart by their position ids. sdpa turns
+    those into a dense length x length mask, flash_attention_2 into sequence boundaries (varlen) and
+    flex_attention into a block-sparse mask: on a GPU, `auto` takes one of the last two for such rows, so
+    attention stays linear in a row's length. flash_attention_2 reads boundaries from one row only
+    (padding-free micro-batches), and computes in 16 bits only (bf16)."""
+    if config.flash_attn in ("disabled", "sdpa"):
+        return "eager" if config.flash_attn == "disabled" else "sdpa"
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    if config.flash_attn == "fa2":
+        if device_type != "cuda" or not is_flash_attn_2_available():
+            raise UserError("flash_attn: fa2 needs a GPU and the flash-attn package (pip install flash-attn); "
+                            "set flash_attn: auto to let lmtune pick")
+        return "flash_attention_2"
+    if device_type != "cuda":
+        return None
+    if config.use_padding_free and config.bf16 and is_flash_attn_2_available():
+        return "flash_attention_2"
+    if (config.use_padding_free or config.use_packing) and is_torch_flex_attn_available():
+        return "flex_attention"
+    return None
+
+
+def compile_layers(model: torch.nn.Module, backend: str) -> None:
+    """torch_compile: each decoder layer compiled in place (the module, its names and its hooks stay as they
+    are, so checkpoints, FSDP and the loss see the same model); compiled on its first call."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in decoder_layers(base):
+        layer.compile(backend=backend)
 
 
 @contextlib.contextmanager
