@@ -51,6 +51,8 @@ class Batcher:
         self.running: list[Job] = []  # the jobs of the batch being generated
         self.lock = threading.Condition()
         self.closed = False
+        self.cancelled_rows = 0  # rows dropped from a batch because their client went away
+        self.largest_batch = 0  # the most rows decoded together so far
         self.thread = threading.Thread(target=self._serve, name="lmtune-generation", daemon=True)
         self.thread.start()
 
@@ -63,7 +65,8 @@ class Batcher:
 
     def load(self) -> dict[str, int]:
         with self.lock:
-            return {"queued": len(self.waiting), "running": self._busy(), "max_pending": self.max_pending}
+            return {"queued": len(self.waiting), "running": self._busy(), "max_pending": self.max_pending,
+                    "cancelled_rows": self.cancelled_rows, "largest_batch": self.largest_batch}
 
     def _busy(self) -> int:
         """Running jobs still wanted: a cancelled job's rows leave the batch at its next token."""
@@ -130,6 +133,7 @@ class Batcher:
         if not prepared:
             return
         rows = [(job, i) for job in prepared for i in range(len(job.prompts))]
+        self.largest_batch = max(self.largest_batch, len(rows))
 
         def on_text(row: int, piece: str, logprobs: list[TokenLogprob]) -> None:
             job, choice = rows[row]
@@ -144,6 +148,8 @@ class Batcher:
             for job in prepared:
                 job.post("error", error)
             return
+        with self.lock:
+            self.cancelled_rows += sum(c.finish_reason == "cancelled" for c in done)
         for job in prepared:
             job.post("done", [c for (owner, _), c in zip(rows, done, strict=True) if owner is job])
 
