@@ -293,6 +293,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="the longest answer, whatever a request asks for")] = 1024,
     max_pending: Annotated[int, typer.Option(help="requests queued or generating; more are answered 429")] = 64,
     max_batch: Annotated[int, typer.Option(help="answers decoded together in one batch")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(
+        help="how long a request waits for others to batch with (0: none)")] = 50,
     max_models: Annotated[int, typer.Option(help="models (adapters' bases) kept loaded")] = 2,
     max_adapters: Annotated[int, typer.Option(help="LoRA adapters kept loaded per base model")] = 8,
 ) -> None:
@@ -307,8 +309,8 @@ def serve(
         from lmtune.serving.server import serve as run_server
     except ImportError as error:
         raise UserError(f"lmtune serve needs fastapi and uvicorn ({error}): pip install 'lmtune[serve]'") from None
-    limits = Limits(max_tokens=max_tokens, max_pending=max_pending, max_batch=max_batch, max_models=max_models,
-                    max_adapters=max_adapters)
+    limits = Limits(max_tokens=max_tokens, max_pending=max_pending, max_batch=max_batch,
+                    batch_window_s=batch_window_ms / 1000, max_models=max_models, max_adapters=max_adapters)
     run_server(roots or ["."], host, port, api_key, limits)
 
 

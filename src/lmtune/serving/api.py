@@ -147,7 +147,7 @@ def build_app(catalog: Catalog, batcher: Batcher, api_key: str | None = None, ma
                 raise ValueError(f"the model's chat template cannot render these messages: {error}") from None
             return [checked_prompt(encode_prompt(ready.tokenizer, prompt), ready)] * body.n
 
-        job, tokenizer = await start(batcher, target, prepare, sampling)
+        job, tokenizer = await start(batcher, target, prepare, sampling, body.stream)
         shape = ChatShape(body.model, tokenizer, body.n)
         if body.stream:
             return stream(job, shape, body.n, wants_usage(body))
@@ -168,7 +168,7 @@ def build_app(catalog: Catalog, batcher: Batcher, api_key: str | None = None, ma
             ids = [checked_prompt(ready.tokenizer(p)["input_ids"], ready) for p in prompts]
             return [row for row in ids for _ in range(body.n)]
 
-        job, tokenizer = await start(batcher, target, prepare, sampling)
+        job, tokenizer = await start(batcher, target, prepare, sampling, body.stream)
         shape = CompletionShape(body.model, tokenizer, body.n)
         if body.stream:
             return stream(job, shape, len(sampling), wants_usage(body))
@@ -253,9 +253,10 @@ def checked_prompt(ids: list[int], ready: Ready) -> list[int]:
     return ids
 
 
-async def start(batcher: Batcher, target: Target, prepare: Callable, sampling: list[Sampling]) -> tuple[Job, Any]:
+async def start(batcher: Batcher, target: Target, prepare: Callable, sampling: list[Sampling],
+                streams: bool) -> tuple[Job, Any]:
     """Queue the job and wait until its model is loaded and its prompts checked; errors become ApiErrors."""
-    job = Job(target, prepare, sampling, asyncio.get_running_loop())
+    job = Job(target, prepare, sampling, asyncio.get_running_loop(), streams=streams)
     try:
         batcher.submit(job)
     except QueueFull as error:

@@ -39,13 +39,14 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompts: list[list[int]] = field(default_factory=list)
+    streams: bool = True  # False: only the finished completions are posted, not every piece
 
     def post(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Batcher:
-    def __init__(self, pool: ModelPool, max_pending: int = 64, max_batch: int = 32, window_s: float = 0.01) -> None:
+    def __init__(self, pool: ModelPool, max_pending: int = 64, max_batch: int = 32, window_s: float = 0.05) -> None:
         self.pool, self.max_pending, self.max_batch, self.window_s = pool, max_pending, max_batch, window_s
         self.waiting: list[Job] = []
         self.running: list[Job] = []  # the jobs of the batch being generated
@@ -137,7 +138,8 @@ class Batcher:
 
         def on_text(row: int, piece: str, logprobs: list[TokenLogprob]) -> None:
             job, choice = rows[row]
-            job.post("text", choice, piece, logprobs)
+            if job.streams:
+                job.post("text", choice, piece, logprobs)
 
         try:
             done = generate(ready.model, ready.tokenizer, [job.prompts[i] for job, i in rows],

@@ -22,7 +22,7 @@ class Limits:
     max_tokens: int = 1024  # the longest answer, whatever a request asks for
     max_pending: int = 64  # requests queued or generating; more are answered 429
     max_batch: int = 32  # rows decoded together
-    batch_window_s: float = 0.01  # how long the first request of a batch waits for others
+    batch_window_s: float = 0.05  # how long the first request of a batch waits for others
     max_models: int = 2  # models (bases) kept loaded
     max_adapters: int = 8  # adapters kept loaded per base
 
@@ -37,6 +37,8 @@ def create(roots: list[str], api_key: str | None = None, limits: Limits | None =
            device: str | None = None) -> tuple[FastAPI, Batcher]:
     """The app and its batcher (whose generation thread runs until `close()`)."""
     limits = limits or Limits()
+    if limits.batch_window_s < 0:
+        raise UserError("--batch-window-ms must be 0 or more")
     if limits.max_tokens < 1 or limits.max_pending < 1 or limits.max_batch < 1 or limits.max_models < 1 \
             or limits.max_adapters < 1:
         raise UserError("--max-tokens, --max-pending, --max-batch, --max-models and --max-adapters must be at least 1")
