@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,12 +180,20 @@ def test_two_adapters_answer_differently_in_interleaved_requests(served):
     assert together == [alone[name] for name in "ababab"]
 
 
-def test_errors_follow_openais_schema(served, tokenizer):
-    server, _ = served
+def test_errors_follow_openais_schema(served, tiny_model_dir):
+    server, root = served
     for name in ("nope", "../run", str(Path("/etc").resolve()), "run/../run"):
         with pytest.raises(openai.NotFoundError) as found:
             server.client.chat.completions.create(model=name, messages=HELLO, max_tokens=2)
         assert found.value.body["code"] == "model_not_found" and found.value.body["param"] == "model"
+
+    (root / "outside").symlink_to(tiny_model_dir, target_is_directory=True)  # a link out of the served folder
+    try:
+        assert "outside" not in [model.id for model in server.client.models.list()]
+        with pytest.raises(openai.NotFoundError):
+            server.client.chat.completions.create(model="outside", messages=HELLO, max_tokens=2)
+    finally:
+        (root / "outside").unlink()
 
     long = [{"role": "user", "content": "tide " * 600}]  # longer than the tiny model's 512 positions
     with pytest.raises(openai.BadRequestError) as too_long:
@@ -242,6 +253,25 @@ def test_a_client_leaving_mid_stream_frees_its_slot(tmp_path, tiny_model_dir):
         assert done.usage.completion_tokens == 2
     finally:
         server.close()
+
+
+def test_the_command_serves_until_interrupted(tiny_model_dir):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lmtune", "serve", str(tiny_model_dir), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "lmtune serve did not start"
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert [model["id"] for model in models["data"]] == [tiny_model_dir.name]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
 
 
 def test_another_address_needs_an_api_key(served, capsys):
