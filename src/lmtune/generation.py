@@ -52,8 +52,9 @@ class Completion:
 
 
 # on_text(row, new_text, logprobs_of_the_new_tokens): called as text becomes final (a stop string may still cut
-# what is held back); cancelled(row) -> True drops the row
+# what is held back); on_finish(row, completion): called once, as the row ends; cancelled(row) -> True drops the row
 OnText = Callable[[int, str, list[TokenLogprob]], None]
+OnFinish = Callable[[int, Completion], None]
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -82,7 +83,8 @@ class _Row:
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], sampling: Sequence[Sampling],
-             on_text: OnText | None = None, cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
+             on_text: OnText | None = None, cancelled: Callable[[int], bool] | None = None,
+             on_finish: OnFinish | None = None) -> list[Completion]:
     """Decode every prompt (a list of token ids) with its own sampling settings, all in one batch."""
     device = next(model.parameters()).device
     rows = [_Row(list(p), s, device) for p, s in zip(prompts, sampling, strict=True)]
@@ -119,6 +121,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], sampling:
                 row.done.finish_reason = "cancelled"
             if row.done.finish_reason is None:
                 keep.append(slot)
+            elif on_finish is not None:
+                on_finish(index, row.done)
         if len(keep) < len(live):
             if not keep:
                 break

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmtune.chat import Target
-from lmtune.generation import Sampling, TokenLogprob, generate
+from lmtune.generation import Completion, Sampling, TokenLogprob, generate
 from lmtune.serving.pool import ModelPool, Ready
 
 log = logging.getLogger("lmtune")
@@ -70,7 +70,7 @@ class Batcher:
                     "cancelled_rows": self.cancelled_rows, "largest_batch": self.largest_batch}
 
     def _busy(self) -> int:
-        """Running jobs still wanted: a cancelled job's rows leave the batch at its next token."""
+        """Running jobs still wanted: a finished job leaves at once, a cancelled job's rows at the next token."""
         return sum(not job.cancelled.is_set() for job in self.running)
 
     def close(self) -> None:
@@ -136,22 +136,31 @@ class Batcher:
         rows = [(job, i) for job in prepared for i in range(len(job.prompts))]
         self.largest_batch = max(self.largest_batch, len(rows))
 
+        finished: dict[int, list[Completion | None]] = {id(job): [None] * len(job.prompts) for job in prepared}
+
         def on_text(row: int, piece: str, logprobs: list[TokenLogprob]) -> None:
             job, choice = rows[row]
             if job.streams:
                 job.post("text", choice, piece, logprobs)
 
+        def on_finish(row: int, completion: Completion) -> None:
+            """A job whose rows have all ended is answered, and leaves the queue, while the batch goes on."""
+            job, choice = rows[row]
+            results = finished[id(job)]
+            results[choice] = completion
+            if all(result is not None for result in results):
+                with self.lock:
+                    self.running.remove(job)
+                    self.cancelled_rows += sum(r.finish_reason == "cancelled" for r in results)
+                job.post("done", results)
+
         try:
-            done = generate(ready.model, ready.tokenizer, [job.prompts[i] for job, i in rows],
-                            [job.sampling[i] for job, i in rows], on_text=on_text,
-                            cancelled=lambda row: rows[row][0].cancelled.is_set())
+            generate(ready.model, ready.tokenizer, [job.prompts[i] for job, i in rows],
+                     [job.sampling[i] for job, i in rows], on_text=on_text,
+                     cancelled=lambda row: rows[row][0].cancelled.is_set(), on_finish=on_finish)
         except Exception as error:
             log.exception("generation failed")
             for job in prepared:
-                job.post("error", error)
-            return
-        with self.lock:
-            self.cancelled_rows += sum(c.finish_reason == "cancelled" for c in done)
-        for job in prepared:
-            job.post("done", [c for (owner, _), c in zip(rows, done, strict=True) if owner is job])
+                if not all(finished[id(job)]):
+                    job.post("error", error)
 
