@@ -255,6 +255,32 @@ def test_a_client_leaving_mid_stream_frees_its_slot(tmp_path, tiny_model_dir):
         server.close()
 
 
+def test_a_short_request_is_answered_while_its_batch_goes_on(tiny_model_dir):
+    server = Server([str(tiny_model_dir)], api_key=None, max_tokens=400, batch_window_s=0.5)
+    name, long_done, pieces = tiny_model_dir.name, threading.Event(), []
+
+    def long_stream() -> None:
+        body = {"model": name, "prompt": "The tide", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as reply:
+            for line in reply.iter_lines():
+                pieces.append(line)
+                if stop_reading.is_set():
+                    return
+        long_done.set()
+
+    stop_reading = threading.Event()
+    reader = threading.Thread(target=long_stream)
+    try:
+        reader.start()
+        short = server.client.completions.create(model=name, prompt="hi", max_tokens=1, temperature=0)
+        assert short.usage.completion_tokens == 1
+        assert not long_done.is_set() and server.health()["largest_batch"] == 2  # batched with the long one
+    finally:
+        stop_reading.set()
+        reader.join(timeout=120)
+        server.close()
+
+
 def test_the_command_serves_until_interrupted(tiny_model_dir):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "lmtune", "serve", str(tiny_model_dir), "--port", str(port)],

@@ -124,7 +124,13 @@ def build_app(catalog: Catalog, batcher: Batcher, api_key: str | None = None, ma
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(catalog, name) for name in catalog.names()]}
+        cards = []
+        for name in catalog.names():
+            try:
+                cards.append(model_card(catalog, name))
+            except UnknownModel:
+                continue  # gone since it was listed: a checkpoint that rotation deleted
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name:path}")
     def model(name: str) -> dict[str, Any]:
