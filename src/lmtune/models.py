@@ -142,6 +142,7 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
                                                     **_quantised_loading(config))
     if reward:  # the score is read at the last token that is not the pad token the collator pads with
         model.config.pad_token_id = load_tokenizer(path, config.trust_remote_code).pad_token_id
+        model.config.architectures = [type(model).__name__]  # what a checkpoint's config.json says it is
     if config.quantization_bit is None:
         drop_quantization(model.config)  # a dequantised GGUF import trains, and is saved, as a plain model
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
