@@ -197,7 +197,6 @@ def test_plan_and_the_web_form_know_both_stages(kto_config, rm_config, tmp_path,
     ({"stage": "kto", "pref_loss": "ipo"}, "kto has its own loss"),
     ({"stage": "rm", "padding_free": True}, "each sequence is its own padded row"),
     ({"stage": "rm", "precompute_ref_log_probs": True}, "stage: rm, which needs no reference model"),
-    ({"stage": "ppo"}, "stage ppo is not available"),
 ])
 def test_settings_a_stage_cannot_use_are_refused(keys, words):
     from lmtune.errors import UserError
