@@ -93,12 +93,19 @@ def test_a_fresh_lora_adapter_starts_at_half_of_each_examples_weight(kto_config,
     assert first["samples_seen"] == 24
 
 
-def test_kto_raises_the_desirable_answers_reward_over_the_undesirable(kto_config, tmp_path):
+def test_kto_raises_the_desirable_answers_reward_and_lmtune_eval_gives_the_runs_eval(kto_config, tmp_path, capsys):
     assert run_lmtune("train", kto_config(max_steps=6, val_size=4, eval_steps=6, learning_rate=0.02)) == 0
     rows = train_rows(tmp_path / "run")
     assert rows[-1]["rewards/margins"] > 0.1 and rows[-1]["loss"] < rows[0]["loss"]
     evaluation = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval"][-1]
     assert set(evaluation) >= {"eval_loss", "eval_kl", "eval_logps/chosen", "eval_rewards/chosen"}
+    capsys.readouterr()
+    assert run_lmtune("eval", tmp_path / "run") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 4 and "perplexity" not in report
+    assert report["loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
+    for name in ("kl", "logps/chosen", "rewards/chosen"):
+        assert report[name] == pytest.approx(evaluation[f"eval_{name}"], rel=1e-5, abs=1e-6), name
 
 
 @pytest.mark.parametrize("stage, method", [
