@@ -112,7 +112,6 @@ def test_kto_raises_the_desirable_answers_reward_and_lmtune_eval_gives_the_runs_
     ("kto", {}),  # LoRA: the adapter switched off
     ("kto", {"finetuning_type": "full", "learning_rate": 1e-3, "precompute_ref_log_probs": True}),
     ("rm", {}),  # the score head saved whole with the adapter
-    ("rm", {"finetuning_type": "full", "learning_rate": 1e-3}),
 ])
 def test_a_resumed_run_continues_bit_for_bit(kto_config, rm_config, tmp_path, stage, method):
     make = kto_config if stage == "kto" else rm_config
@@ -234,6 +233,8 @@ def test_a_reward_model_learns_separable_pairs_and_loads_as_a_sequence_classifie
     assert run_lmtune("eval", tmp_path / "run", "--dataset", tmp_path / "pairs.jsonl") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["pairs"] == 16 and report["accuracy"] == 1.0 and report["margin"] > 0
+    assert run_lmtune("chat", tmp_path / "run", "--prompt", "hi") == 2  # it scores, it does not write
+    assert "is a reward model" in " ".join(capsys.readouterr().err.split())
     folder = tmp_path / "run"
     if finetuning_type == "lora":  # the adapter carries the score head; export merges it into a standalone model
         assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]

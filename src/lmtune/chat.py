@@ -180,7 +180,12 @@ class ChatSession:
 
 
 def load_for_chat(target: str) -> ChatSession:
+    from lmtune.models import is_reward_model
+
     resolved = resolve_target(target)
+    if Path(resolved.model_path).is_dir() and is_reward_model(resolved.model_path):
+        raise UserError(f"{target} is a reward model (stage rm): it scores texts and does not write; score "
+                        "pairs with `lmtune eval`, or load it with AutoModelForSequenceClassification")
     model, tokenizer = load_model_for_inference(resolved)
     return ChatSession(model, tokenizer, run_template(resolved))
 
