@@ -53,8 +53,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir, tokenizer):
-    """A folder with a full run of the tiny model (checkpoints 2 and 4, template default) and two LoRA
-    adapters of it that answer differently, served with an API key."""
+    """A folder with a full run of the tiny model (checkpoints 2 and 4, template default), two LoRA adapters
+    of it that answer differently and a reward model, served with an API key."""
     root = tmp_path_factory.mktemp("served")
     data = root / "sums.json"
     data.write_text(json.dumps(ALPACA_ROWS[:16]))
@@ -67,6 +67,10 @@ def served(tmp_path_factory, tiny_model_dir, tokenizer):
     assert run_lmtune("train", config) == 0
     for name, seed in (("a", 1), ("b", 2)):
         save_random_adapter(tiny_model_dir, tokenizer, root / "adapters" / name, seed)
+    scorer = root / "scorer"  # a reward model (stage rm) scores and does not write: never served
+    scorer.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (scorer / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
     server = Server([str(root)], max_tokens=32)
     yield server, root
     server.close()
@@ -182,7 +186,7 @@ def test_two_adapters_answer_differently_in_interleaved_requests(served):
 
 def test_errors_follow_openais_schema(served, tiny_model_dir):
     server, root = served
-    for name in ("nope", "../run", str(Path("/etc").resolve()), "run/../run"):
+    for name in ("nope", "scorer", "../run", str(Path("/etc").resolve()), "run/../run"):
         with pytest.raises(openai.NotFoundError) as found:
             server.client.chat.completions.create(model=name, messages=HELLO, max_tokens=2)
         assert found.value.body["code"] == "model_not_found" and found.value.body["param"] == "model"

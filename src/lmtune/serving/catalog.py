@@ -25,7 +25,11 @@ class UnknownModel(LookupError):
 
 
 def holds_model(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("config.json", "adapter_config.json"))
+    """A model that writes: a reward model (stage rm) only scores, and is not served."""
+    from lmtune.models import is_reward_model
+
+    has_weights = any((folder / name).is_file() for name in ("config.json", "adapter_config.json"))
+    return has_weights and not is_reward_model(folder)
 
 
 def is_run(folder: Path) -> bool:
@@ -71,7 +75,7 @@ class Catalog:
         if self.builtin and name == BUILTIN_MODEL:
             return resolve_target(BUILTIN_MODEL)
         folder = self._folder_of(name)
-        if folder is None or not (holds_model(folder) or is_run(folder)):
+        if folder is None or not holds_model(folder):
             raise UnknownModel(name)
         try:
             return resolve_target(str(folder))
@@ -103,7 +107,7 @@ def _names_of(folder: Path, name: str) -> list[str]:
         return [name] if holds_model(folder) else []
     names = [name] if holds_model(folder) else []
     checkpoints = reversed(CheckpointIndex.load(folder).complete_newest_first())
-    return names + [f"{name}/{checkpoint.name}" for checkpoint in checkpoints]
+    return names + [f"{name}/{checkpoint.name}" for checkpoint in checkpoints if holds_model(checkpoint)]
 
 
 def _folders(root: Path):
