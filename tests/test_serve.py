@@ -20,6 +20,8 @@ from conftest import ALPACA_ROWS, free_port, run_lmtune, write_config
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "What is 2 plus 3?"}]
+TOOLS_TEMPLATE = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.role }}: "
+                  "{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 class Server:
@@ -67,6 +69,10 @@ def served(tmp_path_factory, tiny_model_dir, tokenizer):
     assert run_lmtune("train", config) == 0
     for name, seed in (("a", 1), ("b", 2)):
         save_random_adapter(tiny_model_dir, tokenizer, root / "adapters" / name, seed)
+    tooled = shutil.copytree(tiny_model_dir, root / "tooled")  # a model whose own template shows tools
+    own = load_tokenizer(str(tooled))
+    own.chat_template = TOOLS_TEMPLATE
+    own.save_pretrained(tooled)
     scorer = root / "scorer"  # a reward model (stage rm) scores and does not write: never served
     scorer.mkdir()
     config = json.loads((tiny_model_dir / "config.json").read_text())
@@ -74,6 +80,12 @@ def served(tmp_path_factory, tiny_model_dir, tokenizer):
     server = Server([str(root)], max_tokens=32)
     yield server, root
     server.close()
+
+
+def load_tokenizer(folder: str):
+    from lmtune.models import load_tokenizer as load
+
+    return load(folder)
 
 
 def save_random_adapter(base_dir: Path, tokenizer, folder: Path, seed: int) -> None:
@@ -108,7 +120,8 @@ def run_prompt(tokenizer, messages) -> str:
 def test_models_lists_the_run_its_checkpoints_and_the_adapters(served):
     server, root = served
     listed = [model.id for model in server.client.models.list()]
-    assert sorted(listed) == ["adapters/a", "adapters/b", "run", "run/checkpoint-2", "run/checkpoint-4"]
+    assert sorted(listed) == ["adapters/a", "adapters/b", "run", "run/checkpoint-2", "run/checkpoint-4",
+                              "tooled"]
     assert server.client.models.retrieve("run/checkpoint-2").id == "run/checkpoint-2"
 
     # a checkpoint that appears while a run trains is listed (and served) at once
@@ -130,6 +143,20 @@ def test_chat_completion_renders_the_runs_template(served, tokenizer):
     choice = answer.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected
     assert choice.finish_reason == "length" and answer.usage.completion_tokens == 6
+
+
+def test_tools_reach_a_template_that_shows_them(served, tokenizer):
+    server, _ = served
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    ask = dict(model="tooled", messages=HELLO, max_tokens=1, temperature=0)
+    plain = server.client.chat.completions.create(**ask)
+    with_tools = server.client.chat.completions.create(**ask, tools=tools)
+    from jinja2 import Template
+
+    shown = Template(TOOLS_TEMPLATE).render(messages=HELLO, tools=tools, add_generation_prompt=True)
+    assert with_tools.usage.prompt_tokens == len(tokenizer(shown, add_special_tokens=False)["input_ids"])
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens
 
 
 def test_streaming_chat_gives_the_same_answer_piece_by_piece(served):
