@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,42 +210,10 @@ def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> Non
 def generate(session: ChatSession, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, on_text: Any = None) -> str:
     """The answer to the conversation, streamed piece by piece to on_text as it is generated."""
-    from transformers import TextIteratorStreamer
+    from lmtune.generation import Sampling, reply
 
-    from lmtune.data.templates import chat_template_for, render
-
-    template = chat_template_for(session.tokenizer, session.template)
-    prompt = render(session.tokenizer, template, messages, generation_prompt=True)
-    inputs = session.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(session.model.device)
-    streamer = TextIteratorStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    else:
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                  pad_token_id=session.tokenizer.pad_token_id, eos_token_id=session.tokenizer.eos_token_id,
-                  **sampling)
-    failure: list[BaseException] = []
-    worker = threading.Thread(target=_generate_quietly, args=(session.model, kwargs, failure))
-    worker.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        if on_text is not None:
-            on_text(piece)
-    worker.join()
-    if failure:
-        raise failure[0]
-    return "".join(pieces).strip()
-
-
-def _generate_quietly(model: Any, kwargs: dict, failure: list[BaseException]) -> None:
-    try:
-        with torch.no_grad():
-            model.generate(**kwargs)
-    except BaseException as error:  # handed to the caller's thread
-        failure.append(error)
-        kwargs["streamer"].end()
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    return reply(session.model, session.tokenizer, session.template, messages, sampling, on_text)
 
 
 def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None:
