@@ -6,8 +6,18 @@ differ by far more than the tolerance."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import read_jsonl, run_lmtune
+
+from lmtune.batching import Collator, keeps_examples_apart
+from lmtune.data import IGNORE_INDEX
+from lmtune.errors import RunFailed
+from lmtune.loss import TrainedPositionsLoss, batch_loss_for
+from lmtune.models import use_router_loss
+from lmtune.preference import sequence_log_probs
 
 # family: (config class, its own keys). Every model: hidden 64, 2 layers, 4 heads of 16, 2 KV heads.
 FAMILIES = {
@@ -48,3 +58,144 @@ def build_family(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(LOGIT_GAIN)
     return model.eval()
+
+
+def rows_of(vocab_size: int) -> list[dict]:
+    """Three examples of different lengths, their prompts masked: a padded batch pads two of them."""
+    made = []
+    for index, (length, trained_from) in enumerate(((11, 4), (6, 2), (9, 5))):
+        ids = [(17 * index + 7 * i) % (vocab_size - 3) + 3 for i in range(length)]
+        labels = [IGNORE_INDEX if i < trained_from else token for i, token in enumerate(ids)]
+        made.append({"input_ids": ids, "labels": labels, "position_ids": list(range(length))})
+    return made
+
+
+_BUILT: dict[str, torch.nn.Module] = {}
+
+
+def family_model(family: str) -> torch.nn.Module:
+    """The family's tiny model with a vocabulary of 256 (built once per session)."""
+    if family not in _BUILT:
+        _BUILT[family] = build_family(family, vocab_size=256)
+    return _BUILT[family]
+
+
+def own_loss(model: torch.nn.Module, padded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' own loss of a padded batch: its forward over full logits, the mean over trained tokens."""
+    return model(**padded, use_cache=False).loss
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_sft_loss_is_the_models_own(family):
+    model = family_model(family)
+    rows = rows_of(256)
+    padded, counts = Collator(0, packed=False)(rows)
+    expected = own_loss(model, padded)
+    loss_of = batch_loss_for(model)
+    assert isinstance(loss_of, TrainedPositionsLoss)
+    with torch.no_grad():
+        assert float(loss_of(model, padded)) / counts.trained_tokens == pytest.approx(float(expected), rel=1e-5)
+        if keeps_examples_apart(model):
+            joined, _ = Collator(0, packed=False, padding_free=True)(rows)
+            mean = float(loss_of(model, joined)) / counts.trained_tokens
+            assert mean == pytest.approx(float(expected), rel=1e-5)
+    loss_of.remove()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dpo_log_probabilities_are_the_models_own(family):
+    model = family_model(family)
+    rows = rows_of(256)
+    padded, _ = Collator(0, packed=False)(rows)
+    loss_of = batch_loss_for(model)
+    with torch.no_grad():
+        sums, tokens = sequence_log_probs(loss_of, model, padded)
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, :-1]
+    targets = padded["labels"][:, 1:]
+    trained = targets != IGNORE_INDEX
+    token_log_probs = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    expected = (token_log_probs * trained).sum(-1)
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-5)
+    assert tokens.tolist() == trained.sum(-1).tolist()
+    loss_of.remove()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "qwen3_moe"])
+def test_full_fine_tuning_lowers_the_models_own_loss(family):
+    model = build_family(family, vocab_size=256, seed=1).train()
+    for module in model.modules():  # no dropout: the two losses compare the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    padded, counts = Collator(0, packed=False)(rows_of(256))
+    loss_of = batch_loss_for(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    before = float(own_loss(model, padded))
+    (loss_of(model, padded) / counts.trained_tokens).backward()
+    trained = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any("embed" in name for name in trained) and any("layers.1." in name for name in trained)
+    optimizer.step()
+    assert float(own_loss(model, padded)) < before
+    loss_of.remove()
+
+
+def test_a_mismatch_with_the_models_own_loss_is_an_error_naming_the_class(monkeypatch):
+    model = family_model("llama")
+    padded, _ = Collator(0, packed=False)(rows_of(256))
+    loss_of = batch_loss_for(model)
+    own_logits = loss_of.logits
+    monkeypatch.setattr(loss_of, "logits", lambda hidden: own_logits(hidden) * 2)  # a tail that drifted
+    with pytest.raises(RunFailed, match="LlamaForCausalLM"):
+        loss_of(model, padded)
+    loss_of.remove()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_aux_loss_coef_adds_the_routers_loss_as_transformers_does(family):
+    model = build_family(family, vocab_size=256, seed=2)
+    use_router_loss(model, 0.5)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    padded, counts = Collator(0, packed=False)(rows_of(256))
+    with torch.no_grad():
+        own = model(**padded, use_cache=False)
+        without = float(own.loss - 0.5 * own.aux_loss)
+        loss_of = batch_loss_for(model)
+        assert loss_of.metric_names == ("aux_loss",)
+        mine = float(loss_of(model, padded)) / counts.trained_tokens
+        aux = float(loss_of.metric_sums()[0]) / counts.trained_tokens
+    assert float(own.aux_loss) > 0
+    assert aux == pytest.approx(float(own.aux_loss), rel=1e-5)
+    assert mine == pytest.approx(float(own.loss), rel=1e-5)  # cross-entropy + 0.5 x aux, the model's own
+    assert mine - without == pytest.approx(0.5 * aux, rel=1e-4)
+    loss_of.remove()
+
+
+def save_family(family: str, tokenizer, folder: Path) -> Path:
+    model = build_family(family, vocab_size=len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_trains_and_exports_a_model_transformers_loads_alone(family, tokenizer, tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_family(family, tokenizer, tmp_path / family)
+    extra = {"moe_aux_loss_coef": 0.01} if family in MOE_FAMILIES else {}
+    run = tmp_path / "run"
+    assert run_lmtune("train", tiny_config(model_name_or_path=str(folder), finetuning_type="lora", lora_rank=4,
+                                           lora_target="all", max_steps=1, cutoff_len=48, **extra)) == 0
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("type") == "train"]
+    assert len(rows) == 1 and rows[0]["loss"] > 0
+    assert ("aux_loss" in rows[0]) == (family in MOE_FAMILIES)
+    assert run_lmtune("export", str(run), "--out", str(tmp_path / "export")) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    assert type(exported).__name__ == type(family_model(family)).__name__
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.isfinite(exported(input_ids=ids).logits).all()

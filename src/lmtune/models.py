@@ -142,7 +142,23 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
+    if config.moe_aux_loss_coef is not None:
+        use_router_loss(model, config.moe_aux_loss_coef)
     return prepare_for_training(model, config)
+
+
+def use_router_loss(model: torch.nn.Module, coefficient: float) -> None:
+    """A mixture of experts trains with its router's load-balancing loss, weighted by `coefficient`; a model
+    without a router is left as it is (said once in the log)."""
+    if not hasattr(model.config, "router_aux_loss_coef"):
+        log.warning("moe_aux_loss_coef: %s has no router (not a mixture of experts); ignored", type(model).__name__)
+        return
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = coefficient
+    if hasattr(model, "router_aux_loss_coef"):  # the causal LM keeps its own copy from the config
+        model.router_aux_loss_coef = coefficient
+    log.info("moe_aux_loss_coef: %s trains with its router's load-balancing loss x %g (logged as aux_loss)",
+             type(model).__name__, coefficient)
 
 
 @contextlib.contextmanager
@@ -233,9 +249,13 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        adapted = get_peft_model(model, lora)
     except ValueError as error:
         raise UserError(f"lora_target: {error}") from None
+    picked = sorted({name.rsplit(".", 1)[-1] for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
+                    - {"base_layer"})
+    log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
+    return adapted
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
