@@ -39,6 +39,11 @@ FAMILIES = {
     "smollm3": ("SmolLM3Config", {}),
 }
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
+# LLaMA-Factory's template of each family that has one (rendered with SmolLM2's tokenizer: the tiny models
+# have no tokenizer of their own); granite, olmo2 and smollm3 train with the tokenizer's own template
+TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "qwen3_moe": "qwen3", "mistral": "mistral",
+             "mixtral": "mistral", "gemma2": "gemma2", "gemma3_text": "gemma3", "cohere": "cohere", "phi3": "phi3",
+             "glm4": "glm4"}
 # the logits' scale: the output layer's random weights times this give logits of several units
 LOGIT_GAIN = 30.0
 
@@ -190,7 +195,8 @@ def test_lora_trains_and_exports_a_model_transformers_loads_alone(family, tokeni
     extra = {"moe_aux_loss_coef": 0.01} if family in MOE_FAMILIES else {}
     run = tmp_path / "run"
     assert run_lmtune("train", tiny_config(model_name_or_path=str(folder), finetuning_type="lora", lora_rank=4,
-                                           lora_target="all", max_steps=1, cutoff_len=48, **extra)) == 0
+                                           lora_target="all", max_steps=1, cutoff_len=48, template=TEMPLATES.get(family),
+                                           **extra)) == 0
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("type") == "train"]
     assert len(rows) == 1 and rows[0]["loss"] > 0
     assert ("aux_loss" in rows[0]) == (family in MOE_FAMILIES)
@@ -199,3 +205,45 @@ def test_lora_trains_and_exports_a_model_transformers_loads_alone(family, tokeni
     assert type(exported).__name__ == type(family_model(family)).__name__
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.isfinite(exported(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_the_family_template_trains_the_reply_and_its_end_of_turn_only(family, tokenizer):
+    from lmtune.data.templates import chat_template_for, encode_conversation
+
+    template = chat_template_for(tokenizer, TEMPLATES[family])
+    messages = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "It is 5."},
+                {"role": "user", "content": "And 4 plus 4?"}, {"role": "assistant", "content": "It is 8."}]
+    ids, labels = encode_conversation(tokenizer, template, messages)
+    trained = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
+    prompt = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX])
+    assert "It is 5." in trained and "It is 8." in trained and "plus" not in trained
+    assert "What is 2 plus 3?" in prompt and "It is" not in prompt
+    assert len(trained) - len("It is 5.It is 8.") <= 2 * 24  # each reply with no more than its end-of-turn marker
+
+
+def test_two_processes_shard_a_dense_and_a_moe_family_and_keep_the_models_own_loss(tokenizer, tiny_config, tmp_path):
+    """FSDP over 2 processes, a soft-capped dense family and a mixture of experts with its router's loss: the
+    first step's cross-entropy is the model's own over the step's 4 rows (2 on each process)."""
+    from conftest import torchrun
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.config import load_config
+    from lmtune.data import prepare_data
+
+    for family, extra in (("gemma2", {}), ("qwen3_moe", {"moe_aux_loss_coef": 0.5})):
+        folder = save_family(family, tokenizer, tmp_path / family)
+        run = tmp_path / f"run-{family}"
+        config = tiny_config(model_name_or_path=str(folder), output_dir=str(run), fsdp="full_shard", max_steps=1,
+                             max_samples=4, per_device_train_batch_size=2, cutoff_len=48, **extra)
+        result = torchrun(config)
+        assert f"fsdp: each of the 2 {type(family_model(family)).__name__.replace('ForCausalLM', '')}DecoderLayer " \
+               "layers sharded on its own" in result.stderr
+        row = next(r for r in read_jsonl(run / "metrics.jsonl") if r.get("type") == "train")
+        cross_entropy = row["loss"] - 0.5 * row.get("aux_loss", 0.0)
+        rows = prepare_data(load_config(config), tokenizer).train
+        padded, _ = Collator(tokenizer.pad_token_id, packed=False)([rows[i] for i in range(len(rows))])
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert cross_entropy == pytest.approx(float(own_loss(model, padded)), rel=1e-5), family
+        assert (row.get("aux_loss", 0.0) > 0) == (family == "qwen3_moe")

@@ -259,13 +259,17 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for candidate in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        module: Any = model
-        for part in candidate.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, torch.nn.ModuleList):
-            return module
-    raise UserError("finetuning_type freeze: could not find the decoder layers of this model")
+    """The decoder layers of any family: the longest list of modules the model's decoder holds (`layers`,
+    `h`, ...), found from the model rather than from a list of names."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = causal_lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = causal_lm
+    lists = [module for module in decoder.children() if isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise UserError(f"finetuning_type freeze: {type(causal_lm).__name__} holds no list of decoder layers")
+    return max(lists, key=len)
 
 
 def _freeze_all_but(model: torch.nn.Module, trainable_layers: int) -> None:
