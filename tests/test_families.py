@@ -195,8 +195,8 @@ def test_lora_trains_and_exports_a_model_transformers_loads_alone(family, tokeni
     extra = {"moe_aux_loss_coef": 0.01} if family in MOE_FAMILIES else {}
     run = tmp_path / "run"
     assert run_lmtune("train", tiny_config(model_name_or_path=str(folder), finetuning_type="lora", lora_rank=4,
-                                           lora_target="all", max_steps=1, cutoff_len=48, template=TEMPLATES.get(family),
-                                           **extra)) == 0
+                                           lora_target="all", max_steps=1, cutoff_len=48,
+                                           template=TEMPLATES.get(family), **extra)) == 0
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("type") == "train"]
     assert len(rows) == 1 and rows[0]["loss"] > 0
     assert ("aux_loss" in rows[0]) == (family in MOE_FAMILIES)
