@@ -187,7 +187,8 @@ def save_family(family: str, tokenizer, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# a run through the CLI costs seconds a family: the families whose forward does most after its decoder, and an MoE
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "qwen3_moe"])
 def test_lora_trains_and_exports_a_model_transformers_loads_alone(family, tokenizer, tiny_config, tmp_path):
     from transformers import AutoModelForCausalLM
 
