@@ -136,6 +136,11 @@ class TrainConfig(BaseModel):
     quantization_method: Literal["bnb"] = Field(
         "bnb", description="how the base weights are quantised: bnb (bitsandbytes)", json_schema_extra=on_resume("run"))
 
+    moe_aux_loss_coef: float | None = Field(
+        None, ge=0, description="mixture-of-experts families: train with the router's load-balancing loss, "
+        "weighted by this (sets the model's router_aux_loss_coef and output_router_logits); null: the model's "
+        "own setting", json_schema_extra=on_resume("run"))
+
     pref_beta: float = Field(0.1, gt=0, description="dpo, kto: the beta of the preference loss (how far the "
                              "model may move from the reference)", json_schema_extra=on_resume("run"))
     pref_loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(

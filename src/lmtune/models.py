@@ -153,6 +153,8 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
+    if config.moe_aux_loss_coef is not None:
+        use_router_loss(model, config.moe_aux_loss_coef)
     model = prepare_for_training(model, config)
     if config.torch_compile:
         compile_layers(model, config.torch_compile_backend or "inductor")
@@ -224,6 +226,20 @@ def model_class(reward: bool) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+
+
+def use_router_loss(model: torch.nn.Module, coefficient: float) -> None:
+    """A mixture of experts trains with its router's load-balancing loss, weighted by `coefficient`; a model
+    without a router is left as it is (said once in the log)."""
+    if not hasattr(model.config, "router_aux_loss_coef"):
+        log.warning("moe_aux_loss_coef: %s has no router (not a mixture of experts); ignored", type(model).__name__)
+        return
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = coefficient
+    if hasattr(model, "router_aux_loss_coef"):  # the causal LM keeps its own copy from the config
+        model.router_aux_loss_coef = coefficient
+    log.info("moe_aux_loss_coef: %s trains with its router's load-balancing loss x %g (logged as aux_loss)",
+             type(model).__name__, coefficient)
 
 
 @contextlib.contextmanager
@@ -318,19 +334,27 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         task_type="SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        adapted = get_peft_model(model, lora)
     except ValueError as error:
         raise UserError(f"lora_target: {error}") from None
+    picked = sorted({name.rsplit(".", 1)[-1] for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
+                    - {"base_layer"})
+    log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
+    return adapted
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for candidate in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        module: Any = model
-        for part in candidate.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, torch.nn.ModuleList):
-            return module
-    raise UserError("finetuning_type freeze: could not find the decoder layers of this model")
+    """The decoder layers of any family: the longest list of modules the model's decoder holds (`layers`,
+    `h`, ...), found from the model rather than from a list of names."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = causal_lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = causal_lm
+    lists = [module for module in decoder.children() if isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise UserError(f"finetuning_type freeze: {type(causal_lm).__name__} holds no list of decoder layers")
+    return max(lists, key=len)
 
 
 def _freeze_all_but(model: torch.nn.Module, trainable_layers: int) -> None:

@@ -94,7 +94,9 @@ class PreferenceLoss(TokenSumLoss):
         self.token_loss = batch_loss_for(model)
         self.config = config
         self.reference = reference
-        self._metric_sums = torch.zeros(len(PREFERENCE_METRICS))
+        # a mixture of experts with its router's loss: the aux loss too, weighted by the pairs (lmtune.loss)
+        self.metric_names = PREFERENCE_METRICS + self.token_loss.metric_names
+        self._metric_sums = torch.zeros(len(self.metric_names))
 
     def log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         """Of every sequence of the batch: the policy's log-probability (a mean over the answer's tokens for
@@ -126,7 +128,10 @@ class PreferenceLoss(TokenSumLoss):
             ((chosen_rewards - rejected_rewards) * trained).sum(), (detached[0::2] * trained).sum(),
             (detached[1::2] * trained).sum(),
         ])
-        return (losses * trained).sum()
+        pairs_loss = self.token_loss.with_router_loss((losses * trained).sum(), int(trained.sum()), model.training)
+        if self.token_loss.metric_names:
+            self._metric_sums = torch.cat([self._metric_sums, self.token_loss.metric_sums().to(self._metric_sums)])
+        return pairs_loss
 
     def metric_sums(self) -> torch.Tensor:
         return self._metric_sums

@@ -165,9 +165,9 @@ class FullySharded:
         try:
             layers = decoder_layers(base)
         except UserError:
-            raise UserError(f"fsdp: {type(base).__name__} has no decoder layers where lmtune looks for them (model."
-                            "layers, transformer.h, model.decoder.layers, gpt_neox.layers), the units it shards; "
-                            "set fsdp: false") from None
+            raise UserError(f"fsdp: {type(base).__name__} holds no list of decoder layers, the units lmtune "
+                            "shards; set fsdp: false") from None
+        log.info("fsdp: each of the %d %s layers sharded on its own", len(layers), type(layers[0]).__name__)
         precision = self.precision_policy()
         for layer in layers:
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, offload_policy=policy,
