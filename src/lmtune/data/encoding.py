@@ -89,7 +89,7 @@ class RowEncoder:
 
     def prompt(self, spec: DatasetSpec, row: dict[str, Any], where: str, max_length: int) -> tuple[list[int], dict]:
         """Stage grpo: the token ids of the prompt with the template's generation prompt after it, as `lmtune
-        chat` renders it, and the row's other columns."""
+        chat` renders it, and what the reward functions receive of the row: its prompt and its other columns."""
         try:
             standard = standard_row(spec, row)
         except ValueError as error:
@@ -99,7 +99,7 @@ class RowEncoder:
         if len(ids) > max_length:
             raise UserError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length {max_length}; "
                             "raise max_prompt_length, or shorten or leave out this row")
-        return ids, standard["columns"]
+        return ids, {"prompt": standard["messages"], "columns": standard["columns"]}
 
     def _pair(self, standard: dict) -> Example:
         """The chosen and the rejected sequence, each cut to cutoff_len as LLaMA-Factory cuts a pair: the

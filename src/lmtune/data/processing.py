@@ -197,18 +197,18 @@ def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any,
 
 def _prompt_encoder(config: TrainConfig, spec: DatasetSpec, file: Path, encoder: RowEncoder):
     """Stage grpo: a row is its prompt's token ids (nothing trained: the completions are generated in the
-    run) and its other columns, as JSON, for the reward functions."""
+    run), and its messages and other columns as JSON, for the reward functions."""
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "position_ids", "truncated", "has_labels",
-                                                    "raw_length", "prompt_length", "columns")}
+                                                    "raw_length", "prompt_length", "reward_inputs")}
         for offset, index in enumerate(indices):
             row = {key: values[offset] for key, values in batch.items()}
-            ids, columns = encoder.prompt(spec, row, f"{file}, row {index + 1}", config.max_prompt_length)
+            ids, reward_inputs = encoder.prompt(spec, row, f"{file}, row {index + 1}", config.max_prompt_length)
             for key, value in (("input_ids", ids), ("labels", [IGNORE_INDEX] * len(ids)),
                                ("position_ids", list(range(len(ids)))), ("truncated", False), ("has_labels", True),
                                ("raw_length", len(ids)), ("prompt_length", len(ids)),
-                               ("columns", json.dumps(columns, default=str))):
+                               ("reward_inputs", json.dumps(reward_inputs, default=str))):
                 out[key].append(value)
         return out
 
