@@ -1,9 +1,9 @@
 """The training loop, top to bottom.
 
     set up (devices, data, model, optimizer, schedule)  ->  for each optimizer step:
-        take `gradient_accumulation_steps` micro-batches, count their trained tokens (their pairs,
-        for dpo) on all processes, forward + backward each with the loss divided by that count
-        (every token or pair weighs the same), clip, step, schedule the LR, log, evaluate and save
+        take `gradient_accumulation_steps` micro-batches, count their trained tokens (their pairs or
+        examples, for dpo, kto and rm) on all processes, forward + backward each with the loss divided
+        by that count (every token or pair weighs the same), clip, step, schedule the LR, log, evaluate and save
         as the plan says
     ->  the final model.
 """
@@ -107,7 +107,7 @@ class Setup:
     to_clear: list[Path]  # an earlier run's files, removed (overwrite_output_dir) once the run holds the folder
     sharding: DataParallel | FullySharded
     resume: ResumePoint | None = None
-    reference: Any = None  # dpo, grpo: the model the loss compares with (None: none, or precomputed)
+    reference: Any = None  # dpo, kto, grpo: the model the loss compares with (None: none, or precomputed)
     rewards: list[Any] | None = None  # grpo: the reward functions, loaded and checked
 
 
@@ -204,9 +204,9 @@ def _checked_rewards(config: TrainConfig, data: ProcessedData) -> list[Any] | No
 
 def _preference_reference(config: TrainConfig, model: torch.nn.Module, data: ProcessedData, tokenizer: Any,
                           accelerator: Accelerator) -> Any:
-    """dpo, grpo: the reference model, taken from the model as loaded; or the reference log-probabilities,
+    """dpo, kto, grpo: the reference model, taken from the model as loaded; or the reference log-probabilities,
     computed with it once and added to the data (precompute_ref_log_probs)."""
-    if config.stage not in ("dpo", "grpo"):
+    if not config.uses_reference:
         return None
     if config.precompute_ref_log_probs:
         if config.quantization_bit is None:
@@ -621,7 +621,8 @@ class TrainingLoop:
             "eta_s": round(seconds_per_step * (state.total_steps - state.step), 1),
             "mem_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
-        row.update(zip(self.loss.metric_names, losses[1:], strict=True))
+        metrics = self.loss.reported_metrics(losses[1:])
+        row.update(metrics)
         stage_metrics = self.stage.row_metrics(state.step, loss)
         row.update(stage_metrics)
         if torch.cuda.is_available():
@@ -631,8 +632,7 @@ class TrainingLoop:
         if self.config.streaming:
             row["stream_pass"] = state.stream_pass + 1
             row["epoch_estimated"] = not self._stream_progress.exact
-        state.last_metrics.update((key, row[key]) for key in ("loss", *self.loss.metric_names, *stage_metrics)
-                                  if row[key] is not None)
+        state.last_metrics.update(loss=loss, **metrics, **{k: v for k, v in stage_metrics.items() if v is not None})
         return row
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -666,7 +666,7 @@ class TrainingLoop:
         eval_loss = means[0]
         self._last_eval_time = time.monotonic()
         row = {"type": "eval", "step": self.state.step, "epoch": _round(self.state.epoch), "eval_loss": eval_loss}
-        row.update((f"eval_{name}", value) for name, value in zip(names, means[2:], strict=True))
+        row.update((f"eval_{name}", value) for name, value in self.loss.reported_metrics(means[2:]).items())
         self.state.last_metrics.update((key, value) for key, value in row.items() if key.startswith("eval_"))
         self.callbacks.fire("on_evaluate", self.state, row)
         self._save_if_best(eval_loss)

@@ -1,9 +1,10 @@
-"""What a stage does to a step's micro-batches before the loop trains them, one object per stage.
+"""What a stage trains with: its batch loss (one place, for training and for `lmtune eval`), and what it
+does to a step's micro-batches before the loop trains them.
 
-sft, pt and dpo train the data's micro-batches as they are, each with its loss (lmtune.loss,
-lmtune.preference); grpo generates completions of the step's prompts first and trains on those
-(lmtune.grpo). The loop sees one interface: `groups` (the step groups, from the data's), `prepare`
-(a step's micro-batches to train), `row_metrics` (what the train row adds), and the state a
+pt, sft, dpo, kto and rm train the data's micro-batches as they are, each with its loss (lmtune.loss,
+lmtune.preference, lmtune.reward); grpo generates completions of the step's prompts first and trains on
+those (lmtune.grpo). The loop sees one interface: `groups` (the step groups, from the data's),
+`prepare` (a step's micro-batches to train), `row_metrics` (what the train row adds), and the state a
 checkpoint keeps of the stage.
 """
 
@@ -16,12 +17,25 @@ import torch
 
 from lmtune.batching import Collator
 from lmtune.config import TrainConfig
-from lmtune.loss import batch_loss_for
-from lmtune.preference import PreferenceLoss
+from lmtune.loss import TokenSumLoss, batch_loss_for
+
+
+def loss_for_stage(model: torch.nn.Module, config: TrainConfig, reference: Any = None) -> TokenSumLoss:
+    """dpo's and kto's preference losses (against `reference`), the reward model's pairwise loss, or the
+    next-token loss of pt and sft."""
+    if config.stage in ("dpo", "kto"):
+        from lmtune.preference import KTOLoss, PreferenceLoss
+
+        return (KTOLoss if config.stage == "kto" else PreferenceLoss)(model, config, reference)
+    if config.stage == "rm":
+        from lmtune.reward import RewardLoss
+
+        return RewardLoss()
+    return batch_loss_for(model)
 
 
 class DataStage:
-    """sft, pt, dpo: a step trains the data's micro-batches as they come."""
+    """pt, sft, dpo, kto, rm: a step trains the data's micro-batches as they come."""
 
     def __init__(self, loss: Any):
         self.loss = loss
@@ -43,12 +57,10 @@ class DataStage:
 
 
 def stage_for(config: TrainConfig, model: torch.nn.Module, unwrapped: torch.nn.Module, reference: Any,
-              tokenizer: Any, rewards: list, collator: Collator, accelerator: Any, output_dir: Path) -> Any:
+              tokenizer: Any, rewards: list | None, collator: Collator, accelerator: Any, output_dir: Path) -> Any:
     """The stage object of the run; `model` as training runs it, `unwrapped` the model itself."""
-    if config.stage == "dpo":
-        return DataStage(PreferenceLoss(unwrapped, config, reference))
     if config.stage != "grpo":
-        return DataStage(batch_loss_for(unwrapped))
+        return DataStage(loss_for_stage(unwrapped, config, reference))
     from lmtune.grpo import GRPOStage
     from lmtune.rollout import LocalRollout
 
