@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_jsonl, run_lmtune, torchrun
+from conftest import EXAMPLES, read_jsonl, run_lmtune, torchrun
 from test_resume import assert_same_run
 
 from lmtune.config import build_config
@@ -246,3 +246,18 @@ def test_plan_shows_the_completions_generated_per_step_and_the_token_budget(grpo
     # 2 prompts x 2 micro-batches x 4 completions; 4 steps, every second one generates
     assert "16 completions generated every 2 steps" in out and "at most 128 tokens each time" in out
     assert "2 generating steps, at most 256 tokens generated in the run" in out
+
+
+# --- the built-in model learns (the one slow test) -----------------------------------------------------
+
+
+def test_examples_grpo_yaml_raises_the_reward_of_the_built_in_model(tmp_path, smollm2_dir):
+    """examples/grpo.yaml: short answers with the right sum; the base model gets there sometimes."""
+    run = tmp_path / "run"
+    assert run_lmtune("train", EXAMPLES / "grpo.yaml", f"output_dir={run}", "report_to=none", "plot_loss=false",
+                      "save_steps=null", "save_total_limit=null") == 0
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"]
+    assert len(rows) == 30 and all(0 <= r["frac_reward_zero_std"] <= 1 for r in rows)
+    first, last = [sum(r["reward"] for r in part) / 5 for part in (rows[:5], rows[-5:])]
+    assert last > first, (first, last)
+    assert (run / "completions.jsonl").exists()
