@@ -216,6 +216,15 @@ class TrainConfig(BaseModel):
         json_schema_extra=on_resume("neutral"))
     fsdp_offload: bool = Field(False, description="with fsdp: keep the weights and AdamW state in CPU memory, "
                                "the GPU holds one layer at a time", json_schema_extra=on_resume("neutral"))
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = Field(
+        "auto", description="attention kernel: auto (on a GPU, flash-attn or flex attention for padding-free and "
+        "packed rows, else transformers' pick), disabled (eager), sdpa, fa2 (flash-attn)",
+        json_schema_extra=on_resume("neutral"))
+    torch_compile: bool = Field(False, description="compile each decoder layer with torch.compile (compiled on "
+                                "the first step; faster steps on a GPU)", json_schema_extra=on_resume("neutral"))
+    torch_compile_backend: str | None = Field(
+        None, description="torch_compile: the torch.compile backend; null: inductor",
+        json_schema_extra=on_resume("neutral"))
 
     # data
     dataset: str | list[str] | None = Field(
@@ -541,6 +550,9 @@ class TrainConfig(BaseModel):
         if self.fsdp and self.quantization_bit is not None:
             raise ValueError(f"fsdp with quantization_bit (QLoRA) is {NOT_YET}: QLoRA fits a model on one device; "
                              "remove fsdp or quantization_bit")
+        if self.flash_attn == "fa2" and self.use_packing and not self.use_padding_free:
+            raise ValueError("flash_attn: fa2 keeps packed examples apart only in padding-free micro-batches: set "
+                             "padding_free: true, or flash_attn: auto")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError("max_steps must be a positive number of steps (or -1 / null for unset)")
         for key in ("save_steps", "eval_steps"):

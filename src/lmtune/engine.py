@@ -126,9 +126,10 @@ def set_up(config: TrainConfig) -> Setup:
     """Everything a run needs, every check made: config, data, model, callbacks, the checkpoint to resume
     and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
     config = take_accelerate_fsdp(config)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
+    precision = _mixed_precision(config)
+    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())
-    sharding = strategy_for(config, accelerator.num_processes)
+    sharding = strategy_for(config, accelerator.num_processes, bf16=precision == "bf16")
     output_dir = Path(config.output_dir)
     check_not_running(output_dir)
     point = find_resume_point(config, output_dir)
