@@ -269,7 +269,8 @@ def check_against_full_logits(loss: TrainedPositionsLoss, model: torch.nn.Module
     model class when they differ. The window holds one chunk of logits: the check costs two forwards of
     at most that many positions."""
     width = min(batch["input_ids"].shape[1], max(2, LOGITS_PER_CHUNK // loss.vocab_size))
-    window = {key: value[:1, :width] for key, value in batch.items() if key not in ("labels", "ref_logps")}
+    # the model's inputs only: a stage's own fields (reference log-probs, kto marks) are not per position
+    window = {key: batch[key][:1, :width] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     window["labels"] = window["input_ids"]
     was_training = model.training
     model.eval()

@@ -101,7 +101,7 @@ class PreferenceLoss(TokenSumLoss):
         self.config = config
         self.reference = reference
         # a mixture of experts with its router's loss: the aux loss too, weighted by the pairs (lmtune.loss)
-        self.metric_names = PREFERENCE_METRICS + self.token_loss.metric_names
+        self.metric_names = type(self).metric_names + self.token_loss.metric_names
         self._metric_sums = torch.zeros(len(self.metric_names))
 
     def log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -176,7 +176,10 @@ class KTOLoss(PreferenceLoss):
         self._metric_sums = torch.stack([(rewards * chosen).sum(), (rewards * rejected).sum(),
                                          (answers * chosen).sum(), (answers * rejected).sum(), kl * trained.sum(),
                                          chosen.sum(), rejected.sum()])
-        return (losses * trained).sum()
+        examples_loss = self.token_loss.with_router_loss((losses * trained).sum(), int(trained.sum()), model.training)
+        if self.token_loss.metric_names:
+            self._metric_sums = torch.cat([self._metric_sums, self.token_loss.metric_sums().to(self._metric_sums)])
+        return examples_loss
 
     @staticmethod
     def _kl_estimate(log_ratios: torch.Tensor, trained: torch.Tensor, across_processes: bool) -> torch.Tensor:
@@ -190,7 +193,8 @@ class KTOLoss(PreferenceLoss):
     def reported_metrics(self, means: list[float]) -> dict[str, float]:
         """TRL's metrics: means over the desirable (chosen) or the undesirable (rejected) examples, which a
         step may lack (then the metric is left out), and the KL estimate."""
-        rewards_chosen, rewards_rejected, logps_chosen, logps_rejected, kl, chosen, rejected = means
+        own = len(KTOLoss.metric_names)
+        rewards_chosen, rewards_rejected, logps_chosen, logps_rejected, kl, chosen, rejected = means[:own]
         reported = {}
         if chosen > 0:
             reported |= {"rewards/chosen": rewards_chosen / chosen, "logps/chosen": logps_chosen / chosen}
@@ -199,7 +203,8 @@ class KTOLoss(PreferenceLoss):
         if chosen > 0 and rejected > 0:
             reported["rewards/margins"] = reported["rewards/chosen"] - reported["rewards/rejected"]
         reported["kl"] = kl
-        return {name: reported[name] for name in KTO_METRICS if name in reported}
+        router = dict(zip(self.metric_names[own:], means[own:], strict=True))  # a mixture of experts' aux loss
+        return {name: reported[name] for name in KTO_METRICS if name in reported} | router
 
 
 # --- the reference ------------------------------------------------------------------------------
