@@ -1,9 +1,9 @@
 """The training loop, top to bottom.
 
     set up (devices, data, model, optimizer, schedule)  ->  for each optimizer step:
-        take `gradient_accumulation_steps` micro-batches, count their trained tokens (their pairs,
-        for dpo) on all processes, forward + backward each with the loss divided by that count
-        (every token or pair weighs the same), clip, step, schedule the LR, log, evaluate and save
+        take `gradient_accumulation_steps` micro-batches, count their trained tokens (their pairs or
+        examples, for dpo, kto and rm) on all processes, forward + backward each with the loss divided
+        by that count (every token or pair weighs the same), clip, step, schedule the LR, log, evaluate and save
         as the plan says
     ->  the final model.
 """
@@ -59,11 +59,10 @@ from lmtune.data.processing import rows_of_examples
 from lmtune.data.registry import data_files
 from lmtune.data.streaming import prepare_stream, stream_size, with_planned_steps
 from lmtune.errors import RunFailed, Stopped, UserError
-from lmtune.loss import batch_loss_for
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
-from lmtune.preference import PreferenceLoss, precompute_reference, reference_for
+from lmtune.preference import precompute_reference, reference_for
 from lmtune.resume import (
     ResumePoint,
     batch_lines,
@@ -81,9 +80,11 @@ from lmtune.resume import (
     settle_data_position,
     truncate_metrics,
 )
+from lmtune.rewards import RewardFailed, check_reward_functions, load_reward_functions
 from lmtune.runlock import RunLock, check_not_running
 from lmtune.schedule import Plan, global_batch, make_plan
 from lmtune.sharding import DataParallel, FullySharded, sharded_state, strategy_for, take_accelerate_fsdp
+from lmtune.stages import stage_for
 from lmtune.state import Schedule
 from lmtune.trackers import tracker_callbacks
 
@@ -111,7 +112,8 @@ class Setup:
     to_clear: list[Path]  # an earlier run's files, removed (overwrite_output_dir) once the run holds the folder
     sharding: DataParallel | FullySharded
     resume: ResumePoint | None = None
-    reference: Any = None  # dpo: the model the preference loss compares with (None: none, or precomputed)
+    reference: Any = None  # dpo, kto, grpo: the model the loss compares with (None: none, or precomputed)
+    rewards: list[Any] | None = None  # grpo: the reward functions, loaded and checked
 
 
 def train(config: TrainConfig) -> Path:
@@ -129,9 +131,10 @@ def set_up(config: TrainConfig) -> Setup:
     """Everything a run needs, every check made: config, data, model, callbacks, the checkpoint to resume
     and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
     config = take_accelerate_fsdp(config)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
+    precision = _mixed_precision(config)
+    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())
-    sharding = strategy_for(config, accelerator.num_processes)
+    sharding = strategy_for(config, accelerator.num_processes, bf16=precision == "bf16")
     output_dir = Path(config.output_dir)
     check_not_running(output_dir)
     point = find_resume_point(config, output_dir)
@@ -144,6 +147,7 @@ def set_up(config: TrainConfig) -> Setup:
         data = _prepare_training_data(config, tokenizer, accelerator)
     fingerprint = data_fingerprint(data_files(config), tokenizer)
     user_callbacks = load_user_callbacks(config.callbacks)
+    rewards = _checked_rewards(config, data)
     if accelerator.is_main_process:
         from lmtune.data.preview import log_sample
 
@@ -184,15 +188,31 @@ def set_up(config: TrainConfig) -> Setup:
         restore_rng_of_process(point, accelerator.process_index, config.seed)
     collator = Collator(tokenizer.pad_token_id, packed=config.use_packing,
                         padding_free=plan.batching["padding_free"])
+    if config.stage == "grpo":
+        from lmtune.grpo import PromptCollator
+
+        collator = PromptCollator()  # the loader's micro-batches are prompts; the stage collates what it generates
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
-                 collator, user_callbacks, fingerprint, to_clear, sharding, point, reference)
+                 collator, user_callbacks, fingerprint, to_clear, sharding, point, reference, rewards)
+
+
+def _checked_rewards(config: TrainConfig, data: ProcessedData) -> list[Any] | None:
+    """grpo: the reward functions, each called on a dry run of the first rows (exit 2 naming a broken one)."""
+    if config.stage != "grpo":
+        return None
+    import json
+
+    rewards = load_reward_functions(config)
+    first = [json.loads(text) for text in data.train.select(range(min(2, len(data.train))))["reward_inputs"]]
+    check_reward_functions(rewards, [row["prompt"] for row in first], [row["columns"] for row in first])
+    return rewards
 
 
 def _preference_reference(config: TrainConfig, model: torch.nn.Module, data: ProcessedData, tokenizer: Any,
                           accelerator: Accelerator) -> Any:
-    """dpo: the reference model, taken from the model as loaded; or the reference log-probabilities, computed
-    with it once and added to the data (precompute_ref_log_probs)."""
-    if config.stage != "dpo":
+    """dpo, kto, grpo: the reference model, taken from the model as loaded; or the reference log-probabilities,
+    computed with it once and added to the data (precompute_ref_log_probs)."""
+    if not config.uses_reference:
         return None
     if config.precompute_ref_log_probs:
         if config.quantization_bit is None:
@@ -299,12 +319,29 @@ class TrainingLoop:
         self.config = setup.config
         self.metrics = MetricsFile(setup.output_dir / "metrics.jsonl")
         unwrapped = self.accelerator.unwrap_model(setup.model)
-        # of a batch: a sum over its trained tokens (sft, pt) or its pairs (dpo)
-        self.loss = PreferenceLoss(unwrapped, setup.config, setup.reference) if setup.config.stage == "dpo" \
-            else batch_loss_for(unwrapped)
+        training_collator = Collator(setup.tokenizer.pad_token_id, packed=False,
+                                     padding_free=setup.plan.batching["padding_free"])
+        self.stage = stage_for(setup.config, setup.model, unwrapped, setup.reference, setup.tokenizer, setup.rewards,
+                               training_collator, self.accelerator, setup.output_dir)
+        # of a batch: a sum over its trained tokens (sft, pt), its pairs (dpo), or its completions' tokens (grpo)
+        self.loss = self.stage.loss
+        self._restore_stage(setup.resume)
+        self._finished_position = (state.data_epoch, state.data_rows)
+        self._saved_step = state.step if setup.resume is not None else None  # the newest checkpoint's step
         self._interval = _Interval(state.samples_seen, state.tokens_seen)
         self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
+
+    def _restore_stage(self, point: ResumePoint | None) -> None:
+        """The stage's state of this process as the checkpoint saved it (grpo: the sampling RNG, the kept batch)."""
+        saved = point.state.stage if point is not None else None
+        if not saved or saved[0] is None:
+            return
+        if len(saved) != self.accelerator.num_processes:
+            log.warning("the checkpoint's stage state is of %d processes, this run has %d: %s starts afresh",
+                        len(saved), self.accelerator.num_processes, "the sampling RNG")
+            return
+        self.stage.load_state_dict(saved[self.accelerator.process_index])
 
     def _callbacks(self) -> list[Any]:
         if not self.accelerator.is_main_process:
@@ -362,8 +399,12 @@ class TrainingLoop:
         self.callbacks.fire("on_train_begin", self.state, self.s.model)
         self._start = time.monotonic() - self.state.elapsed_s
         with self._signals:
-            for group in self._step_groups():
-                self._optimizer_step(group)
+            for group in self.stage.groups(self._step_groups()):
+                try:
+                    self._optimizer_step(group)
+                except RewardFailed:
+                    self._stop_after_failure()
+                    raise
                 self._after_step()
                 if self.state.should_stop:
                     break
@@ -378,6 +419,17 @@ class TrainingLoop:
             self._save_final_model()
         self.callbacks.fire("on_train_end", self.state)
         return self.s.output_dir
+
+    def _stop_after_failure(self) -> None:
+        """A reward function failed before the step changed anything: a resumable checkpoint of the last
+        finished step (the data position put back to where that step left it), as a signal's stop writes."""
+        self.state.data_epoch, self.state.data_rows = self._finished_position
+        if self.state.step > 0 and self.state.step != self._saved_step:
+            self._save_checkpoint(["error"])
+        self.store.wait()
+        self.callbacks.fire("on_train_end", self.state)
+        log.error("a resumable checkpoint of step %d is in %s; fix the reward function and run the same command "
+                  "again to continue", self.state.step, self.s.output_dir)
 
     def _already_complete(self) -> Path:
         """A finished run is finished only if its final model is whole; if not, it is written again."""
@@ -517,9 +569,10 @@ class TrainingLoop:
             generator=torch.Generator().manual_seed(self.config.seed + epoch),
         )
 
-    def _optimizer_step(self, group: list[tuple[dict, Counts]]) -> None:
+    def _optimizer_step(self, group: list[tuple[dict, Counts]] | None) -> None:
         accelerator, model = self.accelerator, self.s.model
         model.train()
+        group = self.stage.prepare(group, self.state.step)  # grpo: generated and scored here
         local = [sum(getattr(c, k) for _, c in group) for k in (self.loss.divided_by, "tokens", "samples")]
         counts = _to_device(torch.tensor(local, dtype=torch.float64), accelerator.device)
         if accelerator.num_processes > 1:
@@ -551,6 +604,7 @@ class TrainingLoop:
     def _after_step(self) -> None:
         state, plan = self.state, self.s.plan
         state.step += 1
+        self._finished_position = (state.data_epoch, state.data_rows)
         state.samples_seen, state.tokens_seen = self._interval.samples_total, self._interval.tokens_total
         state.epoch = self._epoch_now()
         state.elapsed_s = time.monotonic() - self._start
@@ -596,7 +650,10 @@ class TrainingLoop:
             "eta_s": round(seconds_per_step * (state.total_steps - state.step), 1),
             "mem_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
-        row.update(zip(self.loss.metric_names, losses[1:], strict=True))
+        metrics = self.loss.reported_metrics(losses[1:])
+        row.update(metrics)
+        stage_metrics = self.stage.row_metrics(state.step, loss)
+        row.update(stage_metrics)
         if torch.cuda.is_available():
             row["gpu_mem_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
             row["gpu_mem_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
@@ -604,7 +661,7 @@ class TrainingLoop:
         if self.config.streaming:
             row["stream_pass"] = state.stream_pass + 1
             row["epoch_estimated"] = not self._stream_progress.exact
-        state.last_metrics.update((key, row[key]) for key in ("loss", *self.loss.metric_names))
+        state.last_metrics.update(loss=loss, **metrics, **{k: v for k, v in stage_metrics.items() if v is not None})
         return row
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -638,7 +695,7 @@ class TrainingLoop:
         eval_loss = means[0]
         self._last_eval_time = time.monotonic()
         row = {"type": "eval", "step": self.state.step, "epoch": _round(self.state.epoch), "eval_loss": eval_loss}
-        row.update((f"eval_{name}", value) for name, value in zip(names, means[2:], strict=True))
+        row.update((f"eval_{name}", value) for name, value in self.loss.reported_metrics(means[2:]).items())
         self.state.last_metrics.update((key, value) for key, value in row.items() if key.startswith("eval_"))
         self.callbacks.fire("on_evaluate", self.state, row)
         self._save_if_best(eval_loss)
@@ -658,6 +715,7 @@ class TrainingLoop:
 
     def _save_checkpoint(self, reasons: list[str]) -> None:
         self._last_save_time = time.monotonic()
+        self._saved_step = self.state.step
         positions = self._all_positions()  # every process takes part
         shards = self._start_shards() if self.s.sharding.sharded else None
         if self.accelerator.is_main_process:
@@ -688,11 +746,12 @@ class TrainingLoop:
             self.metrics.event(state, "rotation", deleted=[f"{PREFIX}{step}" for step in deleted_steps])
         self.callbacks.fire("on_save", state, path)
 
-    def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None], shards: Any) -> Snapshot:
+    def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None, list | None],
+                  shards: Any) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
         weights, weights_name = checkpoint_tensors(model) if shards is None else (None, "")
         saved = state.saved_fields()
-        saved.rng, saved.data_loader = positions
+        saved.rng, saved.data_loader, saved.stage = positions
         # eval metrics of an earlier step would make this checkpoint look as good as that one
         evaluated = getattr(self, "_evaluated_step", None) == state.step
         entry = {"step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
@@ -707,17 +766,19 @@ class TrainingLoop:
             state=saved, entry=entry, shards=shards,
         )
 
-    def _all_positions(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        """The RNG state of every process, in process order (each continues its own on resume), and the
-        position of each process's stream when the data is streamed."""
-        mine = {"rng": rng_state(), "data_loader": self._stream_loader.state_dict() if self.config.streaming else None}
+    def _all_positions(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, list[Any] | None]:
+        """The RNG state of every process, in process order (each continues its own on resume), the
+        position of each process's stream when the data is streamed, and each process's stage state (grpo)."""
+        mine = {"rng": rng_state(), "data_loader": self._stream_loader.state_dict() if self.config.streaming else None,
+                "stage": self.stage.state_dict()}
         every = [mine]
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
             every = gather_object([mine])
         loaders = [p["data_loader"] for p in every] if self.config.streaming else None
-        return [p["rng"] for p in every], loaders
+        stages = [p["stage"] for p in every] if every[0]["stage"] is not None else None
+        return [p["rng"] for p in every], loaders, stages
 
     def _save_final_model(self) -> None:
         self._save_checkpoint(sorted(self.state.save_reasons | {"final"}))

@@ -131,19 +131,116 @@ def save_tiny_llama(tokenizer: Any, folder: Path, seed: int = 0) -> Path:
 
 
 def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
+    """The model to train: the causal LM, or for stage rm the family's sequence-classification model with
+    one label (the decoder and a new `score` head), which reads its score at the last token that is not the
+    tokenizer's pad token."""
+    reward = config.stage == "rm"
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = attention_implementation(config, device_type)
+    if attention is not None:
+        log.info("attention: %s (flash_attn: %s)", attention, config.flash_attn)
     _check_weight_files(path)
     with _named_load_errors(path, "the model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     trust_remote_code=config.trust_remote_code,
-                                                     **_quantised_loading(config))
+        model = model_class(reward).from_pretrained(path, dtype=weights_dtype(config, device_type),
+                                                    trust_remote_code=config.trust_remote_code,
+                                                    **({"num_labels": 1} if reward else {}),
+                                                    **({"attn_implementation": attention} if attention else {}),
+                                                    **_quantised_loading(config))
+    if reward:  # the score is read at the last token that is not the pad token the collator pads with
+        model.config.pad_token_id = load_tokenizer(path, config.trust_remote_code).pad_token_id
+        model.config.architectures = [type(model).__name__]  # what a checkpoint's config.json says it is
     if config.quantization_bit is None:
         drop_quantization(model.config)  # a dequantised GGUF import trains, and is saved, as a plain model
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
-    return prepare_for_training(model, config)
+    if config.moe_aux_loss_coef is not None:
+        use_router_loss(model, config.moe_aux_loss_coef)
+    model = prepare_for_training(model, config)
+    if config.torch_compile:
+        compile_layers(model, config.torch_compile_backend or "inductor")
+    return model
+
+
+def weights_dtype(config: TrainConfig, device_type: str) -> torch.dtype:
+    """The dtype the weights are loaded in. float32, but for LoRA with bf16 on a GPU (and no fsdp, whose
+    mixed-precision policy casts instead): there the frozen base is only read, so it is held in bfloat16
+    (half the memory), while PEFT keeps the adapter, which AdamW updates, in float32. On a CPU, bf16 is
+    autocast over float32 weights. Not for stage rm, whose new score head trains whole."""
+    frozen_base = (config.finetuning_type == "lora" and config.quantization_bit is None and not config.fsdp
+                   and config.stage != "rm")
+    if config.bf16 and device_type == "cuda" and frozen_base and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention_implementation(config: TrainConfig, device_type: str) -> str | None:
+    """transformers' attn_implementation for `flash_attn` (LLaMA-Factory's key); None: transformers' own pick.
+
+    Examples laid end to end (padding-free or packed rows) are kept apart by their position ids. sdpa turns
+    those into a dense length x length mask, flash_attention_2 into sequence boundaries (varlen) and
+    flex_attention into a block-sparse mask: on a GPU, `auto` takes one of the last two for such rows, so
+    attention stays linear in a row's length. flash_attention_2 reads boundaries from one row only
+    (padding-free micro-batches), and computes in 16 bits only (bf16)."""
+    if config.flash_attn in ("disabled", "sdpa"):
+        return "eager" if config.flash_attn == "disabled" else "sdpa"
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    if config.flash_attn == "fa2":
+        if device_type != "cuda" or not is_flash_attn_2_available():
+            raise UserError("flash_attn: fa2 needs a GPU and the flash-attn package (pip install flash-attn); "
+                            "set flash_attn: auto to let lmtune pick")
+        return "flash_attention_2"
+    if device_type != "cuda":
+        return None
+    if config.use_padding_free and config.bf16 and is_flash_attn_2_available():
+        return "flash_attention_2"
+    if (config.use_padding_free or config.use_packing) and is_torch_flex_attn_available():
+        return "flex_attention"
+    return None
+
+
+def compile_layers(model: torch.nn.Module, backend: str) -> None:
+    """torch_compile: each decoder layer compiled in place (the module, its names and its hooks stay as they
+    are, so checkpoints, FSDP and the loss see the same model); compiled on its first call."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in decoder_layers(base):
+        layer.compile(backend=backend)
+
+
+def is_reward_model(folder: str | Path) -> bool:
+    """Whether a saved model folder holds a reward model (stage rm): a sequence-classification model, or an
+    adapter for one (PEFT task type SEQ_CLS)."""
+    import json
+
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    if (folder / "config.json").is_file():
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        return any(name.endswith("ForSequenceClassification") for name in architectures)
+    return False
+
+
+def model_class(reward: bool) -> Any:
+    """The transformers auto class of a causal LM, or of a reward model (one label)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+
+
+def use_router_loss(model: torch.nn.Module, coefficient: float) -> None:
+    """A mixture of experts trains with its router's load-balancing loss, weighted by `coefficient`; a model
+    without a router is left as it is (said once in the log)."""
+    if not hasattr(model.config, "router_aux_loss_coef"):
+        log.warning("moe_aux_loss_coef: %s has no router (not a mixture of experts); ignored", type(model).__name__)
+        return
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = coefficient
+    if hasattr(model, "router_aux_loss_coef"):  # the causal LM keeps its own copy from the config
+        model.router_aux_loss_coef = coefficient
+    log.info("moe_aux_loss_coef: %s trains with its router's load-balancing loss x %g (logged as aux_loss)",
+             type(model).__name__, coefficient)
 
 
 def _check_weight_files(path: str) -> None:
@@ -194,6 +291,7 @@ def _quantised_loading(config: TrainConfig) -> dict[str, Any]:
     quantization = BitsAndBytesConfig(
         load_in_4bit=config.quantization_bit == 4, load_in_8bit=config.quantization_bit == 8,
         bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=["score"] if config.stage == "rm" else None,  # the reward head is trained whole
     )
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return {"quantization_config": quantization, "device_map": {"": device}}
@@ -233,6 +331,8 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.n
         return _add_lora(model, config)
     if config.finetuning_type == "freeze":
         _freeze_all_but(model, config.freeze_trainable_layers)
+        if config.stage == "rm":
+            model.score.requires_grad_(True)  # a new head: trained whatever layers are
     return model
 
 
@@ -245,22 +345,31 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         lora_alpha=config.effective_lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules="all-linear" if target == "all" else ([target] if isinstance(target, str) else target),
-        task_type="CAUSAL_LM",
+        # rm: PEFT trains and saves the score head whole with the adapter (modules_to_save)
+        task_type="SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        adapted = get_peft_model(model, lora)
     except ValueError as error:
         raise UserError(f"lora_target: {error}") from None
+    picked = sorted({name.rsplit(".", 1)[-1] for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
+                    - {"base_layer"})
+    log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
+    return adapted
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for candidate in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        module: Any = model
-        for part in candidate.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, torch.nn.ModuleList):
-            return module
-    raise UserError("finetuning_type freeze: could not find the decoder layers of this model")
+    """The decoder layers of any family: the longest list of modules the model's decoder holds (`layers`,
+    `h`, ...), found from the model rather than from a list of names."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = causal_lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = causal_lm
+    lists = [module for module in decoder.children() if isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise UserError(f"finetuning_type freeze: {type(causal_lm).__name__} holds no list of decoder layers")
+    return max(lists, key=len)
 
 
 def _freeze_all_but(model: torch.nn.Module, trainable_layers: int) -> None:
