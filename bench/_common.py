@@ -142,7 +142,7 @@ class EngineSteps:
     """lmtune's loop, driven step by step as `TrainingLoop.run` drives it."""
 
     def __init__(self, config):
-        from lmtune.callbacks import RunState
+        from lmtune.callbacks import CallbackList, RunState
         from lmtune.engine import TrainingLoop, set_up
 
         setup = set_up(config)
@@ -150,6 +150,7 @@ class EngineSteps:
         self.state = RunState(config=config, output_dir=setup.output_dir, is_main_process=True,
                               total_steps=setup.plan.total_steps, steps_per_epoch=setup.plan.steps_per_epoch)
         self.loop = TrainingLoop(setup, self.state)
+        self.loop.callbacks = CallbackList(self.loop._callbacks())  # as `TrainingLoop.run` builds them
         self.loop._start = time.monotonic()
         self.loop.callbacks.fire("on_train_begin", self.state, setup.model)
         self.model = setup.model
