@@ -2,7 +2,10 @@
 rows, batch 4, cutoff_len 128, 30 steps) with `lmtune train` in a child process; median of 3 runs, split
 into start-up, steps, the final save and the exit.
 
-    python bench/e2e.py [--runs 3] [--steps 30] [--smoke]
+    python bench/e2e.py [--runs 3] [--steps 30] [--baseline-src PATH] [--smoke]
+
+`--baseline-src`: a copy of an earlier lmtune's `src` folder, run as `lmtune-before`, alternating with
+the current one (before/after figures under the same load).
 
 If LMTUNE_BENCH_LLAMAFACTORY_VENV names a venv with LLaMA-Factory installed, the same job runs there too
 (`llamafactory-cli train`, the same data, template, model and settings), the two alternating run by run,
@@ -44,10 +47,10 @@ def job(steps: int) -> dict:
             "overwrite_output_dir": True, "report_to": "none", "plot_loss": False, "seed": 42}
 
 
-def lmtune_command(folder: Path, model: Path, data: Path, steps: int) -> list[str]:
-    config = folder / "lmtune.yaml"
+def lmtune_command(folder: Path, model: Path, data: Path, steps: int, name: str = "lmtune") -> list[str]:
+    config = folder / f"{name}.yaml"
     config.write_text(yaml.safe_dump({**job(steps), "model_name_or_path": str(model), "dataset": str(data),
-                                      "output_dir": str(folder / "out-lmtune")}))
+                                      "output_dir": str(folder / f"out-{name}")}))
     return [sys.executable, "-m", "lmtune", "train", str(config)]
 
 
@@ -62,17 +65,19 @@ def llamafactory_command(venv: Path, folder: Path, model: Path, data: Path, step
 
 
 def step_line(tool: str, line: str) -> bool:
-    if tool == "lmtune":
+    if tool.startswith("lmtune"):
         return " step " in f" {line}" and " loss " in line
     return line.lstrip().startswith("{") and "'loss'" in line
 
 
 def end_line(tool: str, line: str) -> bool:
-    return "done:" in line if tool == "lmtune" else "train_runtime" in line
+    return "done:" in line if tool.startswith("lmtune") else "train_runtime" in line
 
 
-def timed_run(tool: str, command: list[str], steps: int, env: dict) -> dict:
+def timed_run(tool: str, command: list[str], steps: int, env: dict, baseline_src: str | None) -> dict:
     """Runs `command` and splits its time by the arrival of its log lines."""
+    if tool == "lmtune-before":
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [baseline_src, env.get("PYTHONPATH")]))}
     started = time.monotonic()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     step_ends, end, tail = [], None, []
@@ -105,26 +110,28 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--baseline-src", help="an earlier lmtune's src folder, run alternately as lmtune-before")
     parser.add_argument("--smoke", action="store_true", help="one short run on the tiny model")
     args = parser.parse_args()
     smoke = smoke_requested(args)
     if smoke:
         args.runs, args.steps, args.rows = 1, 3, 24
     venv = os.environ.get("LMTUNE_BENCH_LLAMAFACTORY_VENV")
-    tools = ["lmtune"] + (["llamafactory"] if venv and not smoke else [])
+    tools = ["lmtune-before"] if args.baseline_src else []
+    tools += ["lmtune"] + (["llamafactory"] if venv and not smoke else [])
     print(f"load average at the start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
     with scratch_home() as tmp:
         folder = Path(tmp)
         model = model_dir("tiny" if smoke else "smollm2", folder)
         data = write_sft_data(folder / "data.json", rows=args.rows, min_words=10, max_words=90)
-        commands = {"lmtune": lmtune_command(folder, model, data, args.steps)}
+        commands = {tool: lmtune_command(folder, model, data, args.steps, tool) for tool in tools if "lmtune" in tool}
         if "llamafactory" in tools:
             commands["llamafactory"] = llamafactory_command(Path(venv), folder, model, data, args.steps)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         results: dict[str, list[dict]] = {tool: [] for tool in tools}
         for run in range(args.runs + (0 if smoke else 1)):  # run 0: warms the caches, not counted
             for tool in tools:
-                result = timed_run(tool, commands[tool], args.steps, env)
+                result = timed_run(tool, commands[tool], args.steps, env, args.baseline_src)
                 if smoke or run > 0:
                     results[tool].append(result)
                 print(f"run {run} {tool}: " + ", ".join(f"{p} {result[p]:.2f} s" for p in PARTS), flush=True)
@@ -134,6 +141,8 @@ def main() -> None:
     for tool in tools:
         print(describe(tool, results[tool]))
     whole = {tool: median([r["whole"] for r in results[tool]]) for tool in tools}
+    if "lmtune-before" in tools:
+        print(f"lmtune/lmtune-before: {whole['lmtune'] / whole['lmtune-before']:.3f}")
     if "llamafactory" in tools:
         print(f"lmtune/llamafactory: {whole['lmtune'] / whole['llamafactory']:.3f}")
     else:

@@ -89,7 +89,9 @@ def run(folder: Path, model: Path, data: Path, fsdp: bool, checkpointing: bool, 
                  str(free_port())] if fsdp else [sys.executable])
     env = {**os.environ, "FSDP_BENCH_OUT": str(out), "OMP_NUM_THREADS": "1" if fsdp else "2",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([*launcher, "-m", "lmtune", "train", str(config)], env=env, check=True, capture_output=True)
+    result = subprocess.run([*launcher, "-m", "lmtune", "train", str(config)], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name}: lmtune train failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank-*.json"))]
     blocked = [seconds for rank in ranks for seconds in rank["blocked_s"]]
     return {"peak_mb": max(rank["peak_mb"] for rank in ranks), "blocked_s": median(blocked),
@@ -105,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     smoke = smoke_requested(args)
     if smoke:
-        args.steps, args.seq, args.repeats = 2, 32, 1
+        args.steps, args.seq, args.repeats = 2, 64, 1
     print(f"load average at the start: {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="lmtune-fsdp-bench-") as tmp:
         folder = Path(tmp)

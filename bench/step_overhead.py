@@ -128,7 +128,7 @@ def main() -> None:
     add_device_args(parser)
     args = parser.parse_args()
     if smoke_requested(args):
-        args.model, args.pairs, args.logging_steps, args.distinct_groups, args.cutoff_len = "tiny", 1, 2, 2, 32
+        args.model, args.pairs, args.logging_steps, args.distinct_groups, args.cutoff_len = "tiny", 1, 2, 2, 64
     args.interleave = args.interleave or ("block" if args.device == "cuda" else "step")
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
