@@ -3,7 +3,9 @@
 Map-style data (processing.py) and streamed data (streaming.py) both go through `RowEncoder` and
 `row_of`, so that the same file gives the same rows either way. A preference pair is one example of
 two sequences end to end, the chosen then the rejected answer, each after the same prompt: its
-position ids restart where the rejected one starts, as between the examples of a packed row.
+position ids restart where the rejected one starts, as between the examples of a packed row. A KTO
+example is likewise two sequences: its prompt with its own answer, then its prompt with the answer of the
+row before it (the mismatched pair KTO's KL estimate is taken from), and its mark (`kto_tag`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Example:
     labels: list[int]
     raw_length: int  # tokens before truncation
     prompt_length: int  # tokens before the first trained one, before truncation
-    lengths: list[int] | None = None  # a preference pair: the lengths of its chosen and rejected sequences
+    lengths: list[int] | None = None  # a preference pair or kto example: the lengths of its two sequences
+    kto_tag: bool | None = None  # a kto example: whether its answer is desirable
 
     @property
     def truncated(self) -> bool:
@@ -56,12 +59,23 @@ class RowEncoder:
 
     def examples(self, spec: DatasetSpec, row: dict[str, Any], where: str) -> list[Example]:
         """`where` names the row in an error message: `file.json, row 3`."""
-        try:
-            standard = standard_row(spec, row)
-        except ValueError as error:
-            raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
+        return self._examples_of(_standard(spec, row, where))
+
+    def batch_examples(self, spec: DatasetSpec, rows: list[dict[str, Any]], wheres: list[str]) -> list[list[Example]]:
+        """The examples of each of a batch of rows. KTO rows take the answer of the row before them in the
+        batch (the first takes the last's) for their KL sequence, as LLaMA-Factory and TRL pair them."""
+        standards = [_standard(spec, row, where) for row, where in zip(rows, wheres, strict=True)]
+        if spec.feedback:
+            answers = [standard["completion"] for standard in standards]
+            for standard, other in zip(standards, answers[-1:] + answers[:-1], strict=True):
+                standard["kl_completion"] = other
+        return [self._examples_of(standard) for standard in standards]
+
+    def _examples_of(self, standard: dict[str, Any]) -> list[Example]:
         if "chosen" in standard:
             return [self._pair(standard)]
+        if "completion" in standard:
+            return [self._feedback(standard)]
         cutoff = self.cutoff_len
         examples = []
         for input_ids, labels in self._tokenised(standard):
@@ -90,10 +104,21 @@ class RowEncoder:
     def _pair(self, standard: dict) -> Example:
         """The chosen and the rejected sequence, each cut to cutoff_len as LLaMA-Factory cuts a pair: the
         answers keep the larger share (the longer answer decides), the prompt is cut from its end."""
-        sequences = []
-        for key in ("chosen", "rejected"):
-            messages = [*standard["messages"], {"role": "assistant", "content": standard[key]}]
-            sequences.append(encode_conversation(self.tokenizer, self.template, messages, last_reply_only=True))
+        return self._joined([self._sequence(standard, "chosen"), self._sequence(standard, "rejected")])
+
+    def _feedback(self, standard: dict) -> Example:
+        """The answer's sequence and the KL sequence, each cut to cutoff_len on its own (LLaMA-Factory)."""
+        own = self._joined([self._sequence(standard, "completion")])
+        kl = self._joined([self._sequence(standard, "kl_completion")])
+        return Example(own.input_ids + kl.input_ids, own.labels + kl.labels, own.raw_length + kl.raw_length,
+                       own.prompt_length, [len(own.input_ids), len(kl.input_ids)], kto_tag=standard["kto_tag"])
+
+    def _sequence(self, standard: dict, answer: str) -> tuple[list[int], list[int]]:
+        messages = [*standard["messages"], {"role": "assistant", "content": standard[answer]}]
+        return encode_conversation(self.tokenizer, self.template, messages, last_reply_only=True)
+
+    def _joined(self, sequences: list[tuple[list[int], list[int]]]) -> Example:
+        """Sequences after the same prompt, cut alike to cutoff_len, end to end."""
         prompt_lengths = [_first_trained(labels) for _, labels in sequences]
         prompt_keep, answer_keep = truncated_lengths(
             max(prompt_lengths), max(len(ids) - n for (ids, _), n in zip(sequences, prompt_lengths, strict=True)),
@@ -106,6 +131,13 @@ class RowEncoder:
             lengths.append(len(keep))
         raw = sum(len(ids) for ids, _ in sequences)
         return Example(input_ids, labels, raw, max(prompt_lengths), lengths)
+
+
+def _standard(spec: DatasetSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return standard_row(spec, row)
+    except ValueError as error:
+        raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
 
 
 def _first_trained(labels: list[int]) -> int:

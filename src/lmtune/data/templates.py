@@ -175,9 +175,10 @@ def _probe(tokenizer: Any, template: str) -> str:
         return ""
 
 
-def render(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], generation_prompt: bool,
+           tools: list[dict] | None = None) -> str:
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt, tools=tools
     )
 
 
