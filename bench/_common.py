@@ -152,6 +152,7 @@ class EngineSteps:
         self.loop = TrainingLoop(setup, self.state)
         self.loop.callbacks = CallbackList(self.loop._callbacks())  # as `TrainingLoop.run` builds them
         self.loop._start = time.monotonic()
+        self.loop.callbacks = CallbackList(self.loop._callbacks())
         self.loop.callbacks.fire("on_train_begin", self.state, setup.model)
         self.model = setup.model
 

@@ -40,7 +40,7 @@ def test_mapped_keys_become_lmtune_keys(given, expected):
             assert any(note.startswith(f"mapped {key}:") for note in config.brought_key_notes)
 
 
-IGNORED = ["do_train", "do_eval", "do_predict", "ddp_timeout", "logging_dir", "logging_first_step", "flash_attn",
+IGNORED = ["do_train", "do_eval", "do_predict", "ddp_timeout", "logging_dir", "logging_first_step",
            "enable_liger_kernel", "use_unsloth", "ddp_find_unused_parameters", "remove_unused_columns",
            "include_num_input_tokens_seen", "disable_tqdm", "dataloader_pin_memory", "preprocessing_batch_size",
            "trust_remote_code_tokenizer", "double_quantization"]

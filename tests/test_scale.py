@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import read_jsonl, run_lmtune
+from model_probes import BaseLayers, LayerCalls
 from safetensors.torch import load_file
 
 
@@ -20,11 +21,13 @@ def losses_of(run) -> list[float]:
     {"finetuning_type": "lora", "lora_dropout": 0.3},
     {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
 ], ids=["full", "lora-dropout", "freeze"])
-def test_gradient_checkpointing_gives_the_same_losses(tiny_config, tmp_path, settings):
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_losses(tiny_config, tmp_path, settings):
     plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
-    common = {"max_steps": 4, **settings}
+    common = {"max_steps": 4, "callbacks": ["model_probes:LayerCalls"], **settings}
     assert run_lmtune("train", tiny_config(output_dir=str(plain), **common)) == 0
+    assert LayerCalls.per_step == [[1, 1]] * 4  # one forward of each of the 2 layers a step
     assert run_lmtune("train", tiny_config(output_dir=str(checkpointed), gradient_checkpointing=True, **common)) == 0
+    assert LayerCalls.per_step == [[2, 2]] * 4  # the backward pass runs each layer again: its activations were dropped
     assert losses_of(checkpointed) == pytest.approx(losses_of(plain), rel=1e-5)
     name = "adapter_model.safetensors" if settings["finetuning_type"] == "lora" else "model.safetensors"
     a, b = load_file(plain / name), load_file(checkpointed / name)
@@ -50,8 +53,12 @@ def wider_tiny_model(tmp_path_factory, tokenizer):
 def test_qlora_trains_resumes_and_exports_a_full_precision_model(tiny_config, tmp_path, wider_tiny_model):
     run = tmp_path / "run"
     config = tiny_config(model_name_or_path=str(wider_tiny_model), finetuning_type="lora", quantization_bit=4,
-                         max_steps=6, save_steps=3, learning_rate=2e-2, gradient_checkpointing=True)
+                         max_steps=6, save_steps=3, learning_rate=2e-2, gradient_checkpointing=True,
+                         callbacks=["model_probes:BaseLayers"])
     assert run_lmtune("train", config) == 0
+    # the layers under the adapter, as training ran them: bitsandbytes' 4-bit layers, their weights packed in bytes
+    assert BaseLayers.classes == {"bitsandbytes.nn.modules.Linear4bit"} and BaseLayers.dtypes == {torch.uint8}
+    assert (run / "adapter_model.safetensors").is_file() and not (run / "model.safetensors").exists()
     losses = losses_of(run)
     assert len(losses) == 6 and losses[-1] < losses[0]
     checkpoint = run / "checkpoint-3"
@@ -78,6 +85,17 @@ def test_qlora_trains_resumes_and_exports_a_full_precision_model(tiny_config, tm
     model = AutoModelForCausalLM.from_pretrained(out)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(type(m).__name__ != "Linear4bit" for m in model.modules())
+
+
+def test_qlora_in_8_bits_trains_on_int8_base_layers(tiny_config, tmp_path, wider_tiny_model):
+    run = tmp_path / "run"
+    config = tiny_config(model_name_or_path=str(wider_tiny_model), finetuning_type="lora", quantization_bit=8,
+                         max_steps=2, learning_rate=2e-2, callbacks=["model_probes:BaseLayers"])
+    assert run_lmtune("train", config) == 0
+    assert BaseLayers.classes == {"bitsandbytes.nn.modules.Linear8bitLt"} and BaseLayers.dtypes == {torch.int8}
+    assert len(losses_of(run)) == 2
+    adapter = load_file(run / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter) and not (run / "model.safetensors").exists()
 
 
 def test_qlora_is_refused_for_full_fine_tuning(tiny_config, tmp_path, capsys):

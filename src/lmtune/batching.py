@@ -153,10 +153,12 @@ def keeps_examples_apart(model: torch.nn.Module) -> bool:
     rows = [{"input_ids": ids, "labels": ids, "position_ids": list(range(len(ids)))} for ids in (first, second)]
     joined, _ = Collator(0, packed=False, padding_free=True)(rows)
     device = next(model.parameters()).device
+    # flash-attn computes in 16 bits only: the check then runs as training does, in bfloat16 autocast
+    sixteen_bits = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=sixteen_bits):
             together = model(input_ids=joined["input_ids"].to(device), position_ids=joined["position_ids"].to(device),
                              use_cache=False).logits[0, len(first):]
             alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0]
@@ -164,7 +166,9 @@ def keeps_examples_apart(model: torch.nn.Module) -> bool:
         return False
     finally:
         model.train(was_training)
-    return torch.allclose(together.float(), alone.float(), rtol=1e-3, atol=1e-4)
+    # a model that mixes examples is off by far more than bfloat16's rounding
+    tolerance = {"rtol": 3e-2, "atol": 3e-2} if sixteen_bits else {"rtol": 1e-3, "atol": 1e-4}
+    return torch.allclose(together.float(), alone.float(), **tolerance)
 
 
 def batching_of(config: Any, row_lengths: list[int], model: torch.nn.Module | None = None) -> dict[str, Any]:

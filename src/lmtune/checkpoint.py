@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from lmtune.errors import RunFailed
 from lmtune.schedule import rotation
-from lmtune.state import TrainState, state_from_json, state_to_json
+from lmtune.state import BINARY_FIELDS, TrainState, state_from_json, state_to_json
 
 log = logging.getLogger("lmtune")
 
@@ -347,7 +347,7 @@ class CheckpointStore:
         snapshot.write_model_files(folder)
         if snapshot.optimizer is not None:
             torch.save(snapshot.optimizer, folder / OPTIMIZER)
-        torch.save({"rng": snapshot.state.rng, "data_loader": snapshot.state.data_loader}, folder / RNG_STATE)
+        torch.save({name: getattr(snapshot.state, name) for name in BINARY_FIELDS}, folder / RNG_STATE)
         (folder / TRAIN_STATE).write_text(json.dumps(state_to_json(snapshot.state), indent=1))
 
     def _record(self, folder: Path, snapshot: Snapshot) -> None:

@@ -117,7 +117,6 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "ddp_timeout": _ignore("lmtune keeps torch.distributed's default process-group timeout"),
     "logging_dir": _ignore("TensorBoard events go to output_dir/runs"),
     "logging_first_step": _ignore("lmtune logs every logging_steps from step logging_steps on"),
-    "flash_attn": _ignore("lmtune uses the attention transformers picks for the model (SDPA where it has it)"),
     "enable_liger_kernel": _ignore("lmtune uses the model's own kernels; the result is the same, only speed differs"),
     "use_unsloth": _ignore("lmtune uses the model's own kernels; the result is the same, only speed differs"),
     "ddp_find_unused_parameters": _ignore("accelerate's default for the model is used"),

@@ -82,6 +82,8 @@ REWARD_METRICS = ("accuracy", "margin")
 STAGE_METRICS = {"dpo": PREFERENCE_METRICS, "kto": KTO_METRICS, "rm": REWARD_METRICS}
 PAIRED_STAGES = ("dpo", "rm")  # stages trained on preference pairs (ranking data)
 
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
 # report_to values and the package each needs (installed with `pip install 'lmtune[NAME]'`)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "swanlab": "swanlab", "none": None}
 
@@ -111,10 +113,11 @@ class TrainConfig(BaseModel):
                                     json_schema_extra=on_resume("run", data=True))
 
     # method
-    stage: Literal["pt", "sft", "dpo", "kto", "rm"] = Field(
+    stage: Literal["pt", "sft", "dpo", "kto", "rm", "grpo"] = Field(
         "sft", description="pt: continued pre-training on text; sft: supervised; dpo: preference pairs "
         "(chosen / rejected answers); kto: answers marked desirable or undesirable (kto_tag); rm: a reward "
-        "model (a scalar score head) trained on preference pairs", json_schema_extra=on_resume("run", data=True))
+        "model (a scalar score head) trained on preference pairs; grpo: online RL, completions generated in "
+        "the run and scored by reward_funcs", json_schema_extra=on_resume("run", data=True))
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained",
                                                                json_schema_extra=on_resume("run", checkpoint_size=True))
     lora_rank: int = Field(8, gt=0, description="LoRA rank r", json_schema_extra=on_resume("run", checkpoint_size=True))
@@ -136,6 +139,11 @@ class TrainConfig(BaseModel):
     quantization_method: Literal["bnb"] = Field(
         "bnb", description="how the base weights are quantised: bnb (bitsandbytes)", json_schema_extra=on_resume("run"))
 
+    moe_aux_loss_coef: float | None = Field(
+        None, ge=0, description="mixture-of-experts families: train with the router's load-balancing loss, "
+        "weighted by this (sets the model's router_aux_loss_coef and output_router_logits); null: the model's "
+        "own setting", json_schema_extra=on_resume("run"))
+
     pref_beta: float = Field(0.1, gt=0, description="dpo, kto: the beta of the preference loss (how far the "
                              "model may move from the reference)", json_schema_extra=on_resume("run"))
     pref_loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
@@ -155,6 +163,53 @@ class TrainConfig(BaseModel):
         "before training and kept with the processed data, instead of a frozen copy of the model in memory",
         json_schema_extra=on_resume("run"))
 
+    # grpo (TRL's GRPOConfig names and meanings)
+    reward_funcs: list[str] = Field(
+        default_factory=list, description="grpo: reward functions, each 'path/to/file.py:function' or a built-in "
+        "(math_answer, format, length); a completion's reward is their weighted sum",
+        json_schema_extra=on_resume("run"))
+    reward_weights: list[float] | None = Field(
+        None, description="grpo: one weight per reward function; null: all 1", json_schema_extra=on_resume("run"))
+    num_generations: int = Field(8, description="grpo: completions generated per prompt (the group)",
+                                 json_schema_extra=on_resume("run"))
+    max_prompt_length: int = Field(512, gt=0, description="grpo: longest prompt in tokens; a longer one is an error "
+                                   "naming its row", json_schema_extra=on_resume("run", data=True))
+    max_completion_length: int = Field(256, gt=0, description="grpo: most tokens generated per completion",
+                                       json_schema_extra=on_resume("run"))
+    temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the generation",
+                               json_schema_extra=on_resume("run"))
+    top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling of the generation (1: off)",
+                         json_schema_extra=on_resume("run"))
+    top_k: int = Field(0, ge=0, description="grpo: sample among the k likeliest tokens (0: off)",
+                       json_schema_extra=on_resume("run"))
+    beta: float = Field(0.0, ge=0, description="grpo: weight of the KL penalty to the reference model (0: no "
+                        "reference; LoRA: the base with the adapter off, full/freeze: a frozen copy)",
+                        json_schema_extra=on_resume("run"))
+    loss_type: str = Field("dapo", description="grpo: dapo (token mean over the step), grpo (mean of each "
+                           "completion's token mean) or dr_grpo (token sum / max_completion_length)",
+                           json_schema_extra=on_resume("run"))
+    epsilon: float = Field(0.2, gt=0, description="grpo: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]",
+                           json_schema_extra=on_resume("run"))
+    epsilon_high: float | None = Field(None, gt=0, description="grpo: upper clipping bound; null: epsilon",
+                                       json_schema_extra=on_resume("run"))
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: advantages divided by the std of the group's rewards, of the step's, or not "
+        "at all", json_schema_extra=on_resume("run"))
+    num_iterations: int = Field(1, gt=0, description="grpo: optimizer steps on each generated batch (mu)",
+                                json_schema_extra=on_resume("run"))
+    mask_truncated_completions: bool = Field(
+        False, description="grpo: completions cut by max_completion_length train nothing",
+        json_schema_extra=on_resume("run"))
+    reward_answer_column: str = Field("answer", description="grpo, built-in reward math_answer: the column "
+                                      "holding the correct answer", json_schema_extra=on_resume("run"))
+    reward_format_regex: str = Field(
+        r"^<think>.*?</think>\s*<answer>.*?</answer>$", description="grpo, built-in reward format: 1 when the "
+        "whole completion matches this regex (dot matches newlines), else 0", json_schema_extra=on_resume("run"))
+    reward_max_words: int = Field(50, gt=0, description="grpo, built-in reward length: 1 up to this many words, "
+                                  "falling to 0 at twice as many", json_schema_extra=on_resume("run"))
+    use_vllm: bool = Field(False, description="grpo: generate with vLLM (not available in lmtune yet; generation "
+                           "runs in the training process)", json_schema_extra=on_resume("neutral"))
+
     # scale
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass (non-reentrant): "
@@ -166,6 +221,15 @@ class TrainConfig(BaseModel):
         json_schema_extra=on_resume("neutral"))
     fsdp_offload: bool = Field(False, description="with fsdp: keep the weights and AdamW state in CPU memory, "
                                "the GPU holds one layer at a time", json_schema_extra=on_resume("neutral"))
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = Field(
+        "auto", description="attention kernel: auto (on a GPU, flash-attn or flex attention for padding-free and "
+        "packed rows, else transformers' pick), disabled (eager), sdpa, fa2 (flash-attn)",
+        json_schema_extra=on_resume("neutral"))
+    torch_compile: bool = Field(False, description="compile each decoder layer with torch.compile (compiled on "
+                                "the first step; faster steps on a GPU)", json_schema_extra=on_resume("neutral"))
+    torch_compile_backend: str | None = Field(
+        None, description="torch_compile: the torch.compile backend; null: inductor",
+        json_schema_extra=on_resume("neutral"))
 
     # data
     dataset: str | list[str] | None = Field(
@@ -357,8 +421,21 @@ class TrainConfig(BaseModel):
         if value in ("orpo", "simpo"):
             raise ValueError(f"stage {value}: lmtune trains it as stage: dpo with pref_loss: {value}")
         if value == "ppo":
-            raise ValueError(f"stage ppo is {NOT_YET}; valid: 'pt', 'sft', 'dpo', 'kto', 'rm'")
+            raise ValueError(f"stage ppo is {NOT_YET}; valid: 'pt', 'sft', 'dpo', 'kto', 'rm', 'grpo'")
         return value
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_rewards_bool(cls, value: Any) -> Any:
+        """TRL's older form: true is group, false is none."""
+        return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("reward_funcs", mode="before")
+    @classmethod
+    def _reward_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return [] if value is None else value
 
     @field_validator("report_to", mode="after")
     @classmethod
@@ -478,6 +555,9 @@ class TrainConfig(BaseModel):
         if self.fsdp and self.quantization_bit is not None:
             raise ValueError(f"fsdp with quantization_bit (QLoRA) is {NOT_YET}: QLoRA fits a model on one device; "
                              "remove fsdp or quantization_bit")
+        if self.flash_attn == "fa2" and self.use_packing and not self.use_padding_free:
+            raise ValueError("flash_attn: fa2 keeps packed examples apart only in padding-free micro-batches: set "
+                             "padding_free: true, or flash_attn: auto")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError("max_steps must be a positive number of steps (or -1 / null for unset)")
         for key in ("save_steps", "eval_steps"):
@@ -500,6 +580,8 @@ class TrainConfig(BaseModel):
                              f"({', '.join(datasets)}); give one probability a data set")
         if self.stage in ("dpo", "kto", "rm"):
             self._preference_checks()
+        if self.stage == "grpo":
+            self._grpo_checks()
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
 
     def _preference_checks(self) -> None:
@@ -520,6 +602,30 @@ class TrainConfig(BaseModel):
             what = "stage: rm" if stage == "rm" else f"pref_loss: {self.pref_loss}"
             raise ValueError(f"precompute_ref_log_probs: true with {what}, which needs no reference model; "
                              "remove precompute_ref_log_probs")
+
+    def _grpo_checks(self) -> None:
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            others = "; TRL's bnpo, cispo, sapo, luspo and vespo are " + NOT_YET if self.loss_type in (
+                "bnpo", "cispo", "sapo", "luspo", "vespo") else ""
+            raise ValueError(f"loss_type {self.loss_type!r}: valid: {', '.join(GRPO_LOSS_TYPES)}{others}")
+        if self.use_vllm:
+            raise ValueError(f"use_vllm: true: generation with vLLM is {NOT_YET}; completions are generated in the "
+                             "training process with transformers; remove use_vllm")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations {self.num_generations}: a completion's advantage is its reward minus "
+                             "its group's mean, so a group of one learns nothing; use 2 or more (TRL's default 8)")
+        if not self.reward_funcs:
+            raise ValueError("stage grpo needs reward_funcs: a list of 'path/to/file.py:function' or the built-ins "
+                             "math_answer, format, length")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                             "reward_funcs; give one weight a function")
+        refused = {"packing": self.packing, "streaming": self.streaming, "val_size": self.val_size,
+                   "eval_dataset": self.eval_dataset, "precompute_ref_log_probs": self.precompute_ref_log_probs}
+        for key, value in refused.items():
+            if value:
+                raise ValueError(f"{key} with stage: grpo is {NOT_YET} (grpo trains on prompts, map-style, without "
+                                 f"an evaluation split); remove {key}")
 
     # --- derived values -------------------------------------------------------------------------
 
@@ -559,16 +665,21 @@ class TrainConfig(BaseModel):
 
     @property
     def use_padding_free(self) -> bool:
-        return self.stage in ("sft", "dpo", "kto") if self.padding_free is None else self.padding_free
+        return self.stage in ("sft", "dpo", "kto", "grpo") if self.padding_free is None else self.padding_free
 
     @property
     def sample_name(self) -> str:
         """What one training row is: a preference pair, a packed row, or an example."""
+        if self.stage == "grpo":
+            return "prompts"
         return "pairs" if self.stage in PAIRED_STAGES else "packed rows" if self.use_packing else "examples"
 
     @property
     def uses_reference(self) -> bool:
-        """Whether the preference loss compares the model with a reference (kto does; simpo and orpo need none)."""
+        """Whether the loss compares the model with a reference (kto does; simpo and orpo need none; grpo with
+        beta > 0)."""
+        if self.stage == "grpo":
+            return self.beta > 0
         return (self.stage == "dpo" and self.pref_loss in ("sigmoid", "ipo")) or self.stage == "kto"
 
     @property
@@ -679,7 +790,16 @@ def _resolve_relative_paths(config: TrainConfig, base: Path) -> TrainConfig:
     dataset_dir = Path(config.dataset_dir)
     if not dataset_dir.is_absolute() and not dataset_dir.exists() and (base / dataset_dir).exists():
         config.dataset_dir = str(base / dataset_dir)
+    config.reward_funcs = [_found_from(source, base) for source in config.reward_funcs]
     return config
+
+
+def _found_from(reward_source: str, base: Path) -> str:
+    """A reward file written relative to the config file is found from anywhere, as dataset_dir is."""
+    path, _, name = reward_source.rpartition(":")
+    if path and not Path(path).is_absolute() and not Path(path).exists() and (base / path).exists():
+        return f"{base / path}:{name}"
+    return reward_source
 
 
 def config_help_rows() -> list[tuple[str, str, str, str]]:

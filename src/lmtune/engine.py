@@ -76,10 +76,11 @@ from lmtune.resume import (
     settle_data_position,
     truncate_metrics,
 )
+from lmtune.rewards import RewardFailed, check_reward_functions, load_reward_functions
 from lmtune.runlock import RunLock, check_not_running
 from lmtune.schedule import Plan, global_batch, make_plan
 from lmtune.sharding import DataParallel, FullySharded, sharded_state, strategy_for, take_accelerate_fsdp
-from lmtune.stages import loss_for_stage
+from lmtune.stages import stage_for
 from lmtune.state import Schedule
 from lmtune.trackers import tracker_callbacks
 
@@ -107,7 +108,8 @@ class Setup:
     to_clear: list[Path]  # an earlier run's files, removed (overwrite_output_dir) once the run holds the folder
     sharding: DataParallel | FullySharded
     resume: ResumePoint | None = None
-    reference: Any = None  # dpo, kto: the model the preference loss compares with (None: none, or precomputed)
+    reference: Any = None  # dpo, kto, grpo: the model the loss compares with (None: none, or precomputed)
+    rewards: list[Any] | None = None  # grpo: the reward functions, loaded and checked
 
 
 def train(config: TrainConfig) -> Path:
@@ -126,9 +128,10 @@ def set_up(config: TrainConfig) -> Setup:
     and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
     clock = PhaseClock("set-up")
     config = take_accelerate_fsdp(config)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
+    precision = _mixed_precision(config)
+    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())
-    sharding = strategy_for(config, accelerator.num_processes)
+    sharding = strategy_for(config, accelerator.num_processes, bf16=precision == "bf16")
     output_dir = Path(config.output_dir)
     check_not_running(output_dir)
     point = find_resume_point(config, output_dir)
@@ -144,6 +147,7 @@ def set_up(config: TrainConfig) -> Setup:
         clock.lap("data")
     fingerprint = data_fingerprint(data_files(config), tokenizer)
     user_callbacks = load_user_callbacks(config.callbacks)
+    rewards = _checked_rewards(config, data)
     if accelerator.is_main_process:
         from lmtune.data.preview import log_sample
 
@@ -188,14 +192,30 @@ def set_up(config: TrainConfig) -> Setup:
         restore_rng_of_process(point, accelerator.process_index, config.seed)
     collator = Collator(tokenizer.pad_token_id, packed=config.use_packing,
                         padding_free=plan.batching["padding_free"])
+    if config.stage == "grpo":
+        from lmtune.grpo import PromptCollator
+
+        collator = PromptCollator()  # the loader's micro-batches are prompts; the stage collates what it generates
     clock.lap("optimizer, schedule, checkpoint state")
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
-                 collator, user_callbacks, fingerprint, to_clear, sharding, point, reference)
+                 collator, user_callbacks, fingerprint, to_clear, sharding, point, reference, rewards)
+
+
+def _checked_rewards(config: TrainConfig, data: ProcessedData) -> list[Any] | None:
+    """grpo: the reward functions, each called on a dry run of the first rows (exit 2 naming a broken one)."""
+    if config.stage != "grpo":
+        return None
+    import json
+
+    rewards = load_reward_functions(config)
+    first = [json.loads(text) for text in data.train.select(range(min(2, len(data.train))))["reward_inputs"]]
+    check_reward_functions(rewards, [row["prompt"] for row in first], [row["columns"] for row in first])
+    return rewards
 
 
 def _preference_reference(config: TrainConfig, model: torch.nn.Module, data: ProcessedData, tokenizer: Any,
                           accelerator: Accelerator) -> Any:
-    """dpo, kto: the reference model, taken from the model as loaded; or the reference log-probabilities,
+    """dpo, kto, grpo: the reference model, taken from the model as loaded; or the reference log-probabilities,
     computed with it once and added to the data (precompute_ref_log_probs)."""
     if not config.uses_reference:
         return None
@@ -286,11 +306,29 @@ class TrainingLoop:
         self.config = setup.config
         self.metrics = MetricsFile(setup.output_dir / "metrics.jsonl")
         unwrapped = self.accelerator.unwrap_model(setup.model)
-        # of a batch: a sum over its trained tokens (sft, pt), its pairs (dpo, rm) or its examples (kto)
-        self.loss = loss_for_stage(unwrapped, setup.config, setup.reference)
+        training_collator = Collator(setup.tokenizer.pad_token_id, packed=False,
+                                     padding_free=setup.plan.batching["padding_free"])
+        self.stage = stage_for(setup.config, setup.model, unwrapped, setup.reference, setup.tokenizer, setup.rewards,
+                               training_collator, self.accelerator, setup.output_dir)
+        # of a batch: a sum over its trained tokens (sft, pt), its pairs (dpo), or its completions' tokens (grpo)
+        self.loss = self.stage.loss
+        self._restore_stage(setup.resume)
+        self._finished_position = (state.data_epoch, state.data_rows)
+        self._saved_step = state.step if setup.resume is not None else None  # the newest checkpoint's step
         self._interval = _Interval(state.samples_seen, state.tokens_seen)
         self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
+
+    def _restore_stage(self, point: ResumePoint | None) -> None:
+        """The stage's state of this process as the checkpoint saved it (grpo: the sampling RNG, the kept batch)."""
+        saved = point.state.stage if point is not None else None
+        if not saved or saved[0] is None:
+            return
+        if len(saved) != self.accelerator.num_processes:
+            log.warning("the checkpoint's stage state is of %d processes, this run has %d: %s starts afresh",
+                        len(saved), self.accelerator.num_processes, "the sampling RNG")
+            return
+        self.stage.load_state_dict(saved[self.accelerator.process_index])
 
     def _callbacks(self) -> list[Any]:
         if not self.accelerator.is_main_process:
@@ -345,8 +383,12 @@ class TrainingLoop:
         log_moment("the first optimizer step begins")
         self._start = time.monotonic() - self.state.elapsed_s
         with self._signals:
-            for group in self._step_groups():
-                self._optimizer_step(group)
+            for group in self.stage.groups(self._step_groups()):
+                try:
+                    self._optimizer_step(group)
+                except RewardFailed:
+                    self._stop_after_failure()
+                    raise
                 self._after_step()
                 if self.state.should_stop:
                     break
@@ -360,6 +402,17 @@ class TrainingLoop:
             self._save_final_model()
         self.callbacks.fire("on_train_end", self.state)
         return self.s.output_dir
+
+    def _stop_after_failure(self) -> None:
+        """A reward function failed before the step changed anything: a resumable checkpoint of the last
+        finished step (the data position put back to where that step left it), as a signal's stop writes."""
+        self.state.data_epoch, self.state.data_rows = self._finished_position
+        if self.state.step > 0 and self.state.step != self._saved_step:
+            self._save_checkpoint(["error"])
+        self.store.wait()
+        self.callbacks.fire("on_train_end", self.state)
+        log.error("a resumable checkpoint of step %d is in %s; fix the reward function and run the same command "
+                  "again to continue", self.state.step, self.s.output_dir)
 
     def _already_complete(self) -> Path:
         """A finished run is finished only if its final model is whole; if not, it is written again."""
@@ -499,9 +552,10 @@ class TrainingLoop:
             generator=torch.Generator().manual_seed(self.config.seed + epoch),
         )
 
-    def _optimizer_step(self, group: list[tuple[dict, Counts]]) -> None:
+    def _optimizer_step(self, group: list[tuple[dict, Counts]] | None) -> None:
         accelerator, model = self.accelerator, self.s.model
         model.train()
+        group = self.stage.prepare(group, self.state.step)  # grpo: generated and scored here
         local = [sum(getattr(c, k) for _, c in group) for k in (self.loss.divided_by, "tokens", "samples")]
         counts = _to_device(torch.tensor(local, dtype=torch.float64), accelerator.device)
         if accelerator.num_processes > 1:
@@ -533,6 +587,7 @@ class TrainingLoop:
     def _after_step(self) -> None:
         state, plan = self.state, self.s.plan
         state.step += 1
+        self._finished_position = (state.data_epoch, state.data_rows)
         state.samples_seen, state.tokens_seen = self._interval.samples_total, self._interval.tokens_total
         state.epoch = self._epoch_now()
         state.elapsed_s = time.monotonic() - self._start
@@ -580,6 +635,8 @@ class TrainingLoop:
         }
         metrics = self.loss.reported_metrics(losses[1:])
         row.update(metrics)
+        stage_metrics = self.stage.row_metrics(state.step, loss)
+        row.update(stage_metrics)
         if torch.cuda.is_available():
             row["gpu_mem_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
             row["gpu_mem_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
@@ -587,7 +644,7 @@ class TrainingLoop:
         if self.config.streaming:
             row["stream_pass"] = state.stream_pass + 1
             row["epoch_estimated"] = not self._stream_progress.exact
-        state.last_metrics.update(loss=loss, **metrics)
+        state.last_metrics.update(loss=loss, **metrics, **{k: v for k, v in stage_metrics.items() if v is not None})
         return row
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -641,6 +698,7 @@ class TrainingLoop:
 
     def _save_checkpoint(self, reasons: list[str]) -> None:
         self._last_save_time = time.monotonic()
+        self._saved_step = self.state.step
         positions = self._all_positions()  # every process takes part
         shards = self._start_shards() if self.s.sharding.sharded else None
         if self.accelerator.is_main_process:
@@ -671,11 +729,12 @@ class TrainingLoop:
             self.metrics.event(state, "rotation", deleted=[f"{PREFIX}{step}" for step in deleted_steps])
         self.callbacks.fire("on_save", state, path)
 
-    def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None], shards: Any) -> Snapshot:
+    def _snapshot(self, reasons: list[str], positions: tuple[list[dict], list[dict] | None, list | None],
+                  shards: Any) -> Snapshot:
         state, model = self.state, self.accelerator.unwrap_model(self.s.model)
         weights, weights_name = checkpoint_tensors(model) if shards is None else (None, "")
         saved = state.saved_fields()
-        saved.rng, saved.data_loader = positions
+        saved.rng, saved.data_loader, saved.stage = positions
         # eval metrics of an earlier step would make this checkpoint look as good as that one
         evaluated = getattr(self, "_evaluated_step", None) == state.step
         entry = {"step": state.step, "epoch": _round(state.epoch), "samples_seen": state.samples_seen,
@@ -690,17 +749,19 @@ class TrainingLoop:
             state=saved, entry=entry, shards=shards,
         )
 
-    def _all_positions(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        """The RNG state of every process, in process order (each continues its own on resume), and the
-        position of each process's stream when the data is streamed."""
-        mine = {"rng": rng_state(), "data_loader": self._stream_loader.state_dict() if self.config.streaming else None}
+    def _all_positions(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, list[Any] | None]:
+        """The RNG state of every process, in process order (each continues its own on resume), the
+        position of each process's stream when the data is streamed, and each process's stage state (grpo)."""
+        mine = {"rng": rng_state(), "data_loader": self._stream_loader.state_dict() if self.config.streaming else None,
+                "stage": self.stage.state_dict()}
         every = [mine]
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
             every = gather_object([mine])
         loaders = [p["data_loader"] for p in every] if self.config.streaming else None
-        return [p["rng"] for p in every], loaders
+        stages = [p["stage"] for p in every] if every[0]["stage"] is not None else None
+        return [p["rng"] for p in every], loaders, stages
 
     def _save_final_model(self) -> None:
         self._save_checkpoint(sorted(self.state.save_reasons | {"final"}))

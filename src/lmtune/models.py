@@ -135,10 +135,15 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     one label (the decoder and a new `score` head), which reads its score at the last token that is not the
     tokenizer's pad token."""
     reward = config.stage == "rm"
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = attention_implementation(config, device_type)
+    if attention is not None:
+        log.info("attention: %s (flash_attn: %s)", attention, config.flash_attn)
     with _named_load_errors(path, "the model"):
-        model = model_class(reward).from_pretrained(path, dtype=torch.float32,
+        model = model_class(reward).from_pretrained(path, dtype=weights_dtype(config, device_type),
                                                     trust_remote_code=config.trust_remote_code,
                                                     **({"num_labels": 1} if reward else {}),
+                                                    **({"attn_implementation": attention} if attention else {}),
                                                     **_quantised_loading(config))
     if reward:  # the score is read at the last token that is not the pad token the collator pads with
         model.config.pad_token_id = load_tokenizer(path, config.trust_remote_code).pad_token_id
@@ -148,7 +153,58 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
-    return prepare_for_training(model, config)
+    if config.moe_aux_loss_coef is not None:
+        use_router_loss(model, config.moe_aux_loss_coef)
+    model = prepare_for_training(model, config)
+    if config.torch_compile:
+        compile_layers(model, config.torch_compile_backend or "inductor")
+    return model
+
+
+def weights_dtype(config: TrainConfig, device_type: str) -> torch.dtype:
+    """The dtype the weights are loaded in. float32, but for LoRA with bf16 on a GPU (and no fsdp, whose
+    mixed-precision policy casts instead): there the frozen base is only read, so it is held in bfloat16
+    (half the memory), while PEFT keeps the adapter, which AdamW updates, in float32. On a CPU, bf16 is
+    autocast over float32 weights. Not for stage rm, whose new score head trains whole."""
+    frozen_base = (config.finetuning_type == "lora" and config.quantization_bit is None and not config.fsdp
+                   and config.stage != "rm")
+    if config.bf16 and device_type == "cuda" and frozen_base and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention_implementation(config: TrainConfig, device_type: str) -> str | None:
+    """transformers' attn_implementation for `flash_attn` (LLaMA-Factory's key); None: transformers' own pick.
+
+    Examples laid end to end (padding-free or packed rows) are kept apart by their position ids. sdpa turns
+    those into a dense length x length mask, flash_attention_2 into sequence boundaries (varlen) and
+    flex_attention into a block-sparse mask: on a GPU, `auto` takes one of the last two for such rows, so
+    attention stays linear in a row's length. flash_attention_2 reads boundaries from one row only
+    (padding-free micro-batches), and computes in 16 bits only (bf16)."""
+    if config.flash_attn in ("disabled", "sdpa"):
+        return "eager" if config.flash_attn == "disabled" else "sdpa"
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    if config.flash_attn == "fa2":
+        if device_type != "cuda" or not is_flash_attn_2_available():
+            raise UserError("flash_attn: fa2 needs a GPU and the flash-attn package (pip install flash-attn); "
+                            "set flash_attn: auto to let lmtune pick")
+        return "flash_attention_2"
+    if device_type != "cuda":
+        return None
+    if config.use_padding_free and config.bf16 and is_flash_attn_2_available():
+        return "flash_attention_2"
+    if (config.use_padding_free or config.use_packing) and is_torch_flex_attn_available():
+        return "flex_attention"
+    return None
+
+
+def compile_layers(model: torch.nn.Module, backend: str) -> None:
+    """torch_compile: each decoder layer compiled in place (the module, its names and its hooks stay as they
+    are, so checkpoints, FSDP and the loss see the same model); compiled on its first call."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in decoder_layers(base):
+        layer.compile(backend=backend)
 
 
 def is_reward_model(folder: str | Path) -> bool:
@@ -170,6 +226,20 @@ def model_class(reward: bool) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+
+
+def use_router_loss(model: torch.nn.Module, coefficient: float) -> None:
+    """A mixture of experts trains with its router's load-balancing loss, weighted by `coefficient`; a model
+    without a router is left as it is (said once in the log)."""
+    if not hasattr(model.config, "router_aux_loss_coef"):
+        log.warning("moe_aux_loss_coef: %s has no router (not a mixture of experts); ignored", type(model).__name__)
+        return
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = coefficient
+    if hasattr(model, "router_aux_loss_coef"):  # the causal LM keeps its own copy from the config
+        model.router_aux_loss_coef = coefficient
+    log.info("moe_aux_loss_coef: %s trains with its router's load-balancing loss x %g (logged as aux_loss)",
+             type(model).__name__, coefficient)
 
 
 @contextlib.contextmanager
@@ -269,9 +339,13 @@ def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         task_type="SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        adapted = get_peft_model(model, lora)
     except ValueError as error:
         raise UserError(f"lora_target: {error}") from None
+    picked = sorted({name.rsplit(".", 1)[-1] for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
+                    - {"base_layer"})
+    log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
+    return adapted
 
 
 @contextlib.contextmanager
@@ -295,13 +369,17 @@ def _without_bitsandbytes():
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for candidate in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        module: Any = model
-        for part in candidate.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, torch.nn.ModuleList):
-            return module
-    raise UserError("finetuning_type freeze: could not find the decoder layers of this model")
+    """The decoder layers of any family: the longest list of modules the model's decoder holds (`layers`,
+    `h`, ...), found from the model rather than from a list of names."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = causal_lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = causal_lm
+    lists = [module for module in decoder.children() if isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise UserError(f"finetuning_type freeze: {type(causal_lm).__name__} holds no list of decoder layers")
+    return max(lists, key=len)
 
 
 def _freeze_all_but(model: torch.nn.Module, trainable_layers: int) -> None:

@@ -181,7 +181,13 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     lines = plan.resume + ([stream_line(plan.stream)] if plan.stream else [])
     if plan.memory:
         sequences = 2 if config.stage in ("dpo", "kto", "rm") else 1  # a pair (or kto example) is two sequences
-        lines.append(memory_line(plan.memory, config.per_device_train_batch_size * config.cutoff_len * sequences))
+        tokens = config.per_device_train_batch_size * config.cutoff_len * sequences
+        if config.stage == "grpo":  # a prompt's group of completions, each after the prompt
+            tokens = config.per_device_train_batch_size * config.num_generations * (
+                config.max_prompt_length + config.max_completion_length)
+        lines.append(memory_line(plan.memory, tokens))
+    if plan.generation:
+        lines.append(generation_line(plan.generation, config))
     if plan.batching:
         lines += [batching_line(plan.batching)] + ([plan.batching["note"]] if plan.batching["note"] else [])
     if config.save_total_limit is None:
@@ -208,6 +214,14 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
         if needed > free:
             lines.append("warning: the kept checkpoints do not fit on the disk; `lmtune train` will refuse to start")
     return lines + [f"warning: {w}" for w in plan.warnings]
+
+
+def generation_line(budget: dict, config: TrainConfig) -> str:
+    every = "each step" if config.num_iterations == 1 else f"every {config.num_iterations} steps (num_iterations)"
+    return (f"grpo: {budget['completions_per_step']:,} completions generated {every} ({config.num_generations} per "
+            f"prompt), at most {budget['max_tokens_per_step']:,} tokens each time (max_completion_length "
+            f"{config.max_completion_length}); {budget['generating_steps']} generating steps, at most "
+            f"{budget['max_tokens']:,} tokens generated in the run")
 
 
 def stream_line(size: dict) -> str:

@@ -44,6 +44,15 @@ def sequence_log_probs(token_loss: Any, model: torch.nn.Module,
     """The summed log-probability of each sequence's trained tokens, and how many there are, in the order
     of the sequences: a sequence starts where the position ids restart (padding-free rows), or is a row."""
     token_losses, trained = token_loss.token_losses(model, batch)
+    sequence, count = sequence_of_positions(batch, trained)
+    sums = token_losses.new_zeros(count).index_add(0, sequence, -token_losses)
+    tokens = token_losses.new_zeros(count).index_add(0, sequence, torch.ones_like(token_losses))
+    return sums, tokens
+
+
+def sequence_of_positions(batch: dict[str, torch.Tensor], trained: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The sequence of each trained position (`token_losses`' order), and how many sequences the batch holds:
+    a sequence starts where the position ids restart (padding-free rows), or is a row."""
     if "position_ids" in batch:
         starts = batch["position_ids"] == 0
         sequence_of = (starts.flatten().cumsum(0) - 1).view_as(starts)
@@ -52,10 +61,7 @@ def sequence_log_probs(token_loss: Any, model: torch.nn.Module,
         rows, width = batch["input_ids"].shape
         sequence_of = torch.arange(rows, device=trained.device)[:, None].expand(rows, width)
         count = rows
-    sequence = sequence_of[:, 1:][trained]  # position i predicts token i+1, of token i+1's sequence
-    sums = token_losses.new_zeros(count).index_add(0, sequence, -token_losses)
-    tokens = token_losses.new_zeros(count).index_add(0, sequence, torch.ones_like(token_losses))
-    return sums, tokens
+    return sequence_of[:, 1:][trained], count  # position i predicts token i+1, of token i+1's sequence
 
 
 def preference_losses(config: TrainConfig, chosen: torch.Tensor, rejected: torch.Tensor,
@@ -94,7 +100,9 @@ class PreferenceLoss(TokenSumLoss):
         self.token_loss = batch_loss_for(model)
         self.config = config
         self.reference = reference
-        self._metric_sums = torch.zeros(len(PREFERENCE_METRICS))
+        # a mixture of experts with its router's loss: the aux loss too, weighted by the pairs (lmtune.loss)
+        self.metric_names = PREFERENCE_METRICS + self.token_loss.metric_names
+        self._metric_sums = torch.zeros(len(self.metric_names))
 
     def log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         """Of every sequence of the batch: the policy's log-probability (a mean over the answer's tokens for
@@ -126,7 +134,10 @@ class PreferenceLoss(TokenSumLoss):
             ((chosen_rewards - rejected_rewards) * trained).sum(), (detached[0::2] * trained).sum(),
             (detached[1::2] * trained).sum(),
         ])
-        return (losses * trained).sum()
+        pairs_loss = self.token_loss.with_router_loss((losses * trained).sum(), int(trained.sum()), model.training)
+        if self.token_loss.metric_names:
+            self._metric_sums = torch.cat([self._metric_sums, self.token_loss.metric_sums().to(self._metric_sums)])
+        return pairs_loss
 
     def metric_sums(self) -> torch.Tensor:
         return self._metric_sums
@@ -202,8 +213,14 @@ class FrozenModel:
         self.token_loss = batch_loss_for(model)
 
     def log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed log-probability of each sequence's trained tokens."""
         with torch.no_grad():
             return sequence_log_probs(self.token_loss, self.model, batch)[0]
+
+    def token_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The log-probability of each trained token, in `token_losses`' order."""
+        with torch.no_grad():
+            return -self.token_loss.token_losses(self.model, batch)[0]
 
 
 class AdapterOff(FrozenModel):
@@ -213,6 +230,10 @@ class AdapterOff(FrozenModel):
         with self.model.disable_adapter():
             return super().log_probs(batch)
 
+    def token_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.model.disable_adapter():
+            return super().token_log_probs(batch)
+
 
 def reference_for(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> FrozenModel | None:
     """The reference of the run's model, taken before a checkpoint's weights are loaded into it: the model
@@ -221,8 +242,8 @@ def reference_for(model: torch.nn.Module, config: TrainConfig, device: torch.dev
         return None
     if hasattr(model, "disable_adapter"):
         return AdapterOff(model)
-    log.info("%s: the reference is a frozen copy of the model (precompute_ref_log_probs: true needs none)",
-             config.stage)
+    log.info("%s: the reference is a frozen copy of the model%s", config.stage,
+             "" if config.stage == "grpo" else " (precompute_ref_log_probs: true needs none)")
     return FrozenModel(copy.deepcopy(model).eval().requires_grad_(False).to(device))
 
 

@@ -34,7 +34,7 @@ from lmtune.checkpoint import (
 )
 from lmtune.config import TrainConfig, field_meta
 from lmtune.errors import UserError
-from lmtune.schedule import epoch_origin_at, global_batch, steps_per_epoch
+from lmtune.schedule import epoch_origin_at, global_batch, steps_per_batch, steps_per_epoch
 from lmtune.state import TrainState
 
 log = logging.getLogger("lmtune")
@@ -162,8 +162,10 @@ def epoch_origin(point: ResumePoint | None, config: TrainConfig, train_rows: int
     if point is None or train_rows is None:
         return 0
     state = point.state
+    kept = (state.stage or [None])[0] or {}
+    repeats_left = (kept.get("kept") or {}).get("left", 0)  # grpo: steps still to train on the generated batch
     return epoch_origin_at(state.step, state.data_epoch, state.data_rows, train_rows,
-                           global_batch(config, num_processes))
+                           global_batch(config, num_processes), steps_per_batch(config), repeats_left)
 
 
 def load_weights(model: torch.nn.Module, point: ResumePoint) -> None:

@@ -63,6 +63,7 @@ class Plan:
     batching: dict | None = None  # how micro-batches are laid out (batching.batching_of)
     epoch_origin: int = 0  # see the module's docstring
     data: dict | None = None  # the training rows planned over: {"train": int, "eval": int, "unit": "pairs", ...}
+    generation: dict | None = None  # grpo: completions generated per step and the tokens they may take
 
     @property
     def disk_bytes(self) -> int | None:
@@ -100,6 +101,7 @@ class Plan:
             "batching": self.batching,
             "epoch_origin": self.epoch_origin,
             "data": self.data,
+            "generation": self.generation,
         }
 
 
@@ -114,11 +116,18 @@ def global_batch(config: TrainConfig, world_size: int) -> int:
     return config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
 
 
-def epoch_origin_at(step: int, data_epoch: int, data_rows: int, train_rows: int, batch: int) -> int:
+def steps_per_batch(config: TrainConfig) -> int:
+    """Optimizer steps each step's rows are trained for: grpo trains a generated batch num_iterations times."""
+    return config.num_iterations if config.stage == "grpo" else 1
+
+
+def epoch_origin_at(step: int, data_epoch: int, data_rows: int, train_rows: int, batch: int, repeats: int = 1,
+                    repeats_left: int = 0) -> int:
     """The epoch origin of a run that continues after `step`, at row `data_rows` of epoch `data_epoch`,
-    with a global batch of `batch` rows: the rest of that epoch takes ceil(rows left / batch) steps."""
-    steps_left = math.ceil(max(train_rows - data_rows, 0) / batch)
-    return step + steps_left - (data_epoch + 1) * math.ceil(train_rows / batch)
+    with a global batch of `batch` rows, each trained `repeats` steps (`repeats_left` of the last batch
+    still to go): the rest of that epoch takes ceil(rows left / batch) * repeats + repeats_left steps."""
+    steps_left = math.ceil(max(train_rows - data_rows, 0) / batch) * repeats + repeats_left
+    return step + steps_left - (data_epoch + 1) * math.ceil(train_rows / batch) * repeats
 
 
 def make_plan(
@@ -132,7 +141,7 @@ def make_plan(
     if train_rows is not None:
         per_epoch = steps_per_epoch(
             train_rows, config.per_device_train_batch_size, config.gradient_accumulation_steps, world_size
-        )
+        ) * steps_per_batch(config)
     if config.max_steps is not None:
         total = config.max_steps
     elif per_epoch is None:
@@ -166,7 +175,18 @@ def make_plan(
         per_epoch, total, epochs, saves, evals, kept, deleted, warnings, phases,
         config.save_minutes, config.eval_minutes if has_eval_data else None, checkpoint_bytes, final_model_bytes,
         memory, config.save_total_limit, keeps_best, epoch_origin=epoch_origin,
+        generation=generation_budget(config, world_size, total) if config.stage == "grpo" else None,
     )
+
+
+def generation_budget(config: TrainConfig, world_size: int, total_steps: int) -> dict:
+    """grpo: the completions a generating step samples (num_generations per prompt of the global batch), how
+    many steps generate (every num_iterations-th), and the most tokens that takes (max_completion_length each)."""
+    per_step = global_batch(config, world_size) * config.num_generations
+    generating_steps = math.ceil(total_steps / config.num_iterations)
+    return {"completions_per_step": per_step, "generating_steps": generating_steps,
+            "max_tokens_per_step": per_step * config.max_completion_length,
+            "max_tokens": per_step * config.max_completion_length * generating_steps}
 
 
 def rotation(steps: list[int], limit: int | None, best: int | None = None) -> tuple[list[int], list[int]]:

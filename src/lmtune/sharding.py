@@ -68,11 +68,12 @@ def take_accelerate_fsdp(config: TrainConfig, environ: dict[str, str] | os._Envi
     return updated
 
 
-def strategy_for(config: TrainConfig, processes: int) -> DataParallel | FullySharded:
+def strategy_for(config: TrainConfig, processes: int, bf16: bool = False) -> DataParallel | FullySharded:
     """One process has nothing to shard over: it holds the whole model, whatever `fsdp` says (so that a run
-    sharded over N processes continues on one with the same config)."""
+    sharded over N processes continues on one with the same config). `bf16`: the run computes in bfloat16."""
     if config.fsdp and processes > 1:
-        return FullySharded(reshard_after_forward=config.fsdp == "full_shard", offload=config.fsdp_offload)
+        return FullySharded(reshard_after_forward=config.fsdp == "full_shard", offload=config.fsdp_offload,
+                            bf16=bf16)
     if config.fsdp:
         log.info("fsdp: %s: this run has one process, nothing to shard over: it holds the whole model and "
                  "writes unsharded checkpoints", config.fsdp)
@@ -145,9 +146,10 @@ class FullySharded:
 
     sharded = True
 
-    def __init__(self, reshard_after_forward: bool, offload: bool):
+    def __init__(self, reshard_after_forward: bool, offload: bool, bf16: bool = False):
         self.reshard_after_forward = reshard_after_forward
         self.offload = offload
+        self.bf16 = bf16
         self.checkpoint_group: Any = None  # made in prepare, on every process
 
     def prepare(self, accelerator: Accelerator, model: torch.nn.Module,
@@ -163,15 +165,26 @@ class FullySharded:
         try:
             layers = decoder_layers(base)
         except UserError:
-            raise UserError(f"fsdp: {type(base).__name__} has no decoder layers where lmtune looks for them (model."
-                            "layers, transformer.h, model.decoder.layers, gpt_neox.layers), the units it shards; "
-                            "set fsdp: false") from None
+            raise UserError(f"fsdp: {type(base).__name__} holds no list of decoder layers, the units lmtune "
+                            "shards; set fsdp: false") from None
+        log.info("fsdp: each of the %d %s layers sharded on its own", len(layers), type(layers[0]).__name__)
+        precision = self.precision_policy()
         for layer in layers:
-            fully_shard(layer, reshard_after_forward=self.reshard_after_forward, offload_policy=policy)
-        fully_shard(model, reshard_after_forward=False, offload_policy=policy)
+            fully_shard(layer, reshard_after_forward=self.reshard_after_forward, offload_policy=policy,
+                        mp_policy=precision)
+        fully_shard(model, reshard_after_forward=False, offload_policy=policy, mp_policy=precision)
         # DCP's background writes talk over a group of their own, never interleaved with the step's collectives
         self.checkpoint_group = torch.distributed.new_group(backend="gloo")
         return model, accelerator.prepare(make_optimizer(model))
+
+    def precision_policy(self) -> Any:
+        """bf16: the float32 shards are gathered in bfloat16 (half the traffic and the gathered memory) and the
+        gradients reduced in float32, which the float32 shards and AdamW then take."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if not self.bf16:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
     @contextlib.contextmanager
     def no_sync(self, accelerator: Accelerator, model: Any) -> Iterator[None]:

@@ -1,11 +1,21 @@
-"""Which batch loss a run's stage trains with: one place, for training and for `lmtune eval`."""
+"""What a stage trains with: its batch loss (one place, for training and for `lmtune eval`), and what it
+does to a step's micro-batches before the loop trains them.
+
+pt, sft, dpo, kto and rm train the data's micro-batches as they are, each with its loss (lmtune.loss,
+lmtune.preference, lmtune.reward); grpo generates completions of the step's prompts first and trains on
+those (lmtune.grpo). The loop sees one interface: `groups` (the step groups, from the data's),
+`prepare` (a step's micro-batches to train), `row_metrics` (what the train row adds), and the state a
+checkpoint keeps of the stage.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmtune.batching import Collator
 from lmtune.config import TrainConfig
 from lmtune.loss import TokenSumLoss, batch_loss_for
 
@@ -22,3 +32,49 @@ def loss_for_stage(model: torch.nn.Module, config: TrainConfig, reference: Any =
 
         return RewardLoss()
     return batch_loss_for(model)
+
+
+class DataStage:
+    """pt, sft, dpo, kto, rm: a step trains the data's micro-batches as they come."""
+
+    def __init__(self, loss: Any):
+        self.loss = loss
+
+    def groups(self, data_groups: Any) -> Any:
+        return data_groups
+
+    def prepare(self, group: list, step: int) -> list:
+        return group
+
+    def row_metrics(self, step: int, loss: float) -> dict[str, float | None]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
+
+
+def stage_for(config: TrainConfig, model: torch.nn.Module, unwrapped: torch.nn.Module, reference: Any,
+              tokenizer: Any, rewards: list | None, collator: Collator, accelerator: Any, output_dir: Path) -> Any:
+    """The stage object of the run; `model` as training runs it, `unwrapped` the model itself."""
+    if config.stage != "grpo":
+        return DataStage(loss_for_stage(unwrapped, config, reference))
+    from lmtune.grpo import GRPOStage
+    from lmtune.rollout import LocalRollout
+
+    rollout = LocalRollout(unwrapped, config, tokenizer.pad_token_id, eos_token_ids(unwrapped, tokenizer),
+                           seed=config.seed + 1 + accelerator.process_index,
+                           synced_processes=bool(config.fsdp) and accelerator.num_processes > 1)
+    return GRPOStage(config, model, unwrapped, tokenizer, rollout, rewards, reference, collator, accelerator,
+                     output_dir)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every token that ends a reply: the generation config's (a chat model's end-of-turn) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

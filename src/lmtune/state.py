@@ -48,6 +48,8 @@ class TrainState:
     # per process, in process order: python / numpy / torch (/ cuda) RNG, and a stream's loader position
     rng: list[dict[str, Any]] = field(default_factory=list)
     data_loader: list[dict[str, Any]] | None = None
+    # per process: the stage's own state (grpo: the sampling RNG and the generated batch kept for more steps)
+    stage: list[dict[str, Any]] | None = None
 
     def saved_fields(self) -> TrainState:
         """A copy holding only this class's fields (a `RunState` carries more), sharing no dict."""
@@ -61,7 +63,7 @@ class TrainState:
 
 
 # The fields that go to train_state.json; the others (tensors, RNG tuples) to rng_state.pth.
-BINARY_FIELDS = ("rng", "data_loader")
+BINARY_FIELDS = ("rng", "data_loader", "stage")
 
 
 def state_to_json(state: TrainState) -> dict[str, Any]:

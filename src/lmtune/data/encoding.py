@@ -15,7 +15,7 @@ from typing import Any
 
 from lmtune.config import TrainConfig
 from lmtune.data.registry import DatasetSpec, standard_row
-from lmtune.data.templates import IGNORE_INDEX, encode_conversation
+from lmtune.data.templates import IGNORE_INDEX, encode_conversation, render
 from lmtune.errors import UserError
 
 
@@ -100,6 +100,20 @@ class RowEncoder:
             if len(chunk) > 1:
                 yield chunk, list(chunk)
 
+
+    def prompt(self, spec: DatasetSpec, row: dict[str, Any], where: str, max_length: int) -> tuple[list[int], dict]:
+        """Stage grpo: the token ids of the prompt with the template's generation prompt after it, as `lmtune
+        chat` renders it, and what the reward functions receive of the row: its prompt and its other columns."""
+        try:
+            standard = standard_row(spec, row)
+        except ValueError as error:
+            raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
+        text = render(self.tokenizer, self.template, standard["messages"], generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_length:
+            raise UserError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length {max_length}; "
+                            "raise max_prompt_length, or shorten or leave out this row")
+        return ids, {"prompt": standard["messages"], "columns": standard["columns"]}
 
     def _pair(self, standard: dict) -> Example:
         """The chosen and the rejected sequence, each cut to cutoff_len as LLaMA-Factory cuts a pair: the

@@ -174,6 +174,8 @@ def _num_proc(config: TrainConfig, num_rows: int) -> int | None:
 def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any, template: str | None):
     """A batched map function: rows of the file to token ids and labels, and what happened to each."""
     encoder = RowEncoder(config, tokenizer, template)
+    if config.stage == "grpo":
+        return _prompt_encoder(config, spec, file, encoder)
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "truncated": [], "has_labels": [],
@@ -193,6 +195,26 @@ def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any,
                 out["prompt_length"].append(example.prompt_length)
                 if spec.feedback:
                     out["kto_tag"].append(example.kto_tag)
+        return out
+
+    return encode
+
+
+def _prompt_encoder(config: TrainConfig, spec: DatasetSpec, file: Path, encoder: RowEncoder):
+    """Stage grpo: a row is its prompt's token ids (nothing trained: the completions are generated in the
+    run), and its messages and other columns as JSON, for the reward functions."""
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "position_ids", "truncated", "has_labels",
+                                                    "raw_length", "prompt_length", "reward_inputs")}
+        for offset, index in enumerate(indices):
+            row = {key: values[offset] for key, values in batch.items()}
+            ids, reward_inputs = encoder.prompt(spec, row, f"{file}, row {index + 1}", config.max_prompt_length)
+            for key, value in (("input_ids", ids), ("labels", [IGNORE_INDEX] * len(ids)),
+                               ("position_ids", list(range(len(ids)))), ("truncated", False), ("has_labels", True),
+                               ("raw_length", len(ids)), ("prompt_length", len(ids)),
+                               ("reward_inputs", json.dumps(reward_inputs, default=str))):
+                out[key].append(value)
         return out
 
     return encode

@@ -40,6 +40,7 @@ class DatasetSpec:
     num_samples: int | None = None  # a size hint for streamed data
     ranking: bool = False  # preference pairs: a prompt, a chosen and a rejected answer (stages dpo, rm)
     feedback: bool = False  # an answer marked desirable or not (`kto_tag`, stage kto)
+    prompt_only: bool = False  # prompts to generate from, the other columns kept for the rewards (stage grpo)
     placeholders: dict[str, str] = field(default_factory=dict)  # {{key}} in the text -> value
 
 
@@ -78,7 +79,7 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
         columns = dict(entry.get("columns", {}))
         tags = dict(entry.get("tags", {}))
         return DatasetSpec(name, files, formatting, columns, tags, entry.get("num_samples"), stage in PAIRED_STAGES,
-                           stage == "kto")
+                           stage == "kto", prompt_only=stage == "grpo")
     path = Path(name)
     if not path.exists() and (dataset_dir / name).exists():
         path = dataset_dir / name
@@ -94,7 +95,8 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
     files = _files_of(path, name)
     formatting = "text" if stage == "pt" else _guess_formatting(files[0])
     columns = {"kto_tag": "label"} if stage == "kto" else {}  # a plain file: TRL's prompt / completion / label
-    return DatasetSpec(name, files, formatting, columns, ranking=stage in PAIRED_STAGES, feedback=stage == "kto")
+    return DatasetSpec(name, files, formatting, columns, ranking=stage in PAIRED_STAGES, feedback=stage == "kto",
+                       prompt_only=stage == "grpo")
 
 
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -109,6 +111,10 @@ def _check_entry(name: str, entry: dict[str, Any], stage: str) -> None:
         raise UserError(f"{where} has no file_name: lmtune reads local files and folders only{source}; download "
                         "the data and give its file or folder as file_name")
     if entry.get("ranking") and stage not in PAIRED_STAGES:
+        if stage == "grpo":
+            raise UserError(f"{where} is preference data (ranking: true); stage grpo generates its own answers "
+                            "from prompts: give it an entry without ranking (alpaca instruction, messages ending "
+                            "with the user's turn, or a prompt column)")
         raise UserError(f"{where} is preference data (ranking: true, chosen/rejected answers), for stage: dpo or "
                         f"rm; stage {stage} needs an alpaca or sharegpt data set without ranking")
     if stage in PAIRED_STAGES and not entry.get("ranking"):
@@ -213,6 +219,8 @@ def standard_row(spec: DatasetSpec, row: dict[str, Any]) -> dict[str, Any]:
         convert = _preference_row
     elif spec.feedback:
         convert = _feedback_row
+    elif spec.prompt_only:
+        convert = _prompt_row
     if spec.formatting != "text" and row.get(spec.columns.get("tools", "tools")):
         raise ValueError(TOOLS_REFUSED)
     try:
@@ -289,10 +297,11 @@ def _sharegpt_messages(row: dict[str, Any], spec: DatasetSpec, keys: tuple[str, 
     as TRL's `prompt`); a file's rows all have every column, None where a row has none."""
     key = spec.columns.get("messages") or next((k for k in keys if row.get(k) is not None), keys[-1])
     turns = row.get(key)
-    if isinstance(turns, str) and turns.strip() and (spec.ranking or spec.feedback):
+    prompt_forms = spec.ranking or spec.feedback or spec.prompt_only
+    if isinstance(turns, str) and turns.strip() and prompt_forms:
         turns = [{"role": "user", "content": turns}]
     if not isinstance(turns, list) or not turns:
-        what = "prompt (a string or a list of messages)" if spec.ranking or spec.feedback else "list of messages"
+        what = "prompt (a string or a list of messages)" if prompt_forms else "list of messages"
         raise ValueError(f"no '{key}' {what}")
     messages = []
     system = row.get(spec.columns.get("system", "system"))
@@ -335,6 +344,24 @@ def _preference_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
         column = spec.columns.get(key, key)
         answers[key] = _answer_text(row.get(column), column, spec)
     return {"messages": prompt, **answers}
+
+
+def _prompt_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    """A prompt to generate from (alpaca's instruction + input, or a conversation ending with the user's
+    turn: OpenAI `messages`, sharegpt `conversations`, TRL's `prompt`), and the row's other columns, which
+    the reward functions receive."""
+    if spec.formatting == "alpaca":
+        prompt = _alpaca_prompt(row, spec, spec.columns.get("prompt", "instruction"))
+        used = {spec.columns.get(key, ALPACA_COLUMNS[key]) for key in ("prompt", "query", "system", "history")}
+    else:
+        key = spec.columns.get("messages") or next(
+            (k for k in ("messages", "conversations", "prompt") if row.get(k) is not None), "prompt")
+        prompt = _sharegpt_messages(row, spec, (key,))
+        used = {key, spec.columns.get("system", "system")}
+    if prompt[-1]["role"] != "user":
+        raise ValueError(f"the prompt's last message is the {prompt[-1]['role']}'s; stage grpo generates the reply "
+                         "to the user's last message, so the prompt must end with it")
+    return {"messages": prompt, "columns": {name: value for name, value in row.items() if name not in used}}
 
 
 def _feedback_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
