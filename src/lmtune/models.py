@@ -322,6 +322,11 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.n
 
 
 def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    with contextlib.nullcontext() if config.quantization_bit is not None else _without_bitsandbytes():
+        return _lora_model(model, config)
+
+
+def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target = config.lora_target
@@ -341,6 +346,26 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
                     - {"base_layer"})
     log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
     return adapted
+
+
+@contextlib.contextmanager
+def _without_bitsandbytes():
+    """peft imports bitsandbytes whenever it is installed (as peft is imported and as LoRA layers are made),
+    and bitsandbytes compiles its kernels with torch.compile as it is imported: seconds of a run's start-up
+    that only QLoRA needs. Within this block bitsandbytes looks not installed; after it, it is findable
+    again and peft's cached checks for it are asked afresh (a later QLoRA model in the process loads it)."""
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import and find_spec: not installed
+    try:
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        from peft import import_utils
+
+        import_utils.is_bnb_available.cache_clear()
+        import_utils.is_bnb_4bit_available.cache_clear()
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
