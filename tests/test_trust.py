@@ -373,7 +373,7 @@ def _a_value_for(field: dataclasses.Field, index: int):
         "dict[str, float]": {"loss": 0.5},
         "Schedule | None": Schedule("cosine", 3e-4, 5, 100), "dict[str, str]": {"data": "abc", "tokenizer": "def"},
         "dict[str, Any]": {"learning_rate": 3e-4},
-        "list[dict[str, Any]]": [{"python": (3, tuple(range(625)), None), "torch": torch.arange(4)}],
+        "list[dict[str, Any]]": [{"python": (3, tuple(range(625)), None), "numpy": [1, 2], "torch": torch.arange(4)}],
         "list[dict[str, Any]] | None": [{"position": [1, 2, 3]}],
     }
     return examples[field.type]

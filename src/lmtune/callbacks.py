@@ -62,9 +62,13 @@ def load_user_callbacks(paths: list[str]) -> list[Any]:
         module_name, _, class_name = path.rpartition(":") if ":" in path else path.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError) as error:
-            raise UserError(f"callbacks: cannot import '{path}': {error}") from None
-        callback = cls()
+        except Exception as error:  # the user's file: a syntax error, or anything its import raises
+            raise UserError(f"callbacks: cannot import '{path}': {type(error).__name__}: {error}") from None
+        try:
+            callback = cls()
+        except Exception as error:
+            raise UserError(f"callbacks: '{path}' could not be constructed without arguments: "
+                            f"{type(error).__name__}: {error}") from None
         if not any(hasattr(callback, hook) for hook in HOOKS):
             raise UserError(f"callbacks: '{path}' has none of the hooks {', '.join(HOOKS)}")
         callbacks.append(callback)

@@ -22,6 +22,7 @@ opened every one of its files.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ COMPLETE_MARK = "checkpoint_complete.json"
 TRAIN_STATE = "train_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG_STATE = "rng_state.pth"
+RNG_KINDS = {"python", "numpy", "torch"}  # what each process's RNG state holds (and "cuda" on a GPU)
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 SHARDS = "shards"  # a sharded checkpoint's weights and optimizer state (DCP)
 PREFIX = "checkpoint-"
@@ -70,6 +72,11 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -150,7 +157,7 @@ def _entry_from_folder(folder: Path, step: int) -> dict[str, Any] | None:
     try:
         mark = json.loads((folder / COMPLETE_MARK).read_text())
         entry = dict(mark["entry"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # never completed, or its mark is damaged: listed as incomplete
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return {**entry, "path": folder.name, "status": "kept", "best": False, "size_bytes": size}
@@ -323,9 +330,11 @@ class CheckpointStore:
                 snapshot.shards.result()  # DCP gathers every process's write before this returns
             self._write_files(tmp, snapshot)
             _fsync_tree(tmp)
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            atomic_write_text(tmp / COMPLETE_MARK,
-                              json.dumps({"step": snapshot.step, "entry": snapshot.entry, "files": files}))
+            written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in written}
+            hashes = {str(p.relative_to(tmp)): file_sha256(p) for p in written}  # here, on the writer thread
+            atomic_write_text(tmp / COMPLETE_MARK, json.dumps({"step": snapshot.step, "entry": snapshot.entry,
+                                                               "files": files, "sha256": hashes}))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed save (a full disk) leaves nothing behind
             raise
@@ -417,6 +426,8 @@ def read_state(folder: Path) -> TrainState:
     binary = load_plain(Path(folder) / RNG_STATE)
     if not isinstance(binary, dict) or not isinstance(binary.get("rng"), list) or not binary["rng"]:
         raise DamagedCheckpoint(f"{Path(folder) / RNG_STATE}: holds no RNG state per process")
+    if not all(isinstance(rng, dict) and RNG_KINDS <= rng.keys() for rng in binary["rng"]):
+        raise DamagedCheckpoint(f"{Path(folder) / RNG_STATE}: an RNG state lacks one of {', '.join(sorted(RNG_KINDS))}")
     try:
         return state_from_json(values, binary)
     except (KeyError, TypeError) as error:
@@ -534,26 +545,46 @@ def verify_checkpoint(folder: Path) -> list[str]:
     """What stops `folder` from being resumed, by opening every file; empty when it is resumable."""
     folder = Path(folder)
     mark_path = folder / COMPLETE_MARK
+    if not folder.is_dir():
+        return [f"{folder}: the folder is gone (deleted since it was written)"]
     try:
         mark = json.loads(mark_path.read_text())
     except FileNotFoundError:
         return [f"{folder.name} was never completed (no {COMPLETE_MARK}: a crash or a stop during the save)"]
     except (OSError, ValueError) as error:
         return [f"{mark_path}: not readable JSON ({error})"]
+    if not isinstance(mark, dict) or not isinstance(mark.get("files", {}), dict) \
+            or not isinstance(mark.get("sha256", {}), dict):
+        return [f"{mark_path}: not the completion mark lmtune writes (a JSON object of step, entry, files)"]
     problems = [f"{folder / name}: {problem}" for name, problem in _listed_file_problems(folder, mark)]
     problems += _open_problems(folder, mark.get("step"))
     return list(dict.fromkeys(problems))  # a missing shard is named by the mark and by DCP's metadata
 
 
 def _listed_file_problems(folder: Path, mark: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each file the mark lists: there, of its size, and (a mark with hashes) of its content."""
     problems = []
+    hashes = mark.get("sha256") or {}
     for name, size in (mark.get("files") or {}).items():
         path = folder / name
         if not path.is_file():
             problems.append((name, "missing"))
         elif path.stat().st_size != size:
             problems.append((name, f"{path.stat().st_size} bytes, {size} when it was written"))
+        elif name in hashes and file_sha256(path) != hashes[name]:
+            problems.append((name, "its content changed since it was written (another sha256 than the one in "
+                                   f"{COMPLETE_MARK})"))
     return problems
+
+
+def has_content_hashes(folder: Path) -> bool:
+    """Whether `folder`'s completion mark holds the sha256 of its files (written since lmtune records them;
+    an older checkpoint is checked by the size of each file and by opening it)."""
+    try:
+        mark = json.loads((Path(folder) / COMPLETE_MARK).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(mark, dict) and bool(mark.get("sha256"))
 
 
 def _open_problems(folder: Path, marked_step: Any) -> list[str]:
@@ -611,6 +642,58 @@ def _shard_problems(folder: Path) -> list[str]:
         problems.append(f"{folder.name} holds no optimizer state (saved with save_only_model: true): it cannot be "
                         "resumed")
     return problems
+
+
+# --- the final model -----------------------------------------------------------------------------
+
+
+FINAL_MARK = "final_model.json"  # the final model's files, their sizes and sha256, written after them
+FINAL_TMP = ".final-model.tmp"
+
+
+def write_final_model(run_dir: Path, step: int, write_files: Any) -> None:
+    """The final model into `run_dir`: `write_files(folder)` writes it into a temporary folder, its files
+    are fsynced, hashed and moved into place, and FINAL_MARK written last. The old mark goes first, so a
+    failure (a full disk) or a crash at any point leaves a final model that the next run sees is not whole."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / FINAL_TMP
+    (run_dir / FINAL_MARK).unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_files(tmp)
+        _fsync_tree(tmp)
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        names = [str(p.relative_to(tmp)) for p in written]
+        files = {name: p.stat().st_size for name, p in zip(names, written, strict=True)}
+        hashes = {name: file_sha256(p) for name, p in zip(names, written, strict=True)}
+        for name, path in zip(names, written, strict=True):
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, run_dir / name)
+        _fsync_dir(run_dir)
+        atomic_write_text(run_dir / FINAL_MARK, json.dumps({"step": step, "files": files, "sha256": hashes}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def final_model_problems(run_dir: Path, marked: bool) -> list[str]:
+    """What keeps a run's final model from being whole: with its FINAL_MARK, every file it lists checked by
+    size and content; `marked` False (a run of an lmtune that wrote no mark), its configs, tokenizer and
+    weights opened."""
+    run_dir = Path(run_dir)
+    try:
+        mark = json.loads((run_dir / FINAL_MARK).read_text())
+    except FileNotFoundError:
+        if marked:
+            return [f"no {FINAL_MARK} (its writing failed or was stopped)"]
+        return model_folder_problems(run_dir)
+    except (OSError, ValueError) as error:
+        return [f"{FINAL_MARK}: not readable JSON ({error})"]
+    if not isinstance(mark, dict) or not isinstance(mark.get("files"), dict) \
+            or not isinstance(mark.get("sha256"), dict):
+        return [f"{FINAL_MARK}: not the mark lmtune writes (a JSON object of files and sha256)"]
+    problems = [f"{name}: {problem}" for name, problem in _listed_file_problems(run_dir, mark)]
+    return problems or model_folder_problems(run_dir)
 
 
 def model_folder_problems(folder: Path) -> list[str]:

@@ -153,7 +153,7 @@ def checkpoints(
     verify: Annotated[bool, typer.Option("--verify", help="open every file of every kept checkpoint")] = False,
 ) -> None:
     """The checkpoint index of a run (kept, deleted, best, incomplete); --verify says which can be resumed."""
-    from lmtune.checkpoint import CheckpointIndex, verify_checkpoint
+    from lmtune.checkpoint import CheckpointIndex, has_content_hashes, verify_checkpoint
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder")
@@ -165,11 +165,16 @@ def checkpoints(
         for entry in entries:
             if entry["status"] == "kept":
                 entry["problems"] = verify_checkpoint(run_dir / entry["path"])
+                entry["content_checked"] = has_content_hashes(run_dir / entry["path"])
     if as_json:
         typer.echo(json.dumps({"save_total_limit": index.save_total_limit, "best_metric": index.best_metric,
                                "checkpoints": entries}, indent=1))
     else:
         _print_checkpoints(index, entries, verify)
+        for entry in entries:
+            if entry.get("content_checked") is False and not entry["problems"]:
+                typer.echo(f"{entry['path']}: no content hashes (written before lmtune recorded them): checked by "
+                           "the size of each file and by opening every file")
     if verify and any(entry.get("problems") for entry in entries):
         raise typer.Exit(1)
 
@@ -333,14 +338,17 @@ def serve(
 
 
 def _stop_on_signals() -> None:
-    """SIGINT or SIGTERM outside the training loop (loading the model, tokenising) stops with exit code
-    130 and a message; inside it, the loop's own handler stops after the step, with a checkpoint."""
+    """SIGINT or SIGTERM outside the training loop (loading the model, tokenising: nothing is written yet;
+    or once the run is over) exits at once with exit code 130 and a message; inside it, the loop's own
+    handler stops after the step, with a checkpoint. At once, not by raising: an exception raised into
+    whatever was running (an import half done) can fail on its way out (a RecursionError was seen)."""
     import signal
     import threading
 
     def stop(signum, frame):
-        raise Stopped(f"{signal.Signals(signum).name} before training began or after it ended; the checkpoints "
-                      "already written are as they were")
+        os.write(2, f"stopped: {signal.Signals(signum).name} before training began or after it ended; the "
+                    "checkpoints already written are as they were\n".encode())
+        os._exit(Stopped.exit_code)
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -348,6 +356,8 @@ def _stop_on_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["train"]:
+        _stop_on_signals()  # from the first moment: a signal while the heavy libraries load
     try:
         app(args=argv)
     except SystemExit as end:

@@ -48,7 +48,7 @@ def keys_where(meta: str, value: Any = True) -> list[str]:
 class SavePhase(BaseModel):
     """One phase of `save_schedule`: its own save rules until an epoch or a step."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     until_epoch: float | None = Field(None, gt=0, description="the phase ends at this epoch")
     until_step: int | None = Field(None, gt=0, description="the phase ends at this step")
@@ -97,7 +97,7 @@ def _names(value: str | list[str] | None) -> list[str]:
 class TrainConfig(BaseModel):
     """The whole run, one flat set of keys."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # .inf, .nan refused
     _brought_key_notes: list[str] = PrivateAttr(default_factory=list)
 
     # model
@@ -704,10 +704,41 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"'{text}' is not a key=value override (for example: learning_rate=2e-4)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw, f"command line: {key.strip()}") if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; an alias bomb ("billion laughs") expands to billions
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, refused (UserError) when its aliases expand it beyond
+    MAX_YAML_VALUES values: what reads the result (validation, its messages) would walk every copy."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise UserError(f"{source}: its aliases (*name) expand it to more than {MAX_YAML_VALUES:,} values; "
+                            "refused as an alias bomb: write the values out")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """The number of values `node` stands for with every alias written out (a shared node once per use)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that holds itself counts once
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -754,7 +785,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error})") from None
     except yaml.YAMLError as error:
         raise UserError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(values, dict):

@@ -39,21 +39,26 @@ from lmtune.callbacks import (
     load_user_callbacks,
 )
 from lmtune.checkpoint import (
+    FINAL_MARK,
+    FINAL_TMP,
     PREFIX,
     CheckpointStore,
     DamagedCheckpoint,
     Snapshot,
+    final_model_problems,
+    has_content_hashes,
+    is_complete_checkpoint,
     is_sharded,
-    model_folder_problems,
     read_optimizer_state,
     read_state,
+    write_final_model,
 )
-from lmtune.config import TrainConfig, write_run_config
+from lmtune.config import TrainConfig, field_meta, write_run_config
 from lmtune.data import DataStats, ProcessedData, prepare_data
 from lmtune.data.processing import rows_of_examples
 from lmtune.data.registry import data_files
 from lmtune.data.streaming import prepare_stream, stream_size, with_planned_steps
-from lmtune.errors import Stopped, UserError
+from lmtune.errors import RunFailed, Stopped, UserError
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.phases import PhaseClock, log_moment
@@ -87,7 +92,7 @@ from lmtune.trackers import tracker_callbacks
 log = logging.getLogger("lmtune")
 
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "checkpoints.json", "loss.png", "adapter_model.safetensors",
-             "adapter_config.json", "model.safetensors", "config.json")
+             "adapter_config.json", "model.safetensors", "config.json", FINAL_MARK)
 
 
 @dataclass
@@ -273,14 +278,32 @@ def _mixed_precision(config: TrainConfig) -> str:
 
 
 def _earlier_run_files(config: TrainConfig, output_dir: Path) -> list[Path]:
-    """The files of an earlier run in output_dir: a fresh start there needs overwrite_output_dir."""
+    """The files of an earlier run in output_dir: a fresh start there needs overwrite_output_dir, unless
+    they are this run's own start (_stopped_before_its_first_checkpoint)."""
     existing = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
     existing += sorted(output_dir.glob(f"{PREFIX}*")) + [p for p in [output_dir / "runs"] if p.exists()]
-    if existing and not config.overwrite_output_dir:
+    if existing and not config.overwrite_output_dir and not _stopped_before_its_first_checkpoint(config, output_dir):
         names = ", ".join(sorted(p.name for p in existing)[:3])
         raise UserError(f"output_dir {output_dir} holds another run ({names}); choose another output_dir, or set "
                         "overwrite_output_dir: true to replace it")
     return existing
+
+
+def _stopped_before_its_first_checkpoint(config: TrainConfig, output_dir: Path) -> bool:
+    """The folder holds a run with this config (all but the keys that change nothing computed) that was
+    stopped before it completed a checkpoint: the same command starts it again from step 0."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((output_dir / "run_config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    if not isinstance(saved, dict) or (output_dir / FINAL_MARK).exists():
+        return False
+    if any(is_complete_checkpoint(folder) for folder in output_dir.glob(f"{PREFIX}*")):
+        return False
+    now = config.to_yaml_dict()
+    return all(saved.get(key) == now[key] for key in now if field_meta(key).get("on_resume") != "neutral")
 
 
 def _size_of(path: Path) -> int:
@@ -353,10 +376,14 @@ class TrainingLoop:
     def _clear_earlier_files(self) -> None:
         """An earlier run's files (overwrite_output_dir), and what a crashed or failed save left behind."""
         leftovers = list(self.s.output_dir.glob(f".{PREFIX}*.tmp")) + list(self.s.output_dir.glob(f".{PREFIX}*.old"))
+        leftovers += [p for p in [self.s.output_dir / FINAL_TMP] if p.exists()]
         for path in self.s.to_clear + leftovers:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        if self.s.to_clear:
+        if self.s.to_clear and self.config.overwrite_output_dir:
             log.info("overwrite_output_dir: removed the earlier run in %s", self.s.output_dir)
+        elif self.s.to_clear:
+            log.info("the run in %s was stopped before its first checkpoint: started again from step 0",
+                     self.s.output_dir)
 
     def _run(self) -> Path:
         config, plan = self.config, self.s.plan
@@ -399,6 +426,7 @@ class TrainingLoop:
                               "run the same command again to continue")
             if self._signals.requested:
                 log.warning("the stop came during the last step: the run is finished, with its final model")
+            self._signals.final_save = True
             self._save_final_model()
         self.callbacks.fire("on_train_end", self.state)
         return self.s.output_dir
@@ -416,7 +444,7 @@ class TrainingLoop:
 
     def _already_complete(self) -> Path:
         """A finished run is finished only if its final model is whole; if not, it is written again."""
-        problems = model_folder_problems(self.s.output_dir)
+        problems = final_model_problems(self.s.output_dir, marked=has_content_hashes(self.s.resume.path))
         if not problems:
             log.info("the run is already complete at step %d; nothing to do (raise max_steps or num_train_epochs "
                      "to go on, or set overwrite_output_dir: true to start over)", self.state.step)
@@ -790,8 +818,18 @@ class TrainingLoop:
         if not self.accelerator.is_main_process:
             return
         model.config.use_cache = True  # training is over: the saved model generates with its KV cache
-        model.save_pretrained(str(self.s.output_dir), safe_serialization=True, state_dict=weights)
-        self.s.tokenizer.save_pretrained(str(self.s.output_dir))
+
+        def write_files(folder: Path) -> None:
+            model.save_pretrained(str(folder), safe_serialization=True, state_dict=weights)
+            self.s.tokenizer.save_pretrained(str(folder))
+
+        try:
+            write_final_model(self.s.output_dir, self.state.step, write_files)
+        except Exception as error:  # a full disk, whichever library's error it comes as
+            newest = self.store.index.newest_complete()
+            raise RunFailed(f"writing the final model failed: {type(error).__name__}: {error}; the checkpoints "
+                            f"written before are intact (newest: {newest.name if newest else 'none'}); run the "
+                            "same command again to write it") from error
         log.info("final model written to %s", self.s.output_dir)
 
 
@@ -834,6 +872,7 @@ class _SignalStop:
 
     def __init__(self) -> None:
         self.requested = False
+        self.final_save = False  # the last step is trained: a signal no longer stops before the final save
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _SignalStop:
@@ -847,11 +886,17 @@ class _SignalStop:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.requested:
+            os.write(2, f"stopped: a second {name}: stopped at once; the checkpoints already written are intact, "
+                        "run the same command again to continue\n".encode())
             os._exit(130)
         self.requested = True
-        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        if self.final_save:
+            log.warning("%s during the final save: it is finished first (send it again to stop at once; the same "
+                        "command then writes it again)", name)
+        else:
+            log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", name)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -134,6 +134,7 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     """The model to train: the causal LM, or for stage rm the family's sequence-classification model with
     one label (the decoder and a new `score` head), which reads its score at the last token that is not the
     tokenizer's pad token."""
+    _check_weight_files(path)
     reward = config.stage == "rm"
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     attention = attention_implementation(config, device_type)
@@ -240,6 +241,20 @@ def use_router_loss(model: torch.nn.Module, coefficient: float) -> None:
         model.router_aux_loss_coef = coefficient
     log.info("moe_aux_loss_coef: %s trains with its router's load-balancing loss x %g (logged as aux_loss)",
              type(model).__name__, coefficient)
+
+
+def _check_weight_files(path: str) -> None:
+    """Each safetensors file of a model folder opens (its header read, its size checked against it): a
+    file cut short or overwritten is named here, not met as a library's error while loading."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"model_name_or_path: {file} is damaged or cut short ({error}); copy it again") from None
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from lmtune.checkpoint import (
     CheckpointIndex,
     DamagedCheckpoint,
     atomic_write_text,
+    has_content_hashes,
     read_sharded,
     read_state,
     read_weights,
@@ -73,7 +74,14 @@ def find_resume_point(config: TrainConfig, output_dir: Path) -> ResumePoint | No
     if problems:
         raise UserError(f"resume_from_checkpoint: {path} cannot be resumed: {'; '.join(problems)}. "
                         "`lmtune checkpoints RUN_DIR --verify` lists the checkpoints that can")
+    _say_what_was_checked(path)
     return ResumePoint(path, read_state(path))
+
+
+def _say_what_was_checked(folder: Path) -> None:
+    if not has_content_hashes(folder):
+        log.info("%s has no content hashes (written before lmtune recorded them): its files were checked by size "
+                 "and by opening each", folder.name)
 
 
 def _newest_good(index: CheckpointIndex) -> ResumePoint | None:
@@ -84,6 +92,7 @@ def _newest_good(index: CheckpointIndex) -> ResumePoint | None:
     for folder in index.complete_newest_first():
         problems = verify_checkpoint(folder)
         if not problems:
+            _say_what_was_checked(folder)
             return ResumePoint(folder, read_state(folder), skipped)
         log.warning("skipping %s: %s", folder.name, "; ".join(problems))
         skipped.append((folder.name, problems))

@@ -6,6 +6,7 @@ for preference pairs (the prompt's messages and the two answers' texts), `{"mess
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,11 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
     path = Path(name)
     if not path.exists() and (dataset_dir / name).exists():
         path = dataset_dir / name
+    if not path.exists() and path.is_symlink():
+        raise UserError(f"dataset '{name}': {path} is a symbolic link that leads to no file (a loop, or its "
+                        "target is gone)")
     if not path.exists() and (path.suffix in FILE_LOADERS or "/" in name):
-        looked = dict.fromkeys([str(path.resolve()), str((dataset_dir / name).resolve())])
+        looked = dict.fromkeys([os.path.abspath(path), os.path.abspath(dataset_dir / name)])
         raise UserError(f"dataset '{name}': file not found (looked for {' and '.join(looked)})")
     if not path.exists():
         known = ", ".join(sorted(registry)) or "none"
@@ -167,11 +171,37 @@ def load_rows(file: Path) -> datasets.Dataset:
     loader = FILE_LOADERS[file.suffix]
     if file.stat().st_size == 0:
         raise UserError(f"{file}: the file is empty: no rows to train on")
+    if loader == "json":
+        _check_json_text(file)
     try:
         return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as error:  # datasets wraps parser errors in several types
         where = _json_error(file) if loader == "json" else None
         raise UserError(f"{file}: could not be read as {loader}: {where or _root_cause(error)}") from None
+
+
+def _check_json_text(file: Path) -> None:
+    """A JSON or JSON Lines file is UTF-8 throughout, and a .json file that is one JSON object (not a list
+    of rows, nor one row a line) is refused: read as rows, its keys would become columns of a single row."""
+    first = b""
+    with file.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{file}, line {number}: not UTF-8 text ({error.reason} at byte {error.start} of the "
+                                "line); save the file as UTF-8") from None
+            first = first or line.strip()[:1]
+    if file.suffix != ".json" or first != b"{":
+        return
+    try:
+        document = json.loads(file.read_bytes())
+    except json.JSONDecodeError:
+        return  # JSON lines, or broken JSON: the loader says where
+    if isinstance(document, dict):
+        keys = ", ".join(list(document)[:3])
+        raise UserError(f"{file}: its top level is a JSON object (keys {keys}), not a list of rows: write the rows "
+                        "as a list [{...}, {...}], or one object a line (.jsonl)")
 
 
 def _json_error(file: Path) -> str | None:
@@ -343,6 +373,9 @@ def _preference_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
     for key in ANSWERS:
         column = spec.columns.get(key, key)
         answers[key] = _answer_text(row.get(column), column, spec)
+    if answers["chosen"] == answers["rejected"]:
+        raise ValueError("its chosen and rejected answers are the same text: the pair prefers nothing (the loss "
+                         "would stay at its start); fix or remove the row")
     return {"messages": prompt, **answers}
 
 

@@ -30,7 +30,7 @@ import torch
 
 from lmtune.config import TrainConfig
 from lmtune.data.encoding import RowEncoder, row_of
-from lmtune.data.registry import DatasetSpec, resolve_datasets
+from lmtune.data.registry import DatasetSpec, resolve_datasets, standard_row
 from lmtune.data.templates import chat_template_for
 from lmtune.errors import UserError
 
@@ -101,16 +101,32 @@ class LineFile:
             handle.seek(offset)
             return self.parse(handle.readline(), offset)
 
-    def parse(self, line: bytes, offset: int) -> dict[str, Any]:
-        text = line.decode("utf-8").rstrip("\r\n")
+    def numbered_rows(self):
+        """(line number from 1, row) over the whole file, each line's faults named by its number."""
+        with self.path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip() and not (number == 1 and self.header is not None):
+                    yield number, self.parse(line, f"line {number}")
+
+    def parse(self, line: bytes, where: int | str) -> dict[str, Any]:
+        """The row of `line`; `where`: its byte offset, or the words that name it."""
+        where = f"byte {where}" if isinstance(where, int) else where
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{self.path}, {where}: not UTF-8 text ({error.reason} at byte {error.start} of the "
+                            "line); save the file as UTF-8") from None
         if self.suffix in (".txt", ".text"):
             return {"text": text}
         if self.header is not None:
             return dict(zip(self.header, next(csv.reader(io.StringIO(text))), strict=False))
         try:
-            return json.loads(text)
+            row = json.loads(text)
         except json.JSONDecodeError as error:
-            raise UserError(f"{self.path}, byte {offset}: not a JSON line ({error.msg})") from None
+            raise UserError(f"{self.path}, {where}: not a JSON line ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{self.path}, {where}: a JSON {type(row).__name__}, not an object of columns")
+        return row
 
 
 class ParquetFile:
@@ -571,8 +587,29 @@ def hold_out(stream: TokenStream, count: int) -> list[tuple[list[int], list[int]
     return examples
 
 
+def check_every_row(specs: list[DatasetSpec]) -> None:
+    """Every row of every file read once, without tokenising: one that is not UTF-8, not JSON or lacks a
+    column is refused now, naming its file and line, before a run changes anything in its folder (not
+    at the step that reaches it, after an earlier run was cleared)."""
+    for spec in specs:
+        for path in spec.files:
+            file = open_file(path)
+            if isinstance(file, ParquetFile):
+                numbered = ((f"row {number + 1}", row) for number, _, row in file.rows(0, 1, None))
+            else:
+                numbered = ((f"line {number}", row) for number, row in file.numbered_rows())
+            for where, row in numbered:
+                try:
+                    standard_row(spec, row)
+                except ValueError as error:
+                    raise UserError(f"{path}, {where}: {error} (data set '{spec.name}')") from None
+
+
 def prepare_stream(config: TrainConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[TokenStream, StreamInfo]:
-    """The stream of a training run: as open_stream, with the checks a run needs."""
+    """The stream of a training run: as open_stream, with the checks a run needs (every row, on the
+    first process; each process reads the same files)."""
+    if rank == 0:
+        check_every_row(resolve_datasets(config.datasets, config.dataset_dir, config.stage, config.placeholders))
     stream, info = open_stream(config, tokenizer, rank, world_size)
     if config.max_steps is None and not info.num_samples:
         raise UserError(max_steps_message(config, info, world_size))
