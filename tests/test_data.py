@@ -13,7 +13,7 @@ from conftest import ALPACA_ROWS, run_lmtune
 from lmtune.batching import Collator
 from lmtune.config import TrainConfig
 from lmtune.data import IGNORE_INDEX, prepare_data
-from lmtune.data.templates import chat_template_for, encode_conversation
+from lmtune.data.templates import chat_template_for
 from lmtune.models import load_model
 from lmtune.paths import cache_home
 
@@ -35,8 +35,19 @@ def chatml_expected(tokenizer, messages) -> tuple[list[int], list[int]]:
         tail = ids_of(tokenizer, "\n")
         ids += head + body + tail
         trained = message["role"] == "assistant"
-        labels += [M] * len(head) + (body if trained else [M] * len(body)) + [M] * len(tail)
+        labels += [M] * len(head) + (body + tail if trained else [M] * (len(body) + len(tail)))
     return ids, labels
+
+
+def encode_conversation(tokenizer, template, messages):
+    from lmtune.config import build_config
+    from lmtune.data.encoding import RowEncoder
+    from lmtune.data.registry import DatasetSpec
+
+    config = build_config({"stage": "sft", "template": template, "cutoff_len": 1024})
+    encoder = RowEncoder(config, tokenizer, chat_template_for(tokenizer, template))
+    (example,) = encoder.examples(DatasetSpec("rows", [], "sharegpt"), {"messages": messages}, "row")
+    return example.input_ids, example.labels
 
 
 CONVERSATION = [
@@ -50,17 +61,17 @@ CONVERSATION = [
 
 @pytest.mark.parametrize("template", [None, "chatml"], ids=["smollm2-own-template", "named-chatml"])
 def test_only_assistant_replies_and_their_end_marker_are_trained(tokenizer, template):
-    ids, labels = encode_conversation(tokenizer, chat_template_for(tokenizer, template), CONVERSATION)
+    ids, labels = encode_conversation(tokenizer, template, CONVERSATION)
     expected_ids, expected_labels = chatml_expected(tokenizer, CONVERSATION)
     assert ids == expected_ids
     assert labels == expected_labels  # token by token
     trained = tokenizer.decode([t for t in labels if t != M])
-    assert trained == f"2 plus 2 is 4.{IM_END}3 plus 5 is 8.{IM_END}"  # every assistant turn
+    assert trained == f"2 plus 2 is 4.{IM_END}\n3 plus 5 is 8.{IM_END}\n"  # every assistant turn
 
 
 def test_smollm2_template_adds_its_default_system_prompt_masked(tokenizer):
     messages = CONVERSATION[1:3]
-    ids, labels = encode_conversation(tokenizer, chat_template_for(tokenizer, None), messages)
+    ids, labels = encode_conversation(tokenizer, None, messages)
     default_system = {"role": "system",
                       "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
     assert (ids, labels) == chatml_expected(tokenizer, [default_system, *messages])

@@ -204,11 +204,11 @@ def generate(session: ChatSession, messages: list[dict[str, str]], max_new_token
     """The answer to the conversation, streamed piece by piece to on_text as it is generated."""
     from transformers import TextIteratorStreamer
 
-    from lmtune.data.templates import chat_template_for, render
+    from lmtune.data.templates import conversation_format, generation_prompt_ids
 
-    template = chat_template_for(session.tokenizer, session.template)
-    prompt = render(session.tokenizer, template, messages, generation_prompt=True)
-    inputs = session.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(session.model.device)
+    template = conversation_format(session.tokenizer, session.template)
+    ids = torch.tensor([generation_prompt_ids(session.tokenizer, template, messages)], device=session.model.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}

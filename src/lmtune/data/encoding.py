@@ -13,7 +13,7 @@ from typing import Any
 
 from lmtune.config import TrainConfig
 from lmtune.data.registry import DatasetSpec, standard_row
-from lmtune.data.templates import IGNORE_INDEX, encode_conversation
+from lmtune.data.templates import IGNORE_INDEX, TEMPLATES, NamedTemplate, encode_turns
 from lmtune.errors import UserError
 
 
@@ -48,10 +48,14 @@ class Example:
 
 
 class RowEncoder:
-    """Turns the rows of a data set into examples, as the config says (stage, template, cutoff_len)."""
+    """Turns the rows of a data set into examples, as the config says (stage, template, cutoff_len), the
+    way LLaMA-Factory's supervised and pairwise processors do."""
 
     def __init__(self, config: TrainConfig, tokenizer: Any, template: str | None):
-        self.tokenizer, self.template = tokenizer, template
+        """`template`: the Jinja chat template of the run (chat_template_for), read when `config.template`
+        names no template of its own."""
+        self.tokenizer = tokenizer
+        self.format = TEMPLATES[config.template] if config.template in TEMPLATES else template
         self.cutoff_len = config.cutoff_len
 
     def examples(self, spec: DatasetSpec, row: dict[str, Any], where: str) -> list[Example]:
@@ -62,54 +66,68 @@ class RowEncoder:
             raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
         if "chosen" in standard:
             return [self._pair(standard)]
-        cutoff = self.cutoff_len
-        examples = []
-        for input_ids, labels in self._tokenised(standard):
-            trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and i > 0]
-            masked = [IGNORE_INDEX] * min(1, len(labels)) + labels[1:cutoff]
-            examples.append(Example(input_ids[:cutoff], masked, len(input_ids),
-                                    trained[0] if trained else len(input_ids)))
-        return examples
-
-    def _tokenised(self, standard: dict):
-        """One SFT example, or one text split into cutoff_len chunks for pre-training."""
         if "messages" in standard:
-            yield encode_conversation(self.tokenizer, self.template, standard["messages"])
-            return
+            return [self._conversation(standard["messages"])]
+        return [Example(chunk, [IGNORE_INDEX, *chunk[1:]], len(chunk), 0) for chunk in self._chunks(standard["text"])]
+
+    @property
+    def _efficient_eos(self) -> bool:
+        return isinstance(self.format, NamedTemplate) and self.format.efficient_eos
+
+    def _conversation(self, messages: list[dict[str, str]]) -> Example:
+        """Turn after turn, each cut by LLaMA-Factory's rule: the turns share cutoff_len in order, each turn's
+        prompt and reply share what is left (`truncated_lengths`); a turn that no longer fits is left out."""
+        turns = encode_turns(self.tokenizer, self.format, messages)
+        eos = self.tokenizer.eos_token_id
+        total = 1 if self._efficient_eos else 0
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for index, (prompt, reply) in enumerate(turns):
+            if total >= self.cutoff_len:
+                break
+            prompt_keep, reply_keep = truncated_lengths(len(prompt), len(reply), self.cutoff_len - total)
+            total += prompt_keep + reply_keep
+            prompt_labels = [IGNORE_INDEX] * prompt_keep
+            if self._efficient_eos and index > 0 and prompt_keep:
+                prompt_labels[0] = eos  # the reply before ends here: the next turn's first token is its EOS
+            input_ids += prompt[:prompt_keep] + reply[:reply_keep]
+            labels += prompt_labels + reply[:reply_keep]
+        if self._efficient_eos:
+            input_ids.append(eos)
+            labels.append(eos)
+        raw = sum(len(prompt) + len(reply) for prompt, reply in turns) + (1 if self._efficient_eos else 0)
+        return Example(input_ids, [IGNORE_INDEX, *labels[1:]], raw, len(turns[0][0]) if turns else 0)
+
+    def _chunks(self, text: str):
+        """One text for pre-training, split into cutoff_len chunks."""
         # The tokenizer's own special tokens (BOS for Llama; none for GPT-2 or SmolLM2, whose bos_token is the
         # chat marker <|im_start|>, which has no place in raw text), then EOS to end the document.
-        ids = self.tokenizer(standard["text"], add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids or ids[-1] != self.tokenizer.eos_token_id:
             ids = ids + [self.tokenizer.eos_token_id]
         for start in range(0, len(ids), self.cutoff_len):
             chunk = ids[start : start + self.cutoff_len]
             if len(chunk) > 1:
-                yield chunk, list(chunk)
-
+                yield chunk
 
     def _pair(self, standard: dict) -> Example:
         """The chosen and the rejected sequence, each cut to cutoff_len as LLaMA-Factory cuts a pair: the
         answers keep the larger share (the longer answer decides), the prompt is cut from its end."""
-        sequences = []
+        answers = []
         for key in ("chosen", "rejected"):
-            messages = [*standard["messages"], {"role": "assistant", "content": standard[key]}]
-            sequences.append(encode_conversation(self.tokenizer, self.template, messages, last_reply_only=True))
-        prompt_lengths = [_first_trained(labels) for _, labels in sequences]
-        prompt_keep, answer_keep = truncated_lengths(
-            max(prompt_lengths), max(len(ids) - n for (ids, _), n in zip(sequences, prompt_lengths, strict=True)),
-            self.cutoff_len)
+            turns = encode_turns(self.tokenizer, self.format,
+                                 [*standard["messages"], {"role": "assistant", "content": standard[key]}])
+            prompt = [token for earlier, reply in turns[:-1] for token in earlier + reply] + turns[-1][0]
+            answers.append(turns[-1][1] + ([self.tokenizer.eos_token_id] if self._efficient_eos else []))
+        prompt_keep, answer_keep = truncated_lengths(len(prompt), max(map(len, answers)), self.cutoff_len)
         input_ids, labels, lengths = [], [], []
-        for (ids, sequence_labels), prompt in zip(sequences, prompt_lengths, strict=True):
-            keep = [*range(min(prompt, prompt_keep)), *range(prompt, min(len(ids), prompt + answer_keep))]
-            input_ids += [ids[i] for i in keep]
-            labels += [IGNORE_INDEX] + [sequence_labels[i] for i in keep[1:]]
-            lengths.append(len(keep))
-        raw = sum(len(ids) for ids, _ in sequences)
-        return Example(input_ids, labels, raw, max(prompt_lengths), lengths)
-
-
-def _first_trained(labels: list[int]) -> int:
-    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        for answer in answers:
+            sequence = prompt[:prompt_keep] + answer[:answer_keep]
+            input_ids += sequence
+            labels += [IGNORE_INDEX] * max(prompt_keep, 1) + sequence[max(prompt_keep, 1):]
+            lengths.append(len(sequence))
+        raw = 2 * len(prompt) + sum(map(len, answers))
+        return Example(input_ids, labels, raw, len(prompt), lengths)
 
 
 def truncated_lengths(prompt: int, answer: int, cutoff_len: int) -> tuple[int, int]:
