@@ -7,6 +7,7 @@ same, so that an existing config can be brought over.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -588,9 +589,11 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def nearest_key(key: str) -> str | None:
-    """A real near miss: a known key a few edits away (a third of the key's length at most), else None."""
-    known = [*TrainConfig.model_fields, *FOREIGN_KEYS]
+def nearest_key(key: str, taken: Iterable[str] = ()) -> str | None:
+    """A real near miss: a key lmtune takes (its own, or one it maps or ignores; not a refused one, nor one of
+    `taken`, which the config already sets) a few edits away (a third of the key's length at most), else None."""
+    known = [name for name in [*TrainConfig.model_fields, *FOREIGN_KEYS]
+             if name not in taken and (name not in FOREIGN_KEYS or FOREIGN_KEYS[name].kind != "refused")]
     distance, best = min((edit_distance(key, name), name) for name in known)
     return best if distance <= max(1, len(key) // 3) else None
 
@@ -598,7 +601,7 @@ def nearest_key(key: str) -> str | None:
 def _check_known_keys(values: dict[str, Any], source: str) -> None:
     for key in values:
         if key not in TrainConfig.model_fields and key not in FOREIGN_KEYS:
-            suggestion = nearest_key(key)
+            suggestion = nearest_key(key, taken=values)
             hint = f"; did you mean '{suggestion}'?" if suggestion else "; see `lmtune train --help-config`"
             raise UserError(f"{source}: unknown key '{key}'{hint}")
 
