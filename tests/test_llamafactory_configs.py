@@ -5,6 +5,7 @@ LLaMA-Factory's formats: `lmtune plan` and `lmtune train` take them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -223,3 +224,67 @@ def test_the_full_sft_example_with_its_deepspeed_line_names_the_lmtune_way(tmp_p
     err = " ".join(capsys.readouterr().err.split())
     assert "deepspeed" in err and "torchrun --nproc_per_node N -m lmtune train" in err
     assert not out.exists()
+
+
+# --- every training config of LLaMA-Factory 0.9.5's examples/ ----------------------------------
+
+EXAMPLES = Path(__file__).parent / "fixtures" / "llamafactory_examples"
+EXAMPLE_CONFIGS = sorted(str(path.relative_to(EXAMPLES)) for path in EXAMPLES.rglob("*.yaml"))
+# What each refused example is refused for: the key, and the lmtune way the message names
+REFUSED = {
+    "deepspeed": "fsdp: full_shard", "image_max_pixels": "text models",
+    "use_adam_mini": "finetuning_type: lora", "use_apollo": "finetuning_type: lora", "use_badam": "fsdp: full_shard",
+    "use_galore": "finetuning_type: lora", "use_dft_loss": "cross-entropy", "use_eaft_loss": "cross-entropy",
+    "fp8": "bf16: true", "freeze_trainable_modules": "freeze_trainable_layers", "loraplus_lr_ratio": "remove",
+    "mixture_of_depths": "remove", "use_muon": "AdamW", "adapter_name_or_path": "lmtune export",
+    "oft_block_size": "finetuning_type: lora", "pissa_init": "remove", "use_kt": "quantization_bit: 4",
+    "tensor_model_parallel_size": "torchrun", "stage": "not available in lmtune yet", "ray_num_workers": "torchrun",
+    "tokenized_path": "$LMTUNE_HOME/data",
+}
+
+
+def test_the_examples_are_llama_factorys_fifty_training_configs():
+    assert len(EXAMPLE_CONFIGS) == 50 and (EXAMPLES / "LICENSE").is_file()
+    assert all("stage" in yaml.safe_load((EXAMPLES / name).read_text()) for name in EXAMPLE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_CONFIGS)
+def test_each_llamafactory_example_config_is_taken_or_refused_naming_the_lmtune_way(name, tmp_path):
+    from lmtune.config import build_config
+    from lmtune.errors import UserError
+
+    values = yaml.safe_load((EXAMPLES / name).read_text())
+    values.update(model_name_or_path=str(tmp_path / "model"), dataset_dir=str(tmp_path / "data"),
+                  output_dir=str(tmp_path / "out"))
+    try:
+        build_config(values, name)
+    except UserError as error:
+        message = " ".join(str(error).split())
+        assert "unknown key" not in message
+        key = message.removeprefix(f"{name}: ").split(":")[0]
+        assert key in REFUSED, message
+        assert REFUSED[key] in message
+
+
+@pytest.mark.parametrize("key, config, suggestion", [
+    ("freeze_trainable_layer", {}, "freeze_trainable_layers"),  # a near miss of a key lmtune takes
+    ("freeze_trainable_layer", {"freeze_trainable_layers": 2}, None),  # not a key the config already sets
+    ("use_dorra", {}, None),  # not a key lmtune refuses (use_dora)
+    ("learnig_rate", {}, "learning_rate"),
+])
+def test_did_you_mean_names_only_a_key_lmtune_takes_that_the_config_does_not_set(key, config, suggestion):
+    from lmtune.config import build_config
+    from lmtune.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        build_config({**config, key: 1})
+    message = str(raised.value)
+    assert f"unknown key '{key}'" in message
+    assert (f"did you mean '{suggestion}'" in message) if suggestion else "did you mean" not in message
+
+
+def test_disable_gradient_checkpointing_is_mapped():
+    from lmtune.config import build_config
+
+    assert build_config({"disable_gradient_checkpointing": True}).gradient_checkpointing is False
+    assert build_config({"disable_gradient_checkpointing": False}).gradient_checkpointing is True
