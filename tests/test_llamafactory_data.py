@@ -128,3 +128,20 @@ def test_overwrite_cache_processes_the_data_again(tmp_path, tiny_model_dir, toke
     again = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="rows.json", overwrite_cache=True), tokenizer)
     assert not again.from_cache and len(again.train) == 1
     assert again.cache_dir == cached.cache_dir and (again.cache_dir / "done").stat().st_mtime_ns > written
+
+
+def test_kto_data_under_sft_is_refused_so_that_no_answer_tagged_bad_is_trained(tmp_path, tiny_model_dir, tokenizer):
+    """LLaMA-Factory's kto_en_demo: sharegpt rows, each answer tagged good or bad by a `label` column."""
+    from lmtune.config import TrainConfig
+
+    rows = [{"messages": [{"content": "Hi", "role": "user"}, {"content": "Go away.", "role": "assistant"}],
+             "label": False}]
+    (tmp_path / "kto_en_demo.json").write_text(json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"kto_en_demo": {
+        "file_name": "kto_en_demo.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "kto_tag": "label"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    config = TrainConfig(model_name_or_path=str(tiny_model_dir), dataset="kto_en_demo", dataset_dir=str(tmp_path),
+                         output_dir=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="kto_tag.*the bad ones too"):
+        prepare_data(config, tokenizer, use_cache=False)

@@ -109,6 +109,11 @@ def _check_entry(name: str, entry: dict[str, Any], stage: str) -> None:
     if stage == "dpo" and not entry.get("ranking"):
         raise UserError(f"{where}: stage dpo trains on preference pairs; this entry has no ranking: true (add "
                         "it, with chosen and rejected columns, if its rows hold chosen/rejected answers)")
+    if "kto_tag" in entry.get("columns", {}) and stage != "kto":
+        # LLaMA-Factory drops such rows under sft; training them would teach the answers tagged bad too
+        raise UserError(f"{where} is KTO data (columns.kto_tag: each answer tagged good or bad); stage {stage} "
+                        "would train every answer, the bad ones too: use a data set without kto_tag, or remove "
+                        "kto_tag from the entry if every answer is one to learn")
     if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
         raise UserError(f"{where}: formatting {entry['formatting']!r} is not one of alpaca, sharegpt")
     multimodal = [key for key in ("images", "videos", "audios") if key in entry.get("columns", {})]
