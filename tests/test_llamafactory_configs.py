@@ -288,3 +288,27 @@ def test_disable_gradient_checkpointing_is_mapped():
 
     assert build_config({"disable_gradient_checkpointing": True}).gradient_checkpointing is False
     assert build_config({"disable_gradient_checkpointing": False}).gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("key", ["use_dora", "use_rslora"])
+def test_use_dora_and_use_rslora_train_the_peft_adapter_they_name(key, tmp_path, tiny_model_dir):
+    from lmtune.config import build_config
+    from lmtune.errors import UserError
+    from lmtune.models import load_model, prepare_for_training
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir), key: True, "output_dir": str(tmp_path)})
+    model = prepare_for_training(load_model(str(tiny_model_dir), config), config)
+    lora = model.peft_config["default"]
+    assert getattr(lora, key) is True
+    other = "use_rslora" if key == "use_dora" else "use_dora"
+    assert getattr(lora, other) is False
+    if key == "use_dora":
+        assert any("lora_magnitude_vector" in name for name, _ in model.named_parameters())
+    with pytest.raises(UserError, match=f"{key} change LoRA adapters"):
+        build_config({"finetuning_type": "full", key: True})
+
+
+def test_a_dora_run_saves_a_dora_adapter(tiny_config, tmp_path):
+    assert run_lmtune("train", tiny_config(finetuning_type="lora", use_dora=True, max_steps=2)) == 0
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True

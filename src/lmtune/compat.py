@@ -140,8 +140,6 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "push_to_hub": _refuse("lmtune does not upload; `lmtune export RUN --out DIR` writes a folder to upload"),
     "hub_model_id": _refuse("lmtune does not upload; `lmtune export RUN --out DIR` writes a folder to upload"),
     "neftune_noise_alpha": _refuse(f"NEFTune noise is {NOT_YET}; remove neftune_noise_alpha"),
-    "use_dora": _refuse(f"DoRA is {NOT_YET}; remove use_dora"),
-    "use_rslora": _refuse(f"rsLoRA is {NOT_YET}; remove use_rslora"),
     "loraplus_lr_ratio": _refuse(f"LoRA+ (a larger learning rate for LoRA's B matrices) is {NOT_YET}; remove "
                                  "loraplus_lr_ratio"),
     "pissa_init": _refuse(f"PiSSA initialisation is {NOT_YET} (it rewrites the base weights, which lmtune's export "

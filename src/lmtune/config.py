@@ -119,6 +119,10 @@ class TrainConfig(BaseModel):
         "all", description="'all' linear layers but the output head, or module names (list or comma separated)",
         json_schema_extra=on_resume("run", checkpoint_size=True)
     )
+    use_dora: bool = Field(False, description="LoRA: DoRA, each weight's magnitude and direction adapted apart "
+                           "(PEFT's use_dora)", json_schema_extra=on_resume("run", checkpoint_size=True))
+    use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling lora_alpha / sqrt(lora_rank) instead "
+                             "of lora_alpha / lora_rank (PEFT's use_rslora)", json_schema_extra=on_resume("run"))
     freeze_trainable_layers: int = Field(
         2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)",
         json_schema_extra=on_resume("run", checkpoint_size=True)
@@ -459,6 +463,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"quantization_bit: {self.quantization_bit} trains LoRA on quantised base weights "
                              f"(QLoRA); finetuning_type {self.finetuning_type} would train the quantised weights "
                              "themselves: set finetuning_type: lora, or remove quantization_bit")
+        lora_only = [key for key in ("use_dora", "use_rslora") if getattr(self, key)]
+        if lora_only and self.finetuning_type != "lora":
+            raise ValueError(f"{', '.join(lora_only)} change LoRA adapters; finetuning_type {self.finetuning_type} "
+                             "trains none: set finetuning_type: lora, or remove " + " and ".join(lora_only))
         if self.fsdp_offload and not self.fsdp:
             raise ValueError("fsdp_offload moves sharded weights to the CPU and fsdp is false: set fsdp: full_shard, "
                              "or remove fsdp_offload")

@@ -229,6 +229,8 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         r=config.lora_rank,
         lora_alpha=config.effective_lora_alpha,
         lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
         target_modules="all-linear" if target == "all" else ([target] if isinstance(target, str) else target),
         task_type="CAUSAL_LM",
     )
