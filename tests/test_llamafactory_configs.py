@@ -216,14 +216,28 @@ def test_the_sft_lora_config_trains_the_identity_data_with_its_placeholders_fill
     assert "I am Lumi, an AI assistant developed by the lmtune team." in preview and "{{name}}" not in preview
 
 
-def test_the_full_sft_example_with_its_deepspeed_line_names_the_lmtune_way(tmp_path, tiny_model_dir,
-                                                                           llamafactory_data, capsys):
+def test_the_full_sft_example_with_its_deepspeed_line_runs_as_fsdp(tmp_path, tiny_model_dir, llamafactory_data,
+                                                                   capsys):
+    """ZeRO-3 is fsdp: full_shard; the file is LLaMA-Factory's path, not on this machine: its name says the stage.
+    On one process there is nothing to shard, and the run trains."""
     config, out = write(tmp_path, FULL_SFT, tiny_model_dir, llamafactory_data, deepspeed="")
     capsys.readouterr()
-    assert run_lmtune("plan", config) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "deepspeed" in err and "torchrun --nproc_per_node N -m lmtune train" in err
-    assert not out.exists()
+    assert run_lmtune("plan", config) == 0
+    plan = " ".join(capsys.readouterr().out.split())
+    assert "fsdp: 'full_shard' (mapped from DeepSpeed ZeRO-3)" in plan
+    assert run_lmtune("train", config, "max_steps=2", "bf16=false") == 0
+    assert (out / "model.safetensors").is_file()
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["fsdp"] == "full_shard"
+
+
+def test_a_deepspeed_file_gives_its_zero_stage_and_offload(tmp_path):
+    from lmtune.config import build_config
+
+    ds = tmp_path / "my_zero.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    config = build_config({"deepspeed": str(ds)})
+    assert (config.fsdp, config.fsdp_offload) == ("shard_grad_op", True)
+    assert build_config({"deepspeed": "ds_z0_config.json"}).fsdp is False
 
 
 # --- every training config of LLaMA-Factory 0.9.5's examples/ ----------------------------------
@@ -232,9 +246,10 @@ EXAMPLES = Path(__file__).parent / "fixtures" / "llamafactory_examples"
 EXAMPLE_CONFIGS = sorted(str(path.relative_to(EXAMPLES)) for path in EXAMPLES.rglob("*.yaml"))
 # What each refused example is refused for: the key, and the lmtune way the message names
 REFUSED = {
-    "deepspeed": "fsdp: full_shard", "image_max_pixels": "text models",
+    "image_max_pixels": "text models",
     "use_adam_mini": "finetuning_type: lora", "use_apollo": "finetuning_type: lora", "use_badam": "fsdp: full_shard",
     "use_galore": "finetuning_type: lora", "use_dft_loss": "cross-entropy", "use_eaft_loss": "cross-entropy",
+    "use_asft_loss": "cross-entropy",
     "fp8": "bf16: true", "freeze_trainable_modules": "freeze_trainable_layers", "loraplus_lr_ratio": "remove",
     "mixture_of_depths": "remove", "use_muon": "AdamW", "adapter_name_or_path": "lmtune export",
     "oft_block_size": "finetuning_type: lora", "pissa_init": "remove", "use_kt": "quantization_bit: 4",
@@ -269,7 +284,7 @@ def test_each_llamafactory_example_config_is_taken_or_refused_naming_the_lmtune_
 @pytest.mark.parametrize("key, config, suggestion", [
     ("freeze_trainable_layer", {}, "freeze_trainable_layers"),  # a near miss of a key lmtune takes
     ("freeze_trainable_layer", {"freeze_trainable_layers": 2}, None),  # not a key the config already sets
-    ("use_dorra", {}, None),  # not a key lmtune refuses (use_dora)
+    ("tokenized_pth", {}, None),  # not a key lmtune refuses (tokenized_path)
     ("learnig_rate", {}, "learning_rate"),
 ])
 def test_did_you_mean_names_only_a_key_lmtune_takes_that_the_config_does_not_set(key, config, suggestion):

@@ -89,6 +89,44 @@ def _fsdp_config(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
+DEEPSPEED_WAY = ("write the sharding as lmtune keys: fsdp: full_shard (ZeRO-3), shard_grad_op (ZeRO-2), "
+                 "fsdp_offload: true (offload), and run `torchrun --nproc_per_node N -m lmtune train CONFIG`")
+
+
+def _deepspeed(value: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed ZeRO config as lmtune's FSDP keys: ZeRO-3 shards weights, gradients and optimizer state
+    (fsdp: full_shard), ZeRO-2 gradients and optimizer state (shard_grad_op), ZeRO-0/1 plain data parallel;
+    CPU offload is fsdp_offload. The stage is read from the file, or from its name (ds_z3_offload_config.json)
+    where the file is not on this machine, as with LLaMA-Factory's examples/deepspeed paths."""
+    stage, offload = _zero_settings(str(value))
+    if stage is None:
+        raise UserError(f"deepspeed: {value!r}: no ZeRO stage in the file or its name; {DEEPSPEED_WAY}")
+    changes: dict[str, Any] = {}
+    if stage >= 2 and not values.get("fsdp"):
+        changes["fsdp"] = "full_shard" if stage == 3 else "shard_grad_op"
+    if offload and (changes.get("fsdp") or values.get("fsdp")):
+        changes["fsdp_offload"] = True
+    return changes
+
+
+def _zero_settings(value: str) -> tuple[int | None, bool]:
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(value)
+    if path.is_file():
+        try:
+            zero = json.loads(path.read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"deepspeed: {value}: not a readable DeepSpeed JSON config; {DEEPSPEED_WAY}") from None
+        devices = [zero.get(key, {}).get("device") for key in ("offload_optimizer", "offload_param")
+                   if isinstance(zero.get(key), dict)]
+        return int(zero.get("stage", 0)), "cpu" in devices
+    match = re.search(r"z(?:ero)?_?([0-3])", path.name)
+    return (int(match.group(1)) if match else None), "offload" in path.name
+
+
 def _refuse(message: str) -> Treatment:
     return Treatment("refused", message)
 
@@ -128,10 +166,9 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "preprocessing_batch_size": _ignore("lmtune tokenises in batches of 256 rows"),
     "trust_remote_code_tokenizer": _ignore("trust_remote_code covers the tokenizer too"),
     # refused: lmtune does it another way, or not yet
-    "deepspeed": _refuse("lmtune does not use DeepSpeed: data-parallel training runs with "
-                         "`torchrun --nproc_per_node N -m lmtune train CONFIG`; for ZeRO-3-like sharding of weights, "
-                         "gradients and optimizer state set fsdp: full_shard (ZeRO-2: shard_grad_op; offload: "
-                         "fsdp_offload: true); remove deepspeed"),
+    "deepspeed": Treatment("mapped", "mapped from DeepSpeed ZeRO-N: ZeRO-3 -> fsdp: full_shard, ZeRO-2 -> "
+                           "shard_grad_op, ZeRO-0/1 -> plain data parallel, CPU offload -> fsdp_offload; run with "
+                           "torchrun (on one process there is nothing to shard)", _deepspeed),
     "double_quantization": _ignore("4-bit QLoRA (quantization_bit: 4) always uses double quantisation"),
     "train_on_prompt": _refuse("lmtune trains the assistant replies only (the rule of SFT labels); for training "
                                "on whole texts use stage: pt; remove train_on_prompt"),
@@ -232,5 +269,6 @@ def translate(values: dict[str, Any], source: str) -> Translated:
             raise UserError(f"{source}: {error}") from None
         own.update(changes)
         shown = ", ".join(f"{k}: {v!r}" for k, v in changes.items()) or "nothing to change"
-        notes.append(f"mapped {key}: {value!r} -> {shown}")
+        origin = f" (mapped from DeepSpeed ZeRO-{_zero_settings(str(value))[0]})" if key == "deepspeed" else ""
+        notes.append(f"mapped {key}: {value!r} -> {shown}{origin}")
     return Translated(own, notes)
