@@ -83,7 +83,7 @@ def test_ignored_keys_are_accepted_and_listed_with_why(key):
 
 @pytest.mark.parametrize("values, words", [
     ({"deepspeed": "my_deepspeed.json"}, ["deepspeed", "no ZeRO stage", "torchrun", "fsdp: full_shard"]),
-    ({"stage": "kto"}, ["stage kto", "not available", "'pt', 'sft', 'dpo'"]),
+    ({"stage": "ppo"}, ["stage ppo", "not available", "'pt', 'sft', 'dpo', 'kto', 'rm'"]),
     ({"stage": "orpo"}, ["stage orpo", "stage: dpo", "pref_loss: orpo"]),
     ({"stage": "dpo", "pref_loss": "simpo", "precompute_ref_log_probs": True}, ["precompute_ref_log_probs",
                                                                                "no reference"]),

@@ -71,7 +71,7 @@ def test_help_config_lists_every_key_with_its_type_default_and_help(capsys, monk
     rows = {cells[0]: cells[1:] for line in lines
             if len(cells := [cell.strip() for cell in line.strip("│").split("│")]) == 4 and cells[0]}
     assert set(TrainConfig.model_fields) <= set(rows)
-    assert rows["stage"][:2] == ["pt | sft | dpo", "sft"]
+    assert rows["stage"][:2] == ["pt | sft | dpo | kto | rm", "sft"]
     assert rows["save_total_limit"][:2] == ["int | null", "null"]
     assert rows["learning_rate"][0] == "float" and rows["learning_rate"][2]
     assert not any("<class" in " ".join(cells) for cells in rows.values())

@@ -82,7 +82,8 @@ class Collator:
 
     Position ids restart at each example (and at the padding); without an attention mask, that is what
     tells the model's attention to keep examples apart. Precomputed reference log-probabilities of a
-    pair's sequences (`ref_logps`) come along, in the order of the sequences."""
+    pair's sequences (`ref_logps`) come along, in the order of the sequences, and a kto example's mark
+    (`kto_tag`), one a row."""
 
     def __init__(self, pad_token_id: int, packed: bool, padding_free: bool = False):
         self.pad_token_id = pad_token_id
@@ -94,6 +95,7 @@ class Collator:
         samples = sum(list(row["position_ids"]).count(0) for row in trained) if self.packed else len(trained)
         repeated_tokens = sum(len(row["input_ids"]) for row in rows if row.get("repeat"))
         reference = [value for row in rows for value in row["ref_logps"]] if "ref_logps" in rows[0] else None
+        kto_tags = [bool(row["kto_tag"]) for row in rows] if "kto_tag" in rows[0] else None
         if self.padding_free:
             rows = [{key: [value for row in rows for value in row[key]]
                      for key in ("input_ids", "labels", "position_ids")}]
@@ -119,6 +121,8 @@ class Collator:
             batch["attention_mask"] = attention
         if reference is not None:
             batch["ref_logps"] = torch.tensor(reference, dtype=torch.float32)
+        if kto_tags is not None:
+            batch["kto_tag"] = torch.tensor(kto_tags, dtype=torch.bool)
         return batch, counts
 
 

@@ -116,11 +116,15 @@ class TerminalLog:
 
 
 def _rewards(metrics: dict, prefix: str = "") -> str:
-    """Preference training: how often the chosen answer wins, and by how much."""
-    if f"{prefix}rewards/accuracies" not in metrics:
-        return ""
-    return (f"  accuracy {metrics[f'{prefix}rewards/accuracies']:.2f}  margin "
-            f"{metrics[f'{prefix}rewards/margins']:.3f}")
+    """Preference training: how often the chosen answer wins and by how much (dpo, rm), or the reward margin
+    and the KL estimate (kto)."""
+    shown = {"accuracy": ("rewards/accuracies", "accuracy"), "margin": ("rewards/margins", "margin"), "kl": ("kl",)}
+    parts = []
+    for label, names in shown.items():
+        value = next((metrics[prefix + name] for name in names if prefix + name in metrics), None)
+        if value is not None:
+            parts.append(f"  {label} {value:.2f}" if label == "accuracy" else f"  {label} {value:.3f}")
+    return "".join(parts)
 
 
 class ProgressBar:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,23 +120,27 @@ def quiet_transformers() -> None:
 
 
 def load_model_for_inference(target: str | Target, device: str | None = None) -> tuple[Any, Any]:
-    """The model (in float32, adapter applied as a PeftModel) and its tokenizer, ready for eval()."""
-    from transformers import AutoModelForCausalLM
-
-    from lmtune.models import drop_quantization, load_tokenizer
+    """The model (in float32, adapter applied as a PeftModel) and its tokenizer, ready for eval(). A reward
+    model (stage rm) is its sequence-classification model, scoring at the tokenizer's pad token."""
+    from lmtune.models import drop_quantization, is_reward_model, load_tokenizer, model_class
 
     resolved = target if isinstance(target, Target) else resolve_target(target)
+    reward = Path(resolved.model_path).is_dir() and is_reward_model(resolved.model_path)
+    auto_class = model_class(reward)
+    label = {"num_labels": 1} if reward else {}
     try:
+        tokenizer = load_tokenizer(resolved.model_path)
         if resolved.kind == "checkpoint" and is_sharded(Path(resolved.model_path)):
-            model = _from_shards(resolved)
+            model = _from_shards(resolved, auto_class, label)
         elif resolved.is_adapter:
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(resolved.base_model, dtype=torch.float32)
+            base = auto_class.from_pretrained(resolved.base_model, dtype=torch.float32, **label)
+            if reward:
+                base.config.pad_token_id = tokenizer.pad_token_id
             model = PeftModel.from_pretrained(base, resolved.model_path)
         else:
-            model = AutoModelForCausalLM.from_pretrained(resolved.model_path, dtype=torch.float32)
-        tokenizer = load_tokenizer(resolved.model_path)
+            model = auto_class.from_pretrained(resolved.model_path, dtype=torch.float32)
     except OSError as error:
         raise UserError(f"{resolved.given}: could not load the model: {error}") from None
     drop_quantization(model.config)
@@ -145,10 +148,10 @@ def load_model_for_inference(target: str | Target, device: str | None = None) ->
     return model.to(device).eval(), tokenizer
 
 
-def _from_shards(resolved: Target) -> Any:
+def _from_shards(resolved: Target, auto_class: Any, label: dict[str, int]) -> Any:
     """A sharded checkpoint (fsdp): the model built from its config (LoRA: the adapter on its base model),
     its weights read from the shards, whatever the number of processes that wrote them."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lmtune.checkpoint import read_state
     from lmtune.resume import ResumePoint, load_sharded_checkpoint
@@ -157,10 +160,10 @@ def _from_shards(resolved: Target) -> Any:
     if resolved.is_adapter:
         from peft import LoraConfig, get_peft_model
 
-        base = AutoModelForCausalLM.from_pretrained(resolved.base_model, dtype=torch.float32)
+        base = auto_class.from_pretrained(resolved.base_model, dtype=torch.float32, **label)
         model = get_peft_model(base, LoraConfig.from_pretrained(str(folder)))
     else:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+        model = auto_class.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     try:
         load_sharded_checkpoint(model, None, ResumePoint(folder, read_state(folder)))
     except DamagedCheckpoint as error:
@@ -176,7 +179,12 @@ class ChatSession:
 
 
 def load_for_chat(target: str) -> ChatSession:
+    from lmtune.models import is_reward_model
+
     resolved = resolve_target(target)
+    if Path(resolved.model_path).is_dir() and is_reward_model(resolved.model_path):
+        raise UserError(f"{target} is a reward model (stage rm): it scores texts and does not write; score "
+                        "pairs with `lmtune eval`, or load it with AutoModelForSequenceClassification")
     model, tokenizer = load_model_for_inference(resolved)
     return ChatSession(model, tokenizer, run_template(resolved))
 
@@ -202,42 +210,10 @@ def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> Non
 def generate(session: ChatSession, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, on_text: Any = None) -> str:
     """The answer to the conversation, streamed piece by piece to on_text as it is generated."""
-    from transformers import TextIteratorStreamer
+    from lmtune.generation import Sampling, reply
 
-    from lmtune.data.templates import conversation_format, generation_prompt_ids
-
-    template = conversation_format(session.tokenizer, session.template)
-    ids = torch.tensor([generation_prompt_ids(session.tokenizer, template, messages)], device=session.model.device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    streamer = TextIteratorStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    else:
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                  pad_token_id=session.tokenizer.pad_token_id, eos_token_id=session.tokenizer.eos_token_id,
-                  **sampling)
-    failure: list[BaseException] = []
-    worker = threading.Thread(target=_generate_quietly, args=(session.model, kwargs, failure))
-    worker.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        if on_text is not None:
-            on_text(piece)
-    worker.join()
-    if failure:
-        raise failure[0]
-    return "".join(pieces).strip()
-
-
-def _generate_quietly(model: Any, kwargs: dict, failure: list[BaseException]) -> None:
-    try:
-        with torch.no_grad():
-            model.generate(**kwargs)
-    except BaseException as error:  # handed to the caller's thread
-        failure.append(error)
-        kwargs["streamer"].end()
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    return reply(session.model, session.tokenizer, session.template, messages, sampling, on_text)
 
 
 def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None:

@@ -282,6 +282,38 @@ def webui(
     serve(Path.cwd(), host, port, credentials)
 
 
+@app.command()
+def serve(
+    roots: Annotated[list[str] | None, typer.Argument(
+        help="runs, model or adapter folders, folders holding them, or the built-in name (default: here)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on; any but 127.0.0.1 needs --api-key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="LMTUNE_API_KEY",
+                                                help="answer only requests with 'Authorization: Bearer KEY'")] = None,
+    max_tokens: Annotated[int, typer.Option(help="the longest answer, whatever a request asks for")] = 1024,
+    max_pending: Annotated[int, typer.Option(help="requests queued or generating; more are answered 429")] = 64,
+    max_batch: Annotated[int, typer.Option(help="answers decoded together in one batch")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(
+        help="how long a request waits for others to batch with (0: none)")] = 50,
+    max_models: Annotated[int, typer.Option(help="models (adapters' bases) kept loaded")] = 2,
+    max_adapters: Annotated[int, typer.Option(help="LoRA adapters kept loaded per base model")] = 8,
+) -> None:
+    """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) over runs, checkpoints,
+    model folders and adapters, chosen per request by name."""
+    from lmtune.chat import quiet_transformers
+
+    setup_logging("info")
+    quiet_transformers()
+    try:
+        from lmtune.serving.server import Limits
+        from lmtune.serving.server import serve as run_server
+    except ImportError as error:
+        raise UserError(f"lmtune serve needs fastapi and uvicorn ({error}): pip install 'lmtune[serve]'") from None
+    limits = Limits(max_tokens=max_tokens, max_pending=max_pending, max_batch=max_batch,
+                    batch_window_s=batch_window_ms / 1000, max_models=max_models, max_adapters=max_adapters)
+    run_server(roots or ["."], host, port, api_key, limits)
+
+
 def _stop_on_signals() -> None:
     """SIGINT or SIGTERM outside the training loop (loading the model, tokenising) stops with exit code
     130 and a message; inside it, the loop's own handler stops after the step, with a checkpoint."""

@@ -75,6 +75,13 @@ class SavePhase(BaseModel):
 # what a dpo step and evaluation measure besides the loss (TRL's names)
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                       "logps/chosen", "logps/rejected")
+# what a kto step measures (TRL's names): rewards and log-probabilities are means over the desirable or the
+# undesirable examples, kl the estimate of the policy's KL divergence from the reference
+KTO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
+# what an rm step measures: how often the chosen answer scores higher, and by how much
+REWARD_METRICS = ("accuracy", "margin")
+STAGE_METRICS = {"dpo": PREFERENCE_METRICS, "kto": KTO_METRICS, "rm": REWARD_METRICS}
+PAIRED_STAGES = ("dpo", "rm")  # stages trained on preference pairs (ranking data)
 
 # report_to values and the package each needs (installed with `pip install 'lmtune[NAME]'`)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "swanlab": "swanlab", "none": None}
@@ -105,9 +112,10 @@ class TrainConfig(BaseModel):
                                     json_schema_extra=on_resume("run", data=True))
 
     # method
-    stage: Literal["pt", "sft", "dpo"] = Field(
+    stage: Literal["pt", "sft", "dpo", "kto", "rm"] = Field(
         "sft", description="pt: continued pre-training on text; sft: supervised; dpo: preference pairs "
-        "(chosen / rejected answers)", json_schema_extra=on_resume("run", data=True))
+        "(chosen / rejected answers); kto: answers marked desirable or undesirable (kto_tag); rm: a reward "
+        "model (a scalar score head) trained on preference pairs", json_schema_extra=on_resume("run", data=True))
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained",
                                                                json_schema_extra=on_resume("run", checkpoint_size=True))
     lora_rank: int = Field(8, gt=0, description="LoRA rank r", json_schema_extra=on_resume("run", checkpoint_size=True))
@@ -133,17 +141,22 @@ class TrainConfig(BaseModel):
     quantization_method: Literal["bnb"] = Field(
         "bnb", description="how the base weights are quantised: bnb (bitsandbytes)", json_schema_extra=on_resume("run"))
 
-    pref_beta: float = Field(0.1, gt=0, description="dpo: the beta of the preference loss (how far the model "
-                             "may move from the reference)", json_schema_extra=on_resume("run"))
+    pref_beta: float = Field(0.1, gt=0, description="dpo, kto: the beta of the preference loss (how far the "
+                             "model may move from the reference)", json_schema_extra=on_resume("run"))
     pref_loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
         "sigmoid", description="dpo: sigmoid (DPO), ipo, or the reference-free simpo and orpo",
         json_schema_extra=on_resume("run"))
-    pref_ftx: float = Field(0.0, ge=0, description="dpo: weight of an SFT loss (mean over the chosen answer's "
-                            "tokens) added to the preference loss", json_schema_extra=on_resume("run"))
+    pref_ftx: float = Field(0.0, ge=0, description="dpo, kto: weight of an SFT loss (mean over the chosen or "
+                            "desirable answer's tokens) added to the preference loss",
+                            json_schema_extra=on_resume("run"))
+    kto_chosen_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of a desirable example",
+                                     json_schema_extra=on_resume("run"))
+    kto_rejected_weight: float = Field(1.0, gt=0, description="kto: weight of the loss of an undesirable example",
+                                       json_schema_extra=on_resume("run"))
     simpo_gamma: float = Field(0.5, description="pref_loss simpo: the target reward margin gamma",
                                json_schema_extra=on_resume("run"))
     precompute_ref_log_probs: bool = Field(
-        False, description="dpo with finetuning_type full / freeze: the reference log-probabilities computed once "
+        False, description="dpo, kto with finetuning_type full / freeze: the reference log-probabilities computed once "
         "before training and kept with the processed data, instead of a frozen copy of the model in memory",
         json_schema_extra=on_resume("run"))
 
@@ -191,7 +204,8 @@ class TrainConfig(BaseModel):
         json_schema_extra=on_resume("run", data=True)
     )
     padding_free: bool | None = Field(
-        None, description="micro-batches laid end to end in one row, no padding; null: on for sft and dpo, off for pt",
+        None, description="micro-batches laid end to end in one row, no padding; null: on for sft, dpo and kto, "
+        "off for pt and rm",
         json_schema_extra=on_resume("run"))
     streaming: bool = Field(False, description="read the data as a stream (needs max_steps, or num_samples hints)",
                             json_schema_extra=on_resume("run", data=True))
@@ -347,8 +361,8 @@ class TrainConfig(BaseModel):
     def _stage_not_yet(cls, value: Any) -> Any:
         if value in ("orpo", "simpo"):
             raise ValueError(f"stage {value}: lmtune trains it as stage: dpo with pref_loss: {value}")
-        if value in ("kto", "rm", "ppo"):
-            raise ValueError(f"stage {value}: reward and KTO training is {NOT_YET}; valid: 'pt', 'sft', 'dpo'")
+        if value == "ppo":
+            raise ValueError(f"stage ppo is {NOT_YET}; valid: 'pt', 'sft', 'dpo', 'kto', 'rm'")
         return value
 
     @field_validator("report_to", mode="after")
@@ -493,20 +507,28 @@ class TrainConfig(BaseModel):
         if probs is not None and datasets and self.mix_strategy != "concat" and len(probs) != len(datasets):
             raise ValueError(f"interleave_probs has {len(probs)} values for {len(datasets)} data sets "
                              f"({', '.join(datasets)}); give one probability a data set")
-        if self.stage == "dpo":
+        if self.stage in ("dpo", "kto", "rm"):
             self._preference_checks()
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
 
     def _preference_checks(self) -> None:
+        stage = self.stage
         if self.packing:
-            raise ValueError("packing: true with stage: dpo: a preference pair is trained as its two sequences, "
-                             "never packed with other pairs; remove packing")
+            raise ValueError(f"packing: true with stage: {stage}: a preference example is trained as its own "
+                             "sequences, never packed with others; remove packing")
         if self.streaming:
-            raise ValueError(f"streaming: true with stage: dpo: streamed preference data is {NOT_YET}; "
+            raise ValueError(f"streaming: true with stage: {stage}: streamed preference data is {NOT_YET}; "
                              "remove streaming (map-style data is cached after the first run)")
+        if stage == "kto" and self.pref_loss != "sigmoid":
+            raise ValueError(f"pref_loss: {self.pref_loss} with stage: kto: kto has its own loss (KTO's, with the "
+                             "KL estimate); remove pref_loss")
+        if stage == "rm" and self.padding_free:
+            raise ValueError("padding_free: true with stage: rm: a reward model scores each sequence at its last "
+                             "token, so each sequence is its own padded row; remove padding_free")
         if self.precompute_ref_log_probs and not self.uses_reference:
-            raise ValueError(f"precompute_ref_log_probs: true with pref_loss: {self.pref_loss}, which needs no "
-                             "reference model; remove precompute_ref_log_probs")
+            what = "stage: rm" if stage == "rm" else f"pref_loss: {self.pref_loss}"
+            raise ValueError(f"precompute_ref_log_probs: true with {what}, which needs no reference model; "
+                             "remove precompute_ref_log_probs")
 
     # --- derived values -------------------------------------------------------------------------
 
@@ -531,7 +553,7 @@ class TrainConfig(BaseModel):
     @property
     def eval_metrics(self) -> tuple[str, ...]:
         """The metrics of an eval row of metrics.jsonl."""
-        measured = PREFERENCE_METRICS if self.stage == "dpo" else ()
+        measured = STAGE_METRICS.get(self.stage, ())
         return ("eval_loss", *(f"eval_{name}" for name in measured))
 
     @property
@@ -546,17 +568,17 @@ class TrainConfig(BaseModel):
 
     @property
     def use_padding_free(self) -> bool:
-        return self.stage in ("sft", "dpo") if self.padding_free is None else self.padding_free
+        return self.stage in ("sft", "dpo", "kto") if self.padding_free is None else self.padding_free
 
     @property
     def sample_name(self) -> str:
         """What one training row is: a preference pair, a packed row, or an example."""
-        return "pairs" if self.stage == "dpo" else "packed rows" if self.use_packing else "examples"
+        return "pairs" if self.stage in PAIRED_STAGES else "packed rows" if self.use_packing else "examples"
 
     @property
     def uses_reference(self) -> bool:
-        """Whether the preference loss compares the model with a reference (simpo and orpo need none)."""
-        return self.stage == "dpo" and self.pref_loss in ("sigmoid", "ipo")
+        """Whether the preference loss compares the model with a reference (kto does; simpo and orpo need none)."""
+        return (self.stage == "dpo" and self.pref_loss in ("sigmoid", "ipo")) or self.stage == "kto"
 
     @property
     def effective_lora_alpha(self) -> int:

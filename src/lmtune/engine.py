@@ -1,9 +1,9 @@
 """The training loop, top to bottom.
 
     set up (devices, data, model, optimizer, schedule)  ->  for each optimizer step:
-        take `gradient_accumulation_steps` micro-batches, count their trained tokens (their pairs,
-        for dpo) on all processes, forward + backward each with the loss divided by that count
-        (every token or pair weighs the same), clip, step, schedule the LR, log, evaluate and save
+        take `gradient_accumulation_steps` micro-batches, count their trained tokens (their pairs or
+        examples, for dpo, kto and rm) on all processes, forward + backward each with the loss divided
+        by that count (every token or pair weighs the same), clip, step, schedule the LR, log, evaluate and save
         as the plan says
     ->  the final model.
 """
@@ -54,11 +54,10 @@ from lmtune.data.processing import rows_of_examples
 from lmtune.data.registry import data_files
 from lmtune.data.streaming import prepare_stream, stream_size, with_planned_steps
 from lmtune.errors import Stopped, UserError
-from lmtune.loss import batch_loss_for
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
-from lmtune.preference import PreferenceLoss, precompute_reference, reference_for
+from lmtune.preference import precompute_reference, reference_for
 from lmtune.resume import (
     ResumePoint,
     batch_lines,
@@ -79,6 +78,7 @@ from lmtune.resume import (
 from lmtune.runlock import RunLock, check_not_running
 from lmtune.schedule import Plan, global_batch, make_plan
 from lmtune.sharding import DataParallel, FullySharded, sharded_state, strategy_for, take_accelerate_fsdp
+from lmtune.stages import loss_for_stage
 from lmtune.state import Schedule
 from lmtune.trackers import tracker_callbacks
 
@@ -106,7 +106,7 @@ class Setup:
     to_clear: list[Path]  # an earlier run's files, removed (overwrite_output_dir) once the run holds the folder
     sharding: DataParallel | FullySharded
     resume: ResumePoint | None = None
-    reference: Any = None  # dpo: the model the preference loss compares with (None: none, or precomputed)
+    reference: Any = None  # dpo, kto: the model the preference loss compares with (None: none, or precomputed)
 
 
 def train(config: TrainConfig) -> Path:
@@ -185,9 +185,9 @@ def set_up(config: TrainConfig) -> Setup:
 
 def _preference_reference(config: TrainConfig, model: torch.nn.Module, data: ProcessedData, tokenizer: Any,
                           accelerator: Accelerator) -> Any:
-    """dpo: the reference model, taken from the model as loaded; or the reference log-probabilities, computed
-    with it once and added to the data (precompute_ref_log_probs)."""
-    if config.stage != "dpo":
+    """dpo, kto: the reference model, taken from the model as loaded; or the reference log-probabilities,
+    computed with it once and added to the data (precompute_ref_log_probs)."""
+    if not config.uses_reference:
         return None
     if config.precompute_ref_log_probs:
         if config.quantization_bit is None:
@@ -276,9 +276,8 @@ class TrainingLoop:
         self.config = setup.config
         self.metrics = MetricsFile(setup.output_dir / "metrics.jsonl")
         unwrapped = self.accelerator.unwrap_model(setup.model)
-        # of a batch: a sum over its trained tokens (sft, pt) or its pairs (dpo)
-        self.loss = PreferenceLoss(unwrapped, setup.config, setup.reference) if setup.config.stage == "dpo" \
-            else batch_loss_for(unwrapped)
+        # of a batch: a sum over its trained tokens (sft, pt), its pairs (dpo, rm) or its examples (kto)
+        self.loss = loss_for_stage(unwrapped, setup.config, setup.reference)
         self._interval = _Interval(state.samples_seen, state.tokens_seen)
         self._signals = _SignalStop()
         self._last_save_time = self._last_eval_time = time.monotonic()
@@ -568,7 +567,8 @@ class TrainingLoop:
             "eta_s": round(seconds_per_step * (state.total_steps - state.step), 1),
             "mem_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
-        row.update(zip(self.loss.metric_names, losses[1:], strict=True))
+        metrics = self.loss.reported_metrics(losses[1:])
+        row.update(metrics)
         if torch.cuda.is_available():
             row["gpu_mem_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
             row["gpu_mem_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
@@ -576,7 +576,7 @@ class TrainingLoop:
         if self.config.streaming:
             row["stream_pass"] = state.stream_pass + 1
             row["epoch_estimated"] = not self._stream_progress.exact
-        state.last_metrics.update((key, row[key]) for key in ("loss", *self.loss.metric_names))
+        state.last_metrics.update(loss=loss, **metrics)
         return row
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -610,7 +610,7 @@ class TrainingLoop:
         eval_loss = means[0]
         self._last_eval_time = time.monotonic()
         row = {"type": "eval", "step": self.state.step, "epoch": _round(self.state.epoch), "eval_loss": eval_loss}
-        row.update((f"eval_{name}", value) for name, value in zip(names, means[2:], strict=True))
+        row.update((f"eval_{name}", value) for name, value in self.loss.reported_metrics(means[2:]).items())
         self.state.last_metrics.update((key, value) for key, value in row.items() if key.startswith("eval_"))
         self.callbacks.fire("on_evaluate", self.state, row)
         self._save_if_best(eval_loss)

@@ -2,9 +2,10 @@
 
 The data goes through `prepare_data`, the `Collator` and the batch loss (lmtune.loss) exactly as in
 training, so the loss is the training loss: mean over trained tokens (labels not masked), summed over
-the whole set, not averaged per batch. Perplexity is exp(loss). For a preference run (stage dpo) the
-loss is the mean over pairs, with the reward metrics training logs, against the reference training
-used (the adapter switched off, or the base model loaded again for full and freeze).
+the whole set, not averaged per batch. Perplexity is exp(loss). For a preference run (stages dpo, kto) the
+loss is the mean over pairs (kto: examples), with the reward metrics training logs, against the reference
+training used (the adapter switched off, or the base model loaded again for full and freeze). For a
+reward model (stage rm) it is the mean pairwise loss, with the pairwise accuracy and the mean margin.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lmtune.batching import Collator, batching_of, epoch_batches
 from lmtune.chat import Target, load_model_for_inference, resolve_target
 from lmtune.config import TrainConfig, load_config
 from lmtune.errors import UserError
-from lmtune.loss import batch_loss_for
+from lmtune.stages import loss_for_stage
 
 log = logging.getLogger("lmtune")
 
@@ -56,18 +57,15 @@ def evaluate(config_or_run: Path, checkpoint: str | None = None, dataset: str | 
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    if config.stage == "dpo":  # a mean over pairs: no tokens, no perplexity
+    if config.stage in ("dpo", "kto", "rm"):  # a mean over pairs or examples: no tokens, no perplexity
         del report["tokens"], report["perplexity"]
-        report |= {"pairs": count} | {name: value / count for name, value in zip(loss_of.metric_names, metric_sums,
-                                                                               strict=True)}
+        report |= {config.sample_name: count} | loss_of.reported_metrics([value / count for value in metric_sums])
     return report
 
 
 def _loss_for(config: TrainConfig, model: Any) -> Any:
-    """The batch loss training used: SFT's, or the preference loss with the run's reference."""
-    if config.stage != "dpo":
-        return batch_loss_for(model)
-    from lmtune.preference import AdapterOff, FrozenModel, PreferenceLoss
+    """The batch loss training used: the stage's, with the run's reference for dpo and kto."""
+    from lmtune.preference import AdapterOff, FrozenModel
 
     reference = None
     if config.uses_reference and hasattr(model, "disable_adapter"):
@@ -75,7 +73,7 @@ def _loss_for(config: TrainConfig, model: Any) -> Any:
     elif config.uses_reference:
         base, _ = load_model_for_inference(config.model_name_or_path, str(model.device))
         reference = FrozenModel(base)
-    return PreferenceLoss(model, config, reference)
+    return loss_for_stage(model, config, reference)
 
 
 def _rows_to_evaluate(config: TrainConfig, tokenizer: Any, whole: bool) -> Any:

@@ -5,12 +5,16 @@ engine divides the sum by that count over the whole optimizer step (all micro-ba
 evaluation by that of the whole eval set, so that every token (SFT) or every pair (DPO) weighs the same.
 Metrics of the loss (`metric_names`, `metric_sums()`) are sums too, divided by the same count.
 
+`reported_metrics` turns those means into what a log row shows (kto's rewards are means over the desirable
+or the undesirable examples alone: ratios of two of its sums).
+
 `TrainedPositionsLoss` (the default) runs the model's forward without its output layer, takes the
 final hidden states where the next label is not -100, and applies the output layer and the
 cross-entropy to those alone, a chunk of positions at a time: the logits of the masked prompt and of
 padding are never computed, and the logits of a long row never exist all at once. `FullLogitsLoss` is
 the model's own loss over every position: for models whose forward cannot leave out its logits.
-A stage with another loss (DPO, lmtune.preference) plugs in as an object of the same shape.
+A stage with another loss (dpo and kto in lmtune.preference, rm in lmtune.reward) plugs in as an object
+of the same shape; lmtune.stages picks it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ class TokenSumLoss:
     def metric_sums(self) -> torch.Tensor:
         """The metric sums of the last batch, in `metric_names` order."""
         return torch.zeros(0)
+
+    def reported_metrics(self, means: list[float]) -> dict[str, float]:
+        """The metrics a log row shows, from the metric sums each divided by its `divided_by` count: the
+        means themselves, unless a stage's metrics are ratios of its sums."""
+        return dict(zip(self.metric_names, means, strict=True))
 
     def remove(self) -> None:
         """Leaves the model as it was (no hook of this loss left on it)."""

@@ -131,18 +131,45 @@ def save_tiny_llama(tokenizer: Any, folder: Path, seed: int = 0) -> Path:
 
 
 def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
+    """The model to train: the causal LM, or for stage rm the family's sequence-classification model with
+    one label (the decoder and a new `score` head), which reads its score at the last token that is not the
+    tokenizer's pad token."""
+    reward = config.stage == "rm"
     with _named_load_errors(path, "the model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     trust_remote_code=config.trust_remote_code,
-                                                     **_quantised_loading(config))
+        model = model_class(reward).from_pretrained(path, dtype=torch.float32,
+                                                    trust_remote_code=config.trust_remote_code,
+                                                    **({"num_labels": 1} if reward else {}),
+                                                    **_quantised_loading(config))
+    if reward:  # the score is read at the last token that is not the pad token the collator pads with
+        model.config.pad_token_id = load_tokenizer(path, config.trust_remote_code).pad_token_id
+        model.config.architectures = [type(model).__name__]  # what a checkpoint's config.json says it is
     if config.quantization_bit is None:
         drop_quantization(model.config)  # a dequantised GGUF import trains, and is saved, as a plain model
     # Without a KV cache the model reads packed rows (position ids restarting at 0, no attention mask) as
     # separate examples; with one, transformers lets every example attend to the ones packed before it.
     model.config.use_cache = False
     return prepare_for_training(model, config)
+
+
+def is_reward_model(folder: str | Path) -> bool:
+    """Whether a saved model folder holds a reward model (stage rm): a sequence-classification model, or an
+    adapter for one (PEFT task type SEQ_CLS)."""
+    import json
+
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    if (folder / "config.json").is_file():
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        return any(name.endswith("ForSequenceClassification") for name in architectures)
+    return False
+
+
+def model_class(reward: bool) -> Any:
+    """The transformers auto class of a causal LM, or of a reward model (one label)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if reward else AutoModelForCausalLM
 
 
 @contextlib.contextmanager
@@ -179,6 +206,7 @@ def _quantised_loading(config: TrainConfig) -> dict[str, Any]:
     quantization = BitsAndBytesConfig(
         load_in_4bit=config.quantization_bit == 4, load_in_8bit=config.quantization_bit == 8,
         bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=["score"] if config.stage == "rm" else None,  # the reward head is trained whole
     )
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return {"quantization_config": quantization, "device_map": {"": device}}
@@ -218,6 +246,8 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.n
         return _add_lora(model, config)
     if config.finetuning_type == "freeze":
         _freeze_all_but(model, config.freeze_trainable_layers)
+        if config.stage == "rm":
+            model.score.requires_grad_(True)  # a new head: trained whatever layers are
     return model
 
 
@@ -232,7 +262,8 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         use_dora=config.use_dora,
         use_rslora=config.use_rslora,
         target_modules="all-linear" if target == "all" else ([target] if isinstance(target, str) else target),
-        task_type="CAUSAL_LM",
+        # rm: PEFT trains and saves the score head whole with the adapter (modules_to_save)
+        task_type="SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM",
     )
     try:
         return get_peft_model(model, lora)

@@ -73,14 +73,16 @@ def estimate_sizes(model_path: str, config: TrainConfig, processes: int = 1) -> 
     """`checkpoint_bytes` and `final_model_bytes` from the model's shape, built on the meta device (no
     weights read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from lmtune.models import count_parameters, prepare_for_training
+    from lmtune.models import count_parameters, model_class, prepare_for_training
 
     try:
-        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code,
+                                                  **({"num_labels": 1} if config.stage == "rm" else {}))
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+            model = model_class(config.stage == "rm").from_config(model_config,
+                                                                  trust_remote_code=config.trust_remote_code)
             model = prepare_for_training(model, config)
     except (OSError, ValueError, UserError) as error:
         log.warning("could not size a checkpoint of %s: %s", model_path, error)
@@ -178,7 +180,7 @@ def plan_summary_lines(plan: Plan, config: TrainConfig) -> list[str]:
     written = len(plan.save_steps)
     lines = plan.resume + ([stream_line(plan.stream)] if plan.stream else [])
     if plan.memory:
-        sequences = 2 if config.stage == "dpo" else 1  # a pair is two sequences
+        sequences = 2 if config.stage in ("dpo", "kto", "rm") else 1  # a pair (or kto example) is two sequences
         lines.append(memory_line(plan.memory, config.per_device_train_batch_size * config.cutoff_len * sequences))
     if plan.batching:
         lines += [batching_line(plan.batching)] + ([plan.batching["note"]] if plan.batching["note"] else [])

@@ -1,4 +1,4 @@
-"""Preference training (stage dpo): the loss of a batch of pairs, and the reference model it compares with.
+"""Preference training (stages dpo and kto): the loss of a batch, and the reference model it compares with.
 
 A pair is two sequences, the chosen and the rejected answer after the same prompt; a micro-batch lays
 the sequences of its pairs out as the SFT collator does (end to end without padding, or one padded row
@@ -6,6 +6,12 @@ each), chosen before rejected, so that both go through the model in one forward.
 of a sequence is the sum over its answer's tokens, computed at the trained positions only, as the SFT
 loss is. The formulas are LLaMA-Factory's (after TRL): ipo, simpo and orpo use the mean over the
 answer's tokens instead of the sum; pref_ftx adds the chosen answer's mean NLL, weighted.
+
+KTO (stage kto) lays out each example as a pair is laid out: its prompt with its own answer, then its prompt
+with another row's answer (the KL sequence), marked desirable or not (`kto_tag`). Its loss is TRL's: with z
+the KL estimate (the mean over the step's micro-batch, on every process, of the KL sequences' log-ratio
+policy - reference, clamped at 0, no gradient), a desirable answer costs w_d (1 - sigmoid(beta (r - z))) and
+an undesirable one w_u (1 - sigmoid(beta (z - r))), r the answer's log-ratio.
 
 The reference: for LoRA the model itself with its adapter switched off; for full and freeze a frozen
 copy of the model as loaded, or (`precompute_ref_log_probs`) the log-probabilities of every pair
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmtune.config import PREFERENCE_METRICS, TrainConfig
+from lmtune.config import KTO_METRICS, PREFERENCE_METRICS, TrainConfig
 from lmtune.loss import TokenSumLoss, batch_loss_for
 
 log = logging.getLogger("lmtune")
@@ -90,16 +96,24 @@ class PreferenceLoss(TokenSumLoss):
         self.reference = reference
         self._metric_sums = torch.zeros(len(PREFERENCE_METRICS))
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {key: value for key, value in batch.items() if key != "ref_logps"}
+    def log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        """Of every sequence of the batch: the policy's log-probability (a mean over the answer's tokens for
+        ipo, simpo and orpo, else the sum), the reference's likewise (None without a reference), the mean
+        log-probability, and the number of trained tokens."""
+        inputs = {key: value for key, value in batch.items() if key not in ("ref_logps", "kto_tag")}
         sums, tokens = sequence_log_probs(self.token_loss, model, inputs)
         means = sums / tokens.clamp(min=1)
-        policy = means if self.config.pref_loss in LENGTH_NORMALISED else sums
-        ref_chosen = ref_rejected = None
+        length_normalised = self.config.stage == "dpo" and self.config.pref_loss in LENGTH_NORMALISED
+        policy = means if length_normalised else sums
+        ref = None
         if self.config.uses_reference:
             ref_sums = batch["ref_logps"].to(sums) if "ref_logps" in batch else self.reference.log_probs(inputs)
-            ref = ref_sums / tokens.clamp(min=1) if self.config.pref_loss in LENGTH_NORMALISED else ref_sums
-            ref_chosen, ref_rejected = ref[0::2], ref[1::2]
+            ref = ref_sums / tokens.clamp(min=1) if length_normalised else ref_sums
+        return policy, ref, means, tokens
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        policy, ref, means, tokens = self.log_probs(model, batch)
+        ref_chosen, ref_rejected = (ref[0::2], ref[1::2]) if ref is not None else (None, None)
         losses, chosen_rewards, rejected_rewards = preference_losses(
             self.config, policy[0::2], policy[1::2], ref_chosen, ref_rejected, means[0::2])
         # a pair with no trained token is a repeat that pads an epoch's end (batching.epoch_batches): it counts
@@ -116,6 +130,65 @@ class PreferenceLoss(TokenSumLoss):
 
     def metric_sums(self) -> torch.Tensor:
         return self._metric_sums
+
+
+def kto_losses(config: TrainConfig, policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor,
+               kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted loss of each example and its reward beta x (policy - reference), from the answers'
+    summed log-probabilities, their marks and the KL estimate."""
+    log_ratios = policy - ref
+    chosen = 1 - torch.sigmoid(config.pref_beta * (log_ratios - kl))
+    rejected = 1 - torch.sigmoid(config.pref_beta * (kl - log_ratios))
+    losses = torch.where(desirable, config.kto_chosen_weight * chosen, config.kto_rejected_weight * rejected)
+    return losses, config.pref_beta * log_ratios.detach()
+
+
+class KTOLoss(PreferenceLoss):
+    """The summed loss of a batch's kto examples; its metric sums are those of TRL's metrics (`KTO_METRICS`):
+    sums over the desirable and the undesirable examples and their counts, and the KL estimate weighted by
+    the examples it was taken over."""
+
+    metric_names = ("rewards/chosen_sum", "rewards/rejected_sum", "logps/chosen_sum", "logps/rejected_sum", "kl",
+                    "count/chosen", "count/rejected")
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        policy, ref, means, tokens = self.log_probs(model, batch)
+        # an example with no trained token is a repeat that pads an epoch's end: it counts nowhere
+        trained = ((tokens[0::2] > 0) & (tokens[1::2] > 0)).to(policy.dtype)
+        kl = self._kl_estimate(policy[1::2].detach() - ref[1::2], trained, model.training)
+        desirable = batch["kto_tag"].to(policy.device)
+        losses, rewards = kto_losses(self.config, policy[0::2], ref[0::2], desirable, kl)
+        if self.config.pref_ftx > 0:  # the desirable answer's mean NLL, weighted
+            losses = losses + self.config.pref_ftx * -means[0::2] * desirable
+        chosen, rejected = desirable.to(policy.dtype) * trained, (~desirable).to(policy.dtype) * trained
+        answers = policy[0::2].detach()
+        self._metric_sums = torch.stack([(rewards * chosen).sum(), (rewards * rejected).sum(),
+                                         (answers * chosen).sum(), (answers * rejected).sum(), kl * trained.sum(),
+                                         chosen.sum(), rejected.sum()])
+        return (losses * trained).sum()
+
+    @staticmethod
+    def _kl_estimate(log_ratios: torch.Tensor, trained: torch.Tensor, across_processes: bool) -> torch.Tensor:
+        """The mean log-ratio of the KL sequences, over every process's micro-batch while training (TRL gathers
+        it too; evaluation batches are not matched across processes), clamped at 0."""
+        total = torch.stack([(log_ratios * trained).sum(), trained.sum()])
+        if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        return (total[0] / total[1].clamp(min=1)).clamp(min=0).detach()
+
+    def reported_metrics(self, means: list[float]) -> dict[str, float]:
+        """TRL's metrics: means over the desirable (chosen) or the undesirable (rejected) examples, which a
+        step may lack (then the metric is left out), and the KL estimate."""
+        rewards_chosen, rewards_rejected, logps_chosen, logps_rejected, kl, chosen, rejected = means
+        reported = {}
+        if chosen > 0:
+            reported |= {"rewards/chosen": rewards_chosen / chosen, "logps/chosen": logps_chosen / chosen}
+        if rejected > 0:
+            reported |= {"rewards/rejected": rewards_rejected / rejected, "logps/rejected": logps_rejected / rejected}
+        if chosen > 0 and rejected > 0:
+            reported["rewards/margins"] = reported["rewards/chosen"] - reported["rewards/rejected"]
+        reported["kl"] = kl
+        return {name: reported[name] for name in KTO_METRICS if name in reported}
 
 
 # --- the reference ------------------------------------------------------------------------------
@@ -148,7 +221,8 @@ def reference_for(model: torch.nn.Module, config: TrainConfig, device: torch.dev
         return None
     if hasattr(model, "disable_adapter"):
         return AdapterOff(model)
-    log.info("dpo: the reference is a frozen copy of the model (precompute_ref_log_probs: true needs none)")
+    log.info("%s: the reference is a frozen copy of the model (precompute_ref_log_probs: true needs none)",
+             config.stage)
     return FrozenModel(copy.deepcopy(model).eval().requires_grad_(False).to(device))
 
 

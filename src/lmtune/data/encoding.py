@@ -3,7 +3,9 @@
 Map-style data (processing.py) and streamed data (streaming.py) both go through `RowEncoder` and
 `row_of`, so that the same file gives the same rows either way. A preference pair is one example of
 two sequences end to end, the chosen then the rejected answer, each after the same prompt: its
-position ids restart where the rejected one starts, as between the examples of a packed row.
+position ids restart where the rejected one starts, as between the examples of a packed row. A KTO
+example is likewise two sequences: its prompt with its own answer, then its prompt with the answer of the
+row before it (the mismatched pair KTO's KL estimate is taken from), and its mark (`kto_tag`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Example:
     labels: list[int]
     raw_length: int  # tokens before truncation
     prompt_length: int  # tokens before the first trained one, before truncation
-    lengths: list[int] | None = None  # a preference pair: the lengths of its chosen and rejected sequences
+    lengths: list[int] | None = None  # a preference pair or kto example: the lengths of its two sequences
+    kto_tag: bool | None = None  # a kto example: whether its answer is desirable
 
     @property
     def truncated(self) -> bool:
@@ -49,7 +52,7 @@ class Example:
 
 class RowEncoder:
     """Turns the rows of a data set into examples, as the config says (stage, template, cutoff_len), the
-    way LLaMA-Factory's supervised and pairwise processors do."""
+    way LLaMA-Factory's supervised, pairwise and feedback processors do."""
 
     def __init__(self, config: TrainConfig, tokenizer: Any, template: str | None):
         """`template`: the Jinja chat template of the run (chat_template_for), read when `config.template`
@@ -60,12 +63,23 @@ class RowEncoder:
 
     def examples(self, spec: DatasetSpec, row: dict[str, Any], where: str) -> list[Example]:
         """`where` names the row in an error message: `file.json, row 3`."""
-        try:
-            standard = standard_row(spec, row)
-        except ValueError as error:
-            raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
+        return self._examples_of(_standard(spec, row, where))
+
+    def batch_examples(self, spec: DatasetSpec, rows: list[dict[str, Any]], wheres: list[str]) -> list[list[Example]]:
+        """The examples of each of a batch of rows. KTO rows take the answer of the row before them in the
+        batch (the first takes the last's) for their KL sequence, as LLaMA-Factory and TRL pair them."""
+        standards = [_standard(spec, row, where) for row, where in zip(rows, wheres, strict=True)]
+        if spec.feedback:
+            answers = [standard["completion"] for standard in standards]
+            for standard, other in zip(standards, answers[-1:] + answers[:-1], strict=True):
+                standard["kl_completion"] = other
+        return [self._examples_of(standard) for standard in standards]
+
+    def _examples_of(self, standard: dict[str, Any]) -> list[Example]:
         if "chosen" in standard:
             return [self._pair(standard)]
+        if "completion" in standard:
+            return [self._feedback(standard)]
         if "messages" in standard:
             return [self._conversation(standard["messages"])]
         return [Example(chunk, [IGNORE_INDEX, *chunk[1:]], len(chunk), 0) for chunk in self._chunks(standard["text"])]
@@ -113,21 +127,44 @@ class RowEncoder:
     def _pair(self, standard: dict) -> Example:
         """The chosen and the rejected sequence, each cut to cutoff_len as LLaMA-Factory cuts a pair: the
         answers keep the larger share (the longer answer decides), the prompt is cut from its end."""
-        answers = []
-        for key in ("chosen", "rejected"):
-            turns = encode_turns(self.tokenizer, self.format,
-                                 [*standard["messages"], {"role": "assistant", "content": standard[key]}])
-            prompt = [token for earlier, reply in turns[:-1] for token in earlier + reply] + turns[-1][0]
-            answers.append(turns[-1][1] + ([self.tokenizer.eos_token_id] if self._efficient_eos else []))
-        prompt_keep, answer_keep = truncated_lengths(len(prompt), max(map(len, answers)), self.cutoff_len)
+        return self._joined([self._sequence(standard, "chosen"), self._sequence(standard, "rejected")])
+
+    def _feedback(self, standard: dict) -> Example:
+        """The answer's sequence and the KL sequence, each cut to cutoff_len on its own (LLaMA-Factory)."""
+        own = self._joined([self._sequence(standard, "completion")])
+        kl = self._joined([self._sequence(standard, "kl_completion")])
+        return Example(own.input_ids + kl.input_ids, own.labels + kl.labels, own.raw_length + kl.raw_length,
+                       own.prompt_length, [len(own.input_ids), len(kl.input_ids)], kto_tag=standard["kto_tag"])
+
+    def _sequence(self, standard: dict, answer: str) -> tuple[list[int], list[int]]:
+        """The prompt's ids and the answer's, as LLaMA-Factory's `encode_oneturn` gives them (with EOS after
+        the answer under an efficient-EOS template)."""
+        messages = [*standard["messages"], {"role": "assistant", "content": standard[answer]}]
+        turns = encode_turns(self.tokenizer, self.format, messages)
+        prompt = [token for earlier, reply in turns[:-1] for token in earlier + reply] + turns[-1][0]
+        return prompt, turns[-1][1] + ([self.tokenizer.eos_token_id] if self._efficient_eos else [])
+
+    def _joined(self, sequences: list[tuple[list[int], list[int]]]) -> Example:
+        """Answers after the same prompt, cut alike to cutoff_len (the longest answer decides), end to end."""
+        prompt_length = max(len(prompt) for prompt, _ in sequences)
+        prompt_keep, answer_keep = truncated_lengths(prompt_length, max(len(answer) for _, answer in sequences),
+                                                     self.cutoff_len)
         input_ids, labels, lengths = [], [], []
-        for answer in answers:
+        for prompt, answer in sequences:
             sequence = prompt[:prompt_keep] + answer[:answer_keep]
+            kept_prompt = min(prompt_keep, len(prompt))
             input_ids += sequence
-            labels += [IGNORE_INDEX] * max(prompt_keep, 1) + sequence[max(prompt_keep, 1):]
+            labels += [IGNORE_INDEX] * max(kept_prompt, 1) + sequence[max(kept_prompt, 1):]
             lengths.append(len(sequence))
-        raw = 2 * len(prompt) + sum(map(len, answers))
-        return Example(input_ids, labels, raw, len(prompt), lengths)
+        raw = sum(len(prompt) + len(answer) for prompt, answer in sequences)
+        return Example(input_ids, labels, raw, prompt_length, lengths)
+
+
+def _standard(spec: DatasetSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return standard_row(spec, row)
+    except ValueError as error:
+        raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
 
 
 def truncated_lengths(prompt: int, answer: int, cutoff_len: int) -> tuple[int, int]:

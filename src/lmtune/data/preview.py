@@ -3,8 +3,9 @@
 One rendering serves `lmtune preview`, `lmtune preview --json` and the sample that `lmtune train`
 logs when it starts. Masked tokens (label -100) are shown as `[-100 xN]` runs, trained tokens as their
 text; on a colour terminal the trained text is also green and the masked text dim. Packed rows are
-shown example by example, cut where the position ids restart at 0; a preference pair (stage dpo) as its
-prompt, then its chosen and its rejected sequence.
+shown example by example, cut where the position ids restart at 0; a preference pair (stages dpo, rm) as
+its prompt, then its chosen and its rejected sequence; a kto example as its prompt, its answer marked
+desirable or undesirable, then its KL sequence (the prompt with another row's answer).
 """
 
 from __future__ import annotations
@@ -56,9 +57,19 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def describe_row(row: dict[str, list[int]], index: int, tokenizer: Any, pair: bool = False) -> dict[str, Any]:
+def sequence_names(stage: str, row: dict[str, Any]) -> tuple[str, str] | None:
+    """What the two sequences of a row of `stage` are: a preference pair's, or a kto example's."""
+    if stage in ("dpo", "rm"):
+        return ("chosen", "rejected")
+    if stage == "kto":
+        mark = "desirable" if row.get("kto_tag") else "undesirable"
+        return (f"completion ({mark})", "KL completion (another row's answer, for the KL estimate)")
+    return None
+
+
+def describe_row(row: dict[str, list[int]], index: int, tokenizer: Any, stage: str = "sft") -> dict[str, Any]:
     """A processed row as data: its ids, labels and position ids, and each packed example (or, for a
-    preference `pair`, its chosen and rejected sequence) decoded."""
+    preference pair or kto example, its two sequences, named) decoded."""
     input_ids, labels = list(row["input_ids"]), list(row["labels"])
     position_ids = list(row.get("position_ids") or range(len(input_ids)))
     examples = []
@@ -78,11 +89,15 @@ def describe_row(row: dict[str, list[int]], index: int, tokenizer: Any, pair: bo
         "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
         "text": _decode(tokenizer, input_ids), "examples": examples,
     }
-    if pair and len(examples) == 2:
-        for example, name in zip(examples, ("chosen", "rejected"), strict=True):
+    names = sequence_names(stage, row)
+    if names is not None and len(examples) == 2:
+        for example, name in zip(examples, names, strict=True):
             example["name"] = name
         first = examples[0]["runs"][0]
         described["prompt"] = first["text"] if not first["trained"] else ""
+        described["sequences"] = "a preference pair" if stage != "kto" else "a kto example"
+        if stage == "kto":
+            described["kto_tag"] = bool(row["kto_tag"])
     return described
 
 
@@ -98,7 +113,7 @@ def render_row(described: dict[str, Any], split: str, total_rows: int, color: bo
     out = Text()
     packed = f" · {len(examples)} examples packed" if len(examples) > 1 else ""
     if "prompt" in described:
-        packed = " · a preference pair: prompt, chosen, rejected"
+        packed = f" · {described['sequences']}: prompt, {', '.join(example['name'] for example in examples)}"
     out.append(f"── {split} row {described['row']} of {total_rows}{packed} · {described['tokens']} tokens · "
                f"{described['trained_tokens']} trained ──\n", style="bold" if color else "")
     out.append(f"input_ids: {described['input_ids']}\n")
@@ -235,8 +250,7 @@ def _split_data(data: ProcessedData, split: str):
 def preview_data(config: Any, data: ProcessedData, tokenizer: Any, n: int, split: str) -> dict[str, Any]:
     """`lmtune preview --json`: the first N rows of the split and the statistics."""
     rows = _split_data(data, split)
-    pair = config.stage == "dpo"
-    shown = [describe_row(rows[i], i, tokenizer, pair) for i in range(min(n, len(rows)))]
+    shown = [describe_row(rows[i], i, tokenizer, config.stage) for i in range(min(n, len(rows)))]
     return {
         "split": split, "rows": len(rows), "packing": data.stats.packing, "cache_dir": str(data.cache_dir),
         "from_cache": data.from_cache, "examples": shown, "warnings": template_warnings(config, tokenizer),
@@ -358,11 +372,11 @@ def log_sample(config: Any, data: ProcessedData, tokenizer: Any) -> None:
     total = len(data.train)
     count = min(config.preview_samples, total)
     chosen = sorted(random.Random(config.seed).sample(range(total), count))
-    what = "rows" if data.stats.packing else "pairs" if config.stage == "dpo" else "examples"
+    what = "rows" if data.stats.packing else config.sample_name
     log.info("preview: %d of %d training %s, chosen at random with seed %d (preview_samples; `lmtune preview` "
              "shows more and the statistics)", count, total, what, config.seed)
     for index in chosen:
-        described = describe_row(data.train[index], index, tokenizer, pair=config.stage == "dpo")
+        described = describe_row(data.train[index], index, tokenizer, config.stage)
         log.info("%s", render_row(described, "train", total).plain)
     s = data.stats
     log.info("data: %d of %d examples kept; cutoff_len %d truncated %d and dropped %d (no response left); "

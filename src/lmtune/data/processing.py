@@ -181,9 +181,12 @@ def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any,
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "truncated": [], "has_labels": [],
                                 "raw_length": [], "prompt_length": []}
-        for offset, index in enumerate(indices):
-            row = {key: values[offset] for key, values in batch.items()}
-            for example in encoder.examples(spec, row, f"{file}, row {index + 1}"):
+        if spec.feedback:
+            out["kto_tag"] = []
+        rows = [{key: values[offset] for key, values in batch.items()} for offset in range(len(indices))]
+        wheres = [f"{file}, row {index + 1}" for index in indices]
+        for examples in encoder.batch_examples(spec, rows, wheres):
+            for example in examples:
                 out["input_ids"].append(example.input_ids)
                 out["labels"].append(example.labels)
                 out["position_ids"].append(example.position_ids)
@@ -191,6 +194,8 @@ def _encoder(config: TrainConfig, spec: DatasetSpec, file: Path, tokenizer: Any,
                 out["has_labels"].append(example.has_labels)
                 out["raw_length"].append(example.raw_length)
                 out["prompt_length"].append(example.prompt_length)
+                if spec.feedback:
+                    out["kto_tag"].append(example.kto_tag)
         return out
 
     return encode

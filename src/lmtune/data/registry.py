@@ -1,6 +1,7 @@
 """Where the data comes from: `dataset_info.json` entries (as in LLaMA-Factory) or plain file paths,
 read into rows of one shape: `{"messages": [...]}` for SFT, `{"messages": [...], "chosen": ..., "rejected": ...}`
-for preference pairs (the prompt's messages and the two answers' texts) or `{"text": ...}` for pre-training."""
+for preference pairs (the prompt's messages and the two answers' texts), `{"messages": [...], "completion": ...,
+"kto_tag": bool}` for KTO's marked answers, or `{"text": ...}` for pre-training."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import datasets
 
+from lmtune.config import PAIRED_STAGES
 from lmtune.errors import UserError
 
 FILE_LOADERS = {
@@ -36,7 +38,8 @@ class DatasetSpec:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     num_samples: int | None = None  # a size hint for streamed data
-    ranking: bool = False  # preference pairs: a prompt, a chosen and a rejected answer (stage dpo)
+    ranking: bool = False  # preference pairs: a prompt, a chosen and a rejected answer (stages dpo, rm)
+    feedback: bool = False  # an answer marked desirable or not (`kto_tag`, stage kto)
     placeholders: dict[str, str] = field(default_factory=dict)  # {{key}} in the text -> value
 
 
@@ -74,7 +77,8 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
         formatting = "text" if stage == "pt" else entry.get("formatting", "alpaca")
         columns = dict(entry.get("columns", {}))
         tags = dict(entry.get("tags", {}))
-        return DatasetSpec(name, files, formatting, columns, tags, entry.get("num_samples"), stage == "dpo")
+        return DatasetSpec(name, files, formatting, columns, tags, entry.get("num_samples"), stage in PAIRED_STAGES,
+                           stage == "kto")
     path = Path(name)
     if not path.exists() and (dataset_dir / name).exists():
         path = dataset_dir / name
@@ -89,7 +93,8 @@ def _resolve_one(name: str, dataset_dir: Path, registry: dict[str, Any], stage: 
         )
     files = _files_of(path, name)
     formatting = "text" if stage == "pt" else _guess_formatting(files[0])
-    return DatasetSpec(name, files, formatting, ranking=stage == "dpo")
+    columns = {"kto_tag": "label"} if stage == "kto" else {}  # a plain file: TRL's prompt / completion / label
+    return DatasetSpec(name, files, formatting, columns, ranking=stage in PAIRED_STAGES, feedback=stage == "kto")
 
 
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -103,17 +108,20 @@ def _check_entry(name: str, entry: dict[str, Any], stage: str) -> None:
         source = f" ({', '.join(hub)})" if hub else ""
         raise UserError(f"{where} has no file_name: lmtune reads local files and folders only{source}; download "
                         "the data and give its file or folder as file_name")
-    if entry.get("ranking") and stage != "dpo":
-        raise UserError(f"{where} is preference data (ranking: true, chosen/rejected answers), for stage: dpo; "
-                        f"stage {stage} needs an alpaca or sharegpt data set without ranking")
-    if stage == "dpo" and not entry.get("ranking"):
-        raise UserError(f"{where}: stage dpo trains on preference pairs; this entry has no ranking: true (add "
+    if entry.get("ranking") and stage not in PAIRED_STAGES:
+        raise UserError(f"{where} is preference data (ranking: true, chosen/rejected answers), for stage: dpo or "
+                        f"rm; stage {stage} needs an alpaca or sharegpt data set without ranking")
+    if stage in PAIRED_STAGES and not entry.get("ranking"):
+        raise UserError(f"{where}: stage {stage} trains on preference pairs; this entry has no ranking: true (add "
                         "it, with chosen and rejected columns, if its rows hold chosen/rejected answers)")
     if "kto_tag" in entry.get("columns", {}) and stage != "kto":
         # LLaMA-Factory drops such rows under sft; training them would teach the answers tagged bad too
         raise UserError(f"{where} is KTO data (columns.kto_tag: each answer tagged good or bad); stage {stage} "
-                        "would train every answer, the bad ones too: use a data set without kto_tag, or remove "
-                        "kto_tag from the entry if every answer is one to learn")
+                        "would train every answer, the bad ones too: use stage: kto, or a data set without kto_tag")
+    if stage == "kto" and "kto_tag" not in entry.get("columns", {}):
+        raise UserError(f"{where}: stage kto trains on answers marked desirable or undesirable; this entry has no "
+                        "kto_tag column (add \"columns\": {\"kto_tag\": \"label\"} naming the column of true/false "
+                        "marks)")
     if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
         raise UserError(f"{where}: formatting {entry['formatting']!r} is not one of alpaca, sharegpt")
     multimodal = [key for key in ("images", "videos", "audios") if key in entry.get("columns", {})]
@@ -207,6 +215,8 @@ def standard_row(spec: DatasetSpec, row: dict[str, Any]) -> dict[str, Any]:
     convert = {"alpaca": _alpaca_row, "sharegpt": _sharegpt_row, "text": _text_row}[spec.formatting]
     if spec.ranking:
         convert = _preference_row
+    elif spec.feedback:
+        convert = _feedback_row
     if spec.formatting != "text" and row.get(spec.columns.get("tools", "tools")):
         raise ValueError(TOOLS_REFUSED)
     try:
@@ -224,8 +234,8 @@ def _fill_placeholders(standard: dict[str, Any], values: dict[str, str]) -> dict
 
     if "text" in standard:
         return {"text": fill(standard["text"])}
-    answers = {key: fill(standard[key]) for key in ANSWERS if key in standard}
-    return {"messages": [{**m, "content": fill(m["content"])} for m in standard["messages"]], **answers}
+    answers = {key: fill(standard[key]) for key in (*ANSWERS, "completion") if key in standard}
+    return {**standard, "messages": [{**m, "content": fill(m["content"])} for m in standard["messages"]], **answers}
 
 
 def left_placeholders(spec: DatasetSpec, rows: Any, limit: int = 200) -> set[str]:
@@ -237,7 +247,7 @@ def left_placeholders(spec: DatasetSpec, rows: Any, limit: int = 200) -> set[str
         except ValueError:
             continue  # the row's fault is reported, with its number, when it is encoded
         texts = [standard["text"]] if "text" in standard else [m["content"] for m in standard["messages"]]
-        texts += [standard[key] for key in ANSWERS if key in standard]
+        texts += [standard[key] for key in (*ANSWERS, "completion") if key in standard]
         left.update(match for text in texts for match in PLACEHOLDER.findall(text))
     return left
 
@@ -283,10 +293,10 @@ def _sharegpt_messages(row: dict[str, Any], spec: DatasetSpec, keys: tuple[str, 
     as TRL's `prompt`); a file's rows all have every column, None where a row has none."""
     key = spec.columns.get("messages") or next((k for k in keys if row.get(k) is not None), keys[-1])
     turns = row.get(key)
-    if isinstance(turns, str) and turns.strip() and spec.ranking:
+    if isinstance(turns, str) and turns.strip() and (spec.ranking or spec.feedback):
         turns = [{"role": "user", "content": turns}]
     if not isinstance(turns, list) or not turns:
-        what = "prompt (a string or a list of messages)" if spec.ranking else "list of messages"
+        what = "prompt (a string or a list of messages)" if spec.ranking or spec.feedback else "list of messages"
         raise ValueError(f"no '{key}' {what}")
     messages = []
     system = row.get(spec.columns.get("system", "system"))
@@ -329,6 +339,32 @@ def _preference_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
         column = spec.columns.get(key, key)
         answers[key] = _answer_text(row.get(column), column, spec)
     return {"messages": prompt, **answers}
+
+
+def _feedback_row(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    """A prompt, one answer and its mark (`kto_tag`: true for desirable): alpaca's instruction and output,
+    a conversation whose last message is the assistant's answer (LLaMA-Factory), or TRL's prompt and
+    completion."""
+    column = spec.columns["kto_tag"]
+    tag = row.get(column)
+    if not isinstance(tag, bool):
+        raise ValueError(f"kto_tag column '{column}' is {tag!r}; it must be true (desirable) or false (undesirable)")
+    if spec.formatting == "alpaca":
+        standard = _alpaca_row(row, spec)
+        prompt, completion = standard["messages"][:-1], standard["messages"][-1]["content"]
+    elif row.get(spec.columns.get("completion", "completion")) is not None:  # TRL's prompt and completion
+        prompt = _sharegpt_messages(row, spec, ("messages", "conversations", "prompt"))
+        completion = _answer_text(row[spec.columns.get("completion", "completion")],
+                                  spec.columns.get("completion", "completion"), spec)
+    else:
+        messages = _sharegpt_messages(row, spec, ("messages", "conversations", "prompt"))
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            raise ValueError("the last message is not the assistant's answer (a kto row is a conversation ending "
+                             "with the answer that kto_tag marks, or a prompt and a completion)")
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError("the answer does not reply to a user's message (the prompt must end with the user's turn)")
+    return {"messages": prompt, "completion": completion, "kto_tag": tag}
 
 
 def _answer_text(answer: Any, column: str, spec: DatasetSpec) -> str:

@@ -165,9 +165,10 @@ def chat_template_for(tokenizer: Any, name: str | None) -> str:
     return named_jinja(chosen) if isinstance(chosen, NamedTemplate) else chosen
 
 
-def render(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], generation_prompt: bool,
+           tools: list[dict] | None = None) -> str:
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt, tools=tools
     )
 
 

@@ -38,6 +38,7 @@ class ChatHolder:
         """Stream the answer into the history. Without a model (none chosen, or one still loading) the
         history is left as it was and the message stays in the box."""
         from lmtune.chat import generate
+        from lmtune.generation import text_of
 
         history = list(history or [])
         if not (message or "").strip():
@@ -70,14 +71,6 @@ class ChatHolder:
             yield history, "", gr.update()
         history[-1] = {"role": "assistant", "content": result.get("text", text).strip() or "(an empty answer)"}
         yield history, "", gr.update()
-
-
-def text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
-    return str(content)
 
 
 def build(root: Path) -> gr.Dropdown:

@@ -26,7 +26,8 @@ from lmtune.errors import UserError
 FORM_KEYS = [
     "model_name_or_path", "template",
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "freeze_trainable_layers",
-    "pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs",
+    "pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs", "kto_chosen_weight",
+    "kto_rejected_weight",
     "dataset", "dataset_dir", "cutoff_len", "max_samples", "val_size", "packing",
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16",
@@ -36,8 +37,10 @@ FORM_KEYS = [
     "output_dir", "resume_from_checkpoint", "resume_lr", "overwrite_output_dir",
     "logging_steps", "report_to", "plot_loss",
 ]
-# Keys of stage dpo: written to the YAML only for that stage.
-PREFERENCE_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs")
+# Keys of the preference stages: each written to the YAML only for the stages that read it.
+STAGE_KEYS = {"dpo": ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs"),
+              "kto": ("pref_beta", "pref_ftx", "precompute_ref_log_probs", "kto_chosen_weight", "kto_rejected_weight")}
+PREFERENCE_KEYS = tuple(dict.fromkeys(key for keys in STAGE_KEYS.values() for key in keys))
 # Keys whose values are paths or names checked against the working folder, not read as YAML.
 PATH_KEYS = ("model_name_or_path", "dataset", "dataset_dir", "output_dir", "resume_from_checkpoint")
 # Keys that run code: the web UI neither offers them nor keeps them from a loaded file.
@@ -172,7 +175,8 @@ def form_to_values(root: Path, form: dict[str, Any], extra: dict[str, Any] | Non
         raise UserError(f"the form has no field {', '.join(sorted(unknown))}")
     values: dict[str, Any] = dict(extra or {})
     for key in FORM_KEYS:
-        if key not in form or key in PATH_KEYS or (key in PREFERENCE_KEYS and form.get("stage") != "dpo"):
+        if key not in form or key in PATH_KEYS or (key in PREFERENCE_KEYS
+                                                   and key not in STAGE_KEYS.get(form.get("stage"), ())):
             continue
         value = PACKING_CHOICES.get(form[key], form[key]) if key == "packing" else form[key]
         value = _parsed(key, value)

@@ -169,7 +169,7 @@ def build_form(root: Path) -> dict[str, Any]:
                 info=_help("model_name_or_path"), allow_custom_value=True, scale=3, elem_id="model")
             fields["template"] = gr.Textbox(label="template", info=_help("template"), scale=1)
         with gr.Row():
-            fields["stage"] = gr.Radio(["sft", "pt", "dpo"], value=defaults["stage"], label="stage",
+            fields["stage"] = gr.Radio(["sft", "pt", "dpo", "kto", "rm"], value=defaults["stage"], label="stage",
                                        info=_help("stage"))
             fields["finetuning_type"] = gr.Radio(["lora", "full", "freeze"], value=defaults["finetuning_type"],
                                                  label="finetuning_type", info=_help("finetuning_type"),
@@ -179,11 +179,11 @@ def build_form(root: Path) -> dict[str, Any]:
                 fields[key] = _text(key, defaults[key])
             fields["lora_target"] = gr.Textbox(defaults["lora_target"], label="lora_target", info=_help("lora_target"))
             fields["freeze_trainable_layers"] = _text("freeze_trainable_layers", defaults["freeze_trainable_layers"])
-        with gr.Row():  # stage dpo
+        with gr.Row():  # stages dpo and kto
             fields["pref_loss"] = gr.Dropdown(
                 list(TrainConfig.model_fields["pref_loss"].annotation.__args__), value=defaults["pref_loss"],
                 label="pref_loss", info=_help("pref_loss"))
-            for key in ("pref_beta", "pref_ftx", "simpo_gamma"):
+            for key in ("pref_beta", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight"):
                 fields[key] = _text(key, defaults[key])
             fields["precompute_ref_log_probs"] = gr.Checkbox(
                 defaults["precompute_ref_log_probs"], label="precompute_ref_log_probs",
@@ -227,7 +227,8 @@ def build_form(root: Path) -> dict[str, Any]:
             fields["metric_for_best_model"] = gr.Dropdown(
                 [("none", ""), ("eval_loss", "eval_loss"), ("loss", "loss"),
                  ("eval_rewards/accuracies (dpo)", "eval_rewards/accuracies"),
-                 ("eval_rewards/margins (dpo)", "eval_rewards/margins")], value="", label="metric_for_best_model",
+                 ("eval_rewards/margins (dpo, kto)", "eval_rewards/margins"),
+                 ("eval_accuracy (rm)", "eval_accuracy")], value="", label="metric_for_best_model",
                 info=_help("metric_for_best_model"))
             fields["save_on_eval"] = gr.Checkbox(False, label="save_on_eval", info=_help("save_on_eval"))
             fields["save_only_model"] = gr.Checkbox(False, label="save_only_model", info=_help("save_only_model"))

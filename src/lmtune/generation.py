@@ -1,0 +1,236 @@
+"""Generation: token ids in, completions out, for `lmtune chat`, the web UI's chat and `lmtune serve`.
+
+`generate` decodes a batch of prompts together (left padding, one KV cache), each row with sampling
+settings of its own (temperature, top-p, seed, stop strings, length), and can hand every new piece of
+text to a callback as it is decided and drop rows whose caller has gone. A row's answer does not depend
+on the other rows in its batch: its sampling draws from its own random generator.
+
+`render_prompt` writes a conversation as the run's chat template wrote it in training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row is decoded. temperature 0 is greedy; top_logprobs None asks for no log-probs,
+    0 for the chosen token's only, k for the k likeliest alternatives too."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """One row's answer: finish_reason is "stop" (end of sequence or a stop string), "length" or
+    "cancelled" (its caller went away)."""
+
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+# on_text(row, new_text, logprobs_of_the_new_tokens): called as text becomes final (a stop string may still cut
+# what is held back); on_finish(row, completion): called once, as the row ends; cancelled(row) -> True drops the row
+OnText = Callable[[int, str, list[TokenLogprob]], None]
+OnFinish = Callable[[int, Completion], None]
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The ids that end an answer: the tokenizer's end of sequence and the model's generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    return ids
+
+
+def context_length(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+class _Row:
+    def __init__(self, prompt: list[int], sampling: Sampling, device: torch.device) -> None:
+        self.sampling = sampling
+        self.done = Completion(len(prompt), logprobs=[] if sampling.top_logprobs is not None else None)
+        self.sent = 0  # characters of text already handed to on_text
+        self.pending: list[TokenLogprob] = []  # log-probs of tokens whose text is not handed out yet
+        self.random = None
+        if sampling.temperature > 0 and sampling.seed is not None:
+            self.random = torch.Generator(device=device).manual_seed(sampling.seed)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], sampling: Sequence[Sampling],
+             on_text: OnText | None = None, cancelled: Callable[[int], bool] | None = None,
+             on_finish: OnFinish | None = None) -> list[Completion]:
+    """Decode every prompt (a list of token ids) with its own sampling settings, all in one batch."""
+    device = next(model.parameters()).device
+    rows = [_Row(list(p), s, device) for p, s in zip(prompts, sampling, strict=True)]
+    ends = stop_token_ids(model, tokenizer)
+    limit = context_length(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(ends), 0)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    live = list(range(len(rows)))  # the rows still in the batch, in batch order
+    cache = DynamicCache()
+    while live:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
+                    use_cache=True, **{_cache_keyword(model): cache})
+        logits = out.logits[:, -1, :].float()
+        chosen = _choose(logits, [rows[i] for i in live])
+        wants_logprobs = any(rows[i].sampling.top_logprobs is not None for i in live)
+        logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
+        keep = []
+        for slot, index in enumerate(live):
+            row = rows[index]
+            token = int(chosen[slot])
+            if logprobs is not None and row.sampling.top_logprobs is not None:
+                row.pending.append(_logprob_of(logprobs[slot], token, row.sampling.top_logprobs))
+            row.done.token_ids.append(token)
+            total = row.done.prompt_tokens + len(row.done.token_ids)
+            if token in ends:
+                row.done.finish_reason = "stop"
+            elif len(row.done.token_ids) >= row.sampling.max_new_tokens or (limit and total >= limit):
+                row.done.finish_reason = "length"
+            _advance_text(tokenizer, row, index, on_text)
+            if row.done.finish_reason is None and cancelled is not None and cancelled(index):
+                row.done.finish_reason = "cancelled"
+            if row.done.finish_reason is None:
+                keep.append(slot)
+            elif on_finish is not None:
+                on_finish(index, row.done)
+        if len(keep) < len(live):
+            if not keep:
+                break
+            cache.batch_select_indices(torch.tensor(keep, device=device))
+            mask, chosen = mask[keep], chosen[keep]
+            live = [live[slot] for slot in keep]
+        input_ids = chosen[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+    return [row.done for row in rows]
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers renamed the forward's past_key_values to cache (5.20); both are supported."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """Each row's next token: the likeliest, or a draw from its tempered, top-p-cut distribution."""
+    chosen = logits.argmax(dim=-1)
+    for slot, row in enumerate(rows):
+        if row.sampling.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[slot] / row.sampling.temperature, dim=-1)
+        if row.sampling.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= row.sampling.top_p  # the likeliest always stays
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        chosen[slot] = torch.multinomial(probs, 1, generator=row.random)[0]
+    return chosen
+
+
+def _logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    entry = TokenLogprob(token, float(logprobs[token]))
+    if top:
+        values, ids = logprobs.topk(top)
+        entry.top = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
+    return entry
+
+
+def _advance_text(tokenizer: Any, row: _Row, index: int, on_text: OnText | None) -> None:
+    """Decode the row's tokens, cut at a stop string, and hand on the text that can no longer change:
+    a tail that could still begin a stop string, or an unfinished character, is held back."""
+    text = tokenizer.decode(row.done.token_ids, skip_special_tokens=True)
+    stops = row.sampling.stop
+    hits = [text.find(s, max(0, row.sent - len(s))) for s in stops]
+    hits = [h for h in hits if h >= 0]
+    if hits:
+        text, row.done.finish_reason = text[:min(hits)], "stop"
+    final = len(text)
+    if row.done.finish_reason is None:
+        final -= max((len(s) - 1 for s in stops), default=0)
+        if text.endswith("\ufffd"):
+            final = min(final, len(text) - 1)
+    row.done.text = text
+    if final <= row.sent and row.done.finish_reason is None:
+        return
+    piece = text[row.sent:max(final, row.sent)]
+    row.sent = max(final, row.sent)
+    if row.done.logprobs is not None:
+        row.done.logprobs.extend(row.pending)
+    handed, row.pending = row.pending, []
+    if on_text is not None and (piece or handed):
+        on_text(index, piece, handed)
+
+
+def render_prompt(tokenizer: Any, template: str | None, messages: list[dict[str, Any]],
+                  tools: list[dict] | None = None) -> str:
+    """The conversation as the run's template (None: the tokenizer's own) renders it in training, with the
+    generation prompt for the answer; tool definitions go to templates that use them."""
+    from lmtune.data.templates import chat_template_for, render
+
+    return render(tokenizer, chat_template_for(tokenizer, template), messages, generation_prompt=True, tools=tools)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """A rendered chat prompt's ids: the template wrote every special token already."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, Any]]) -> list[int]:
+    """A conversation's generation prompt as token ids, tokenised as training tokenised it: a named template
+    piece by piece as LLaMA-Factory does (so the model sees the tokens it was trained on), the tokenizer's own
+    template rendered whole."""
+    from lmtune.data.templates import conversation_format, generation_prompt_ids
+
+    chosen = conversation_format(tokenizer, template)
+    if isinstance(chosen, str):
+        return encode_prompt(tokenizer, render_prompt(tokenizer, template, messages))
+    return generation_prompt_ids(tokenizer, chosen, [{**m, "content": text_of(m.get("content"))} for m in messages])
+
+
+def reply(model: Any, tokenizer: Any, template: str | None, messages: list[dict[str, Any]], sampling: Sampling,
+          on_text: Callable[[str], None] | None = None) -> str:
+    """One answer to a conversation, streamed piece by piece to on_text."""
+    prompt = prompt_ids(tokenizer, template, messages)
+    [done] = generate(model, tokenizer, [prompt], [sampling],
+                      on_text=None if on_text is None else lambda _row, piece, _lp: on_text(piece))
+    return done.text.strip()
+
+
+def text_of(content: Any) -> str:
+    """A message's text: OpenAI's and gradio's content may be a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return str(content)
