@@ -170,7 +170,7 @@ def test_preview_shows_the_answer_its_mark_and_the_kl_sequence(kto_config, capsy
     assert "a kto example: prompt, completion (undesirable), KL completion" in out
     start = out.index("completion (desirable): tokens")
     first = out[start:out.index("KL completion (another", start)]
-    assert "]Yes, it is more.<|im_end|>[-100" in first  # row 0 is desirable: its own answer trained
+    assert "]Yes, it is more.<|im_end|>" in first  # row 0 is desirable: its own answer trained (and the newline after)
 
 
 def test_plan_and_the_web_form_know_both_stages(kto_config, rm_config, tmp_path, tiny_model_dir, capsys):
