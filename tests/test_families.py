@@ -210,12 +210,17 @@ def test_lora_trains_and_exports_a_model_transformers_loads_alone(family, tokeni
 
 @pytest.mark.parametrize("family", sorted(TEMPLATES))
 def test_the_family_template_trains_the_reply_and_its_end_of_turn_only(family, tokenizer):
-    from lmtune.data.templates import chat_template_for, encode_conversation
+    from lmtune.config import build_config
+    from lmtune.data.encoding import RowEncoder
+    from lmtune.data.registry import DatasetSpec
+    from lmtune.data.templates import chat_template_for
 
-    template = chat_template_for(tokenizer, TEMPLATES[family])
+    config = build_config({"stage": "sft", "template": TEMPLATES[family], "cutoff_len": 1024})
+    encoder = RowEncoder(config, tokenizer, chat_template_for(tokenizer, TEMPLATES[family]))
     messages = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "It is 5."},
                 {"role": "user", "content": "And 4 plus 4?"}, {"role": "assistant", "content": "It is 8."}]
-    ids, labels = encode_conversation(tokenizer, template, messages)
+    (example,) = encoder.examples(DatasetSpec("rows", [], "sharegpt"), {"messages": messages}, "row")
+    ids, labels = example.input_ids, example.labels
     trained = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
     prompt = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX])
     assert "It is 5." in trained and "It is 8." in trained and "plus" not in trained

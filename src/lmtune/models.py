@@ -349,6 +349,8 @@ def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         r=config.lora_rank,
         lora_alpha=config.effective_lora_alpha,
         lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
         target_modules="all-linear" if target == "all" else ([target] if isinstance(target, str) else target),
         # rm: PEFT trains and saves the score head whole with the adapter (modules_to_save)
         task_type="SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM",
