@@ -225,7 +225,8 @@ def test_the_family_template_trains_the_reply_and_its_end_of_turn_only(family, t
     prompt = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX])
     assert "It is 5." in trained and "It is 8." in trained and "plus" not in trained
     assert "What is 2 plus 3?" in prompt and "It is" not in prompt
-    assert len(trained) - len("It is 5.It is 8.") <= 2 * 24  # each reply with no more than its end-of-turn marker
+    # each reply with no more than its end-of-turn marker (qwen3 also trains its empty think block, as LLaMA-Factory)
+    assert len(trained.replace("<think>\n\n</think>\n\n", "")) - len("It is 5.It is 8.") <= 2 * 24
 
 
 def test_two_processes_shard_a_dense_and_a_moe_family_and_keep_the_models_own_loss(tokenizer, tiny_config, tmp_path):
