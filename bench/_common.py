@@ -18,6 +18,11 @@ WORDS = ("tide moon sea harbour light keeper storm wind rain ship rope sail nort
 H100_BF16_DENSE_TFLOPS = 989.0
 
 
+def smoke_requested(args: Any) -> bool:
+    """The smoke mode of bench/README.md: `--smoke`, or LMTUNE_BENCH_SMOKE=1 in the environment."""
+    return bool(getattr(args, "smoke", False)) or os.environ.get("LMTUNE_BENCH_SMOKE") == "1"
+
+
 def add_device_args(parser: Any) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: bf16 autocast, synchronised timings, MFU")
@@ -145,6 +150,7 @@ class EngineSteps:
         self.state = RunState(config=config, output_dir=setup.output_dir, is_main_process=True,
                               total_steps=setup.plan.total_steps, steps_per_epoch=setup.plan.steps_per_epoch)
         self.loop = TrainingLoop(setup, self.state)
+        self.loop.callbacks = CallbackList(self.loop._callbacks())  # as `TrainingLoop.run` builds them
         self.loop._start = time.monotonic()
         self.loop.callbacks = CallbackList(self.loop._callbacks())
         self.loop.callbacks.fire("on_train_begin", self.state, setup.model)

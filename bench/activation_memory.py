@@ -4,7 +4,7 @@ Each measurement runs in a child process of its own (peak memory is per process)
 alternating; full fine-tuning of SmolLM2-135M (or the tiny model) through lmtune's own model set-up,
 one forward + backward + AdamW step on a batch of random tokens.
 
-    .venv/bin/python bench/activation_memory.py --model smollm2 --batch 4 --seq 512 --repeats 2
+    .venv/bin/python bench/activation_memory.py --model smollm2 --batch 4 --seq 512 --repeats 2 [--smoke]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_device_args, median, model_dir  # noqa: E402
+from _common import add_device_args, median, model_dir, smoke_requested  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time, torch
@@ -59,8 +59,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="one short repeat on the tiny model")
     add_device_args(parser)
     args = parser.parse_args()
+    if smoke_requested(args):
+        args.model, args.batch, args.seq, args.repeats = "tiny", 1, 32, 1
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir(args.model, Path(tmp))
         runs: dict[bool, list[dict]] = {False: [], True: []}
@@ -74,7 +77,8 @@ def main() -> None:
     step = {flag: median([r["step_s"] for r in rows]) for flag, rows in runs.items()}
     for flag, label in ((False, "without"), (True, "with")):
         print(f"  {label} gradient_checkpointing: peak {peak[flag]:.0f} MB, step {step[flag]:.2f} s")
-    print(f"peak_ratio_checkpointed: {peak[True] / peak[False]:.3f}  step_time_ratio: {step[True] / step[False]:.3f}")
+    print(f"step_time_ratio: {step[True] / step[False]:.3f}")
+    print(f"peak_ratio_checkpointed: {peak[True] / peak[False]:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ steps on short sequences, with a callback that writes each process's peak RSS af
 times the engine's own `_save_checkpoint` on the training thread (plus, for an unsharded save, the wait
 of the next optimizer step for the writer's copy). The settings alternate over the repeats.
 
-    .venv/bin/python bench/fsdp_memory.py [--steps 2] [--seq 128] [--repeats 1]
+    .venv/bin/python bench/fsdp_memory.py [--steps 2] [--seq 128] [--repeats 1] [--smoke]
+
+The last line is `fsdp_peak_ratio`: the training peak of FSDP over that of 1 process.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import median, model_dir, write_sft_data  # noqa: E402
+from _common import median, model_dir, smoke_requested, write_sft_data  # noqa: E402
 
 REPORTER = '''
 import json, os, resource, time
@@ -87,7 +89,9 @@ def run(folder: Path, model: Path, data: Path, fsdp: bool, checkpointing: bool, 
                  str(free_port())] if fsdp else [sys.executable])
     env = {**os.environ, "FSDP_BENCH_OUT": str(out), "OMP_NUM_THREADS": "1" if fsdp else "2",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([*launcher, "-m", "lmtune", "train", str(config)], env=env, check=True, capture_output=True)
+    result = subprocess.run([*launcher, "-m", "lmtune", "train", str(config)], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name}: lmtune train failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank-*.json"))]
     blocked = [seconds for rank in ranks for seconds in rank["blocked_s"]]
     return {"peak_mb": max(rank["peak_mb"] for rank in ranks), "blocked_s": median(blocked),
@@ -99,19 +103,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="the tiny model, without gradient_checkpointing")
     args = parser.parse_args()
+    smoke = smoke_requested(args)
+    if smoke:
+        args.steps, args.seq, args.repeats = 2, 64, 1
     print(f"load average at the start: {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="lmtune-fsdp-bench-") as tmp:
         folder = Path(tmp)
         (folder / "fsdp_bench_report.py").write_text(REPORTER)
-        model = model_dir("smollm2", folder)
+        model = model_dir("tiny" if smoke else "smollm2", folder)
         data = write_sft_data(folder / "data.json", rows=64, min_words=args.seq // 2, max_words=args.seq)
-        settings = [(fsdp, gc) for gc in (False, True) for fsdp in (False, True)]
+        settings = [(fsdp, gc) for gc in ((False,) if smoke else (False, True)) for fsdp in (False, True)]
         results: dict = {setting: [] for setting in settings}
         for _ in range(args.repeats):
             for setting in settings:
                 results[setting].append(run(folder, model, data, *setting, args.steps, args.seq))
-    print(f"SmolLM2-135M full fine-tuning, {args.steps} steps of 2 examples x up to {args.seq} tokens, CPU; "
+    model_name = "tiny model" if smoke else "SmolLM2-135M"
+    print(f"{model_name} full fine-tuning, {args.steps} steps of 2 examples x up to {args.seq} tokens, CPU; "
           f"peak RSS of the largest process (median of {args.repeats}):")
     peak = {s: median([r["peak_mb"] for r in rows]) for s, rows in results.items()}
     training = {s: median([r["training_peak_mb"] for r in rows]) for s, rows in results.items()}
@@ -121,11 +130,12 @@ def main() -> None:
                 f"{' gradient_checkpointing' if gc else '':24s}"
         print(f"  {label} peak {training[(fsdp, gc)]:6.0f} MB training, {peak[(fsdp, gc)]:6.0f} MB with the saves "
               f"and the final model; a save blocks the training thread {blocked[(fsdp, gc)]:.3f} s")
-    for gc in (False, True):
+    for gc in sorted({gc for _, gc in settings}, reverse=True):
         print(f"ratio FSDP / 1 process{' (gradient_checkpointing)' if gc else ''}: training "
               f"{training[(True, gc)] / training[(False, gc)]:.3f}, "
               f"with saves {peak[(True, gc)] / peak[(False, gc)]:.3f}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"fsdp_peak_ratio: {training[(True, False)] / training[(False, False)]:.3f}")
 
 
 if __name__ == "__main__":

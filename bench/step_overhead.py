@@ -1,7 +1,7 @@
 """What lmtune's training step costs on top of the model's own forward and backward.
 
     python bench/step_overhead.py [--model tiny|smollm2] [--finetuning full|lora] [--pairs 10]
-                                  [--device cpu|cuda] [--peak-tflops 989]
+                                  [--device cpu|cuda] [--peak-tflops 989] [--smoke]
 
 A: lmtune's engine, set up from a config as `lmtune train` does (`set_up`, then the loop's own
    `_optimizer_step` and `_after_step`: token-weighted accumulation, clipping, the LR schedule, the
@@ -38,6 +38,7 @@ from _common import (  # noqa: E402
     model_dir,
     scratch_home,
     select_device,
+    smoke_requested,
     sync,
     write_sft_data,
 )
@@ -123,8 +124,11 @@ def main() -> None:
     parser.add_argument("--interleave", choices=("step", "block"),
                         help="alternate A and B every step (default on the CPU) or every block (default on a GPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--smoke", action="store_true", help="one pair of 2 steps on the tiny model")
     add_device_args(parser)
     args = parser.parse_args()
+    if smoke_requested(args):
+        args.model, args.pairs, args.logging_steps, args.distinct_groups, args.cutoff_len = "tiny", 1, 2, 2, 64
     args.interleave = args.interleave or ("block" if args.device == "cuda" else "step")
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:

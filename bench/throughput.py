@@ -2,7 +2,7 @@
 batches, logits only at trained positions), in trained tokens per second and memory.
 
     python bench/throughput.py [--model tiny|smollm2] [--finetuning full|lora] [--steps-per-block 5]
-                               [--pairs 4] [--threads N] [--device cpu|cuda] [--peak-tflops 989]
+                               [--pairs 4] [--threads N] [--device cpu|cuda] [--peak-tflops 989] [--smoke]
 
 Generates alpaca rows whose response lengths are spread evenly from short to `--cutoff-len`, and sets up
 lmtune's engine on them twice from the same config: `padded` has `padding_free: false` and the
@@ -35,6 +35,7 @@ from _common import (  # noqa: E402
     model_dir,
     scratch_home,
     select_device,
+    smoke_requested,
     sync,
     write_sft_data,
 )
@@ -116,8 +117,11 @@ def main() -> None:
     parser.add_argument("--steps-per-block", type=int, default=5)
     parser.add_argument("--pairs", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--smoke", action="store_true", help="one pair of 1 step on the tiny model")
     add_device_args(parser)
     args = parser.parse_args()
+    if smoke_requested(args):
+        args.model, args.rows, args.pairs, args.steps_per_block, args.cutoff_len = "tiny", 32, 1, 1, 64
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -43,7 +43,34 @@ def test_mapped_keys_become_lmtune_keys(given, expected):
 IGNORED = ["do_train", "do_eval", "do_predict", "ddp_timeout", "logging_dir", "logging_first_step",
            "enable_liger_kernel", "use_unsloth", "ddp_find_unused_parameters", "remove_unused_columns",
            "include_num_input_tokens_seen", "disable_tqdm", "dataloader_pin_memory", "preprocessing_batch_size",
-           "trust_remote_code_tokenizer", "double_quantization"]
+           "trust_remote_code_tokenizer", "double_quantization", "use_v1_kernels",
+           "fsdp_transformer_layer_cls_to_wrap"]
+# The keys of LLaMA-Factory's examples lmtune refuses (tests/test_llamafactory_configs.py runs the examples)
+LLAMAFACTORY_REFUSED = [
+    "adapter_name_or_path", "apollo_layerwise", "apollo_proj", "apollo_proj_type", "apollo_rank",
+    "apollo_scale", "apollo_scale_front", "apollo_scale_type", "apollo_target", "apollo_update_interval",
+    "apply_rope_fusion", "asft_alpha", "audio_sampling_rate", "badam_mask_mode", "badam_mode",
+    "badam_start_block", "badam_switch_interval", "badam_switch_mode", "badam_update_ratio", "badam_verbose",
+    "bias_activation_fusion", "create_oft", "eaft_alpha", "expert_model_parallel_size", "fp8", "fp8_backend",
+    "fp8_enable_fsdp_float8_all_gather", "freeze_language_model", "freeze_multi_modal_projector",
+    "freeze_trainable_modules", "freeze_vision_tower", "galore_layerwise", "galore_proj_type", "galore_rank",
+    "galore_scale", "galore_target", "galore_update_interval", "image_max_pixels", "image_min_pixels",
+    "loraplus_lr_ratio", "mixture_of_depths", "module_dropout", "moe_grouped_gemm",
+    "moe_token_dispatcher_type", "oft_block_size", "oft_rank", "oft_target", "overlap_grad_reduce",
+    "overlap_param_gather", "pipeline_model_parallel_size", "pissa_convert", "pissa_init", "pissa_iter",
+    "predict_with_generate", "pure_bf16", "ray_num_workers", "recompute_granularity", "sequence_parallel",
+    "tensor_model_parallel_size", "use_adam_mini", "use_apollo", "use_asft_loss", "use_badam", "use_dft_loss",
+    "use_distributed_optimizer", "use_eaft_loss", "use_galore", "use_kt", "use_llama_pro", "use_muon",
+    "video_fps", "video_max_pixels", "video_maxlen", "video_min_pixels",
+]
+
+
+@pytest.mark.parametrize("key", LLAMAFACTORY_REFUSED)
+def test_each_refused_llamafactory_key_exits_naming_itself_and_what_to_do(key):
+    with pytest.raises(UserError) as error:
+        build_config({key: True}, "run.yaml")
+    message = str(error.value)
+    assert message.startswith(f"run.yaml: {key}: ") and ("remove" in message or "set " in message)
 
 
 @pytest.mark.parametrize("key", IGNORED)
@@ -55,7 +82,7 @@ def test_ignored_keys_are_accepted_and_listed_with_why(key):
 
 
 @pytest.mark.parametrize("values, words", [
-    ({"deepspeed": "examples/deepspeed/ds_z3_config.json"}, ["deepspeed", "torchrun", "fsdp"]),
+    ({"deepspeed": "my_deepspeed.json"}, ["deepspeed", "no ZeRO stage", "torchrun", "fsdp: full_shard"]),
     ({"stage": "ppo"}, ["stage ppo", "not available", "'pt', 'sft', 'dpo', 'kto', 'rm'"]),
     ({"stage": "orpo"}, ["stage orpo", "stage: dpo", "pref_loss: orpo"]),
     ({"stage": "dpo", "pref_loss": "simpo", "precompute_ref_log_probs": True}, ["precompute_ref_log_probs",
@@ -66,8 +93,6 @@ def test_ignored_keys_are_accepted_and_listed_with_why(key):
     ({"push_to_hub": True}, ["push_to_hub", "lmtune export"]),
     ({"hub_model_id": "me/model"}, ["hub_model_id", "lmtune export"]),
     ({"neftune_noise_alpha": 5}, ["neftune_noise_alpha", "not available"]),
-    ({"use_dora": True}, ["use_dora", "not available"]),
-    ({"use_rslora": True}, ["use_rslora", "not available"]),
     ({"lr_scheduler_kwargs": {"min_lr": 0}}, ["lr_scheduler_kwargs"]),
     ({"optim": "adamw_8bit"}, ["optim", "AdamW", "adamw_torch"]),
     ({"fp16": True}, ["fp16", "bf16: true"]),
@@ -85,9 +110,10 @@ def test_refused_keys_name_the_lmtune_way(values, words):
 
 
 def test_every_table_entry_is_covered_by_a_test():
-    mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "neat_packing", "fsdp_config"}
-    refused = {"deepspeed", "train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha",
-               "use_dora", "use_rslora", "lr_scheduler_kwargs"}
+    mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "neat_packing", "fsdp_config",
+              "deepspeed", "disable_gradient_checkpointing"}
+    refused = {"train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha",
+               "lr_scheduler_kwargs", *LLAMAFACTORY_REFUSED}
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "mapped"} == mapped
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "refused"} == refused
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "ignored"} == set(IGNORED)
@@ -129,9 +155,9 @@ def test_plan_prints_what_it_mapped_and_ignored_before_the_plan(tiny_config, cap
 
 def test_a_refused_key_exits_2_and_writes_nothing(tiny_config, tmp_path, capsys):
     capsys.readouterr()
-    assert run_lmtune("train", tiny_config(deepspeed="ds_z3_config.json")) == 2
+    assert run_lmtune("train", tiny_config(ray_num_workers=4)) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "deepspeed" in err and "torchrun" in err and "Traceback" not in err
+    assert "ray_num_workers" in err and "torchrun" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 

@@ -22,10 +22,10 @@ def error_of(capsys, *args) -> str:
 @pytest.mark.parametrize("where", ["file", "command line"])
 def test_an_unknown_key_suggests_the_nearest_one(tiny_config, tmp_path, capsys, where):
     if where == "file":
-        err = error_of(capsys, "plan", tiny_config(learning_rat=0.1))
+        err = error_of(capsys, "plan", tiny_config(lora_rnak=4))
     else:
-        err = error_of(capsys, "plan", tiny_config(), "learning_rat=0.1")
-    assert "unknown key 'learning_rat'" in err and "did you mean 'learning_rate'?" in err
+        err = error_of(capsys, "plan", tiny_config(), "lora_rnak=4")
+    assert "unknown key 'lora_rnak'" in err and "did you mean 'lora_rank'?" in err
 
 
 @pytest.mark.parametrize("values, words", [

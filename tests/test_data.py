@@ -13,7 +13,7 @@ from conftest import ALPACA_ROWS, run_lmtune
 from lmtune.batching import Collator
 from lmtune.config import TrainConfig
 from lmtune.data import IGNORE_INDEX, prepare_data
-from lmtune.data.templates import chat_template_for, encode_conversation
+from lmtune.data.templates import chat_template_for
 from lmtune.models import load_model
 from lmtune.paths import cache_home
 
@@ -26,8 +26,8 @@ def ids_of(tokenizer, text: str) -> list[int]:
 
 
 def chatml_expected(tokenizer, messages) -> tuple[list[int], list[int]]:
-    """ChatML, piece by piece: `<|im_start|>role\\n` and the prompt masked, reply + <|im_end|> trained,
-    the newline after <|im_end|> masked."""
+    """ChatML, piece by piece: `<|im_start|>role\\n` and the prompt masked, reply, <|im_end|> and the
+    newline after it trained, as LLaMA-Factory trains them."""
     ids, labels = [], []
     for message in messages:
         head = ids_of(tokenizer, f"<|im_start|>{message['role']}\n")
@@ -35,8 +35,19 @@ def chatml_expected(tokenizer, messages) -> tuple[list[int], list[int]]:
         tail = ids_of(tokenizer, "\n")
         ids += head + body + tail
         trained = message["role"] == "assistant"
-        labels += [M] * len(head) + (body if trained else [M] * len(body)) + [M] * len(tail)
+        labels += [M] * len(head) + (body + tail if trained else [M] * (len(body) + len(tail)))
     return ids, labels
+
+
+def encode_conversation(tokenizer, template, messages):
+    from lmtune.config import build_config
+    from lmtune.data.encoding import RowEncoder
+    from lmtune.data.registry import DatasetSpec
+
+    config = build_config({"stage": "sft", "template": template, "cutoff_len": 1024})
+    encoder = RowEncoder(config, tokenizer, chat_template_for(tokenizer, template))
+    (example,) = encoder.examples(DatasetSpec("rows", [], "sharegpt"), {"messages": messages}, "row")
+    return example.input_ids, example.labels
 
 
 CONVERSATION = [
@@ -50,17 +61,17 @@ CONVERSATION = [
 
 @pytest.mark.parametrize("template", [None, "chatml"], ids=["smollm2-own-template", "named-chatml"])
 def test_only_assistant_replies_and_their_end_marker_are_trained(tokenizer, template):
-    ids, labels = encode_conversation(tokenizer, chat_template_for(tokenizer, template), CONVERSATION)
+    ids, labels = encode_conversation(tokenizer, template, CONVERSATION)
     expected_ids, expected_labels = chatml_expected(tokenizer, CONVERSATION)
     assert ids == expected_ids
     assert labels == expected_labels  # token by token
     trained = tokenizer.decode([t for t in labels if t != M])
-    assert trained == f"2 plus 2 is 4.{IM_END}3 plus 5 is 8.{IM_END}"  # every assistant turn
+    assert trained == f"2 plus 2 is 4.{IM_END}\n3 plus 5 is 8.{IM_END}\n"  # every assistant turn
 
 
 def test_smollm2_template_adds_its_default_system_prompt_masked(tokenizer):
     messages = CONVERSATION[1:3]
-    ids, labels = encode_conversation(tokenizer, chat_template_for(tokenizer, None), messages)
+    ids, labels = encode_conversation(tokenizer, None, messages)
     default_system = {"role": "system",
                       "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
     assert (ids, labels) == chatml_expected(tokenizer, [default_system, *messages])
@@ -99,7 +110,7 @@ def test_alpaca_rows_with_input_system_and_history(tmp_path, tiny_model_dir, tok
     ]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="a.json"), tokenizer, use_cache=False)
-    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}3{IM_END}", f"Blue{IM_END}"]
+    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}\n3{IM_END}\n", f"Blue{IM_END}\n"]
     prompt = prompt_texts(tokenizer, data)[0]
     assert "<|im_start|>system\nBe brief." in prompt and "<|im_start|>user\nAdd these.\n1 and 2" in prompt
     assert "<|im_start|>user\nHi" in prompt
@@ -114,7 +125,7 @@ def test_sharegpt_rows_through_the_registry(tmp_path, tiny_model_dir, tokenizer)
         {"chats": {"file_name": "chats.json", "formatting": "sharegpt",
                    "columns": {"messages": "conversations", "system": "system"}}}))
     data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="chats"), tokenizer, use_cache=False)
-    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}Goodbye!{IM_END}"]
+    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}\nGoodbye!{IM_END}\n"]
     assert "<|im_start|>system\nBe kind." in prompt_texts(tokenizer, data)[0]
 
 
@@ -125,7 +136,7 @@ def test_openai_messages_rows_from_a_jsonl_file(tmp_path, tiny_model_dir, tokeni
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset=str(tmp_path / "m.jsonl")), tokenizer,
                         use_cache=False)
-    assert trained_texts(tokenizer, data) == [f"A1{IM_END}", f"A2{IM_END}"]
+    assert trained_texts(tokenizer, data) == [f"A1{IM_END}\n", f"A2{IM_END}\n"]
 
 
 def test_text_rows_for_pretraining_are_chunked_at_cutoff_len(tmp_path, tiny_model_dir, tokenizer):
@@ -216,14 +227,24 @@ def bad_empty(tmp_path):
     return {"dataset": str(tmp_path / "empty.jsonl")}, ["empty.jsonl: the file is empty"]
 
 
-def bad_cutoff_below_every_prompt(tmp_path):
+def test_a_cutoff_len_below_every_prompt_shares_it_between_prompt_and_reply(tmp_path, tiny_model_dir, tokenizer):
+    """As LLaMA-Factory cuts (infer_seqlen): the prompt is cut from its end, the reply keeps its share, the row
+    is kept."""
     write_rows(tmp_path / "ok.jsonl", ALPACA_ROWS[:4])
-    return {"dataset": str(tmp_path / "ok.jsonl"), "cutoff_len": 12}, [
-        "all 4 lose their whole response to cutoff_len 12", "the shortest prompt is", "raise cutoff_len"]
+    assert all(len(tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]}], tokenize=True,
+                                                 return_dict=False)) > 12
+               for row in ALPACA_ROWS[:4])
+    data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset=str(tmp_path / "ok.jsonl"), cutoff_len=12),
+                        tokenizer, use_cache=False)
+    assert len(data.train) == 4 and data.stats.dropped_no_response == 0
+    for row, source in zip(data.train, ALPACA_ROWS[:4], strict=True):
+        assert len(row["input_ids"]) == 12
+        trained = tokenizer.decode([label for label in row["labels"] if label != M])
+        assert trained and source["output"].startswith(trained)
 
 
 @pytest.mark.parametrize("case", [bad_missing_file, bad_unknown_name, bad_row_without_output, bad_malformed_json,
-                                  bad_empty, bad_cutoff_below_every_prompt])
+                                  bad_empty])
 def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(case, tmp_path, tiny_config, capsys):
     values, expected = case(tmp_path)
     config = tiny_config(**values)

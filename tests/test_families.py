@@ -210,17 +210,23 @@ def test_lora_trains_and_exports_a_model_transformers_loads_alone(family, tokeni
 
 @pytest.mark.parametrize("family", sorted(TEMPLATES))
 def test_the_family_template_trains_the_reply_and_its_end_of_turn_only(family, tokenizer):
-    from lmtune.data.templates import chat_template_for, encode_conversation
+    from lmtune.config import build_config
+    from lmtune.data.encoding import RowEncoder
+    from lmtune.data.registry import DatasetSpec
+    from lmtune.data.templates import chat_template_for
 
-    template = chat_template_for(tokenizer, TEMPLATES[family])
+    config = build_config({"stage": "sft", "template": TEMPLATES[family], "cutoff_len": 1024})
+    encoder = RowEncoder(config, tokenizer, chat_template_for(tokenizer, TEMPLATES[family]))
     messages = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "It is 5."},
                 {"role": "user", "content": "And 4 plus 4?"}, {"role": "assistant", "content": "It is 8."}]
-    ids, labels = encode_conversation(tokenizer, template, messages)
+    (example,) = encoder.examples(DatasetSpec("rows", [], "sharegpt"), {"messages": messages}, "row")
+    ids, labels = example.input_ids, example.labels
     trained = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
     prompt = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX])
     assert "It is 5." in trained and "It is 8." in trained and "plus" not in trained
     assert "What is 2 plus 3?" in prompt and "It is" not in prompt
-    assert len(trained) - len("It is 5.It is 8.") <= 2 * 24  # each reply with no more than its end-of-turn marker
+    # each reply with no more than its end-of-turn marker (qwen3 also trains its empty think block, as LLaMA-Factory)
+    assert len(trained.replace("<think>\n\n</think>\n\n", "")) - len("It is 5.It is 8.") <= 2 * 24
 
 
 def test_two_processes_shard_a_dense_and_a_moe_family_and_keep_the_models_own_loss(tokenizer, tiny_config, tmp_path):

@@ -94,7 +94,7 @@ def test_a_fresh_lora_adapter_starts_at_half_of_each_examples_weight(kto_config,
 
 
 def test_kto_raises_the_desirable_answers_reward_and_lmtune_eval_gives_the_runs_eval(kto_config, tmp_path, capsys):
-    assert run_lmtune("train", kto_config(max_steps=6, val_size=4, eval_steps=6, learning_rate=0.02)) == 0
+    assert run_lmtune("train", kto_config(max_steps=8, val_size=4, eval_steps=8, learning_rate=0.02)) == 0
     rows = train_rows(tmp_path / "run")
     assert rows[-1]["rewards/margins"] > 0.1 and rows[-1]["loss"] < rows[0]["loss"]
     evaluation = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval"][-1]
@@ -170,7 +170,7 @@ def test_preview_shows_the_answer_its_mark_and_the_kl_sequence(kto_config, capsy
     assert "a kto example: prompt, completion (undesirable), KL completion" in out
     start = out.index("completion (desirable): tokens")
     first = out[start:out.index("KL completion (another", start)]
-    assert "]Yes, it is more.<|im_end|>[-100" in first  # row 0 is desirable: its own answer trained
+    assert "]Yes, it is more.<|im_end|>" in first  # row 0 is desirable: its own answer trained (and the newline after)
 
 
 def test_plan_and_the_web_form_know_both_stages(kto_config, rm_config, tmp_path, tiny_model_dir, capsys):

@@ -5,6 +5,7 @@ LLaMA-Factory's formats: `lmtune plan` and `lmtune train` take them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,11 +216,114 @@ def test_the_sft_lora_config_trains_the_identity_data_with_its_placeholders_fill
     assert "I am Lumi, an AI assistant developed by the lmtune team." in preview and "{{name}}" not in preview
 
 
-def test_the_full_sft_example_with_its_deepspeed_line_names_the_lmtune_way(tmp_path, tiny_model_dir,
-                                                                           llamafactory_data, capsys):
+def test_the_full_sft_example_with_its_deepspeed_line_runs_as_fsdp(tmp_path, tiny_model_dir, llamafactory_data,
+                                                                   capsys):
+    """ZeRO-3 is fsdp: full_shard; the file is LLaMA-Factory's path, not on this machine: its name says the stage.
+    On one process there is nothing to shard, and the run trains."""
     config, out = write(tmp_path, FULL_SFT, tiny_model_dir, llamafactory_data, deepspeed="")
     capsys.readouterr()
-    assert run_lmtune("plan", config) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "deepspeed" in err and "torchrun --nproc_per_node N -m lmtune train" in err
-    assert not out.exists()
+    assert run_lmtune("plan", config) == 0
+    plan = " ".join(capsys.readouterr().out.split())
+    assert "fsdp: 'full_shard' (mapped from DeepSpeed ZeRO-3)" in plan
+    assert run_lmtune("train", config, "max_steps=2", "bf16=false") == 0
+    assert (out / "model.safetensors").is_file()
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["fsdp"] == "full_shard"
+
+
+def test_a_deepspeed_file_gives_its_zero_stage_and_offload(tmp_path):
+    from lmtune.config import build_config
+
+    ds = tmp_path / "my_zero.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    config = build_config({"deepspeed": str(ds)})
+    assert (config.fsdp, config.fsdp_offload) == ("shard_grad_op", True)
+    assert build_config({"deepspeed": "ds_z0_config.json"}).fsdp is False
+
+
+# --- every training config of LLaMA-Factory 0.9.5's examples/ ----------------------------------
+
+EXAMPLES = Path(__file__).parent / "fixtures" / "llamafactory_examples"
+EXAMPLE_CONFIGS = sorted(str(path.relative_to(EXAMPLES)) for path in EXAMPLES.rglob("*.yaml"))
+# What each refused example is refused for: the key, and the lmtune way the message names
+REFUSED = {
+    "image_max_pixels": "text models",
+    "use_adam_mini": "finetuning_type: lora", "use_apollo": "finetuning_type: lora", "use_badam": "fsdp: full_shard",
+    "use_galore": "finetuning_type: lora", "use_dft_loss": "cross-entropy", "use_eaft_loss": "cross-entropy",
+    "use_asft_loss": "cross-entropy",
+    "fp8": "bf16: true", "freeze_trainable_modules": "freeze_trainable_layers", "loraplus_lr_ratio": "remove",
+    "mixture_of_depths": "remove", "use_muon": "AdamW", "adapter_name_or_path": "lmtune export",
+    "oft_block_size": "finetuning_type: lora", "pissa_init": "remove", "use_kt": "quantization_bit: 4",
+    "tensor_model_parallel_size": "torchrun", "stage": "not available in lmtune yet", "ray_num_workers": "torchrun",
+    "tokenized_path": "$LMTUNE_HOME/data",
+}
+
+
+def test_the_examples_are_llama_factorys_fifty_training_configs():
+    assert len(EXAMPLE_CONFIGS) == 50 and (EXAMPLES / "LICENSE").is_file()
+    assert all("stage" in yaml.safe_load((EXAMPLES / name).read_text()) for name in EXAMPLE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_CONFIGS)
+def test_each_llamafactory_example_config_is_taken_or_refused_naming_the_lmtune_way(name, tmp_path):
+    from lmtune.config import build_config
+    from lmtune.errors import UserError
+
+    values = yaml.safe_load((EXAMPLES / name).read_text())
+    values.update(model_name_or_path=str(tmp_path / "model"), dataset_dir=str(tmp_path / "data"),
+                  output_dir=str(tmp_path / "out"))
+    try:
+        build_config(values, name)
+    except UserError as error:
+        message = " ".join(str(error).split())
+        assert "unknown key" not in message
+        key = message.removeprefix(f"{name}: ").split(":")[0]
+        assert key in REFUSED, message
+        assert REFUSED[key] in message
+
+
+@pytest.mark.parametrize("key, config, suggestion", [
+    ("freeze_trainable_layer", {}, "freeze_trainable_layers"),  # a near miss of a key lmtune takes
+    ("freeze_trainable_layer", {"freeze_trainable_layers": 2}, None),  # not a key the config already sets
+    ("tokenized_pth", {}, None),  # not a key lmtune refuses (tokenized_path)
+    ("learnig_rate", {}, "learning_rate"),
+])
+def test_did_you_mean_names_only_a_key_lmtune_takes_that_the_config_does_not_set(key, config, suggestion):
+    from lmtune.config import build_config
+    from lmtune.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        build_config({**config, key: 1})
+    message = str(raised.value)
+    assert f"unknown key '{key}'" in message
+    assert (f"did you mean '{suggestion}'" in message) if suggestion else "did you mean" not in message
+
+
+def test_disable_gradient_checkpointing_is_mapped():
+    from lmtune.config import build_config
+
+    assert build_config({"disable_gradient_checkpointing": True}).gradient_checkpointing is False
+    assert build_config({"disable_gradient_checkpointing": False}).gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("key", ["use_dora", "use_rslora"])
+def test_use_dora_and_use_rslora_train_the_peft_adapter_they_name(key, tmp_path, tiny_model_dir):
+    from lmtune.config import build_config
+    from lmtune.errors import UserError
+    from lmtune.models import load_model, prepare_for_training
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir), key: True, "output_dir": str(tmp_path)})
+    model = prepare_for_training(load_model(str(tiny_model_dir), config), config)
+    lora = model.peft_config["default"]
+    assert getattr(lora, key) is True
+    other = "use_rslora" if key == "use_dora" else "use_dora"
+    assert getattr(lora, other) is False
+    if key == "use_dora":
+        assert any("lora_magnitude_vector" in name for name, _ in model.named_parameters())
+    with pytest.raises(UserError, match=f"{key} change LoRA adapters"):
+        build_config({"finetuning_type": "full", key: True})
+
+
+def test_a_dora_run_saves_a_dora_adapter(tiny_config, tmp_path):
+    assert run_lmtune("train", tiny_config(finetuning_type="lora", use_dora=True, max_steps=2)) == 0
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True

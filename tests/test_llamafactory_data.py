@@ -24,7 +24,7 @@ def test_alpaca_entry_with_renamed_system_and_history_columns(tmp_path, tiny_mod
     write_info(tmp_path, {"renamed": {"file_name": "renamed.json", "columns": {
         "prompt": "q", "query": "ctx", "response": "a", "system": "sys", "history": "hist"}}})
     data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="renamed"), tokenizer, use_cache=False)
-    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}3{IM_END}"]
+    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}\n3{IM_END}\n"]
     prompt = prompt_texts(tokenizer, data)[0]
     assert "<|im_start|>system\nBe brief." in prompt and "<|im_start|>user\nAdd these.\n1 and 2" in prompt
 
@@ -38,7 +38,7 @@ def test_sharegpt_entry_with_its_own_tags(tmp_path, tiny_model_dir, tokenizer):
                                      "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "person",
                                               "assistant_tag": "bot", "system_tag": "narrator"}}})
     data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="tagged"), tokenizer, use_cache=False)
-    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}"]
+    assert trained_texts(tokenizer, data) == [f"Hello!{IM_END}\n"]
     assert "<|im_start|>system\nBe kind." in prompt_texts(tokenizer, data)[0]
 
 
@@ -59,7 +59,7 @@ def test_a_folder_of_shards_is_one_data_set(tmp_path, tiny_model_dir, tokenizer)
         datasets.Dataset.from_list(rows).to_parquet(str(shards / f"train-{index:05d}-of-00002.parquet"))
     write_info(tmp_path, {"sharded": {"file_name": "alpaca_shards"}})
     data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="sharded"), tokenizer, use_cache=False)
-    assert sorted(trained_texts(tokenizer, data)) == sorted(f"{s}-{i}{IM_END}" for s in range(2) for i in range(3))
+    assert sorted(trained_texts(tokenizer, data)) == sorted(f"{s}-{i}{IM_END}\n" for s in range(2) for i in range(3))
 
 
 IDENTITY = [{"instruction": "Who are you?", "input": "",
@@ -71,7 +71,7 @@ def test_identity_placeholders_are_filled_from_the_config(tmp_path, tiny_model_d
     write_info(tmp_path, {"identity": {"file_name": "identity.json"}})
     config = config_for(tmp_path, tiny_model_dir, dataset="identity", placeholders={"name": "Lumi", "author": "Ada"})
     data = prepare_data(config, tokenizer, use_cache=False)
-    assert trained_texts(tokenizer, data) == [f"I am Lumi, an AI assistant developed by Ada.{IM_END}"]
+    assert trained_texts(tokenizer, data) == [f"I am Lumi, an AI assistant developed by Ada.{IM_END}\n"]
 
 
 def test_identity_placeholders_without_values_are_left_and_named(tmp_path, tiny_model_dir, tokenizer, caplog):
@@ -80,7 +80,7 @@ def test_identity_placeholders_without_values_are_left_and_named(tmp_path, tiny_
     config = config_for(tmp_path, tiny_model_dir, dataset="identity", placeholders={"name": "Lumi"})
     with caplog.at_level(logging.WARNING, logger="lmtune"):
         data = prepare_data(config, tokenizer, use_cache=False)
-    assert trained_texts(tokenizer, data) == [f"I am Lumi, an AI assistant developed by {{{{author}}}}.{IM_END}"]
+    assert trained_texts(tokenizer, data) == [f"I am Lumi, an AI assistant developed by {{{{author}}}}.{IM_END}\n"]
     warnings = [r.getMessage() for r in caplog.records if "placeholders" in r.getMessage()]
     assert len(warnings) == 1 and "{{author}}" in warnings[0] and "{{name}}" not in warnings[0]
 
@@ -116,7 +116,7 @@ def test_eval_dataset_is_the_eval_split(tmp_path, tiny_model_dir, tokenizer):
     data = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="train.json", eval_dataset="dev.json"),
                         tokenizer, use_cache=False)
     assert len(data.train) == 4 and len(data.eval) == 1
-    assert tokenizer.decode([t for t in data.eval[0]["labels"] if t != -100]) == f"D{IM_END}"
+    assert tokenizer.decode([t for t in data.eval[0]["labels"] if t != -100]) == f"D{IM_END}\n"
 
 
 def test_overwrite_cache_processes_the_data_again(tmp_path, tiny_model_dir, tokenizer):
@@ -128,3 +128,20 @@ def test_overwrite_cache_processes_the_data_again(tmp_path, tiny_model_dir, toke
     again = prepare_data(config_for(tmp_path, tiny_model_dir, dataset="rows.json", overwrite_cache=True), tokenizer)
     assert not again.from_cache and len(again.train) == 1
     assert again.cache_dir == cached.cache_dir and (again.cache_dir / "done").stat().st_mtime_ns > written
+
+
+def test_kto_data_under_sft_is_refused_so_that_no_answer_tagged_bad_is_trained(tmp_path, tiny_model_dir, tokenizer):
+    """LLaMA-Factory's kto_en_demo: sharegpt rows, each answer tagged good or bad by a `label` column."""
+    from lmtune.config import TrainConfig
+
+    rows = [{"messages": [{"content": "Hi", "role": "user"}, {"content": "Go away.", "role": "assistant"}],
+             "label": False}]
+    (tmp_path / "kto_en_demo.json").write_text(json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"kto_en_demo": {
+        "file_name": "kto_en_demo.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "kto_tag": "label"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    config = TrainConfig(model_name_or_path=str(tiny_model_dir), dataset="kto_en_demo", dataset_dir=str(tmp_path),
+                         output_dir=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="kto_tag.*the bad ones too"):
+        prepare_data(config, tokenizer, use_cache=False)

@@ -45,7 +45,7 @@ def test_preview_marks_the_masked_tokens_and_shows_the_trained_text(tiny_config,
     assert out.count("── train row ") == 2
     first = ALPACA_ROWS[0]
     masked = prompt_tokens(tokenizer, first)
-    assert f"labels:\n[-100 x{masked}]{first['output']}{IM_END}[-100 x1]\n" in out  # reply trained, rest not
+    assert f"labels:\n[-100 x{masked}]{first['output']}{IM_END}\n\n" in out  # the reply trained, not the prompt
     assert f"<|im_start|>user\n{first['instruction']}{IM_END}" in out  # the decoded input, template applied
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": first["instruction"]}, {"role": "assistant", "content": first["output"]}],
@@ -72,7 +72,7 @@ def test_preview_json_has_the_rows_as_the_model_gets_them(tiny_config, tokenizer
         assert row["trained_tokens"] == sum(1 for label in labels if label != -100) > 0
         assert row["text"] == tokenizer.decode(ids)
         (example,) = row["examples"]
-        assert example["labels_text"].endswith(f"{IM_END}[-100 x1]")
+        assert example["labels_text"].endswith(f"{IM_END}\n")
     stats = result["stats"]
     assert (stats["examples_read"], stats["train_examples"], stats["eval_examples"]) == (32, 28, 4)
 
@@ -123,8 +123,9 @@ def test_statistics_count_truncated_and_dropped_examples(tiny_config, tokenizer,
     result = preview_json(capsys, config, "-n", "20")
     stats = result["stats"]
     assert stats["examples_read"] == 15 and stats["examples_after_max_samples"] == 14
-    assert stats["truncated"] == 4 and stats["dropped_no_response"] == 1
-    assert stats["examples_kept"] == stats["train_rows"] == 13 == len(result["examples"])
+    # LLaMA-Factory's cutoff: the long prompt is cut from its end and keeps part of its reply, the row kept
+    assert stats["truncated"] == 4 and stats["dropped_no_response"] == 0
+    assert stats["examples_kept"] == stats["train_rows"] == 14 == len(result["examples"])
     assert stats["train_tokens"] == sum(r["tokens"] for r in result["examples"])
     assert stats["trained_tokens"] == sum(r["trained_tokens"] for r in result["examples"])
     assert max(r["tokens"] for r in result["examples"]) == 64
@@ -135,7 +136,7 @@ def test_statistics_count_truncated_and_dropped_examples(tiny_config, tokenizer,
 
     assert run_lmtune("preview", config, "-n", "0") == 0
     out = capsys.readouterr().out
-    assert "cutoff_len 64: 4 examples truncated; 1 lost their whole response and were dropped" in out
+    assert "cutoff_len 64: 4 examples truncated; 0 lost their whole response" in out
     assert "rows read: 15; after max_samples: 14" in out
     assert re.search(r"> cutoff_len\n", out)  # the histogram marks the lengths past cutoff_len
 
@@ -173,7 +174,7 @@ def test_train_prints_a_seeded_sample_of_the_data(tiny_config, capsys, wide, tmp
     assert "preview: 2 of 32 training examples, chosen at random with seed 3" in err
     shown = re.findall(r"── train row (\d+) of 32 ", err)
     assert len(shown) == 2
-    assert re.search(r"labels: \[-100 x\d+\]\d plus \d is \d+\.<\|im_end\|>\[-100 x1\]", err)
+    assert re.search(r"labels: \[-100 x\d+\]\d plus \d is \d+\.<\|im_end\|> ", err)  # the newline after it too
     again = train_log(tiny_config, capsys, preview_samples=2, seed=3, output_dir=str(tmp_path / "again"))
     assert re.findall(r"── train row (\d+) of 32 ", again) == shown  # the run's seed picks them
     other = train_log(tiny_config, capsys, preview_samples=2, seed=4, output_dir=str(tmp_path / "other"))

@@ -6,7 +6,17 @@ import copy
 
 import pytest
 
-from lmtune.data.templates import IGNORE_INDEX, TEMPLATES, chat_template_for, encode_conversation, render
+from lmtune.config import build_config
+from lmtune.data.encoding import RowEncoder
+from lmtune.data.registry import DatasetSpec
+from lmtune.data.templates import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    chat_template_for,
+    conversation_format,
+    generation_prompt_ids,
+    render,
+)
 from lmtune.errors import UserError
 
 TWO_TURNS = [
@@ -32,12 +42,20 @@ def bare_tokenizer(tokenizer):
     return bare
 
 
+def encode(tokenizer, name, messages, cutoff_len=1024):
+    """A conversation's ids and labels, as a run with this template encodes it."""
+    config = build_config({"stage": "sft", "template": name, "cutoff_len": cutoff_len})
+    encoder = RowEncoder(config, tokenizer, chat_template_for(tokenizer, name))
+    (example,) = encoder.examples(DatasetSpec("rows", [], "sharegpt"), {"messages": messages}, "row")
+    return example.input_ids, example.labels
+
+
 def trained_runs(tokenizer, ids, labels) -> list[str]:
-    """The trained text, one string per run of consecutive trained tokens."""
+    """The trained targets, one string per run of consecutive trained tokens."""
     runs, current = [], []
-    for token, label in zip(ids, labels, strict=True):
+    for label in labels:
         if label != IGNORE_INDEX:
-            current.append(token)
+            current.append(label)
         elif current:
             runs.append(current)
             current = []
@@ -46,32 +64,34 @@ def trained_runs(tokenizer, ids, labels) -> list[str]:
     return [tokenizer.decode(run) for run in runs]
 
 
-EOS = "<|im_end|>"  # the SmolLM2 tokenizer's EOS, which {eos} stands for
+# Trained: each reply and everything the template writes after it up to the next turn (its end-of-turn
+# marker, the newline after it), as LLaMA-Factory trains it; {eos} is the SmolLM2 tokenizer's EOS,
+# <|im_end|>; gemma2 and glm4 learn EOS where the next turn starts.
 FAMILIES = {
-    "default": ["Hello!" + EOS, "Fine." + EOS],
-    "empty": ["Hello!", "Fine."],
-    "alpaca": ["Hello!" + EOS, "Fine." + EOS],
-    "vicuna": ["Hello!" + EOS, "Fine." + EOS],
-    "chatml": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "qwen": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "qwen2": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "qwen2_5": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "qwen3": ["<think>\n\n</think>\n\nHello!<|im_end|>", "<think>\n\n</think>\n\nFine.<|im_end|>"],
-    "qwen3_nothink": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "yi": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "smollm": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "smollm2": ["Hello!<|im_end|>", "Fine.<|im_end|>"],
-    "llama3": ["Hello!<|eot_id|>", "Fine.<|eot_id|>"],
-    "llama2": ["Hello!" + EOS, "Fine." + EOS],
-    "mistral": [" Hello!" + EOS, " Fine." + EOS],
-    "gemma": ["Hello!<end_of_turn>", "Fine.<end_of_turn>"],
-    "gemma2": ["Hello!<end_of_turn>", "Fine.<end_of_turn>"],
-    "gemma3": ["Hello!<end_of_turn>", "Fine.<end_of_turn>"],
-    "phi": ["Hello!<|end|>", "Fine.<|end|>"],
-    "phi3": ["Hello!<|end|>", "Fine.<|end|>"],
-    "deepseek": ["Hello!" + EOS, "Fine." + EOS],
-    "glm4": ["\nHello!<|user|>", "\nFine." + EOS],
-    "cohere": ["Hello!" + EOS, "Fine." + EOS],
+    "alpaca": ['Hello!<|im_end|>\n\n', 'Fine.<|im_end|>\n\n'],
+    "chatml": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "cohere": ['Hello!<|im_end|>', 'Fine.<|im_end|>'],
+    "deepseek": ['Hello!<|im_end|>', 'Fine.<|im_end|>'],
+    "default": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "empty": ['Hello!', 'Fine.'],
+    "gemma": ['Hello!<end_of_turn>\n', 'Fine.<end_of_turn>\n'],
+    "gemma2": ['Hello!<end_of_turn>\n<|im_end|>', 'Fine.<end_of_turn>\n<|im_end|>'],
+    "gemma3": ['Hello!<end_of_turn>\n', 'Fine.<end_of_turn>\n'],
+    "glm4": ['\nHello!<|im_end|>', '\nFine.<|im_end|>'],
+    "llama2": ['Hello!<|im_end|>', 'Fine.<|im_end|>'],
+    "llama3": ['Hello!<|eot_id|>', 'Fine.<|eot_id|>'],
+    "mistral": [' Hello!<|im_end|>', ' Fine.<|im_end|>'],
+    "phi": ['Hello!<|end|>\n', 'Fine.<|end|>\n'],
+    "phi3": ['Hello!<|end|>\n', 'Fine.<|end|>\n'],
+    "qwen": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "qwen2": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "qwen2_5": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "qwen3": ['<think>\n\n</think>\n\nHello!<|im_end|>\n', '<think>\n\n</think>\n\nFine.<|im_end|>\n'],
+    "qwen3_nothink": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "smollm": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "smollm2": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
+    "vicuna": ['Hello!<|im_end|>', 'Fine.<|im_end|>'],
+    "yi": ['Hello!<|im_end|>\n', 'Fine.<|im_end|>\n'],
 }
 
 
@@ -82,9 +102,8 @@ def test_every_named_template_has_a_mask_test():
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_two_turns_train_each_reply_and_its_end_marker_only(bare_tokenizer, name):
     template = chat_template_for(bare_tokenizer, name)
-    ids, labels = encode_conversation(bare_tokenizer, template, TWO_TURNS)
-    runs = [run.strip(" ") if name != "mistral" else run for run in trained_runs(bare_tokenizer, ids, labels)]
-    assert runs == FAMILIES[name]
+    ids, labels = encode(bare_tokenizer, name, TWO_TURNS)
+    assert trained_runs(bare_tokenizer, ids, labels) == FAMILIES[name]
     text = render(bare_tokenizer, template, TWO_TURNS, generation_prompt=False)
     assert "Be brief." in text and "Hi there" in text and "How are you?" in text
 
@@ -125,34 +144,35 @@ def test_the_default_system_prompt_is_used_when_the_data_has_none(bare_tokenizer
     assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
 
 
-def test_the_tokenizers_own_template_is_used_where_it_is_the_family(tokenizer):
-    # SmolLM2's own template is ChatML: qwen names that family, so the tokenizer's own template is used
-    assert chat_template_for(tokenizer, "qwen") == tokenizer.chat_template
-    assert chat_template_for(tokenizer, "llama3") != tokenizer.chat_template
-    assert chat_template_for(tokenizer, "chatml") != tokenizer.chat_template  # chatml is always the named one
+@pytest.mark.parametrize("name", ["qwen", "qwen3", "qwen3_nothink", "yi", "smollm"])
+def test_a_template_name_gives_that_template_even_where_the_tokenizers_own_is_chatml(tokenizer, name):
+    # SmolLM2's own template is ChatML with its own default system prompt; the name decides, as in LLaMA-Factory
+    assert chat_template_for(tokenizer, name) != tokenizer.chat_template
+    ids, labels = encode(tokenizer, name, TWO_TURNS[1:3])
+    text = tokenizer.decode(ids)
+    assert "SmolLM" not in text
+    assert ("You are Qwen" in text) == (name == "qwen")
+    thought = "<think>\n\n</think>\n\nHello!<|im_end|>\n"
+    assert trained_runs(tokenizer, ids, labels) == [thought if name == "qwen3" else "Hello!<|im_end|>\n"]
 
 
-QWEN3_LIKE = (  # the part of Qwen3's own template that enable_thinking changes
-    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% if loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
-    "{{ message['content'] + '<|im_end|>\\n' }}"
-    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
-    "{% endif %}"
-)
+def test_null_uses_the_tokenizers_own_template(tokenizer):
+    assert chat_template_for(tokenizer, None) == tokenizer.chat_template
+    ids, _ = encode(tokenizer, None, TWO_TURNS[1:3])
+    assert "named SmolLM" in tokenizer.decode(ids)
 
 
-def test_qwen3_nothink_renders_the_own_template_with_thinking_off_and_does_not_train_the_empty_thought(
-        bare_tokenizer):
-    tokenizer = copy.copy(bare_tokenizer)
-    tokenizer.chat_template = QWEN3_LIKE
-    template = chat_template_for(tokenizer, "qwen3_nothink")
-    assert template.startswith("{% set enable_thinking = false %}") and template.endswith(QWEN3_LIKE)
-    prompt = render(tokenizer, template, TWO_TURNS[:2], generation_prompt=True)
-    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    ids, labels = encode_conversation(tokenizer, template, TWO_TURNS[:3])
-    assert trained_runs(tokenizer, ids, labels) == ["Hello!<|im_end|>"]
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_the_prompt_is_tokenised_at_inference_as_in_training(bare_tokenizer, name):
+    """No token straddles a prompt and its reply: the ids trained before the second reply are the ids of
+    the generation prompt chat gives the model for the same conversation."""
+    conversation = [{"role": "system", "content": "Quote."}, {"role": "user", "content": 'Say "yes".'},
+                    {"role": "assistant", "content": '"Yes."'}, {"role": "user", "content": "Again:"},
+                    {"role": "assistant", "content": '"Yes."'}]
+    ids, labels = encode(bare_tokenizer, name, conversation)
+    second_reply = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX) + 1
+    prompt = generation_prompt_ids(bare_tokenizer, conversation_format(bare_tokenizer, name), conversation[:4])
+    assert ids[:second_reply] == prompt
 
 
 def test_an_unknown_template_lists_the_names(bare_tokenizer):

@@ -89,6 +89,44 @@ def _fsdp_config(value: Any, values: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
+DEEPSPEED_WAY = ("write the sharding as lmtune keys: fsdp: full_shard (ZeRO-3), shard_grad_op (ZeRO-2), "
+                 "fsdp_offload: true (offload), and run `torchrun --nproc_per_node N -m lmtune train CONFIG`")
+
+
+def _deepspeed(value: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed ZeRO config as lmtune's FSDP keys: ZeRO-3 shards weights, gradients and optimizer state
+    (fsdp: full_shard), ZeRO-2 gradients and optimizer state (shard_grad_op), ZeRO-0/1 plain data parallel;
+    CPU offload is fsdp_offload. The stage is read from the file, or from its name (ds_z3_offload_config.json)
+    where the file is not on this machine, as with LLaMA-Factory's examples/deepspeed paths."""
+    stage, offload = _zero_settings(str(value))
+    if stage is None:
+        raise UserError(f"deepspeed: {value!r}: no ZeRO stage in the file or its name; {DEEPSPEED_WAY}")
+    changes: dict[str, Any] = {}
+    if stage >= 2 and not values.get("fsdp"):
+        changes["fsdp"] = "full_shard" if stage == 3 else "shard_grad_op"
+    if offload and (changes.get("fsdp") or values.get("fsdp")):
+        changes["fsdp_offload"] = True
+    return changes
+
+
+def _zero_settings(value: str) -> tuple[int | None, bool]:
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(value)
+    if path.is_file():
+        try:
+            zero = json.loads(path.read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"deepspeed: {value}: not a readable DeepSpeed JSON config; {DEEPSPEED_WAY}") from None
+        devices = [zero.get(key, {}).get("device") for key in ("offload_optimizer", "offload_param")
+                   if isinstance(zero.get(key), dict)]
+        return int(zero.get("stage", 0)), "cpu" in devices
+    match = re.search(r"z(?:ero)?_?([0-3])", path.name)
+    return (int(match.group(1)) if match else None), "offload" in path.name
+
+
 def _refuse(message: str) -> Treatment:
     return Treatment("refused", message)
 
@@ -127,10 +165,9 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "preprocessing_batch_size": _ignore("lmtune tokenises in batches of 256 rows"),
     "trust_remote_code_tokenizer": _ignore("trust_remote_code covers the tokenizer too"),
     # refused: lmtune does it another way, or not yet
-    "deepspeed": _refuse("lmtune does not use DeepSpeed: data-parallel training runs with "
-                         "`torchrun --nproc_per_node N -m lmtune train CONFIG`; for ZeRO-3-like sharding of weights, "
-                         "gradients and optimizer state set fsdp: full_shard (ZeRO-2: shard_grad_op; offload: "
-                         "fsdp_offload: true); remove deepspeed"),
+    "deepspeed": Treatment("mapped", "mapped from DeepSpeed ZeRO-N: ZeRO-3 -> fsdp: full_shard, ZeRO-2 -> "
+                           "shard_grad_op, ZeRO-0/1 -> plain data parallel, CPU offload -> fsdp_offload; run with "
+                           "torchrun (on one process there is nothing to shard)", _deepspeed),
     "double_quantization": _ignore("4-bit QLoRA (quantization_bit: 4) always uses double quantisation"),
     "train_on_prompt": _refuse("lmtune trains the assistant replies only (the rule of SFT labels); for training "
                                "on whole texts use stage: pt; remove train_on_prompt"),
@@ -139,10 +176,71 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "push_to_hub": _refuse("lmtune does not upload; `lmtune export RUN --out DIR` writes a folder to upload"),
     "hub_model_id": _refuse("lmtune does not upload; `lmtune export RUN --out DIR` writes a folder to upload"),
     "neftune_noise_alpha": _refuse(f"NEFTune noise is {NOT_YET}; remove neftune_noise_alpha"),
-    "use_dora": _refuse(f"DoRA is {NOT_YET}; remove use_dora"),
-    "use_rslora": _refuse(f"rsLoRA is {NOT_YET}; remove use_rslora"),
+    "loraplus_lr_ratio": _refuse(f"LoRA+ (a larger learning rate for LoRA's B matrices) is {NOT_YET}; remove "
+                                 "loraplus_lr_ratio"),
+    "pissa_init": _refuse(f"PiSSA initialisation is {NOT_YET} (it rewrites the base weights, which lmtune's export "
+                          "loads unchanged); remove pissa_init, pissa_iter and pissa_convert"),
+    "pissa_iter": _refuse(f"PiSSA is {NOT_YET}; remove pissa_iter"),
+    "pissa_convert": _refuse(f"PiSSA is {NOT_YET}; remove pissa_convert"),
+    "adapter_name_or_path": _refuse(f"starting from an existing adapter is {NOT_YET}: `lmtune export RUN --out DIR` "
+                                    "merges a LoRA run into a model folder to give as model_name_or_path; remove "
+                                    "adapter_name_or_path"),
+    "use_muon": _refuse(f"the Muon optimizer is {NOT_YET}: lmtune trains with torch's AdamW; remove use_muon"),
     "lr_scheduler_kwargs": _refuse("lmtune's schedules take no extra arguments; remove lr_scheduler_kwargs"),
+    "disable_gradient_checkpointing": Treatment("mapped", "gradient_checkpointing: the opposite",
+                                                lambda value, values: {"gradient_checkpointing": not value}),
+    "use_v1_kernels": _ignore("lmtune uses the model's own kernels; the result is the same, only speed differs"),
+    "fsdp_transformer_layer_cls_to_wrap": _ignore("lmtune's FSDP makes each decoder layer a unit, whatever its class"),
+    "pure_bf16": _refuse("lmtune keeps float32 weights and trains with bfloat16 autocast: set bf16: true; "
+                         "remove pure_bf16"),
+    "predict_with_generate": _refuse("lmtune has no predict stage: `lmtune eval RUN` measures a run and "
+                                     "`lmtune chat RUN` generates with it; remove predict_with_generate"),
+    "ray_num_workers": _refuse("lmtune does not run on Ray: run `torchrun --nproc_per_node N -m lmtune train CONFIG` "
+                               "on each machine; remove ray_num_workers"),
+    "use_kt": _refuse("KTransformers (CPU-offloaded MoE experts) is not in lmtune: for less GPU memory use "
+                      "quantization_bit: 4 or fsdp_offload: true; remove use_kt"),
+    "mixture_of_depths": _refuse("mixture-of-depths conversion is not in lmtune; remove mixture_of_depths"),
+    "use_llama_pro": _refuse("LLaMA Pro's added blocks are not in lmtune: finetuning_type: freeze with "
+                             "freeze_trainable_layers trains the last layers; remove use_llama_pro"),
+    "freeze_trainable_modules": _refuse("lmtune's finetuning_type: freeze trains whole decoder layers "
+                                        "(freeze_trainable_layers); remove freeze_trainable_modules"),
 }
+# Families of keys with one answer: the key that switches the feature on, and its settings.
+_FAMILIES = {
+    ("use_galore", "galore_layerwise", "galore_rank", "galore_scale", "galore_target", "galore_update_interval",
+     "galore_proj_type"): "GaLore is not in lmtune",
+    ("use_apollo", "apollo_layerwise", "apollo_rank", "apollo_scale", "apollo_scale_type", "apollo_target",
+     "apollo_update_interval", "apollo_proj", "apollo_proj_type", "apollo_scale_front"): "APOLLO is not in lmtune",
+    ("use_badam", "badam_mode", "badam_switch_interval", "badam_switch_mode", "badam_verbose", "badam_start_block",
+     "badam_update_ratio", "badam_mask_mode"): "BAdam is not in lmtune",
+    ("use_adam_mini",): "Adam-mini is not in lmtune",
+}
+for _keys, _what in _FAMILIES.items():
+    for _key in _keys:
+        FOREIGN_KEYS[_key] = _refuse(
+            f"{_what}: lmtune trains with torch's AdamW; for less optimizer memory train LoRA "
+            f"(finetuning_type: lora) or shard it over processes (fsdp: full_shard); remove {_keys[0]}"
+            + (f" and the {_keys[1].split('_')[0]}_* keys" if len(_keys) > 1 else ""))
+_REFUSED_FAMILIES = {
+    ("use_dft_loss", "use_asft_loss", "asft_alpha", "use_eaft_loss", "eaft_alpha"):
+        "lmtune's SFT loss is the cross-entropy of the reply tokens (loss_type picks how it is averaged); remove {key}",
+    ("oft_block_size", "oft_rank", "oft_target", "module_dropout", "create_oft"):
+        "OFT adapters are not in lmtune: finetuning_type: lora (or freeze, full); remove {key}",
+    ("image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen",
+     "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "audio_sampling_rate"):
+        "lmtune trains text models on text: images, videos and audio are not supported; remove {key}",
+    ("fp8", "fp8_backend", "fp8_enable_fsdp_float8_all_gather"):
+        "FP8 training is not in lmtune (it needs a GPU with FP8 units, Hopper or newer, and torchao); on any GPU "
+        "bf16: true trains with bfloat16 autocast; remove {key}",
+    ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size", "sequence_parallel",
+     "use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather", "moe_grouped_gemm",
+     "moe_token_dispatcher_type", "recompute_granularity", "apply_rope_fusion", "bias_activation_fusion"):
+        "Megatron parallelism is not in lmtune: data parallel with `torchrun --nproc_per_node N`, and fsdp: "
+        "full_shard to shard weights, gradients and optimizer state; remove {key}",
+}
+for _keys, _why in _REFUSED_FAMILIES.items():
+    for _key in _keys:
+        FOREIGN_KEYS[_key] = _refuse(_why.format(key=_key))
 
 
 @dataclass
@@ -170,5 +268,6 @@ def translate(values: dict[str, Any], source: str) -> Translated:
             raise UserError(f"{source}: {error}") from None
         own.update(changes)
         shown = ", ".join(f"{k}: {v!r}" for k, v in changes.items()) or "nothing to change"
-        notes.append(f"mapped {key}: {value!r} -> {shown}")
+        origin = f" (mapped from DeepSpeed ZeRO-{_zero_settings(str(value))[0]})" if key == "deepspeed" else ""
+        notes.append(f"mapped {key}: {value!r} -> {shown}{origin}")
     return Translated(own, notes)

@@ -7,6 +7,7 @@ same, so that an existing config can be brought over.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -129,6 +130,10 @@ class TrainConfig(BaseModel):
         "all", description="'all' linear layers but the output head, or module names (list or comma separated)",
         json_schema_extra=on_resume("run", checkpoint_size=True)
     )
+    use_dora: bool = Field(False, description="LoRA: DoRA, each weight's magnitude and direction adapted apart "
+                           "(PEFT's use_dora)", json_schema_extra=on_resume("run", checkpoint_size=True))
+    use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling lora_alpha / sqrt(lora_rank) instead "
+                             "of lora_alpha / lora_rank (PEFT's use_rslora)", json_schema_extra=on_resume("run"))
     freeze_trainable_layers: int = Field(
         2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)",
         json_schema_extra=on_resume("run", checkpoint_size=True)
@@ -549,6 +554,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"quantization_bit: {self.quantization_bit} trains LoRA on quantised base weights "
                              f"(QLoRA); finetuning_type {self.finetuning_type} would train the quantised weights "
                              "themselves: set finetuning_type: lora, or remove quantization_bit")
+        lora_only = [key for key in ("use_dora", "use_rslora") if getattr(self, key)]
+        if lora_only and self.finetuning_type != "lora":
+            raise ValueError(f"{', '.join(lora_only)} change LoRA adapters; finetuning_type {self.finetuning_type} "
+                             "trains none: set finetuning_type: lora, or remove " + " and ".join(lora_only))
         if self.fsdp_offload and not self.fsdp:
             raise ValueError("fsdp_offload moves sharded weights to the CPU and fsdp is false: set fsdp: full_shard, "
                              "or remove fsdp_offload")
@@ -752,9 +761,11 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def nearest_key(key: str) -> str | None:
-    """A real near miss: a known key a few edits away (a third of the key's length at most), else None."""
-    known = [*TrainConfig.model_fields, *FOREIGN_KEYS]
+def nearest_key(key: str, taken: Iterable[str] = ()) -> str | None:
+    """A real near miss: a key lmtune takes (its own, or one it maps or ignores; not a refused one, nor one of
+    `taken`, which the config already sets) a few edits away (a third of the key's length at most), else None."""
+    known = [name for name in [*TrainConfig.model_fields, *FOREIGN_KEYS]
+             if name not in taken and (name not in FOREIGN_KEYS or FOREIGN_KEYS[name].kind != "refused")]
     distance, best = min((edit_distance(key, name), name) for name in known)
     return best if distance <= max(1, len(key) // 3) else None
 
@@ -762,7 +773,7 @@ def nearest_key(key: str) -> str | None:
 def _check_known_keys(values: dict[str, Any], source: str) -> None:
     for key in values:
         if key not in TrainConfig.model_fields and key not in FOREIGN_KEYS:
-            suggestion = nearest_key(key)
+            suggestion = nearest_key(key, taken=values)
             hint = f"; did you mean '{suggestion}'?" if suggestion else "; see `lmtune train --help-config`"
             raise UserError(f"{source}: unknown key '{key}'{hint}")
 

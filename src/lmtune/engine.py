@@ -61,6 +61,7 @@ from lmtune.data.streaming import prepare_stream, stream_size, with_planned_step
 from lmtune.errors import RunFailed, Stopped, UserError
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
+from lmtune.phases import PhaseClock, log_moment
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
 from lmtune.preference import precompute_reference, reference_for
 from lmtune.resume import (
@@ -130,6 +131,7 @@ def train(config: TrainConfig) -> Path:
 def set_up(config: TrainConfig) -> Setup:
     """Everything a run needs, every check made: config, data, model, callbacks, the checkpoint to resume
     and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
+    clock = PhaseClock("set-up")
     config = take_accelerate_fsdp(config)
     precision = _mixed_precision(config)
     accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False,
@@ -141,10 +143,13 @@ def set_up(config: TrainConfig) -> Setup:
     starts_fresh_here = point is None or point.path.parent.resolve() != output_dir.resolve()
     to_clear = _earlier_run_files(config, output_dir) if starts_fresh_here else []
     seed_everything(config.seed)
+    clock.lap("accelerator, resume point")
     with accelerator.main_process_first():
         model_path = resolve_model_path(config.model_name_or_path)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+        clock.lap("tokenizer")
         data = _prepare_training_data(config, tokenizer, accelerator)
+        clock.lap("data")
     fingerprint = data_fingerprint(data_files(config), tokenizer)
     user_callbacks = load_user_callbacks(config.callbacks)
     rewards = _checked_rewards(config, data)
@@ -152,13 +157,16 @@ def set_up(config: TrainConfig) -> Setup:
         from lmtune.data.preview import log_sample
 
         log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does
+    clock.lap("data fingerprint, callbacks, preview")
     model = load_model(model_path, config)
+    clock.lap("model")
     reference = _preference_reference(config, model, data, tokenizer, accelerator)  # before a checkpoint's weights
     if point is not None:
         check_compatible(point, config, accelerator.num_processes)
         settle_data_position(point, None if config.streaming else len(data.train))
         if not is_sharded(point.path):
             load_weights(model, point)
+    clock.lap("reference model, checkpoint weights")
     trainable, total = count_parameters(model)
     log.info("model %s: %s trainable of %s parameters (%s)", config.model_name_or_path, f"{trainable:,}",
              f"{total:,}", config.finetuning_type)
@@ -176,6 +184,7 @@ def set_up(config: TrainConfig) -> Setup:
         for line in plan_summary_lines(plan, config):
             log.info("%s", line)
     check_disk(plan, config, freed_bytes=sum(_size_of(path) for path in to_clear))
+    clock.lap("plan")
     model, optimizer = sharding.prepare(accelerator, model, lambda wrapped: build_optimizer(wrapped, config))
     schedule = config_schedule(config, plan.total_steps)
     if point is not None:
@@ -192,6 +201,7 @@ def set_up(config: TrainConfig) -> Setup:
         from lmtune.grpo import PromptCollator
 
         collator = PromptCollator()  # the loader's micro-batches are prompts; the stage collates what it generates
+    clock.lap("optimizer, schedule, checkpoint state")
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
                  collator, user_callbacks, fingerprint, to_clear, sharding, point, reference, rewards)
 
@@ -397,6 +407,7 @@ class TrainingLoop:
             )
         self.accelerator.wait_for_everyone()
         self.callbacks.fire("on_train_begin", self.state, self.s.model)
+        log_moment("the first optimizer step begins")
         self._start = time.monotonic() - self.state.elapsed_s
         with self._signals:
             for group in self.stage.groups(self._step_groups()):

@@ -204,10 +204,22 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, Any]]) -> list[int]:
+    """A conversation's generation prompt as token ids, tokenised as training tokenised it: a named template
+    piece by piece as LLaMA-Factory does (so the model sees the tokens it was trained on), the tokenizer's own
+    template rendered whole."""
+    from lmtune.data.templates import conversation_format, generation_prompt_ids
+
+    chosen = conversation_format(tokenizer, template)
+    if isinstance(chosen, str):
+        return encode_prompt(tokenizer, render_prompt(tokenizer, template, messages))
+    return generation_prompt_ids(tokenizer, chosen, [{**m, "content": text_of(m.get("content"))} for m in messages])
+
+
 def reply(model: Any, tokenizer: Any, template: str | None, messages: list[dict[str, Any]], sampling: Sampling,
           on_text: Callable[[str], None] | None = None) -> str:
     """One answer to a conversation, streamed piece by piece to on_text."""
-    prompt = encode_prompt(tokenizer, render_prompt(tokenizer, template, messages))
+    prompt = prompt_ids(tokenizer, template, messages)
     [done] = generate(model, tokenizer, [prompt], [sampling],
                       on_text=None if on_text is None else lambda _row, piece, _lp: on_text(piece))
     return done.text.strip()

@@ -134,12 +134,12 @@ def load_model(path: str, config: TrainConfig) -> torch.nn.Module:
     """The model to train: the causal LM, or for stage rm the family's sequence-classification model with
     one label (the decoder and a new `score` head), which reads its score at the last token that is not the
     tokenizer's pad token."""
+    _check_weight_files(path)
     reward = config.stage == "rm"
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     attention = attention_implementation(config, device_type)
     if attention is not None:
         log.info("attention: %s (flash_attn: %s)", attention, config.flash_attn)
-    _check_weight_files(path)
     with _named_load_errors(path, "the model"):
         model = model_class(reward).from_pretrained(path, dtype=weights_dtype(config, device_type),
                                                     trust_remote_code=config.trust_remote_code,
@@ -337,6 +337,11 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.n
 
 
 def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    with contextlib.nullcontext() if config.quantization_bit is not None else _without_bitsandbytes():
+        return _lora_model(model, config)
+
+
+def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target = config.lora_target
@@ -344,6 +349,8 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         r=config.lora_rank,
         lora_alpha=config.effective_lora_alpha,
         lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
         target_modules="all-linear" if target == "all" else ([target] if isinstance(target, str) else target),
         # rm: PEFT trains and saves the score head whole with the adapter (modules_to_save)
         task_type="SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM",
@@ -356,6 +363,26 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
                     - {"base_layer"})
     log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
     return adapted
+
+
+@contextlib.contextmanager
+def _without_bitsandbytes():
+    """peft imports bitsandbytes whenever it is installed (as peft is imported and as LoRA layers are made),
+    and bitsandbytes compiles its kernels with torch.compile as it is imported: seconds of a run's start-up
+    that only QLoRA needs. Within this block bitsandbytes looks not installed; after it, it is findable
+    again and peft's cached checks for it are asked afresh (a later QLoRA model in the process loads it)."""
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import and find_spec: not installed
+    try:
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        from peft import import_utils
+
+        import_utils.is_bnb_available.cache_clear()
+        import_utils.is_bnb_4bit_available.cache_clear()
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

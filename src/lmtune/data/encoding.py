@@ -15,7 +15,7 @@ from typing import Any
 
 from lmtune.config import TrainConfig
 from lmtune.data.registry import DatasetSpec, standard_row
-from lmtune.data.templates import IGNORE_INDEX, encode_conversation, render
+from lmtune.data.templates import IGNORE_INDEX, TEMPLATES, NamedTemplate, encode_turns, generation_prompt_ids
 from lmtune.errors import UserError
 
 
@@ -51,10 +51,14 @@ class Example:
 
 
 class RowEncoder:
-    """Turns the rows of a data set into examples, as the config says (stage, template, cutoff_len)."""
+    """Turns the rows of a data set into examples, as the config says (stage, template, cutoff_len), the
+    way LLaMA-Factory's supervised, pairwise and feedback processors do."""
 
     def __init__(self, config: TrainConfig, tokenizer: Any, template: str | None):
-        self.tokenizer, self.template = tokenizer, template
+        """`template`: the Jinja chat template of the run (chat_template_for), read when `config.template`
+        names no template of its own."""
+        self.tokenizer = tokenizer
+        self.format = TEMPLATES[config.template] if config.template in TEMPLATES else template
         self.cutoff_len = config.cutoff_len
 
     def examples(self, spec: DatasetSpec, row: dict[str, Any], where: str) -> list[Example]:
@@ -76,30 +80,49 @@ class RowEncoder:
             return [self._pair(standard)]
         if "completion" in standard:
             return [self._feedback(standard)]
-        cutoff = self.cutoff_len
-        examples = []
-        for input_ids, labels in self._tokenised(standard):
-            trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and i > 0]
-            masked = [IGNORE_INDEX] * min(1, len(labels)) + labels[1:cutoff]
-            examples.append(Example(input_ids[:cutoff], masked, len(input_ids),
-                                    trained[0] if trained else len(input_ids)))
-        return examples
-
-    def _tokenised(self, standard: dict):
-        """One SFT example, or one text split into cutoff_len chunks for pre-training."""
         if "messages" in standard:
-            yield encode_conversation(self.tokenizer, self.template, standard["messages"])
-            return
+            return [self._conversation(standard["messages"])]
+        return [Example(chunk, [IGNORE_INDEX, *chunk[1:]], len(chunk), 0) for chunk in self._chunks(standard["text"])]
+
+    @property
+    def _efficient_eos(self) -> bool:
+        return isinstance(self.format, NamedTemplate) and self.format.efficient_eos
+
+    def _conversation(self, messages: list[dict[str, str]]) -> Example:
+        """Turn after turn, each cut by LLaMA-Factory's rule: the turns share cutoff_len in order, each turn's
+        prompt and reply share what is left (`truncated_lengths`); a turn that no longer fits is left out."""
+        turns = encode_turns(self.tokenizer, self.format, messages)
+        eos = self.tokenizer.eos_token_id
+        total = 1 if self._efficient_eos else 0
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for index, (prompt, reply) in enumerate(turns):
+            if total >= self.cutoff_len:
+                break
+            prompt_keep, reply_keep = truncated_lengths(len(prompt), len(reply), self.cutoff_len - total)
+            total += prompt_keep + reply_keep
+            prompt_labels = [IGNORE_INDEX] * prompt_keep
+            if self._efficient_eos and index > 0 and prompt_keep:
+                prompt_labels[0] = eos  # the reply before ends here: the next turn's first token is its EOS
+            input_ids += prompt[:prompt_keep] + reply[:reply_keep]
+            labels += prompt_labels + reply[:reply_keep]
+        if self._efficient_eos:
+            input_ids.append(eos)
+            labels.append(eos)
+        raw = sum(len(prompt) + len(reply) for prompt, reply in turns) + (1 if self._efficient_eos else 0)
+        return Example(input_ids, [IGNORE_INDEX, *labels[1:]], raw, len(turns[0][0]) if turns else 0)
+
+    def _chunks(self, text: str):
+        """One text for pre-training, split into cutoff_len chunks."""
         # The tokenizer's own special tokens (BOS for Llama; none for GPT-2 or SmolLM2, whose bos_token is the
         # chat marker <|im_start|>, which has no place in raw text), then EOS to end the document.
-        ids = self.tokenizer(standard["text"], add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids or ids[-1] != self.tokenizer.eos_token_id:
             ids = ids + [self.tokenizer.eos_token_id]
         for start in range(0, len(ids), self.cutoff_len):
             chunk = ids[start : start + self.cutoff_len]
             if len(chunk) > 1:
-                yield chunk, list(chunk)
-
+                yield chunk
 
     def prompt(self, spec: DatasetSpec, row: dict[str, Any], where: str, max_length: int) -> tuple[list[int], dict]:
         """Stage grpo: the token ids of the prompt with the template's generation prompt after it, as `lmtune
@@ -108,8 +131,7 @@ class RowEncoder:
             standard = standard_row(spec, row)
         except ValueError as error:
             raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
-        text = render(self.tokenizer, self.template, standard["messages"], generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = generation_prompt_ids(self.tokenizer, self.format, standard["messages"])
         if len(ids) > max_length:
             raise UserError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length {max_length}; "
                             "raise max_prompt_length, or shorten or leave out this row")
@@ -128,23 +150,27 @@ class RowEncoder:
                        own.prompt_length, [len(own.input_ids), len(kl.input_ids)], kto_tag=standard["kto_tag"])
 
     def _sequence(self, standard: dict, answer: str) -> tuple[list[int], list[int]]:
+        """The prompt's ids and the answer's, as LLaMA-Factory's `encode_oneturn` gives them (with EOS after
+        the answer under an efficient-EOS template)."""
         messages = [*standard["messages"], {"role": "assistant", "content": standard[answer]}]
-        return encode_conversation(self.tokenizer, self.template, messages, last_reply_only=True)
+        turns = encode_turns(self.tokenizer, self.format, messages)
+        prompt = [token for earlier, reply in turns[:-1] for token in earlier + reply] + turns[-1][0]
+        return prompt, turns[-1][1] + ([self.tokenizer.eos_token_id] if self._efficient_eos else [])
 
     def _joined(self, sequences: list[tuple[list[int], list[int]]]) -> Example:
-        """Sequences after the same prompt, cut alike to cutoff_len, end to end."""
-        prompt_lengths = [_first_trained(labels) for _, labels in sequences]
-        prompt_keep, answer_keep = truncated_lengths(
-            max(prompt_lengths), max(len(ids) - n for (ids, _), n in zip(sequences, prompt_lengths, strict=True)),
-            self.cutoff_len)
+        """Answers after the same prompt, cut alike to cutoff_len (the longest answer decides), end to end."""
+        prompt_length = max(len(prompt) for prompt, _ in sequences)
+        prompt_keep, answer_keep = truncated_lengths(prompt_length, max(len(answer) for _, answer in sequences),
+                                                     self.cutoff_len)
         input_ids, labels, lengths = [], [], []
-        for (ids, sequence_labels), prompt in zip(sequences, prompt_lengths, strict=True):
-            keep = [*range(min(prompt, prompt_keep)), *range(prompt, min(len(ids), prompt + answer_keep))]
-            input_ids += [ids[i] for i in keep]
-            labels += [IGNORE_INDEX] + [sequence_labels[i] for i in keep[1:]]
-            lengths.append(len(keep))
-        raw = sum(len(ids) for ids, _ in sequences)
-        return Example(input_ids, labels, raw, max(prompt_lengths), lengths)
+        for prompt, answer in sequences:
+            sequence = prompt[:prompt_keep] + answer[:answer_keep]
+            kept_prompt = min(prompt_keep, len(prompt))
+            input_ids += sequence
+            labels += [IGNORE_INDEX] * max(kept_prompt, 1) + sequence[max(kept_prompt, 1):]
+            lengths.append(len(sequence))
+        raw = sum(len(prompt) + len(answer) for prompt, answer in sequences)
+        return Example(input_ids, labels, raw, prompt_length, lengths)
 
 
 def _standard(spec: DatasetSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
@@ -152,10 +178,6 @@ def _standard(spec: DatasetSpec, row: dict[str, Any], where: str) -> dict[str, A
         return standard_row(spec, row)
     except ValueError as error:
         raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
-
-
-def _first_trained(labels: list[int]) -> int:
-    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 def truncated_lengths(prompt: int, answer: int, cutoff_len: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from lmtune.errors import UserError
 from lmtune.paths import cache_home
 
 log = logging.getLogger("lmtune")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: prompts and replies tokenised apart, cutoff_len as LLaMA-Factory cuts
 
 
 @dataclass
@@ -69,6 +69,9 @@ def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) ->
     eval_specs = resolve_datasets(config.eval_datasets, config.dataset_dir, config.stage, config.placeholders) \
         if config.eval_datasets else []
     template = chat_template_for(tokenizer, config.template) if config.stage != "pt" else None
+    if template is not None:
+        log.info("chat template: %s", f"'{config.template}', LLaMA-Factory's by that name" if config.template
+                 else "the tokenizer's own (template: null)")
     cache_dir = cache_home() / "data" / _cache_key(config, specs + eval_specs, tokenizer, template)
     if use_cache and not config.overwrite_cache and (cache_dir / "done").exists():
         log.info("using processed data from the cache: %s", cache_dir)

@@ -124,6 +124,10 @@ def _check_entry(name: str, entry: dict[str, Any], stage: str) -> None:
     if stage in PAIRED_STAGES and not entry.get("ranking"):
         raise UserError(f"{where}: stage {stage} trains on preference pairs; this entry has no ranking: true (add "
                         "it, with chosen and rejected columns, if its rows hold chosen/rejected answers)")
+    if "kto_tag" in entry.get("columns", {}) and stage != "kto":
+        # LLaMA-Factory drops such rows under sft; training them would teach the answers tagged bad too
+        raise UserError(f"{where} is KTO data (columns.kto_tag: each answer tagged good or bad); stage {stage} "
+                        "would train every answer, the bad ones too: use stage: kto, or a data set without kto_tag")
     if stage == "kto" and "kto_tag" not in entry.get("columns", {}):
         raise UserError(f"{where}: stage kto trains on answers marked desirable or undesirable; this entry has no "
                         "kto_tag column (add \"columns\": {\"kto_tag\": \"label\"} naming the column of true/false "
