@@ -150,16 +150,24 @@ def test_two_sigterms_during_the_final_save_exit_130_and_the_same_command_finish
     AutoModelForCausalLM.from_pretrained(run)
 
 
-def test_sigterm_one_second_into_start_up_exits_130_with_a_message(tiny_config, tmp_path):
-    """One second after `main` begins: the heavy libraries are being imported."""
-    marker = tmp_path / "main-begins"
-    process = _train_process(tiny_config(max_steps=2), f"import pathlib; pathlib.Path({str(marker)!r}).touch()")
+def test_sigterm_while_a_library_swallows_exceptions_exits_130_at_once(tiny_config, tmp_path, monkeypatch):
+    """A signal raised as an exception into code that catches it (numpy's lazy import, half done, then
+    recursed without end: a RecursionError) must not depend on that code: start-up stops at once."""
+    marker = tmp_path / "importing"
+    (tmp_path / "swallowing_import.py").write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n"
+        "for _ in range(30):\n"
+        "    try:\n"
+        "        time.sleep(1)\n"
+        "    except BaseException:\n"
+        "        pass  # as library code that retries whatever went wrong\n"
+        "class Callback:\n    def on_train_begin(self, state, model): pass\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    process = _train_process(tiny_config(max_steps=2, callbacks=["swallowing_import:Callback"]))
     from test_resume import _wait_for
 
     _wait_for(marker.exists)
-    import time
-
-    time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     said = " ".join(stderr.split())
