@@ -198,6 +198,7 @@ def main() -> int:
         reference: dict[str, float] = {}
         results = [run_method(name, path, method, data, folder, args, device, reference)
                    for name, path in models(args, folder) for method in args.methods.split(",")]
+    print(f"methods_ok: {sum(results)} of {len(results)}")
     return 0 if all(results) else 1
 
 
