@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import model_dir, smoke_requested  # noqa: E402
 
+from lmtune.checkpoint import file_sha256  # noqa: E402
+
 WORDS = ("tide moon sea harbour light keeper storm wind rain ship rope sail north south gull wave rock "
          "salt fog bell chart compass anchor deck crew lamp beam night dawn shore cliff current").split()
 
@@ -91,8 +93,9 @@ def moved_checkpoint(source: Path, target_run: Path, corpus: Path, sample: int, 
     source.update({"pass": 0, "draining": False, "trained_pass": 0, "trained": sample - buffer,
                    "buffer": [[0, offsets[sample - buffer + i], 0] for i in range(buffer)]})
     torch.save(states, checkpoint / "rng_state.pth")
-    mark = json.loads((checkpoint / "checkpoint_complete.json").read_text())  # the sizes a resume verifies
+    mark = json.loads((checkpoint / "checkpoint_complete.json").read_text())  # the sizes and hashes a resume verifies
     mark["files"]["rng_state.pth"] = (checkpoint / "rng_state.pth").stat().st_size
+    mark.setdefault("sha256", {})["rng_state.pth"] = file_sha256(checkpoint / "rng_state.pth")
     (checkpoint / "checkpoint_complete.json").write_text(json.dumps(mark))
 
 
