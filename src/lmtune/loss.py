@@ -33,6 +33,7 @@ is a cross-entropy (and its perplexity a perplexity).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
 import logging
@@ -96,7 +97,7 @@ class TokenSumLoss:
         """Leaves the model as it was (no hook of this loss left on it)."""
 
 
-class TokenLosses(TokenSumLoss):
+class TokenLosses(TokenSumLoss, abc.ABC):
     """What the SFT losses share: the summed cross-entropy of the trained tokens, plus the router's
     load-balancing loss of a mixture of experts (weighted by the batch's trained tokens, in training)."""
 
@@ -106,9 +107,9 @@ class TokenLosses(TokenSumLoss):
         self.aux_loss: torch.Tensor | None = None  # the router's aux loss of the last forward
         self._metric_sums = torch.zeros(len(self.metric_names))
 
+    @abc.abstractmethod
     def token_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-entropy of each trained position (float32), and the [rows, length - 1] mask of them."""
-        raise NotImplementedError
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         losses, trained = self.token_losses(model, batch)
