@@ -414,4 +414,4 @@ def test_the_web_form_offers_stage_dpo_and_writes_its_keys_only_for_it(tmp_path,
     assert (loaded["stage"], loaded["pref_beta"], loaded["pref_loss"], loaded["pref_ftx"]) == ("dpo", 0.2, "ipo", 0.1)
     assert loaded["precompute_ref_log_probs"] is True and loaded["metric_for_best_model"] == "eval_rewards/accuracies"
     sft = yaml.safe_load(F.values_to_yaml(F.form_to_values(workdir, tiny_form(pref_beta="0.2"))))
-    assert not set(F.PREFERENCE_KEYS) & set(sft)
+    assert not set(F.STAGE_ONLY_KEYS) & set(sft)

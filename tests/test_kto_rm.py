@@ -196,7 +196,7 @@ def test_plan_and_the_web_form_know_both_stages(kto_config, rm_config, tmp_path,
         stage="rm", dataset=["data/pairs.jsonl"], pref_beta="0.2", metric_for_best_model="eval_accuracy",
         val_size="4"))))
     assert rm["stage"] == "rm" and rm["metric_for_best_model"] == "eval_accuracy"
-    assert not set(F.PREFERENCE_KEYS) & set(rm)
+    assert not set(F.STAGE_ONLY_KEYS) & set(rm)
 
 
 @pytest.mark.parametrize("keys, words", [

@@ -281,8 +281,8 @@ def test_monitor_reads_progress_chart_and_checkpoints_from_the_run_folder(tmp_pa
     state = M.run_state(run)
     assert (state.kind, state.text) == (M.STOPPED, "stopped at step 6: no checkpoint to resume from")
     assert "ETA" not in M.progress_markdown(view, state)
-    chart = M.chart_html(view)
-    assert 'data-train-points="7" data-eval-points="1"' in chart and "resumed" in chart
+    loss = M.plot_data(view, M.PLOTS[0])
+    assert {point[2] for point in loss.points} == {"train loss", "eval loss", "resumed at 7", "stopped at 6"}
     events = M.events_markdown(view)
     assert "learning rate: 5.00e-03 -> 1.00e-03" in events and "changes" not in events  # no empty "changes:"
     assert "step 6: stopped (SIGINT or SIGTERM); saved checkpoint-6" in events
@@ -300,8 +300,14 @@ def test_a_run_started_from_the_ui_is_starting_then_says_why_it_was_refused(work
     assert runner.state(run_dir).text == f"starting (pid {process.pid}): loading the model and the data"
     assert process.wait(timeout=120) == 2
     state = runner.state(run_dir)
-    assert (state.kind, state.text) == (M.FAILED, "refused to start (exit code 2): the log below says why")
+    assert (state.kind, state.text) == (M.FAILED, "refused to start (exit code 2): train.log says why")
     assert "dataset 'nowhere.json'" in (run_dir / "train.log").read_text()
+    # the log keeps the exit code (a thread appends it): a web UI started later knows the start was refused
+    deadline = time.monotonic() + 10
+    while M.exit_code(run_dir) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert M.run_state(run_dir).text == "refused to start (exit code 2): train.log says why"
+    assert F.run_choices(workdir) == ["runs/bad"]  # and it is in the runs table
 
 
 def test_run_states_and_history_pages_from_the_folders(workdir):
@@ -461,9 +467,9 @@ class Page:
         return path
 
 
-def chart_points(ui: Page) -> tuple[int, int]:
-    chart = ui.page.locator("#loss-chart .lmtune-chart")
-    return int(chart.get_attribute("data-train-points") or 0), int(chart.get_attribute("data-eval-points") or 0)
+def plot_legend(ui: Page, name: str) -> list[str]:
+    """The series a plot of the Monitor draws, from its legend."""
+    return ui.page.locator(f"#plot-{name} .role-legend-label text").all_inner_texts()
 
 
 def checkpoint_rows(ui: Page) -> list[list[str]]:
@@ -522,7 +528,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         page.locator("#start").click()
         ui.wait_text("progress", "running (pid")
         assert (workdir / "runs" / "sums" / "webui_config.yaml").is_file()
-        ui.wait_for(lambda: (p := chart_points(ui))[0] >= 8 and p[1] >= 1, "8 train and 1 eval loss points")
+        ui.wait_for(lambda: {"train loss", "eval loss"} <= set(plot_legend(ui, "loss")), "train and eval loss plotted")
         rows = ui.wait_for(lambda: (r := checkpoint_rows(ui)) and any("deleted" in row for row in r) and r,
                            "a checkpoint deleted by rotation", timeout=90)
         # newest first; a save in flight is listed as incomplete
@@ -545,6 +551,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         newest = rows[0]
         assert "signal" in newest[2] and newest[-1].startswith("kept"), rows
         stopped_at = int(newest[0])
+        assert f"step {stopped_at} / 6000" in progress  # the step it stopped at, as the state says
         index = json.loads((workdir / "runs" / "sums" / "checkpoints.json").read_text())
         assert [e["step"] for e in index["checkpoints"] if e["status"] == "kept"][-1] == stopped_at
         ui.wait_text("events", f"step {stopped_at}: stopped (SIGINT or SIGTERM); saved checkpoint-{stopped_at}")
@@ -566,12 +573,19 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.wait_text("yaml", "resume_lr: config", "learning_rate: 0.001")
         ui.shot("4-resume-form")
         page.locator("#start").click()
+        # while the resumed run loads, no ETA of the process that stopped; its stop message goes with it
+        deadline = time.monotonic() + 90
+        while "running (pid" not in (progress := ui.text("progress")) and time.monotonic() < deadline:
+            assert "ETA" not in progress, progress
+            time.sleep(0.2)
+        ui.wait_for(lambda: "stop requested" not in ui.text("monitor-status"), "the old stop message gone")
         events = ui.wait_text("events", "resume", "learning rate: 5.00e-03 -> 1.00e-03", timeout=90)
+        assert "processes: saved 1, now 1" in events and "{" not in events
         assert f"step {stopped_at}" in events
         ui.wait_text("progress", "learning rate 1.00e-03")
         train_rows = [r for r in M.read_rows(workdir / "runs" / "sums") if r["type"] == "train"]
         assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))  # step numbers go on
-        ui.wait_text("loss-chart", "resumed")
+        ui.wait_for(lambda: f"resumed at {stopped_at}" in plot_legend(ui, "loss"), "the resume marked on the plot")
         ui.shot("5-monitor-resumed")
         page.locator("#stop-monitor").click()
         ui.wait_text("progress", "stopped at step", "exit code 130")
@@ -692,11 +706,21 @@ def test_a_loaded_yaml_is_never_rewritten_and_a_run_outlives_the_web_ui(workdir,
     pid = running_pid(run_dir)
     assert pid is not None
     with opened_ui(workdir, browser, shots, viewport=viewport) as ui:
+        # the Train tab shows the running run's config, read only, and its Stop stops it
+        ui.wait_text("lock-note", f"runs/mine is running (pid {pid})")
+        assert ui.page.locator("#output-dir textarea, #output-dir input").first.input_value() == "runs/mine"
+        learning_rate = ui.page.locator("#learning-rate textarea, #learning-rate input").first
+        assert learning_rate.input_value() == "0.002" and learning_rate.is_disabled()
+        ui.wait_text("yaml", "dataset: data/sums.json", "learning_rate: 0.002")
         ui.page.get_by_role("tab", name="Monitor").click()
         ui.wait_text("progress", f"runs/mine: running (pid {pid})")
         ui.wait_text("runs", "runs/mine", "running")
         ui.shot("reopened-monitor")
-    # opened_ui ended that server with SIGINT (Ctrl-C): the run is still the same process
-    assert running_pid(run_dir) == pid
-    stop_run(run_dir)
+        # opened_ui's first server ended with SIGTERM: the run is still the same process
+        assert running_pid(run_dir) == pid
+        ui.page.get_by_role("tab", name="Train").click()
+        ui.page.locator("#stop-train").click()
+        ui.wait_text("train-status", f"stop requested (SIGINT to pid {pid})")
+        ui.wait_for(lambda: running_pid(run_dir) is None, "the run stopped", timeout=90)
+        ui.wait_for(lambda: not learning_rate.is_disabled(), "the form editable again once it stopped")
     assert M.run_state(run_dir).kind == M.STOPPED

@@ -83,10 +83,11 @@ def estimate_sizes(model_path: str, config: TrainConfig, processes: int = 1) -> 
         with torch.device("meta"):
             model = model_class(config.stage == "rm").from_config(model_config,
                                                                   trust_remote_code=config.trust_remote_code)
-            model = prepare_for_training(model, config)
-    except (OSError, ValueError, UserError) as error:
+    except (OSError, ValueError) as error:
         log.warning("could not size a checkpoint of %s: %s", model_path, error)
         return {"checkpoint_bytes": None, "final_model_bytes": None, "memory": None}
+    with torch.device("meta"):
+        model = prepare_for_training(model, config)  # refused as `lmtune train` refuses it (lora_target, ...)
     trainable, total = count_parameters(model)
     return {"checkpoint_bytes": checkpoint_bytes(trainable, config, model_path),
             "final_model_bytes": final_model_bytes(trainable, total, config, model_path),

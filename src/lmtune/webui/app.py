@@ -31,6 +31,7 @@ CSS = """
 .lmtune-checkpoints tr.ckpt-deleted td { color: #9ca3af; text-decoration: line-through; }
 .lmtune-checkpoints tr.ckpt-incomplete td { color: #b45309; }
 #plan table { font-size: 0.9em; }
+#plan th { white-space: nowrap; word-break: keep-all; overflow-wrap: normal; }
 """
 
 
@@ -68,6 +69,9 @@ def serve(root: Path, host: str, port: int, auth: tuple[str, str] | None) -> Non
         page.queue(default_concurrency_limit=4).launch(
             server_name=host, server_port=port, auth=auth, ssr_mode=False, theme=theme, css=CSS, show_error=True,
             footer_links=[], inbrowser=False,
+            # gradio's own check that the page answers (one request, 3 s timeout) fails on a busy machine,
+            # where the first page takes longer to render; the server is up either way
+            _frontend=False,
         )
     except KeyboardInterrupt:
         pass

@@ -28,6 +28,9 @@ FORM_KEYS = [
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "freeze_trainable_layers",
     "pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs", "kto_chosen_weight",
     "kto_rejected_weight",
+    "reward_funcs", "reward_weights", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
+    "top_p", "top_k", "beta", "loss_type", "epsilon", "epsilon_high", "scale_rewards", "num_iterations",
+    "mask_truncated_completions", "reward_answer_column", "reward_format_regex", "reward_max_words",
     "dataset", "dataset_dir", "cutoff_len", "max_samples", "val_size", "packing",
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16",
@@ -37,13 +40,21 @@ FORM_KEYS = [
     "output_dir", "resume_from_checkpoint", "resume_lr", "overwrite_output_dir",
     "logging_steps", "report_to", "plot_loss",
 ]
-# Keys of the preference stages: each written to the YAML only for the stages that read it.
+STAGES = typing.get_args(TrainConfig.model_fields["stage"].annotation)
+# Keys that only some stages read: each shown, and written to the YAML, only for those stages.
 STAGE_KEYS = {"dpo": ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs"),
-              "kto": ("pref_beta", "pref_ftx", "precompute_ref_log_probs", "kto_chosen_weight", "kto_rejected_weight")}
-PREFERENCE_KEYS = tuple(dict.fromkeys(key for keys in STAGE_KEYS.values() for key in keys))
+              "kto": ("pref_beta", "pref_ftx", "precompute_ref_log_probs", "kto_chosen_weight", "kto_rejected_weight"),
+              "grpo": ("reward_funcs", "reward_weights", "num_generations", "max_prompt_length",
+                       "max_completion_length", "temperature", "top_p", "top_k", "beta", "loss_type", "epsilon",
+                       "epsilon_high", "scale_rewards", "num_iterations", "mask_truncated_completions",
+                       "reward_answer_column", "reward_format_regex", "reward_max_words")}
+STAGE_ONLY_KEYS = tuple(dict.fromkeys(key for keys in STAGE_KEYS.values() for key in keys))
+# Keys whose field is a comma separated list of numbers.
+LIST_KEYS = ("reward_weights",)
 # Keys whose values are paths or names checked against the working folder, not read as YAML.
 PATH_KEYS = ("model_name_or_path", "dataset", "dataset_dir", "output_dir", "resume_from_checkpoint")
-# Keys that run code: the web UI neither offers them nor keeps them from a loaded file.
+# Keys that run code: the web UI neither offers them nor keeps them from a loaded file (of reward_funcs it
+# offers the built-ins alone).
 CODE_KEYS = ("callbacks", "trust_remote_code")
 RESUME_AUTO = "auto"
 RESUME_FRESH = "fresh"
@@ -71,7 +82,7 @@ def default_form() -> dict[str, Any]:
     form = {key: defaults[key] for key in FORM_KEYS}
     form = {key: shown(key, value) for key, value in form.items()}
     form.update(dataset=[], output_dir="out/run", resume_from_checkpoint=RESUME_AUTO, packing="auto",
-                metric_for_best_model="")
+                metric_for_best_model="", reward_funcs=[])
     return form
 
 
@@ -158,6 +169,8 @@ def _parsed(key: str, value: Any) -> Any:
             value = None
         elif key in NUMBER_KEYS:
             value = parse_override(f"{key}={value}")[1]
+        elif key in LIST_KEYS:
+            value = parse_override(f"{key}=[{value.strip('[]')}]")[1]
     if value is None and TrainConfig.model_fields[key].default is not None:
         raise UserError(f"{key} is empty: give a value (the default is "
                         f"{TrainConfig.model_fields[key].default!r})")
@@ -175,7 +188,7 @@ def form_to_values(root: Path, form: dict[str, Any], extra: dict[str, Any] | Non
         raise UserError(f"the form has no field {', '.join(sorted(unknown))}")
     values: dict[str, Any] = dict(extra or {})
     for key in FORM_KEYS:
-        if key not in form or key in PATH_KEYS or (key in PREFERENCE_KEYS
+        if key not in form or key in PATH_KEYS or (key in STAGE_ONLY_KEYS
                                                    and key not in STAGE_KEYS.get(form.get("stage"), ())):
             continue
         value = PACKING_CHOICES.get(form[key], form[key]) if key == "packing" else form[key]
@@ -191,9 +204,19 @@ def form_to_values(root: Path, form: dict[str, Any], extra: dict[str, Any] | Non
         raise UserError("output_dir: choose a folder inside the working folder, not the working folder itself")
     values["output_dir"] = relative(root, output_dir)
     values["resume_from_checkpoint"] = _sandboxed_resume(root, form.get("resume_from_checkpoint"), output_dir)
+    _refuse_reward_files(values.get("reward_funcs", []))
     checked = build_config(values, "web form").to_yaml_dict()
     shown = {key: _as_read(values[key], checked[key]) for key in FORM_KEYS if key in values}
     return {**shown, **(extra or {})}
+
+
+def _refuse_reward_files(names: list[str]) -> None:
+    from lmtune.rewards import BUILT_INS
+
+    for name in names:
+        if name not in BUILT_INS:
+            raise UserError(f"reward_funcs: '{name}' is code from a file, which the web UI does not run; pick the "
+                            f"built-ins ({', '.join(BUILT_INS)}) or run the config with `lmtune train FILE`")
 
 
 def _as_read(given: Any, checked: Any) -> Any:
@@ -239,6 +262,8 @@ def yaml_to_form(root: Path, path: Path) -> tuple[dict[str, Any], dict[str, Any]
     form["metric_for_best_model"] = config.metric_for_best_model or ""
     if isinstance(config.lora_target, list):
         form["lora_target"] = ",".join(config.lora_target)
+    if config.reward_weights is not None:
+        form["reward_weights"] = ", ".join(f"{weight:g}" for weight in config.reward_weights)
     resume = config.resume_from_checkpoint
     form["resume_from_checkpoint"] = RESUME_FRESH if resume is False else resume
     extra = {key: value for key, value in values.items() if key not in FORM_KEYS}
@@ -259,9 +284,11 @@ def shown(key: str, value: Any) -> Any:
     return value
 
 
+HEADER = "# lmtune config written by the web UI; run it from the working folder with: lmtune train FILE\n"
+
+
 def values_to_yaml(values: dict[str, Any]) -> str:
-    header = "# lmtune config written by the web UI; run it from the working folder with: lmtune train FILE\n"
-    return header + yaml.safe_dump(values, sort_keys=False)
+    return HEADER + yaml.safe_dump(values, sort_keys=False)
 
 
 def config_file(root: Path, text: str) -> Path:
@@ -291,8 +318,12 @@ def _walk(root: Path, depth: int = 4):
         level = following
 
 
+RUN_FILES = ("run_config.yaml", "metrics.jsonl", "checkpoints.json", "train.log")
+
+
 def is_run_folder(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("run_config.yaml", "metrics.jsonl", "checkpoints.json"))
+    """A folder a run wrote to, or that a start from the web UI logged to (one refused at once too)."""
+    return any((Path(folder) / name).is_file() for name in RUN_FILES)
 
 
 def model_choices(root: Path) -> list[tuple[str, str]]:
@@ -342,7 +373,7 @@ def dataset_choices(root: Path, dataset_dir_text: str) -> list[tuple[str, str]]:
 
 
 def run_choices(root: Path) -> list[str]:
-    """Run folders (a run_config.yaml, metrics.jsonl or checkpoints.json) in the working folder."""
+    """Run folders (a run_config.yaml, metrics.jsonl, checkpoints.json or train.log) in the working folder."""
     root = Path(root).resolve()
     return [relative(root, folder) for folder in _walk(root) if folder != root and is_run_folder(folder)]
 

@@ -19,7 +19,8 @@ import yaml
 
 from lmtune.callbacks import format_duration
 from lmtune.checkpoint import CheckpointIndex
-from lmtune.runlock import running_pid
+from lmtune.runlock import PID_FILE, running_pid
+from lmtune.webui.form import is_run_folder
 
 LOG_NAME = "train.log"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -35,10 +36,21 @@ class RunView:
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # whether the newest train row was written by the run's newest process (not by one before a resume)
+    newest_process_logged: bool = True
 
     @property
     def last(self) -> dict[str, Any] | None:
         return self.train[-1] if self.train else None
+
+
+def metrics_stamp(run_dir: Path) -> str:
+    """Changes whenever metrics.jsonl does."""
+    try:
+        stat = (Path(run_dir) / "metrics.jsonl").stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -68,22 +80,39 @@ def _latest_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's run_config.yaml ({} before the run wrote it)."""
+    try:
+        config = yaml.safe_load((Path(run_dir) / "run_config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def read_run(run_dir: Path) -> RunView:
     run_dir = Path(run_dir)
-    config: dict[str, Any] = {}
-    config_path = run_dir / "run_config.yaml"
-    if config_path.is_file():
-        try:
-            config = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError:
-            config = {}
+    config = read_config(run_dir)
     rows = read_rows(run_dir)
     return RunView(
         run_dir, config,
         train=_latest_per_step([r for r in rows if r.get("type") == "train" and "loss" in r]),
         evals=_latest_per_step([r for r in rows if r.get("type") == "eval" and "eval_loss" in r]),
         events=[r for r in rows if r.get("type") == "event"],
+        newest_process_logged=_newest_process_logged(run_dir, rows),
     )
+
+
+def _newest_process_logged(run_dir: Path, rows: list[dict[str, Any]]) -> bool:
+    """False while a resumed run has not logged a step yet: it is loading (its train.pid is newer than
+    metrics.jsonl), or its resume event is the newest row after the last step."""
+    last_train = max((i for i, r in enumerate(rows) if r.get("type") == "train"), default=-1)
+    last_resume = max((i for i, r in enumerate(rows) if r.get("event") == "resume"), default=-1)
+    try:
+        started_after_rows = (Path(run_dir) / PID_FILE).stat().st_mtime > (Path(run_dir) / "metrics.jsonl").stat(
+        ).st_mtime
+    except OSError:
+        started_after_rows = False
+    return last_train > last_resume and not started_after_rows
 
 
 def total_steps(view: RunView) -> int | None:
@@ -113,12 +142,14 @@ def progress_markdown(view: RunView, state: RunState) -> str:
         lines.append("no training step logged yet")
         return "\n\n".join(lines)
     total = total_steps(view)
-    step = last["step"]
+    # a stop's checkpoint can be one step past the last logged row: the step is the furthest the run got
+    step = max([last["step"]] + [row["step"] for row in view.events if isinstance(row.get("step"), int)])
     share = f" ({100 * step / total:.0f}%)" if total else ""
     epoch = f" · epoch {last['epoch']:.2f}" if last.get("epoch") is not None else ""
     if last.get("stream_pass") is not None:
         epoch += f"{' (estimated)' if last.get('epoch_estimated') else ''} · pass {last['stream_pass']}"
-    eta = f" · ETA {format_duration(last.get('eta_s'))}" if state.kind == RUNNING else ""
+    eta = f" · ETA {format_duration(last.get('eta_s'))}" if state.kind == RUNNING and view.newest_process_logged \
+        else ""
     lines.append(
         f"step **{step}** / {total or '?'}{share}{epoch} · samples {_number(last.get('samples_seen'))} · "
         f"tokens {_number(last.get('tokens_seen'))} · elapsed {format_duration(last.get('elapsed_s'))}{eta}"
@@ -133,12 +164,15 @@ def progress_markdown(view: RunView, state: RunState) -> str:
 
 # --- what state a run is in, from its folder --------------------------------------------------
 
-RUNNING, STOPPED, FINISHED, FAILED = "running", "stopped", "finished", "failed"
+RUNNING, STARTING, STOPPED, FINISHED, FAILED = "running", "starting", "stopped", "finished", "failed"
+NOT_A_RUN = "not a run"
+REFUSED = "refused to start (exit code 2): train.log says why"
+START_LINE, EXIT_LINE = "$ lmtune train ", "$ exit code "  # what the web UI writes to train.log at a start, an end
 
 
 @dataclass
 class RunState:
-    kind: str  # RUNNING, STOPPED, FINISHED or FAILED
+    kind: str  # RUNNING, STARTING, STOPPED, FINISHED, FAILED or NOT_A_RUN
     text: str  # what the Monitor says, e.g. "stopped: resumable from checkpoint-12"
 
 
@@ -149,6 +183,11 @@ def run_state(run_dir: Path) -> RunState:
     pid = running_pid(run_dir)
     if pid is not None:
         return RunState(RUNNING, f"running (pid {pid})")
+    if not is_run_folder(run_dir):
+        return RunState(NOT_A_RUN, "not a run folder (no run_config.yaml, metrics.jsonl, checkpoints.json or "
+                                   f"{LOG_NAME} in it): choose a run, or start one on the Train tab")
+    if exit_code(run_dir) == 2 and (run_dir / LOG_NAME).stat().st_mtime >= run_updated(run_dir):
+        return RunState(FAILED, REFUSED)
     index = CheckpointIndex.load(run_dir) if run_dir.is_dir() else None
     written = sorted((e for e in index.entries if e.get("status") != "incomplete"), key=lambda e: e["step"]) \
         if index else []
@@ -160,6 +199,34 @@ def run_state(run_dir: Path) -> RunState:
     if "signal" in reasons:
         return RunState(STOPPED, f"stopped at step {written[-1]['step']}: {resume}")
     return RunState(FAILED, f"failed or killed (no final or stop checkpoint; train.log says why): {resume}")
+
+
+def launched_config(run_dir: Path) -> str | None:
+    """The config file (relative to the working folder) of the newest start from the web UI, from train.log."""
+    path = Path(run_dir) / LOG_NAME
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [line.removeprefix(START_LINE).strip() for line in lines if line.startswith(START_LINE)]
+    return starts[-1] if starts else None
+
+
+def exit_code(run_dir: Path) -> int | None:
+    """The exit code of the newest start from the web UI, once it ended (as its train.log records)."""
+    path = Path(run_dir) / LOG_NAME
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 4096))
+            tail = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        if line.startswith(EXIT_LINE):
+            return int(line.removeprefix(EXIT_LINE)) if line.removeprefix(EXIT_LINE).lstrip("-").isdigit() else None
+        if line.startswith(START_LINE):
+            return None
+    return None
 
 
 def run_updated(run_dir: Path) -> float:
@@ -193,9 +260,17 @@ def event_text(row: dict[str, Any]) -> str:
     for key, value in row.items():
         if key in ("type", "event", "step", "lr_old", "lr_new") or value in (None, "", [], {}):
             continue
-        shown = "; ".join(str(v) for v in value) if isinstance(value, list) else value
-        parts.append(f"{key}: {shown}")
+        parts.append(f"{key}: {_plain(value)}")
     return " · ".join(parts)
+
+
+def _plain(value: Any) -> str:
+    """A list or mapping of an event as words: `a; b`, `saved 1, now 2`."""
+    if isinstance(value, list):
+        return "; ".join(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    return str(value)
 
 
 def page_of(items: list, page: Any, size: int) -> tuple[list, int, int]:
@@ -229,80 +304,90 @@ def _markdown_safe(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;")
 
 
-# --- the chart ----------------------------------------------------------------------------------
-
-WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 720, 280, 60, 20, 28, 36
-TRAIN_COLOUR, EVAL_COLOUR = "#2563eb", "#ea580c"
+# --- the plots ----------------------------------------------------------------------------------
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    if high <= low:
-        return [low]
-    return [low + (high - low) * i / (count - 1) for i in range(count)]
+@dataclass(frozen=True)
+class PlotSpec:
+    """One plot of the Monitor: the series it draws, each a key of the train or eval rows of metrics.jsonl."""
+
+    name: str
+    title: str
+    y_title: str
+    series: tuple[tuple[str, str, str], ...]  # (label, row type, key)
 
 
-def chart_html(view: RunView) -> str:
-    """Train loss (line) and eval loss (line and dots) against the step, as an inline SVG."""
-    train = [(r["step"], float(r["loss"])) for r in view.train if _finite(r["loss"])]
-    evals = [(r["step"], float(r["eval_loss"])) for r in view.evals if _finite(r["eval_loss"])]
-    counts = f'data-train-points="{len(train)}" data-eval-points="{len(evals)}"'
-    if not train and not evals:
-        return (f'<div class="lmtune-chart" {counts}><p>No loss logged yet: the chart fills in as the run writes '
-                "metrics.jsonl.</p></div>")
-    points = train + evals
-    x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
-    y_low, y_high = min(p[1] for p in points), max(p[1] for p in points)
-    margin = (y_high - y_low) * 0.05 or 0.5
-    y_low, y_high = y_low - margin, y_high + margin
-    x_span = max(x_high - x_low, 1)
+PLOTS = (
+    PlotSpec("loss", "loss", "loss", (("train loss", "train", "loss"), ("eval loss", "eval", "eval_loss"))),
+    PlotSpec("lr", "learning rate", "learning rate", (("learning rate", "train", "lr"),)),
+    PlotSpec("grad-norm", "gradient norm (before clipping)", "grad norm", (("grad norm", "train", "grad_norm"),)),
+    PlotSpec("speed", "throughput", "tokens/s", (("trained tokens/s", "train", "tokens_per_s"),
+                                                 ("generated tokens/s", "train", "generated_tokens_per_s"))),
+    PlotSpec("memory", "memory", "MB", (("peak process memory", "train", "mem_peak_mb"),
+                                        ("GPU allocated", "train", "gpu_mem_allocated_mb"),
+                                        ("GPU peak", "train", "gpu_mem_peak_mb"))),
+    PlotSpec("rewards", "rewards (dpo, kto, rm)", "reward", (
+        ("chosen", "train", "rewards/chosen"), ("rejected", "train", "rewards/rejected"),
+        ("margin", "train", "rewards/margins"), ("eval margin", "eval", "eval_rewards/margins"),
+        ("rm margin", "train", "margin"), ("eval rm margin", "eval", "eval_margin"))),
+    PlotSpec("accuracy", "preference accuracy (dpo, rm)", "accuracy", (
+        ("accuracy", "train", "rewards/accuracies"), ("eval accuracy", "eval", "eval_rewards/accuracies"),
+        ("rm accuracy", "train", "accuracy"), ("eval rm accuracy", "eval", "eval_accuracy"))),
+    PlotSpec("reward", "reward (grpo)", "reward", (("reward", "train", "reward"), ("reward std", "train", "reward_std"),
+                                                  ("groups with no reward spread", "train",
+                                                   "frac_reward_zero_std"))),
+    PlotSpec("completion-length", "completion length (grpo)", "tokens", (
+        ("mean length", "train", "completions/mean_length"),)),
+)
+SERIES_COLOURS = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c")
+MARKER_COLOURS = {"resumed": "#6b7280", "stopped": "#dc2626"}
 
-    def x(step: float) -> float:
-        return LEFT + (step - x_low) / x_span * (WIDTH - LEFT - RIGHT)
 
-    def y(value: float) -> float:
-        return TOP + (y_high - value) / (y_high - y_low) * (HEIGHT - TOP - BOTTOM)
+@dataclass
+class PlotData:
+    """What one plot draws: points (step, value, series), the y range that fits them, the colours."""
 
-    parts = [f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
-             'fill="none" stroke="#9ca3af"/>']
-    for value in _ticks(y_low, y_high):
-        parts.append(f'<line x1="{LEFT - 4}" x2="{WIDTH - RIGHT}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
-                     'stroke="#e5e7eb"/>')
-        parts.append(f'<text x="{LEFT - 8}" y="{y(value) + 4:.1f}" text-anchor="end" font-size="11" '
-                     f'fill="currentColor">{value:.3g}</text>')
-    for step in sorted({round(s) for s in _ticks(x_low, x_high)}):
-        parts.append(f'<text x="{x(step):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle" font-size="11" '
-                     f'fill="currentColor">{step}</text>')
-    parts.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 4}" text-anchor="middle" font-size="12" '
-                 'fill="currentColor">step</text>')
+    points: list[tuple[int, float, str]]
+    y_range: tuple[float, float]
+    colours: dict[str, str]
+
+
+def markers(view: RunView) -> list[tuple[int, str]]:
+    """(step, name) of each resume and each stop (a save on SIGINT or SIGTERM) of the run."""
+    found = []
     for row in view.events:
-        if row.get("event") == "resume" and isinstance(row.get("step"), int) and x_low <= row["step"] <= x_high:
-            at = x(row["step"])
-            parts.append(f'<line x1="{at:.1f}" x2="{at:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="#6b7280" '
-                         'stroke-dasharray="4 3"/>')
-            parts.append(f'<text x="{at + 3:.1f}" y="{TOP + 12}" font-size="11" fill="#6b7280">resumed</text>')
-    if train:
-        line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in train)
-        parts.append(f'<polyline class="train-loss" points="{line}" fill="none" stroke="{TRAIN_COLOUR}" '
-                     'stroke-width="1.8"/>')
-    if evals:
-        line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in evals)
-        parts.append(f'<polyline class="eval-loss" points="{line}" fill="none" stroke="{EVAL_COLOUR}" '
-                     'stroke-width="1.8"/>')
-        parts += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3.5" fill="{EVAL_COLOUR}"/>' for s, v in evals]
-    legend = (f'<text x="{WIDTH - RIGHT - 8}" y="{TOP - 10}" text-anchor="end" font-size="12">'
-              f'<tspan fill="{TRAIN_COLOUR}">&#9644; train loss ({_points(len(train))})</tspan>'
-              f'<tspan dx="14" fill="{EVAL_COLOUR}">&#9679; eval loss ({_points(len(evals))})</tspan></text>')
-    svg = (f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" style="max-width:{WIDTH}px" role="img" '
-           f'aria-label="loss and eval loss by step">{"".join(parts)}{legend}</svg>')
-    return f'<div class="lmtune-chart" {counts}>{svg}</div>'
+        if not isinstance(row.get("step"), int):
+            continue
+        if row.get("event") == "resume":
+            found.append((row["step"], f"resumed at {row['step']}"))
+        elif row.get("event") == "save" and "signal" in (row.get("reasons") or []):
+            found.append((row["step"], f"stopped at {row['step']}"))
+    return found
 
 
-def _points(count: int) -> str:
-    return f"{count} point" if count == 1 else f"{count} points"
+def plot_data(view: RunView, spec: PlotSpec) -> PlotData | None:
+    """The points of `spec`'s series logged so far (None: nothing yet), with a vertical line for each resume
+    and stop within them, and a y range fitted to the values however little they move."""
+    rows = {"train": view.train, "eval": view.evals}
+    points = [(row["step"], float(row[key]), label) for label, kind, key in spec.series for row in rows[kind]
+              if _finite(row.get(key))]
+    if not points:
+        return None
+    low, high = min(p[1] for p in points), max(p[1] for p in points)
+    margin = (high - low) * 0.08 or abs(high) * 0.05 or 0.5
+    low, high = low - margin, high + margin
+    first, last = min(p[0] for p in points), max(p[0] for p in points)
+    labels = list(dict.fromkeys(p[2] for p in points))
+    colours = {label: SERIES_COLOURS[i % len(SERIES_COLOURS)] for i, label in enumerate(labels)}
+    for step, name in markers(view):
+        if first <= step <= last:
+            points += [(step, low, name), (step, high, name)]
+            colours[name] = MARKER_COLOURS[name.split()[0]]
+    return PlotData(points, (low, high), colours)
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --- checkpoints and log ------------------------------------------------------------------------
@@ -338,14 +423,17 @@ def checkpoints_html(run_dir: Path, page: Any = 1, size: int = 12) -> str:
     shown, page, pages = page_of(entries, page, size)
     summary = (f"<p>{counts['kept']} kept, {counts['deleted']} deleted, {counts['incomplete']} incomplete; "
                f"save_total_limit {limit}; page {page} of {pages}, newest first</p>")
-    header = "".join(f"<th>{name}</th>" for name in ("step", "epoch", "reasons", "loss", "eval loss", "size",
-                                                      "status"))
+    best = read_config(run_dir).get("metric_for_best_model")
+    best = best if best not in (None, "loss", "eval_loss") else None  # the best checkpoint's metric, as a column
+    names = ["step", "epoch", "reasons", "loss", "eval loss", *([best] if best else []), "size", "status"]
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in names)
     rows = []
     for e in shown:
         status = e.get("status", "?") + (" best" if e.get("best") else "")
         epoch = f"{e['epoch']:.3f}" if isinstance(e.get("epoch"), int | float) else "-"
         cells = [str(e["step"]), epoch, ",".join(e.get("reasons", [])), _metric(e.get("metrics"), "loss"),
-                 _metric(e.get("metrics"), "eval_loss"), _size(e.get("size_bytes")), status]
+                 _metric(e.get("metrics"), "eval_loss"), *([_metric(e.get("metrics"), best)] if best else []),
+                 _size(e.get("size_bytes")), status]
         rows.append(f'<tr class="ckpt-{html.escape(e.get("status", ""))}">'
                     + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return (f'{summary}<table class="lmtune-checkpoints"><thead><tr>{header}</tr></thead>'

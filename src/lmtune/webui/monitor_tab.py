@@ -1,5 +1,6 @@
-"""The Monitor tab: every run of the working folder with its state, and the chosen run's progress, loss
-chart, events and checkpoints (paged), and log, read from its folder every second."""
+"""The Monitor tab: every run of the working folder with its state, and the chosen run's progress, plots
+(loss, learning rate, gradient norm, throughput, memory, and each stage's own), events and checkpoints
+(paged), and log, read from its folder every second."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 from lmtune.errors import UserError
 from lmtune.webui import form as F
@@ -40,8 +42,16 @@ def build(root: Path, runner: Runner) -> MonitorTab:
         refresh = gr.Button("Refresh list", size="sm", scale=1, elem_id="refresh-runs")
         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-monitor")
     stop_status = gr.Markdown(elem_id="monitor-status")
+    stop_sent = gr.State({})  # the run and pid the Stop above was sent to; its message goes with them
     progress = gr.Markdown("Choose a run folder.", elem_id="progress")
-    chart = gr.HTML(elem_id="loss-chart")
+    plots = {}
+    with gr.Row(elem_id="plots"):
+        for spec in M.PLOTS:
+            plots[spec.name] = gr.LinePlot(
+                x="step", y="value", color="series", title=spec.title, y_title=spec.y_title, x_title="step",
+                color_title="", height=240, min_width=380, visible=False, elem_id=f"plot-{spec.name}",
+                elem_classes=["lmtune-plot"], buttons=[])
+    plotted = gr.State("")  # the metrics.jsonl the plots show (its size and time), so they redraw only on a change
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown("#### Checkpoints (checkpoints.json)")
@@ -60,23 +70,28 @@ def build(root: Path, runner: Runner) -> MonitorTab:
 
     known = gr.State([])  # the runs the pick list offers
 
-    def watch(run: str | None, checkpoint_page, event_page, with_routine: bool, offered: list[str]):
+    def watch(run: str | None, checkpoint_page, event_page, with_routine: bool, offered: list[str], shown: str,
+              sent: dict):
         runs = runs_newest_first(root)
         listed = (M.runs_html(root, runs), runs, gr.update() if set(runs) == set(offered) else gr.update(choices=runs))
+        no_plots = [gr.update(visible=False) for _ in M.PLOTS]
         if not run:
-            return ("Choose a run folder (or start a run on the Train tab).", M.chart_html(M.RunView(root, {})),
-                    "", "", "", *listed)
+            return ("Choose a run folder (or start a run on the Train tab).", "", "", "", *listed, "", *no_plots, "")
         try:
             run_dir = F.inside(root, run, "run folder")
         except UserError as error:
-            return f"**error**: {error}", "", "", "", "", *listed
-        view = M.read_run(run_dir)
-        return (M.progress_markdown(view, runner.state(run_dir)), M.chart_html(view),
-                M.checkpoints_html(run_dir, checkpoint_page), M.events_markdown(view, event_page, routine=with_routine),
-                M.log_tail(run_dir, lines=20), *listed)
+            return f"**error**: {error}", "", "", "", *listed, "", *no_plots, ""
+        view, state = M.read_run(run_dir), runner.state(run_dir)
+        stamp = f"{run_dir}:{M.metrics_stamp(run_dir)}"
+        plot_updates = [gr.update() for _ in M.PLOTS] if stamp == shown else [plot_update(view, spec)
+                                                                               for spec in M.PLOTS]
+        return (M.progress_markdown(view, state), M.checkpoints_html(run_dir, checkpoint_page),
+                M.events_markdown(view, event_page, routine=with_routine), M.log_tail(run_dir, lines=20), *listed,
+                stamp, *plot_updates, stop_message(sent, run, runner.pid(run_dir)))
 
-    watch_io = ([run_choice, checkpoints_page, events_page, routine, known],
-                [progress, chart, checkpoints, events, log_view, runs_table, known, run_choice])
+    watch_io = ([run_choice, checkpoints_page, events_page, routine, known, plotted, stop_sent],
+                [progress, checkpoints, events, log_view, runs_table, known, run_choice, plotted,
+                 *plots.values(), stop_status])
     timer.tick(watch, *watch_io, show_progress="hidden", concurrency_id="watch", trigger_mode="always_last")
     for component in (run_choice, checkpoints_page, events_page, routine):
         component.change(watch, *watch_io, show_progress="hidden")
@@ -87,16 +102,33 @@ def build(root: Path, runner: Runner) -> MonitorTab:
 
     refresh.click(refresh_list, run_choice, run_choice)
 
-    def stop_watched(run: str | None) -> str:
+    def stop_watched(run: str | None):
         if not run:
-            return "Choose a run folder."
+            return "Choose a run folder.", {}
         try:
-            return runner.stop(F.inside(root, run, "run folder"))
+            run_dir = F.inside(root, run, "run folder")
         except UserError as error:
-            return f"**error**: {error}"
+            return f"**error**: {error}", {}
+        pid, text = runner.pid(run_dir), runner.stop(run_dir)
+        return text, {"run": run, "pid": pid, "text": text}
 
-    stop.click(stop_watched, run_choice, stop_status)
+    stop.click(stop_watched, run_choice, [stop_status, stop_sent])
     return MonitorTab(run_choice, runs_table)
+
+
+def plot_update(view: M.RunView, spec: M.PlotSpec):
+    data = M.plot_data(view, spec)
+    if data is None:
+        return gr.update(visible=False)
+    frame = pd.DataFrame(data.points, columns=["step", "value", "series"])
+    return gr.update(value=frame, y_lim=list(data.y_range), color_map=data.colours, visible=True)
+
+
+def stop_message(sent: dict, run: str | None, running_pid: int | None):
+    """A stop's confirmation stays while its run is shown and no later process writes to it."""
+    if not sent or sent.get("run") != run or running_pid not in (None, sent.get("pid")):
+        return ""
+    return sent.get("text", "")
 
 
 def on_page_load(page: gr.Blocks, root: Path, tab: MonitorTab) -> None:

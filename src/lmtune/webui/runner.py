@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lmtune.errors import UserError
 from lmtune.runlock import running_pid
-from lmtune.webui.monitor import FAILED, LOG_NAME, RUNNING, RunState, run_state, run_updated
+from lmtune.webui import monitor as M
 
 
 class Runner:
@@ -29,11 +29,15 @@ class Runner:
         self._started: dict[Path, float] = {}
         self._lock = threading.Lock()
 
+    def pid(self, run_dir: Path) -> int | None:
+        """The process writing to `run_dir` (started here or elsewhere), or None."""
+        process = self._runs.get(Path(run_dir).resolve())
+        return process.pid if process is not None and process.poll() is None else running_pid(run_dir)
+
     def check_free(self, run_dir: Path) -> None:
         """A UserError when a run (started here or elsewhere) is writing to `run_dir`."""
         run_dir = Path(run_dir).resolve()
-        process = self._runs.get(run_dir)
-        pid = process.pid if process is not None and process.poll() is None else running_pid(run_dir)
+        pid = self.pid(run_dir)
         if pid is not None:
             raise UserError(f"a run (pid {pid}) is already writing to {run_dir}; stop it first, or choose another "
                             "output_dir")
@@ -45,34 +49,41 @@ class Runner:
             run_dir.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "lmtune", "train", str(Path(config_path).relative_to(self.root))]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "TERM": "dumb"}
-            with (run_dir / LOG_NAME).open("a") as log:
-                log.write(f"$ lmtune train {command[-1]}\n")
+            with (run_dir / M.LOG_NAME).open("a") as log:
+                log.write(f"{M.START_LINE}{command[-1]}\n")
                 log.flush()
                 process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             self._runs[run_dir], self._started[run_dir] = process, time.time()
-            return process
+        threading.Thread(target=self._record_exit, args=(process, run_dir), daemon=True).start()
+        return process
+
+    @staticmethod
+    def _record_exit(process: subprocess.Popen, run_dir: Path) -> None:
+        """The exit code at the end of train.log, so that a refused start is known after the web UI restarts."""
+        code = process.wait()
+        with (run_dir / M.LOG_NAME).open("a") as log:
+            log.write(f"\n{M.EXIT_LINE}{code}\n")
 
     def stop(self, run_dir: Path) -> str:
         """SIGINT, as Ctrl-C in a terminal: the run finishes its step, writes a checkpoint and exits 130."""
-        process = self._runs.get(Path(run_dir).resolve())
-        pid = process.pid if process is not None and process.poll() is None else running_pid(run_dir)
+        pid = self.pid(run_dir)
         if pid is None:
             return "no run is writing to this folder"
         os.kill(pid, signal.SIGINT)
         return f"stop requested (SIGINT to pid {pid}): the run writes a resumable checkpoint and exits"
 
-    def state(self, run_dir: Path) -> RunState:
+    def state(self, run_dir: Path) -> M.RunState:
         """What the run folder says, with what only this web UI knows: a run still loading, an exit code."""
-        files = run_state(run_dir)
+        files = M.run_state(run_dir)
         process = self._runs.get(Path(run_dir).resolve())
-        if process is None or files.kind == RUNNING:
+        if process is None or files.kind == M.RUNNING:
             return files
         code = process.poll()
-        if code is None and run_updated(run_dir) < self._started[Path(run_dir).resolve()]:
-            return RunState(RUNNING, f"starting (pid {process.pid}): loading the model and the data")
+        if code is None and M.run_updated(run_dir) < self._started[Path(run_dir).resolve()]:
+            return M.RunState(M.STARTING, f"starting (pid {process.pid}): loading the model and the data")
         if code is None:  # its train.pid is gone: it is closing down
-            return RunState(files.kind, f"{files.text}; its process (pid {process.pid}) is exiting")
+            return M.RunState(files.kind, f"{files.text}; its process (pid {process.pid}) is exiting")
         if code == 2:
-            return RunState(FAILED, "refused to start (exit code 2): the log below says why")
-        return RunState(files.kind, f"{files.text} (exit code {code})")
+            return M.RunState(M.FAILED, M.REFUSED)
+        return M.RunState(files.kind, f"{files.text} (exit code {code})")

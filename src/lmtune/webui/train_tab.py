@@ -9,8 +9,10 @@ to `lmtune plan` and `lmtune train` run there.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,13 @@ import gradio as gr
 from lmtune.config import TrainConfig
 from lmtune.errors import UserError
 from lmtune.webui import form as F
+from lmtune.webui import monitor as M
 from lmtune.webui.runner import Runner
 
 log = logging.getLogger("lmtune")
 UI_CONFIG = "webui_config.yaml"  # what Start writes into the run folder and runs
 FOLDER_POLL_S = 2.0
+PLANNING = "*planning the config just put in the form...*"  # the plan of the form before it is gone
 
 
 # --- plan and resume note (no gradio) -------------------------------------------------------------
@@ -71,8 +75,10 @@ def plan_table(plan, head: int = 10, tail: int = 4) -> str:
 
 def fresh_start_note(config: TrainConfig) -> str:
     """What a fresh start (resume_from_checkpoint: false) does to a folder that holds a run."""
+    from lmtune.engine import RUN_FILES
+
     run_dir = Path(config.output_dir)
-    holds_run = F.is_run_folder(run_dir) or any(run_dir.glob("checkpoint-*"))
+    holds_run = any((run_dir / name).exists() for name in RUN_FILES) or any(run_dir.glob("checkpoint-*"))
     if config.resume_from_checkpoint is not False or not holds_run:
         return ""
     if config.overwrite_output_dir:
@@ -121,6 +127,35 @@ def folder_stamp(root: Path, output_dir: str) -> str:
     return json.dumps([(p.name, p.stat().st_mtime_ns) for p in files if p.exists()])
 
 
+def start_file(run_dir: Path, text: str, loaded: Path | None) -> Path:
+    """The file Start runs: <run_dir>/webui_config.yaml, written with `text`, unless that file is the one loaded
+    into the form or is not the web UI's own (edited, or written by hand): then webui_config-2.yaml, -3, ...
+    A file that already holds `text` is run as it is. A file Start did not write is never rewritten."""
+    for number in itertools.count(1):
+        path = run_dir / (UI_CONFIG if number == 1 else UI_CONFIG.replace(".yaml", f"-{number}.yaml"))
+        if path.is_file() and path.read_text() == text:
+            return path
+        if not path.exists() or (path.read_text().startswith(F.HEADER) and path != loaded):
+            path.write_text(text)
+            return path
+    raise AssertionError("unreachable")
+
+
+def attached_config(root: Path, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The form and the kept keys of the config a running run was started with: the file its newest start
+    from the web UI ran, else its run_config.yaml (keys at their defaults left out)."""
+    path = M.launched_config(run_dir)
+    form, extra, _ = F.yaml_to_form(root, path if path is not None and (root / path).is_file()
+                                    else run_dir / "run_config.yaml")
+    defaults = TrainConfig().model_dump()
+    return form, {key: value for key, value in extra.items() if value != defaults.get(key)}
+
+
+def markdown_text(text: Any) -> str:
+    """Text shown as Markdown as it is: `checkpoint-<step>` is not an HTML tag to drop."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;")
+
+
 def preview_text(config: TrainConfig, n: int = 3) -> str:
     """The first processed training examples and the data statistics, rendered as `lmtune preview` does."""
     from lmtune.data import prepare_data
@@ -150,16 +185,53 @@ def _text(key: str, value: Any, **kwargs: Any) -> gr.Textbox:
     return gr.Textbox(F.shown(key, value), label=key, info=_help(key), placeholder=placeholder, **kwargs)
 
 
+def _field(key: str, value: Any, **kwargs: Any):
+    """The field a key's type asks for: a check box, a choice among its values, or a text box."""
+    from lmtune.config import GRPO_LOSS_TYPES
+    from lmtune.rewards import BUILT_INS
+
+    annotation = TrainConfig.model_fields[key].annotation
+    if key == "reward_funcs":  # the built-ins; a file's function is code, which the web UI does not run
+        return gr.Dropdown(list(BUILT_INS), value=value, multiselect=True, allow_custom_value=True, label=key,
+                           info=_help(key) + "; the web UI offers the built-ins", **kwargs)
+    if key == "loss_type":
+        return gr.Dropdown(list(GRPO_LOSS_TYPES), value=value, label=key, info=_help(key), **kwargs)
+    if annotation is bool:
+        return gr.Checkbox(value, label=key, info=_help(key), **kwargs)
+    if typing.get_origin(annotation) is typing.Literal:
+        return gr.Dropdown(list(typing.get_args(annotation)), value=value, label=key, info=_help(key), **kwargs)
+    if key in F.NUMBER_KEYS or key in F.LIST_KEYS:
+        return _text(key, value, **kwargs)
+    return gr.Textbox(value, label=key, info=_help(key), **kwargs)
+
+
+# The rows of keys that only some stages read (F.STAGE_KEYS): a row shows while its stage is chosen.
+STAGE_ROWS = (
+    ("pref_loss", "pref_beta", "pref_ftx", "simpo_gamma"),
+    ("kto_chosen_weight", "kto_rejected_weight", "precompute_ref_log_probs"),
+    ("reward_funcs", "reward_weights", "num_generations", "num_iterations"),
+    ("max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k"),
+    ("loss_type", "scale_rewards", "beta", "epsilon", "epsilon_high"),
+    ("mask_truncated_completions", "reward_answer_column", "reward_format_regex", "reward_max_words"),
+)
+
+
+def stage_visibility(stage: str) -> tuple[list[bool], dict[str, bool]]:
+    """Which STAGE_ROWS show, and which of their keys, for `stage`."""
+    keys = set(F.STAGE_KEYS.get(stage, ()))
+    return [bool(keys & set(row)) for row in STAGE_ROWS], {key: key in keys for key in F.STAGE_ONLY_KEYS}
+
+
 @dataclass
 class TrainTab:
     fields: dict[str, Any]
     extra: gr.State  # keys of a loaded config file that the form does not show
-    started: gr.State  # the output_dir of the run Start started (the Monitor opens it)
+    started: gr.State  # the output_dir of the run Start started (the Monitor opens it); "" when it did not
     start_event: Any
     components: dict[str, Any]
 
 
-def build_form(root: Path) -> dict[str, Any]:
+def build_form(root: Path) -> tuple[dict[str, Any], list[gr.Row]]:
     defaults = F.default_form()
     fields: dict[str, Any] = {}
     with gr.Accordion("Model and method", open=True):
@@ -169,25 +241,25 @@ def build_form(root: Path) -> dict[str, Any]:
                 info=_help("model_name_or_path"), allow_custom_value=True, scale=3, elem_id="model")
             fields["template"] = gr.Textbox(label="template", info=_help("template"), scale=1)
         with gr.Row():
-            fields["stage"] = gr.Radio(["sft", "pt", "dpo", "kto", "rm"], value=defaults["stage"], label="stage",
-                                       info=_help("stage"))
+            fields["stage"] = gr.Radio(list(F.STAGES), value=defaults["stage"], label="stage", info=_help("stage"),
+                                       elem_id="stage")
             fields["finetuning_type"] = gr.Radio(["lora", "full", "freeze"], value=defaults["finetuning_type"],
                                                  label="finetuning_type", info=_help("finetuning_type"),
                                                  elem_id="finetuning-type")
         with gr.Row():
             for key in ("lora_rank", "lora_alpha", "lora_dropout"):
                 fields[key] = _text(key, defaults[key])
-            fields["lora_target"] = gr.Textbox(defaults["lora_target"], label="lora_target", info=_help("lora_target"))
+            fields["lora_target"] = gr.Textbox(defaults["lora_target"], label="lora_target", info=_help("lora_target"),
+                                               elem_id="lora-target")
             fields["freeze_trainable_layers"] = _text("freeze_trainable_layers", defaults["freeze_trainable_layers"])
-        with gr.Row():  # stages dpo and kto
-            fields["pref_loss"] = gr.Dropdown(
-                list(TrainConfig.model_fields["pref_loss"].annotation.__args__), value=defaults["pref_loss"],
-                label="pref_loss", info=_help("pref_loss"))
-            for key in ("pref_beta", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight"):
-                fields[key] = _text(key, defaults[key])
-            fields["precompute_ref_log_probs"] = gr.Checkbox(
-                defaults["precompute_ref_log_probs"], label="precompute_ref_log_probs",
-                info=_help("precompute_ref_log_probs"))
+        rows = []
+        shown_rows, shown_keys = stage_visibility(defaults["stage"])
+        for keys, visible in zip(STAGE_ROWS, shown_rows, strict=True):
+            with gr.Row(visible=visible, elem_classes=["stage-keys"]) as row:
+                for key in keys:
+                    fields[key] = _field(key, defaults[key], visible=shown_keys[key], min_width=200,
+                                         elem_id=key.replace("_", "-"))
+            rows.append(row)
     with gr.Accordion("Data", open=True):
         with gr.Row():
             fields["dataset_dir"] = gr.Textbox(defaults["dataset_dir"], label="dataset_dir", info=_help("dataset_dir"),
@@ -207,7 +279,7 @@ def build_form(root: Path) -> dict[str, Any]:
                    "batch-size"}
             for key in ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                         "gradient_accumulation_steps"):
-                fields[key] = _text(key, defaults[key], elem_id=ids.get(key))
+                fields[key] = _text(key, defaults[key], elem_id=ids.get(key, key.replace("_", "-")))
         with gr.Row():
             fields["lr_scheduler_type"] = gr.Dropdown(
                 list(TrainConfig.model_fields["lr_scheduler_type"].annotation.__args__),
@@ -228,8 +300,8 @@ def build_form(root: Path) -> dict[str, Any]:
                 [("none", ""), ("eval_loss", "eval_loss"), ("loss", "loss"),
                  ("eval_rewards/accuracies (dpo)", "eval_rewards/accuracies"),
                  ("eval_rewards/margins (dpo, kto)", "eval_rewards/margins"),
-                 ("eval_accuracy (rm)", "eval_accuracy")], value="", label="metric_for_best_model",
-                info=_help("metric_for_best_model"))
+                 ("eval_accuracy (rm)", "eval_accuracy"), ("reward (grpo)", "reward")], value="",
+                label="metric_for_best_model", info=_help("metric_for_best_model"), elem_id="metric-for-best-model")
             fields["save_on_eval"] = gr.Checkbox(False, label="save_on_eval", info=_help("save_on_eval"))
             fields["save_only_model"] = gr.Checkbox(False, label="save_only_model", info=_help("save_only_model"))
         with gr.Row():
@@ -255,15 +327,25 @@ def build_form(root: Path) -> dict[str, Any]:
             value=defaults["resume_lr"], label="learning rate on resume", elem_id="resume-lr")
         fields["overwrite_output_dir"] = gr.Checkbox(False, label="overwrite_output_dir",
                                                      info=_help("overwrite_output_dir"))
-    return fields
+    return fields, rows
 
 
 def build(root: Path, runner: Runner) -> TrainTab:
     """The tab's components and handlers; call inside `gr.Tab`."""
     c: dict[str, Any] = {}
+    with gr.Row(elem_id="train-actions", equal_height=True):  # first on the tab: Start needs no scrolling
+        c["config_path"] = gr.Textbox("run.yaml", label="config file for Load YAML and Save YAML (in the working "
+                                      f"folder); Start writes <output_dir>/{UI_CONFIG} instead", scale=3,
+                                      elem_id="config-path")
+        c["load"] = gr.Button("Load YAML", elem_id="load-yaml", scale=1, min_width=100)
+        c["save"] = gr.Button("Save YAML", elem_id="save-yaml", scale=1, min_width=100)
+        c["start"] = gr.Button("Start", variant="primary", elem_id="start", scale=1, min_width=100)
+        c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-train", scale=1, min_width=100)
+    c["status"] = gr.Markdown(elem_id="train-status")
+    c["lock_note"] = gr.Markdown(elem_id="lock-note")
     with gr.Row():
         with gr.Column(scale=3):
-            fields = build_form(root)
+            fields, stage_rows = build_form(root)
             c["resume_note"] = gr.Markdown(elem_id="resume-note")
             c["preview_button"] = gr.Button("Preview processed examples", size="sm", elem_id="preview-button")
             c["preview"] = gr.Code(label="data preview (lmtune preview)", language=None, visible=False,
@@ -271,17 +353,11 @@ def build(root: Path, runner: Runner) -> TrainTab:
         with gr.Column(scale=2):
             gr.Markdown("### Plan (`lmtune plan`)")
             c["plan"] = gr.Markdown("Pick a model and a data set to see the plan.", elem_id="plan")
-            c["config_path"] = gr.Textbox("run.yaml", label="config file for Load YAML and Save YAML (in the working "
-                                          f"folder); Start writes <output_dir>/{UI_CONFIG} instead",
-                                          elem_id="config-path")
-            with gr.Row():
-                c["load"] = gr.Button("Load YAML", elem_id="load-yaml")
-                c["save"] = gr.Button("Save YAML", elem_id="save-yaml")
-                c["start"] = gr.Button("Start", variant="primary", elem_id="start")
-                c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-train")
-            c["status"] = gr.Markdown(elem_id="train-status")
             c["yaml"] = gr.Code(label="the YAML it will run", language="yaml", interactive=False, elem_id="yaml")
     extra, started, stamp = gr.State({}), gr.State(""), gr.State("")
+    loaded = gr.State("")  # the file Load YAML read (Start never rewrites it)
+    pending_save = gr.State("")  # a Save YAML over an existing file, waiting for its second click
+    locked = gr.State(False)  # the form is read only: the run in its output_dir is running
     timer = gr.Timer(FOLDER_POLL_S)
     inputs = [fields[key] for key in F.FORM_KEYS]
 
@@ -301,102 +377,134 @@ def build(root: Path, runner: Runner) -> TrainTab:
         try:
             settings, config = F.form_to_config(root, form, extra_keys)
         except UserError as error:
-            return [f"**The form needs a fix**: {error}", "", "", *at_fields(str(error))]
+            return [f"**The form needs a fix**: {markdown_text(error)}", "", "", *at_fields(str(error))]
         text = F.values_to_yaml(settings)
         from lmtune.planning import plan_for_config
 
         try:
             plan = plan_for_config(config)
         except UserError as error:
-            return [f"**lmtune plan refuses this config**: {error}", text, resume_note(config, None),
+            return [f"**lmtune plan refuses this config**: {markdown_text(error)}", text, resume_note(config, None),
                     *at_fields(str(error))]
         except Exception as error:  # a model or data set that cannot be read: say so in place of the plan
             log.warning("plan failed: %s", error)
-            return [f"**could not plan**: {type(error).__name__}: {error}", text, resume_note(config, None),
-                    *at_fields()]
+            return [f"**could not plan**: {type(error).__name__}: {markdown_text(error)}", text,
+                    resume_note(config, None), *at_fields()]
         return [plan_markdown(config, plan), text, resume_note(config, plan.total_steps), *at_fields()]
 
     plan_outputs = [c["plan"], c["yaml"], c["resume_note"], *inputs]
     plan_io = dict(fn=refresh_plan, inputs=[extra, *inputs], outputs=plan_outputs, trigger_mode="always_last",
                    show_progress="hidden", concurrency_id="plan", concurrency_limit=1)
-    for component in inputs:
-        component.change(**plan_io)
+    # one listener for every field: a form filled at once (Load YAML, a reload during a run) plans once or twice,
+    # with the values of the moment, rather than once a field with the values as they were when it changed
+    gr.on([component.change for component in inputs], **plan_io)
 
-    def choices_for(dataset_dir: str, chosen: list[str] | None, output_dir: str, resume: str):
-        """The pick lists as the disk has them now; what is chosen stays chosen (a typed name or path too)."""
+    stage_outputs = [*stage_rows, *(fields[key] for key in F.STAGE_ONLY_KEYS)]
+
+    def show_stage_keys(stage: str):
+        shown_rows, shown_keys = stage_visibility(stage)
+        return [gr.update(visible=v) for v in shown_rows] + [gr.update(visible=shown_keys[key])
+                                                             for key in F.STAGE_ONLY_KEYS]
+
+    fields["stage"].change(show_stage_keys, fields["stage"], stage_outputs, show_progress="hidden")
+
+    def choices_for(dataset_dir: str, chosen: list[str] | None, output_dir: str):
+        """The pick lists as the disk has them now. Their values are left alone: a value read when this was
+        asked for may be older than one Load YAML has set since."""
         datasets = F.dataset_choices(root, dataset_dir)
         datasets += [(name, name) for name in chosen or [] if name not in {v for _, v in datasets}]
-        checkpoints = F.resume_choices(root, output_dir)
-        if resume not in {v for _, v in checkpoints}:
-            resume = F.RESUME_AUTO
-        return (gr.update(choices=F.model_choices(root)), gr.update(choices=datasets, value=chosen or []),
-                gr.update(choices=checkpoints, value=resume))
+        return (gr.update(choices=F.model_choices(root)), gr.update(choices=datasets),
+                gr.update(choices=F.resume_choices(root, output_dir)))
 
-    choice_io = ([fields["dataset_dir"], fields["dataset"], fields["output_dir"], fields["resume_from_checkpoint"]],
+    choice_io = ([fields["dataset_dir"], fields["dataset"], fields["output_dir"]],
                  [fields["model_name_or_path"], fields["dataset"], fields["resume_from_checkpoint"]])
+    lockable = [fields[key] for key in F.FORM_KEYS if key != "output_dir"] + [c["load"]]
+
+    def lock_form(output_dir: str, was_locked: bool):
+        """The form is read only while the run in its output_dir runs (another output_dir sets up a new run)."""
+        try:
+            pid = runner.pid(F.inside(root, output_dir, "output_dir"))
+        except UserError:
+            pid = None
+        note = (f"**{markdown_text(output_dir)} is running (pid {pid})**: the form shows its config, read only while "
+                "it runs. Stop stops it; type another output_dir to set up another run.") if pid else ""
+        if (pid is not None) == was_locked:
+            return [note, was_locked] + [gr.update() for _ in lockable]
+        return [note, pid is not None] + [gr.update(interactive=pid is None) for _ in lockable]
+
+    lock_io = dict(fn=lock_form, inputs=[fields["output_dir"], locked], outputs=[c["lock_note"], locked, *lockable],
+                   show_progress="hidden")
     fields["dataset_dir"].change(choices_for, *choice_io, show_progress="hidden")
-    fields["output_dir"].change(choices_for, *choice_io, show_progress="hidden")
+    fields["output_dir"].change(choices_for, *choice_io, show_progress="hidden").then(**lock_io)
 
     def watch_folder(output_dir: str, last: str):
         now = folder_stamp(root, output_dir)
         return gr.update() if now == last else now
 
     timer.tick(watch_folder, [fields["output_dir"], stamp], stamp, show_progress="hidden")
-    stamp.change(choices_for, *choice_io, show_progress="hidden").then(**plan_io)
+    stamp.change(choices_for, *choice_io, show_progress="hidden").then(**lock_io).then(**plan_io)
 
     def load_yaml(path_text: str):
         try:
-            form, extra_keys, not_kept = F.yaml_to_form(root, Path(path_text.strip() or "run.yaml"))
+            full = F.inside(root, path_text.strip() or "run.yaml", "config file")
+            form, extra_keys, not_kept = F.yaml_to_form(root, full)
         except UserError as error:
-            return [gr.update() for _ in inputs] + [gr.update(), f"**error**: {error}"]
-        updates = {key: gr.update(value=form[key]) for key in F.FORM_KEYS}
-        names = F.dataset_choices(root, form["dataset_dir"])
-        names += [(name, name) for name in form["dataset"] if name not in {v for _, v in names}]
-        updates["dataset"] = gr.update(choices=names, value=form["dataset"])
+            return [gr.update() for _ in inputs] + [gr.update(), gr.update(), f"**error**: {markdown_text(error)}",
+                                                    gr.update()]
         note = f"loaded `{path_text}`" + (
             f"; kept as in the file, not shown in the form: {', '.join(extra_keys)}" if extra_keys else "") + (
             f"; **not kept**: {', '.join(not_kept)} (the web UI runs no code a config names; run the file with "
             "`lmtune train` to use them)" if not_kept else "")
-        return [updates[key] for key in F.FORM_KEYS] + [extra_keys, note]
+        return form_updates(form) + [extra_keys, str(full), note, PLANNING]
 
-    c["load"].click(load_yaml, c["config_path"], [*inputs, extra, c["status"]])
+    def form_updates(form: dict[str, Any]) -> list:
+        updates = {key: gr.update(value=form[key]) for key in F.FORM_KEYS}
+        names = F.dataset_choices(root, form["dataset_dir"])
+        names += [(name, name) for name in form["dataset"] if name not in {v for _, v in names}]
+        updates["dataset"] = gr.update(choices=names, value=form["dataset"])
+        return [updates[key] for key in F.FORM_KEYS]
 
-    def save(path_text: str, extra_keys: dict, *values):
+    c["load"].click(load_yaml, c["config_path"], [*inputs, extra, loaded, c["status"], c["plan"]]).then(**plan_io)
+
+    def save(path_text: str, pending: str, extra_keys: dict, *values):
         try:
             settings, _ = F.form_to_config(root, as_form(values), extra_keys)
             path = F.config_file(root, path_text)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(F.values_to_yaml(settings))
         except UserError as error:
-            return f"**error**: {error}"
-        name = F.relative(root, path)
-        return f"saved `{name}`; run it from a terminal with `lmtune train {name}`"
+            return f"**error**: {markdown_text(error)}", ""
+        text, name = F.values_to_yaml(settings), F.relative(root, path)
+        asked = f"{path}\n{text}"
+        if path.is_file() and path.read_text() != text and pending != asked:
+            return (f"**`{name}` exists**: Save YAML again to replace it with the form's config (its comments and "
+                    "layout are not kept), or give another file name", asked)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return f"saved `{name}`; run it from a terminal with `lmtune train {name}`", ""
 
-    c["save"].click(save, [c["config_path"], extra, *inputs], c["status"])
+    c["save"].click(save, [c["config_path"], pending_save, extra, *inputs], [c["status"], pending_save])
 
-    def start(extra_keys: dict, *values):
-        """Write the form's config into the run folder (never over a loaded file) and run it."""
+    def start(extra_keys: dict, loaded_file: str, *values):
+        """Write the form's config into the run folder (never over a file Start did not write) and run it."""
         try:
             settings, config = F.form_to_config(root, as_form(values), extra_keys)
             run_dir = root / config.output_dir
             runner.check_free(run_dir)
-            path = run_dir / UI_CONFIG
             run_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(F.values_to_yaml(settings))
+            path = start_file(run_dir, F.values_to_yaml(settings), Path(loaded_file) if loaded_file else None)
             process = runner.start(path, run_dir)
         except UserError as error:
-            return f"**error**: {error}", gr.update()
+            return f"**error**: {markdown_text(error)}", ""
         status = (f"started `lmtune train {F.relative(root, path)}` (pid {process.pid}); watch it on the Monitor tab; "
                   "it keeps running if the browser or the web UI closes")
         return status, config.output_dir
 
-    start_event = c["start"].click(start, [extra, *inputs], [c["status"], started])
+    start_event = c["start"].click(start, [extra, loaded, *inputs], [c["status"], started])
 
     def stop(output_dir: str) -> str:
         try:
             return runner.stop(F.inside(root, output_dir, "output_dir"))
         except UserError as error:
-            return f"**error**: {error}"
+            return f"**error**: {markdown_text(error)}"
 
     c["stop"].click(stop, fields["output_dir"], c["status"])
 
@@ -408,11 +516,27 @@ def build(root: Path, runner: Runner) -> TrainTab:
             return gr.update(value=f"error: {error}", visible=True)
 
     c["preview_button"].click(show_preview, [extra, *inputs], c["preview"])
-    c["plan_io"], c["choice_io"], c["choices_for"] = plan_io, choice_io, choices_for
+
+    def attach():
+        """After a reload: the running run (the newest, if several), its config in the form."""
+        for run in sorted(F.run_choices(root), key=lambda r: M.run_updated(root / r), reverse=True):
+            if runner.pid(root / run) is None:
+                continue
+            try:
+                form, extra_keys = attached_config(root, root / run)
+            except UserError as error:
+                log.warning("could not show the config of the running run %s: %s", run, error)
+                continue
+            return form_updates(form) + [extra_keys, PLANNING]
+        return [gr.update() for _ in inputs] + [gr.update(), gr.update()]
+
+    c["attach_io"] = dict(fn=attach, outputs=[*inputs, extra, c["plan"]], show_progress="hidden")
+    c["plan_io"], c["choice_io"], c["choices_for"], c["lock_io"] = plan_io, choice_io, choices_for, lock_io
     return TrainTab(fields, extra, started, start_event, c)
 
 
 def on_page_load(page: gr.Blocks, tab: TrainTab) -> None:
-    """Pick lists from the disk as it is now, then the plan."""
+    """Pick lists from the disk as it is now; the running run's config, read only; then the plan."""
     c = tab.components
-    page.load(c["choices_for"], *c["choice_io"], show_progress="hidden").then(**c["plan_io"])
+    page.load(c["choices_for"], *c["choice_io"], show_progress="hidden").then(**c["attach_io"]) \
+        .then(**c["lock_io"]).then(**c["plan_io"])
