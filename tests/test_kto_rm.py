@@ -15,7 +15,7 @@ import torch
 from conftest import read_jsonl, run_lmtune, torchrun
 from test_dpo import pair_rows
 from test_loss import assert_same_training
-from test_resume import assert_same_run
+from test_resume import assert_same_run, straight_and_resumed
 
 from lmtune.config import build_config
 from lmtune.preference import KTOLoss, kto_losses
@@ -116,13 +116,8 @@ def test_kto_raises_the_desirable_answers_reward_and_lmtune_eval_gives_the_runs_
 ])
 def test_a_resumed_run_continues_bit_for_bit(kto_config, rm_config, tmp_path, stage, method):
     make = kto_config if stage == "kto" else rm_config
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    settings = dict(max_steps=4, save_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method)
-    assert run_lmtune("train", make(output_dir=str(straight), **settings)) == 0
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_lmtune("train", make(output_dir=str(resumed), resume_from_checkpoint=str(resumed / "checkpoint-2"),
-                                    **settings)) == 0
+    settings = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method)
+    straight, resumed = straight_and_resumed(make, tmp_path, 2, **settings)
     assert_same_run(straight, resumed, from_step=2)
     metric = "rewards/chosen" if stage == "kto" else "margin"
     expected = {r["step"]: r.get(metric) for r in train_rows(straight)}
