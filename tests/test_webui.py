@@ -276,13 +276,19 @@ def test_monitor_reads_progress_chart_and_checkpoints_from_the_run_folder(tmp_pa
     view = M.read_run(run)
     running = M.progress_markdown(view, M.RunState(M.RUNNING, "running (pid 1)"))
     assert "step **7** / 12 (58%)" in running and "samples 28" in running and "tokens 700" in running
-    assert "eval loss 2.5000 (step 6)" in running and "learning rate **5.00e-03**" in running and "ETA" in running
+    assert "eval loss 2.5000 (step 6)" in running and "learning rate **5.00e-03**" in running
+    # the resume is the newest row: the resumed process has logged no step, the ETA of the one before is stale
+    assert "ETA" not in running
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write("\n" + json.dumps({**rows[5], "step": 8, "eta_s": 8.0}) + "\n")
+    assert "ETA 0:08" in M.progress_markdown(M.read_run(run), M.RunState(M.RUNNING, "running (pid 1)"))
     # a run that is not running has no ETA
     state = M.run_state(run)
     assert (state.kind, state.text) == (M.STOPPED, "stopped at step 6: no checkpoint to resume from")
     assert "ETA" not in M.progress_markdown(view, state)
-    loss = M.plot_data(view, M.PLOTS[0])
-    assert {point[2] for point in loss.points} == {"train loss", "eval loss", "resumed at 7", "stopped at 6"}
+    loss = M.plot_points(view, M.PLOTS[0])
+    assert {point[2] for point in loss} == {"train loss", "eval loss", "resumed", "stopped"}
+    assert [p[:2] for p in loss if p[2] == "stopped"] == [(6, 2.3), (6, 2.9), (6, 2.3)]  # across the values
     events = M.events_markdown(view)
     assert "learning rate: 5.00e-03 -> 1.00e-03" in events and "changes" not in events  # no empty "changes:"
     assert "step 6: stopped (SIGINT or SIGTERM); saved checkpoint-6" in events

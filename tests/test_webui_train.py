@@ -15,6 +15,8 @@ import pytest
 import yaml
 from test_webui import CHROMIUM, CHROMIUM_ARGS, Page, make_workdir, needs_chromium, start_server, stop_server
 
+from lmtune.webui import monitor as M
+
 pytestmark = needs_chromium
 
 README_SHOTS = os.environ.get("LMTUNE_WEBUI_SHOTS")  # a folder: the README's screenshots are copied there
@@ -43,21 +45,18 @@ def served(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture
 def ui(served):
-    """The shared page, opened afresh on the Train tab; a screenshot if the test fails."""
+    """The shared page, opened afresh on the Train tab once its first refreshes are done (a wait that times out
+    takes a screenshot)."""
     served.page.goto(served.url)
-    served.page.locator("#start").wait_for(timeout=30_000)
-    try:
-        yield served
-    except BaseException:
-        served.shot("failed")
-        raise
+    served.wait_text("plan", "pick at least one data set")
+    return served
 
 
 def readme_shot(ui: Page, name: str) -> None:
     path = ui.shot(name)
     if README_SHOTS:
         Path(README_SHOTS).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(README_SHOTS) / f"{name}.png")
+        shutil.copy(path, Path(README_SHOTS) / f"webui-{name}.png")
 
 
 def rows_file(rows: list[dict]) -> str:
@@ -107,14 +106,21 @@ def write_runs(workdir: Path) -> None:
 
 
 def plot(ui: Page, name: str) -> dict:
-    """What a plot of the Monitor draws, read from its SVG: the y axis's labels and the legend."""
-    return ui.page.locator(f"#plot-{name}").evaluate("""element => {
+    """What a plot of the Monitor draws, read from its SVG: the y axis's labels, the legend, and the series
+    drawn (a line of their colour)."""
+    found = ui.page.locator(f"#plot-{name}").evaluate("""element => {
         const texts = selector => [...element.querySelectorAll(selector)].map(t => t.textContent);
         const axis = [...element.querySelectorAll('g.role-axis')].find(
             g => (g.getAttribute('aria-label') || '').startsWith('Y-axis'));
         return {y: axis ? [...axis.querySelectorAll('.role-axis-label text')].map(t => t.textContent) : [],
-                legend: texts('.role-legend-label text')};
+                legend: texts('.role-legend-label text'),
+                strokes: [...element.querySelectorAll('g.mark-line path')].filter(
+                    path => (path.getAttribute('d') || '').length > 8).map(path => path.getAttribute('stroke'))};
     }""")
+    colours = M.series_colours(next(spec for spec in M.PLOTS if spec.name == name))
+    strokes = found.pop("strokes")
+    found["drawn"] = {series for series, colour in colours.items() if colour in strokes}
+    return found
 
 
 def visible_plots(ui: Page) -> set[str]:
@@ -131,7 +137,7 @@ def test_train_tab_fits_a_laptop_and_shows_each_stage_its_own_keys(ui):
     # every stage lmtune has; the preference and grpo keys only for their stages
     stages = page.locator("#stage label").all_inner_texts()
     assert [s.strip() for s in stages] == ["pt", "sft", "dpo", "kto", "rm", "grpo"]
-    for stage in ("sft", "pt", "rm"):
+    for stage in ("sft", "rm"):
         ui.radio("stage", stage)
         ui.wait_for(lambda: not page.locator("#pref-beta").is_visible(), f"no preference keys for {stage}")
         assert not page.locator("#num-generations").is_visible()
@@ -263,14 +269,16 @@ def test_a_refused_start_stays_on_the_train_tab_and_is_listed_as_refused(ui):
 def test_monitor_plots_every_metric_on_readable_axes_with_stops_and_resumes(ui):
     page = ui.page
     page.get_by_role("tab", name="Monitor").click()
+    ui.wait_text("progress", "runs/")  # the run it opens with
     ui.pick("run-folder", "runs/flat")
     ui.wait_text("progress", "runs/flat")
-    ui.wait_for(lambda: {"loss", "lr", "grad-norm", "speed", "memory"} <= visible_plots(ui), "the sft plots")
-    assert not {"rewards", "accuracy", "reward", "completion-length"} & visible_plots(ui)
-    # the loss moves by 0.05: each y label is its own value
-    loss = ui.wait_for(lambda: (p := plot(ui, "loss"))["y"] and p, "the loss plot's y axis")
+    sft = {"loss", "lr", "grad-norm", "speed", "memory"}
+    ui.wait_for(lambda: visible_plots(ui) == sft, "the sft plots alone")
+    # the loss moves by 0.05: each y label is its own value; the stop and the resume are lines across it
+    loss = ui.wait_for(lambda: (p := plot(ui, "loss"))["drawn"] == {"train loss", "eval loss", "stopped", "resumed"}
+                       and p, "train and eval loss, the stop and the resume drawn")
     assert len(loss["y"]) >= 3 and len(set(loss["y"])) == len(loss["y"]), loss
-    assert {"train loss", "eval loss", "stopped at 12", "resumed at 12"} <= set(loss["legend"]), loss
+    assert {"train loss", "eval loss", "stopped", "resumed"} <= set(loss["legend"]), loss
     learning_rate = plot(ui, "lr")
     assert len(set(learning_rate["y"])) == len(learning_rate["y"]) >= 3, learning_rate
     # the stop's step is the step shown; events read as words
@@ -281,14 +289,17 @@ def test_monitor_plots_every_metric_on_readable_axes_with_stops_and_resumes(ui):
 
     ui.pick("run-folder", "runs/pref")
     ui.wait_for(lambda: {"rewards", "accuracy"} <= visible_plots(ui), "the dpo plots")
-    assert {"chosen", "rejected", "margin", "eval margin"} <= set(plot(ui, "rewards")["legend"])
-    assert {"accuracy", "eval accuracy"} <= set(plot(ui, "accuracy")["legend"])
+    ui.wait_for(lambda: plot(ui, "rewards")["drawn"] == {"chosen", "rejected", "margin", "eval margin"}, "rewards")
+    ui.wait_for(lambda: plot(ui, "accuracy")["drawn"] == {"accuracy", "eval accuracy"}, "accuracies")
+    # runs/flat's lines are gone: the loss plot has this run's, with no stop
+    ui.wait_for(lambda: plot(ui, "loss")["drawn"] == {"train loss", "eval loss"}, "this run's loss alone")
     # the metric that picks the best checkpoint is a column of the checkpoints table
     header = ui.wait_text("checkpoints", "eval_rewards/accuracies")
     best = [row for row in page.locator("#checkpoints tbody tr").all_inner_texts() if "best" in row]
     assert len(best) == 1 and "1.0000" in best[0], best
 
     ui.pick("run-folder", "runs/rl")
-    ui.wait_for(lambda: {"reward", "completion-length", "speed"} <= visible_plots(ui), "the grpo plots")
-    assert {"reward", "reward std"} <= set(plot(ui, "reward")["legend"])
+    ui.wait_for(lambda: {"reward", "completion-length", "generation"} <= visible_plots(ui), "the grpo plots")
+    ui.wait_for(lambda: plot(ui, "reward")["drawn"] == {"reward", "reward std", "groups with no reward spread"},
+                "the grpo reward")
     assert not {"rewards", "accuracy"} & visible_plots(ui), header

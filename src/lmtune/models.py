@@ -345,6 +345,7 @@ def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target = config.lora_target
+    _check_lora_target(model, [target] if isinstance(target, str) else target)
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.effective_lora_alpha,
@@ -363,6 +364,18 @@ def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
                     - {"base_layer"})
     log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
     return adapted
+
+
+def _check_lora_target(model: torch.nn.Module, names: list[str]) -> None:
+    """Each name of lora_target names a layer of the model (PEFT alone accepts a list of which one matches).
+    `lmtune plan` makes this check on the model built on the meta device, `lmtune train` on the real one."""
+    layers = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    modules = [name for name, _ in model.named_modules()]
+    unknown = [name for name in names if name not in ("all", "all-linear")
+               and not any(module == name or module.endswith(f".{name}") for module in modules)]
+    if unknown:
+        raise UserError(f"lora_target: {', '.join(unknown)} is no layer of this model; its linear layers are "
+                        f"{', '.join(sorted(layers))} (or 'all')")
 
 
 @contextlib.contextmanager

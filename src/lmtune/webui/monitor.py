@@ -321,69 +321,69 @@ PLOTS = (
     PlotSpec("loss", "loss", "loss", (("train loss", "train", "loss"), ("eval loss", "eval", "eval_loss"))),
     PlotSpec("lr", "learning rate", "learning rate", (("learning rate", "train", "lr"),)),
     PlotSpec("grad-norm", "gradient norm (before clipping)", "grad norm", (("grad norm", "train", "grad_norm"),)),
-    PlotSpec("speed", "throughput", "tokens/s", (("trained tokens/s", "train", "tokens_per_s"),
-                                                 ("generated tokens/s", "train", "generated_tokens_per_s"))),
-    PlotSpec("memory", "memory", "MB", (("peak process memory", "train", "mem_peak_mb"),
-                                        ("GPU allocated", "train", "gpu_mem_allocated_mb"),
-                                        ("GPU peak", "train", "gpu_mem_peak_mb"))),
-    PlotSpec("rewards", "rewards (dpo, kto, rm)", "reward", (
+    PlotSpec("speed", "throughput", "tokens/s", (("trained tokens/s", "train", "tokens_per_s"),)),
+    PlotSpec("memory", "process memory (peak)", "MB", (("peak memory", "train", "mem_peak_mb"),)),
+    PlotSpec("gpu-memory", "GPU memory", "MB", (("allocated", "train", "gpu_mem_allocated_mb"),
+                                                ("reserved", "train", "gpu_mem_reserved_mb"),
+                                                ("peak", "train", "gpu_mem_peak_mb"))),
+    PlotSpec("rewards", "rewards (dpo, kto)", "reward", (
         ("chosen", "train", "rewards/chosen"), ("rejected", "train", "rewards/rejected"),
-        ("margin", "train", "rewards/margins"), ("eval margin", "eval", "eval_rewards/margins"),
-        ("rm margin", "train", "margin"), ("eval rm margin", "eval", "eval_margin"))),
-    PlotSpec("accuracy", "preference accuracy (dpo, rm)", "accuracy", (
-        ("accuracy", "train", "rewards/accuracies"), ("eval accuracy", "eval", "eval_rewards/accuracies"),
-        ("rm accuracy", "train", "accuracy"), ("eval rm accuracy", "eval", "eval_accuracy"))),
+        ("margin", "train", "rewards/margins"), ("eval margin", "eval", "eval_rewards/margins"))),
+    PlotSpec("accuracy", "reward accuracy (dpo)", "accuracy", (
+        ("accuracy", "train", "rewards/accuracies"), ("eval accuracy", "eval", "eval_rewards/accuracies"))),
+    PlotSpec("rm", "reward model (rm)", "accuracy / margin", (
+        ("accuracy", "train", "accuracy"), ("eval accuracy", "eval", "eval_accuracy"), ("margin", "train", "margin"))),
     PlotSpec("reward", "reward (grpo)", "reward", (("reward", "train", "reward"), ("reward std", "train", "reward_std"),
                                                   ("groups with no reward spread", "train",
                                                    "frac_reward_zero_std"))),
     PlotSpec("completion-length", "completion length (grpo)", "tokens", (
         ("mean length", "train", "completions/mean_length"),)),
+    PlotSpec("generation", "generation speed (grpo)", "tokens/s", (
+        ("generated tokens/s", "train", "generated_tokens_per_s"),)),
 )
-SERIES_COLOURS = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c")
-MARKER_COLOURS = {"resumed": "#6b7280", "stopped": "#dc2626"}
+SERIES_COLOURS = ("#2563eb", "#ea580c", "#16a34a", "#9333ea")
+RESUMED, STOPPED = "resumed", "stopped"  # the vertical lines drawn at each resume and each stop
+MARKER_COLOURS = {RESUMED: "#6b7280", STOPPED: "#dc2626"}
 
 
-@dataclass
-class PlotData:
-    """What one plot draws: points (step, value, series), the y range that fits them, the colours."""
-
-    points: list[tuple[int, float, str]]
-    y_range: tuple[float, float]
-    colours: dict[str, str]
+def series_colours(spec: PlotSpec) -> dict[str, str]:
+    """Every series a plot can draw, with its colour. A plot always has them all (gradio's plot keeps the
+    series of its first drawing), those not logged as empty series."""
+    colours = {label: SERIES_COLOURS[i % len(SERIES_COLOURS)] for i, (label, _, _) in enumerate(spec.series)}
+    return {**colours, **MARKER_COLOURS}
 
 
 def markers(view: RunView) -> list[tuple[int, str]]:
-    """(step, name) of each resume and each stop (a save on SIGINT or SIGTERM) of the run."""
+    """(step, RESUMED or STOPPED) for each resume and each stop (a save on SIGINT or SIGTERM) of the run."""
     found = []
     for row in view.events:
         if not isinstance(row.get("step"), int):
             continue
         if row.get("event") == "resume":
-            found.append((row["step"], f"resumed at {row['step']}"))
+            found.append((row["step"], RESUMED))
         elif row.get("event") == "save" and "signal" in (row.get("reasons") or []):
-            found.append((row["step"], f"stopped at {row['step']}"))
+            found.append((row["step"], STOPPED))
     return found
 
 
-def plot_data(view: RunView, spec: PlotSpec) -> PlotData | None:
-    """The points of `spec`'s series logged so far (None: nothing yet), with a vertical line for each resume
-    and stop within them, and a y range fitted to the values however little they move."""
+def plot_points(view: RunView, spec: PlotSpec) -> list[tuple[float, float | None, str]] | None:
+    """(step, value, series) of `spec`'s series logged so far (None: none yet), a series not logged as one
+    empty point, and a vertical line across the values at each resume and stop: up and down again at its
+    step, so that the lines of one kind join only along the bottom edge."""
     rows = {"train": view.train, "eval": view.evals}
-    points = [(row["step"], float(row[key]), label) for label, kind, key in spec.series for row in rows[kind]
-              if _finite(row.get(key))]
+    points: list[tuple[float, float | None, str]] = [
+        (row["step"], float(row[key]), label) for label, kind, key in spec.series for row in rows[kind]
+        if _finite(row.get(key))]
     if not points:
         return None
     low, high = min(p[1] for p in points), max(p[1] for p in points)
-    margin = (high - low) * 0.08 or abs(high) * 0.05 or 0.5
-    low, high = low - margin, high + margin
     first, last = min(p[0] for p in points), max(p[0] for p in points)
-    labels = list(dict.fromkeys(p[2] for p in points))
-    colours = {label: SERIES_COLOURS[i % len(SERIES_COLOURS)] for i, label in enumerate(labels)}
     for step, name in markers(view):
         if first <= step <= last:
-            points += [(step, low, name), (step, high, name)]
-            colours[name] = MARKER_COLOURS[name.split()[0]]
-    return PlotData(points, (low, high), colours)
+            points += [(step, low, name), (step, high, name), (step, low, name)]
+    drawn = {p[2] for p in points}
+    points += [(first, None, name) for name in series_colours(spec) if name not in drawn]
+    return points
 
 
 def _finite(value: Any) -> bool:

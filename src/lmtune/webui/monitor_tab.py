@@ -49,8 +49,8 @@ def build(root: Path, runner: Runner) -> MonitorTab:
         for spec in M.PLOTS:
             plots[spec.name] = gr.LinePlot(
                 x="step", y="value", color="series", title=spec.title, y_title=spec.y_title, x_title="step",
-                color_title="", height=240, min_width=380, visible=False, elem_id=f"plot-{spec.name}",
-                elem_classes=["lmtune-plot"], buttons=[])
+                color_title="", color_map=M.series_colours(spec), height=240, min_width=380, visible=False,
+                elem_id=f"plot-{spec.name}", elem_classes=["lmtune-plot"], buttons=[])
     plotted = gr.State("")  # the metrics.jsonl the plots show (its size and time), so they redraw only on a change
     with gr.Row():
         with gr.Column(scale=3):
@@ -117,11 +117,10 @@ def build(root: Path, runner: Runner) -> MonitorTab:
 
 
 def plot_update(view: M.RunView, spec: M.PlotSpec):
-    data = M.plot_data(view, spec)
-    if data is None:
+    points = M.plot_points(view, spec)
+    if points is None:
         return gr.update(visible=False)
-    frame = pd.DataFrame(data.points, columns=["step", "value", "series"])
-    return gr.update(value=frame, y_lim=list(data.y_range), color_map=data.colours, visible=True)
+    return gr.update(value=pd.DataFrame(points, columns=["step", "value", "series"]), visible=True)
 
 
 def stop_message(sent: dict, run: str | None, running_pid: int | None):
