@@ -398,7 +398,7 @@ def opened_ui(workdir: Path, browser, shots: Path, *server_args: str, **page_arg
         page.goto(url)
         yield ui
     except BaseException:
-        ui.shot("failed")
+        ui.shot("failed", required=False)
         raise
     finally:
         page.close()
@@ -454,7 +454,7 @@ class Page:
             if all(n in text for n in needles):
                 return text
             if time.monotonic() > deadline:
-                self.shot("timeout")
+                self.shot("timeout", required=False)
                 raise AssertionError(f"#{elem_id} never showed {needles}; it shows:\n{text}")
             time.sleep(0.3)
 
@@ -462,20 +462,28 @@ class Page:
         deadline = time.monotonic() + timeout
         while not (value := check()):
             if time.monotonic() > deadline:
-                self.shot("timeout")
+                self.shot("timeout", required=False)
                 raise AssertionError(f"never happened: {what}")
             time.sleep(0.3)
         return value
 
-    def shot(self, name: str) -> Path:
+    def shot(self, name: str, required: bool = True) -> Path:
+        """A full-page screenshot; one taken because a test failed never hides why it failed."""
         path = self.shots / f"{name}.png"
-        self.page.screenshot(path=str(path), full_page=True)
+        try:
+            self.page.screenshot(path=str(path), full_page=True, timeout=None if required else 15_000)
+        except Exception:
+            if required:
+                raise
         return path
 
 
-def plot_legend(ui: Page, name: str) -> list[str]:
-    """The series a plot of the Monitor draws, from its legend."""
-    return ui.page.locator(f"#plot-{name} .role-legend-label text").all_inner_texts()
+def plot_drawn(ui: Page, name: str) -> set[str]:
+    """The series a plot of the Monitor draws: a line of the series' colour."""
+    strokes = ui.page.locator(f"#plot-{name} g.mark-line path").evaluate_all(
+        "paths => paths.filter(p => (p.getAttribute('d') || '').length > 8).map(p => p.getAttribute('stroke'))")
+    colours = M.series_colours(next(spec for spec in M.PLOTS if spec.name == name))
+    return {series for series, colour in colours.items() if colour in strokes}
 
 
 def checkpoint_rows(ui: Page) -> list[list[str]]:
@@ -534,7 +542,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         page.locator("#start").click()
         ui.wait_text("progress", "running (pid")
         assert (workdir / "runs" / "sums" / "webui_config.yaml").is_file()
-        ui.wait_for(lambda: {"train loss", "eval loss"} <= set(plot_legend(ui, "loss")), "train and eval loss plotted")
+        ui.wait_for(lambda: {"train loss", "eval loss"} <= plot_drawn(ui, "loss"), "train and eval loss plotted")
         rows = ui.wait_for(lambda: (r := checkpoint_rows(ui)) and any("deleted" in row for row in r) and r,
                            "a checkpoint deleted by rotation", timeout=90)
         # newest first; a save in flight is listed as incomplete
@@ -591,7 +599,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.wait_text("progress", "learning rate 1.00e-03")
         train_rows = [r for r in M.read_rows(workdir / "runs" / "sums") if r["type"] == "train"]
         assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))  # step numbers go on
-        ui.wait_for(lambda: f"resumed at {stopped_at}" in plot_legend(ui, "loss"), "the resume marked on the plot")
+        ui.wait_for(lambda: {"stopped", "resumed"} <= plot_drawn(ui, "loss"), "the stop and the resume on the plot")
         ui.shot("5-monitor-resumed")
         page.locator("#stop-monitor").click()
         ui.wait_text("progress", "stopped at step", "exit code 130")
@@ -702,7 +710,7 @@ def test_a_loaded_yaml_is_never_rewritten_and_a_run_outlives_the_web_ui(workdir,
         ui.wait_text("train-status", "is already writing to")
         assert (workdir / "mine.yaml").read_text() == MINE
     except BaseException:
-        ui.shot("failed")
+        ui.shot("failed", required=False)
         raise
     finally:
         page.close()
