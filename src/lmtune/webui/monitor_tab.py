@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def opened_run(root: Path, runs: list[str], chosen: str | None) -> str | None:
     chosen before, else the newest."""
     running = [run for run in runs if M.run_state(Path(root) / run).kind == M.RUNNING]
     return running[0] if running else chosen if chosen in runs else runs[0] if runs else None
+
+
+PLOT_EVERY_S = 5.0  # plots are the page's heaviest part to draw: a running run's are redrawn this often
 
 
 @dataclass
@@ -51,7 +55,7 @@ def build(root: Path, runner: Runner) -> MonitorTab:
                 x="step", y="value", color="series", title=spec.title, y_title=spec.y_title, x_title="step",
                 color_title="", color_map=M.series_colours(spec), height=240, min_width=380, visible=False,
                 elem_id=f"plot-{spec.name}", elem_classes=["lmtune-plot"], buttons=[])
-    plotted = gr.State("")  # the metrics.jsonl the plots show (its size and time), so they redraw only on a change
+    plotted = gr.State({})  # the run and metrics.jsonl the plots show, and when they were drawn
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown("#### Checkpoints (checkpoints.json)")
@@ -70,21 +74,24 @@ def build(root: Path, runner: Runner) -> MonitorTab:
 
     known = gr.State([])  # the runs the pick list offers
 
-    def watch(run: str | None, checkpoint_page, event_page, with_routine: bool, offered: list[str], shown: str,
+    def watch(run: str | None, checkpoint_page, event_page, with_routine: bool, offered: list[str], shown: dict,
               sent: dict):
         runs = runs_newest_first(root)
         listed = (M.runs_html(root, runs), runs, gr.update() if set(runs) == set(offered) else gr.update(choices=runs))
         no_plots = [gr.update(visible=False) for _ in M.PLOTS]
         if not run:
-            return ("Choose a run folder (or start a run on the Train tab).", "", "", "", *listed, "", *no_plots, "")
+            return ("Choose a run folder (or start a run on the Train tab).", "", "", "", *listed, {}, *no_plots, "")
         try:
             run_dir = F.inside(root, run, "run folder")
         except UserError as error:
-            return f"**error**: {error}", "", "", "", *listed, "", *no_plots, ""
+            return f"**error**: {error}", "", "", "", *listed, {}, *no_plots, ""
         view, state = M.read_run(run_dir), runner.state(run_dir)
-        stamp = f"{run_dir}:{M.metrics_stamp(run_dir)}"
-        plot_updates = [gr.update() for _ in M.PLOTS] if stamp == shown else [plot_update(view, spec)
-                                                                               for spec in M.PLOTS]
+        now = {"run": str(run_dir), "metrics": M.metrics_stamp(run_dir), "at": time.time()}
+        # redrawn when the run or its metrics change, a running run's at most every PLOT_EVERY_S seconds
+        redraw = shown.get("run") != now["run"] or (shown.get("metrics") != now["metrics"]
+                                                    and now["at"] - shown.get("at", 0) >= PLOT_EVERY_S)
+        plot_updates = [plot_update(view, spec) for spec in M.PLOTS] if redraw else [gr.update() for _ in M.PLOTS]
+        stamp = now if redraw else shown
         return (M.progress_markdown(view, state), M.checkpoints_html(run_dir, checkpoint_page),
                 M.events_markdown(view, event_page, routine=with_routine), M.log_tail(run_dir, lines=20), *listed,
                 stamp, *plot_updates, stop_message(sent, run, runner.pid(run_dir)))
