@@ -54,6 +54,18 @@ def test_a_run_from_an_existing_adapter_starts_from_its_weights_and_trains_them_
     after = load_file(second / "adapter_model.safetensors")
     assert any(not torch.equal(after[name], trained[name]) for name in trained)
 
+    # LLaMA-Factory's inference config (examples/inference/llama3_lora_sft.yaml) for chat and export
+    from lmtune.chat import load_for_chat
+
+    inference = tmp_path / "llama3_lora_sft.yaml"
+    inference.write_text(f"model_name_or_path: {tiny_model_dir}\nadapter_name_or_path: {first}\n"
+                         "template: llama3\ninfer_backend: huggingface\n")
+    session = load_for_chat(str(inference))
+    assert session.template == "llama3"
+    loaded = get_peft_model_state_dict(session.model)
+    assert all(torch.equal(loaded[name], trained[name]) for name in trained)
+    assert run_lmtune("chat", inference, "--prompt", "hi", "--max-new-tokens", "2") == 0
+
 
 def test_adapter_name_or_path_is_checked_before_anything_is_written(tiny_config, tmp_path):
     with pytest.raises(UserError, match="finetuning_type: lora"):
