@@ -204,15 +204,16 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, Any]]) -> list[int]:
-    """A conversation's generation prompt as token ids, tokenised as training tokenised it: a named template
-    piece by piece as LLaMA-Factory does (so the model sees the tokens it was trained on), the tokenizer's own
-    template rendered whole."""
+def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, Any]],
+               tools: list[dict] | None = None) -> list[int]:
+    """A conversation's generation prompt as token ids, tokenised as training tokenises the same turns
+    (`generation_prompt_ids`): each turn's pieces on their own, so the model sees the tokens it was trained
+    on. Tool definitions reach only a Jinja template, which renders them: that prompt is rendered whole."""
     from lmtune.data.templates import conversation_format, generation_prompt_ids
 
+    if tools:
+        return encode_prompt(tokenizer, render_prompt(tokenizer, template, messages, tools))
     chosen = conversation_format(tokenizer, template)
-    if isinstance(chosen, str):
-        return encode_prompt(tokenizer, render_prompt(tokenizer, template, messages))
     return generation_prompt_ids(tokenizer, chosen, [{**m, "content": text_of(m.get("content"))} for m in messages])
 
 

@@ -230,9 +230,23 @@ def generation_prompt_ids(tokenizer: Any, template: NamedTemplate | str, message
     """The token ids of a conversation that ends with the user's turn, the reply's header after it: the
     same tokens training gives the same turns, so the model sees at inference what it was trained on."""
     if isinstance(template, str):
-        return tokenizer.encode(render(tokenizer, template, messages, generation_prompt=True), add_special_tokens=False)
+        return _jinja_generation_prompt(tokenizer, template, messages)
     turns, prompt = _named_encoding(tokenizer, template, messages)
     return [token for earlier, reply in turns for token in earlier + reply] + prompt
+
+
+def _jinja_generation_prompt(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[int]:
+    """The earlier turns in the pieces `_jinja_turns` tokenises them in (each prompt and each reply on its
+    own), then the rest of the rendered prompt, the generation prompt included."""
+    text, spans = reply_spans(tokenizer, template, messages)
+    whole = render(tokenizer, template, messages, generation_prompt=True)
+    if not spans or not whole.startswith(text[:spans[-1].stop]):
+        return _text_ids(tokenizer, whole)
+    ids, previous_end = [], 0
+    for span in spans:
+        ids += _text_ids(tokenizer, text[previous_end:span.start]) + _text_ids(tokenizer, text[span.start:span.stop])
+        previous_end = span.stop
+    return ids + _text_ids(tokenizer, whole[previous_end:])
 
 
 def _jinja_turns(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[Turn]:
