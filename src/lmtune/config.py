@@ -110,6 +110,10 @@ class TrainConfig(BaseModel):
         None, description="chat template name (chatml, llama3, mistral, qwen, alpaca, ...); "
         "null uses the tokenizer's own chat template", json_schema_extra=on_resume("run", data=True)
     )
+    enable_thinking: bool = Field(
+        True, description="reasoning templates (qwen3, or a chat template that reads enable_thinking): true trains "
+        "each reply's reasoning (an empty thought where it has none); false leaves reasoning out, the empty thought "
+        "in the untrained prompt (LLaMA-Factory's meaning)", json_schema_extra=on_resume("run", data=True))
     trust_remote_code: bool = Field(False, description="allow code shipped with a model folder to run",
                                     json_schema_extra=on_resume("run", data=True))
 
