@@ -192,8 +192,8 @@ def _tool_calls_jinja(tool_format: ToolFormat) -> str:
     """An assistant message's tool calls after its content, as ToolFormat.reply_text writes them."""
     arguments = "(f['arguments'] if f['arguments'] is string else f['arguments'] | tojson)"
     if tool_format.name == "qwen":
-        each = ("('\\n' if not loop.first else '') + '<tool_call>\\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' + "
-                + arguments + " + '}\\n</tool_call>'")
+        each = ("('\\n' if not loop.first else '') + '<tool_call>\\n{\"name\": \"' + f['name'] "
+                "+ '\", \"arguments\": ' + " + arguments + " + '}\\n</tool_call>'")
         joined = "{% set content = (content + '\\n' if content else '') + calls.text %}"
     else:
         each = ("(', ' if not loop.first else '') + '{\"name\": \"' + f['name'] + '\", \"parameters\": ' + "
@@ -209,7 +209,8 @@ def _tool_results_jinja(tool_format: ToolFormat) -> str:
     """A tool message: a block of its own, or (Qwen) one block for consecutive results."""
     opening, closing = tool_format.observation.split("{content}")
     if tool_format.results_joiner is None:
-        return "{% elif message['role'] == 'tool' %}{{ " + _literal(opening) + " + content + " + _literal(closing) + " }}"
+        return ("{% elif message['role'] == 'tool' %}{{ " + _literal(opening) + " + content + " + _literal(closing)
+                + " }}")
     joiner = tool_format.results_joiner
     return ("{% elif message['role'] == 'tool' %}"
             "{% if loop.first or loop.previtem['role'] != 'tool' %}{{ " + _literal(opening) + " }}"

@@ -62,16 +62,17 @@ class ToolFormat:
         return (system + self.system_joiner if system else "") + self.definitions(tools)
 
     def reply_text(self, content: str, calls: list[dict[str, Any]]) -> str:
-        """An assistant message's text: its content, then its tool calls."""
+        """An assistant message's text: its content, then its tool calls (arguments given as a JSON string are
+        written as they are, as the chat templates write them)."""
         if not calls:
             return content
-        functions = [call["function"] for call in calls]
+        functions = [call.get("function", call) for call in calls]
         if self.name == "qwen":
-            text = "\n".join(f"<tool_call>\n{{\"name\": \"{f['name']}\", \"arguments\": {dumps(f['arguments'])}}}"
-                             "\n</tool_call>" for f in functions)
+            text = "\n".join(f"<tool_call>\n{{\"name\": \"{f['name']}\", \"arguments\": {_arguments(f)}}}\n</tool_call>"
+                             for f in functions)
             return content + "\n" + text if content else text
-        objects = [{"name": f["name"], "parameters": f["arguments"]} for f in functions]
-        return dumps(objects[0] if len(objects) == 1 else objects)
+        objects = [f"{{\"name\": \"{f['name']}\", \"parameters\": {_arguments(f)}}}" for f in functions]
+        return objects[0] if len(objects) == 1 else "[" + ", ".join(objects) + "]"
 
     def results_blocks(self, contents: list[str]) -> list[str]:
         """Consecutive tool results as the blocks the template writes."""
@@ -89,6 +90,11 @@ class ToolFormat:
         if loaded is None or not all(isinstance(o, dict) and "name" in o for o in objects):
             return text, []
         return "", [_call(o["name"], o.get("parameters", o.get("arguments", {}))) for o in objects]
+
+
+def _arguments(function: dict[str, Any]) -> str:
+    arguments = function.get("arguments", {})
+    return arguments if isinstance(arguments, str) else dumps(arguments)
 
 
 def _loaded(text: str) -> Any:
