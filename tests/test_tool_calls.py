@@ -220,3 +220,26 @@ def test_llama_factorys_glaive_toolcall_demo_encodes_with_qwen(qwen3_tokenizer):
         "About 12.57 square units.<|im_end|>\n"]
     assert '<|im_start|>user\n<tool_response>\n{"area": 15}\n</tool_response><|im_end|>\n<|im_start|>assistant\n' \
         in text
+
+
+def test_glaive_toolcall_demo_and_an_openai_tool_file_preview_and_train(tiny_config, tmp_path, capsys):
+    """LLaMA-Factory's glaive_toolcall_en_demo shape and an OpenAI tool conversation under sft with qwen: the
+    preview shows the calls trained and the results masked, and a step trains."""
+    from conftest import read_jsonl, run_lmtune
+
+    openai_file = tmp_path / "openai_tools.jsonl"
+    openai_file.write_text(json.dumps(OPENAI_ROW) + "\n")
+    config = tiny_config(dataset="glaive_toolcall_en_demo," + str(openai_file), dataset_dir=str(LLAMAFACTORY_DATA),
+                         template="qwen", cutoff_len=1024, max_steps=1, per_device_train_batch_size=5)
+    capsys.readouterr()
+    assert run_lmtune("preview", config, "--json", "-n", "5") == 0
+    runs = [run for row in json.loads(capsys.readouterr().out)["examples"] for example in row["examples"]
+            for run in example["runs"]]
+    trained = "".join(run["text"] for run in runs if run["trained"])
+    masked = "".join(run["text"] for run in runs if not run["trained"])
+    assert '<tool_call>\n{"name": "get_exchange_rate", "arguments": {"base": "USD", "target": "EUR"}}' in trained
+    assert "<tool_response>\n{\"rate\": 0.92}\n</tool_response>" in masked and "# Tools" in masked
+    assert "tool_response" not in trained
+    assert run_lmtune("train", config) == 0
+    [row] = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
+    assert row["step"] == 1 and row["samples_seen"] == 5
