@@ -243,3 +243,36 @@ def test_glaive_toolcall_demo_and_an_openai_tool_file_preview_and_train(tiny_con
     assert run_lmtune("train", config) == 0
     [row] = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]
     assert row["step"] == 1 and row["samples_seen"] == 5
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3"])
+def test_a_served_reply_that_calls_tools_comes_back_as_openai_tool_calls(name):
+    from lmtune.serving.api import with_tool_calls
+
+    tool_format = TEMPLATES[name].tools
+    calls = [{"type": "function", "function": {"name": "get_exchange_rate", "arguments": {"base": "USD"}}},
+             {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]
+    response = {"choices": [{"message": {"role": "assistant", "content": tool_format.reply_text("", calls)},
+                             "finish_reason": "stop"},
+                            {"message": {"role": "assistant", "content": "No tool needed."}, "finish_reason": "stop"}]}
+    called, plain = with_tool_calls(response, tool_format)["choices"]
+    assert called["finish_reason"] == "tool_calls" and called["message"]["content"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in called["message"]["tool_calls"]] \
+        == [("get_exchange_rate", {"base": "USD"}), ("add", {"a": 1, "b": 2})]
+    assert plain == {"message": {"role": "assistant", "content": "No tool needed."}, "finish_reason": "stop"}
+
+
+def test_chat_prompts_with_the_tools_as_training_showed_them(qwen3_tokenizer, tmp_path):
+    from lmtune.chat import read_tools
+    from lmtune.generation import prompt_ids
+
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps([RATE["function"]]))  # LLaMA-Factory's bare function
+    tools = read_tools(tools_file)
+    messages = OPENAI_ROW["messages"][:2]
+    (example,) = examples(qwen3_tokenizer, "qwen3", {"messages": OPENAI_ROW["messages"][:3], "tools": tools})
+    assert prompts_in_training([example])[0] == prompt_ids(qwen3_tokenizer, "qwen3", messages, tools)
+    assert "# Tools" in qwen3_tokenizer.decode(prompt_ids(qwen3_tokenizer, "qwen3", messages, tools))
+    tools_file.write_text('{"name": "add"}')
+    with pytest.raises(UserError, match="expected a JSON list of tool definitions"):
+        read_tools(tools_file)

@@ -453,6 +453,15 @@ def takes_tools(template: NamedTemplate | str) -> bool:
     return re.search(r"\btools\b", template) is not None
 
 
+def reply_tool_format(tokenizer: Any, name: str | None) -> ToolFormat | None:
+    """How a model's replies write tool calls, to read them back: the named template's tool format, or for the
+    tokenizer's own template Qwen's where it writes <tool_call> blocks."""
+    chosen = conversation_format(tokenizer, name)
+    if isinstance(chosen, NamedTemplate):
+        return chosen.tools
+    return QWEN_TOOLS if "<tool_call>" in chosen else None
+
+
 def no_tool_format(name: str | None) -> str:
     with_tools = ", ".join(sorted(known for known, named in TEMPLATES.items() if named.tools))
     which = f"template '{name}'" if name else "the template"
