@@ -89,8 +89,7 @@ class RowEncoder:
     def _checked(self, standard: dict[str, Any], where: str) -> dict[str, Any]:
         """A row with tools needs a template that writes them: refused, naming the template, where it has none."""
         if uses_tools(standard) and not takes_tools(self.format):
-            which = self.template_name if self.template_name else "the tokenizer's own (template: null)"
-            raise UserError(f"{where}: {no_tool_format(which)}")
+            raise UserError(f"{where}: {no_tool_format(self.template_name)}")
         return standard
 
     def _examples_of(self, standard: dict[str, Any]) -> list[Example]:

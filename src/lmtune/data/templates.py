@@ -464,7 +464,7 @@ def reply_tool_format(tokenizer: Any, name: str | None) -> ToolFormat | None:
 
 def no_tool_format(name: str | None) -> str:
     with_tools = ", ".join(sorted(known for known, named in TEMPLATES.items() if named.tools))
-    which = f"template '{name}'" if name else "the template"
+    which = f"template '{name}'" if name else "the tokenizer's own chat template (template: null)"
     return (f"{which} has no tool format; rows with tools or tool calls need one of {with_tools}, or template: null "
             "with a tokenizer whose chat template takes tools")
 
