@@ -276,3 +276,15 @@ def test_chat_prompts_with_the_tools_as_training_showed_them(qwen3_tokenizer, tm
     tools_file.write_text('{"name": "add"}')
     with pytest.raises(UserError, match="expected a JSON list of tool definitions"):
         read_tools(tools_file)
+
+
+def test_the_tool_call_demo_encodes_under_qwen_as_llama_factory_encodes_it(tokenizer):
+    """Recorded from LLaMA-Factory 0.9.5 by tests/fixtures/record_llamafactory_tool_encodings.py."""
+    recorded = json.loads((FIXTURES / "llamafactory_tools" / "qwen_glaive_toolcall.json").read_text())
+    marked = copy.deepcopy(tokenizer)
+    marked.add_special_tokens({"additional_special_tokens": recorded["markers"]}, replace_extra_special_tokens=False)
+    (spec,) = resolve_datasets(["glaive_toolcall_en_demo"], str(LLAMAFACTORY_DATA), "sft")
+    rows = json.loads((LLAMAFACTORY_DATA / "glaive_toolcall_en_demo.json").read_text())
+    row_encoder = encoder(marked, "qwen")
+    encoded = [row_encoder.examples(spec, row, "row")[0] for row in rows]
+    assert [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded] == recorded["rows"]
