@@ -146,10 +146,7 @@ class RowEncoder:
     def prompt(self, spec: DatasetSpec, row: dict[str, Any], where: str, max_length: int) -> tuple[list[int], dict]:
         """Stage grpo: the token ids of the prompt with the template's generation prompt after it, as `lmtune
         chat` renders it, and what the reward functions receive of the row: its prompt and its other columns."""
-        try:
-            standard = standard_row(spec, row)
-        except ValueError as error:
-            raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
+        standard = self._checked(_standard(spec, row, where), where)
         ids = generation_prompt_ids(self.tokenizer, self.format, standard["messages"], standard.get("tools"),
                                     self.enable_thinking)
         if len(ids) > max_length:

@@ -26,7 +26,7 @@ from lmtune.errors import UserError
 from lmtune.paths import cache_home
 
 log = logging.getLogger("lmtune")
-CACHE_VERSION = 3  # 3: prompts and replies tokenised apart, cutoff_len as LLaMA-Factory cuts
+CACHE_VERSION = 4  # 4: tool calls, reasoning; each prompt as its generation prompt tokenises
 
 
 @dataclass

@@ -268,6 +268,8 @@ def encode_conversation(tokenizer: Any, template: NamedTemplate | str, messages:
         else:
             sequences.append([(prompt, reply)])
         before = prompt + reply
+    if isinstance(template, NamedTemplate):
+        return sequences
     return [_with_closers(tokenizer, turns) for turns in sequences]
 
 
