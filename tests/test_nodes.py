@@ -1,7 +1,8 @@
 """More than one machine, simulated on this one: two torchrun launchers on a loopback rendezvous act as two
-nodes (gloo, one process each). A run over them trains as one node with two processes; when one node is
-lost for good, the other goes on alone from the newest checkpoint with the same global batch; a frozen
-process stops the others with an error that names it; nodes that do not share output_dir are refused."""
+nodes (gloo, one process each). A run over them trains as one node with two processes; a frozen process
+stops the others within ddp_timeout with an error that names it; when its node is lost for good, the other
+goes on alone from the newest checkpoint with the same global batch; nodes that do not share output_dir
+are refused."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import free_port, read_jsonl, torchrun, torchrun_command
+import pytest
+from conftest import free_port, read_jsonl, torchrun
 from test_reshard import assert_within_float_noise, train_losses
-
-from lmtune.checkpoint import verify_checkpoint
 
 # Each worker writes its pid (and its launcher's) and the examples (token ids) each step trained, in a file
 # of its own start (torchrun's restart count) and rank; the first start's steps are slowed down, so that a
@@ -83,29 +83,35 @@ def wait_for(predicate, what: str, timeout: float = 300.0) -> None:
         time.sleep(0.1)
 
 
-def test_two_nodes_train_as_one_node_and_one_node_goes_on_alone_when_the_other_is_lost(tiny_config, tmp_path):
+def test_two_nodes_train_as_one_node_a_frozen_node_is_named_and_the_other_goes_on_alone(tiny_config, tmp_path):
+    """Node b freezes (SIGSTOP) in the middle of the run, then is lost for good (SIGKILL, launcher too)."""
     # 32 rows, 4 x 1 x 2 = 8 rows a step: 4 steps an epoch, 8 steps, a checkpoint every 2
-    settings = dict(num_train_epochs=2, save_steps=2, ddp_timeout=30, callbacks=["node_probe:NodeProbe"])
+    settings = dict(num_train_epochs=2, save_steps=2, ddp_timeout=10, callbacks=["node_probe:NodeProbe"])
     env = probe_env(tmp_path)
     straight = tmp_path / "straight"
     torchrun(tiny_config(output_dir=str(straight), **settings), env={"PYTHONPATH": env["PYTHONPATH"]})
 
-    run = tmp_path / "nodes"
+    run, log_a = tmp_path / "nodes", tmp_path / "node-a.log"
     config = tiny_config(output_dir=str(run), **settings)
     port, env["PROBE_STEP_SLEEP"] = free_port(), "1.0"
-    node_a = node(config, port, True, tmp_path / "node-a.log", env)
+    node_a = node(config, port, True, log_a, env)
     node_b = node(config, port, False, tmp_path / "node-b.log", env)
     wait_for(lambda: 3 in rows_of(run, 0) and (run / "checkpoint-2").exists(), "step 3 on two nodes")
-    for pid_file in run.glob("pid-0-*"):  # node b is lost: its launcher and its worker
-        worker = json.loads(pid_file.read_text())
-        if worker["launcher"] == node_b.pid:
-            os.kill(worker["pid"], signal.SIGKILL)
+    workers = [json.loads(path.read_text()) | {"rank": int(path.name[-1])} for path in run.glob("pid-0-*")]
+    frozen = next(worker for worker in workers if worker["launcher"] == node_b.pid)
+    os.kill(frozen["pid"], signal.SIGSTOP)
+    wait_for(lambda: "failed: process" in log_a.read_text(), "node a's worker to give up", timeout=120)
+    os.kill(frozen["pid"], signal.SIGKILL)  # node b is gone for good: its worker and its launcher
     os.killpg(node_b.pid, signal.SIGKILL)
     node_b.wait()
-    assert node_a.wait(timeout=300) == 0, (tmp_path / "node-a.log").read_text()[-3000:]
+    assert node_a.wait(timeout=300) == 0, log_a.read_text()[-3000:]
 
-    log = " ".join((tmp_path / "node-a.log").read_text().split())
-    assert "a collective failed in optimizer step" in log
+    # node a's worker waited ddp_timeout (not torch's default of 30 minutes) and named node b's process
+    log = " ".join(log_a.read_text().split())
+    waiting = 1 - frozen["rank"]
+    assert f"failed: process {waiting} waited" in log and "(ddp_timeout 10 s) in optimizer step" in log
+    assert float(log.split(f"failed: process {waiting} waited ")[1].split(" s")[0]) >= 10
+    assert f"process {frozen['rank']} gave no sign of life in the last" in log
     rows = read_jsonl(run / "metrics.jsonl")
     restart = next(r for r in rows if r.get("event") == "restart")
     resumed = restart["step"]
@@ -131,38 +137,6 @@ def test_two_nodes_train_as_one_node_and_one_node_goes_on_alone_when_the_other_i
     print("lost node: largest loss and final weight differences", f"{loss_difference:.2e} {weight_difference:.2e}")
 
 
-def test_a_frozen_process_stops_the_other_naming_the_operation_and_the_process(tiny_config, tmp_path):
-    run = tmp_path / "run"
-    config = tiny_config(max_steps=50, save_steps=1, ddp_timeout=8, callbacks=["node_probe:NodeProbe"])
-    log = tmp_path / "torchrun.log"
-    process = subprocess.Popen(torchrun_command(config), env=probe_env(tmp_path, PROBE_STEP_SLEEP="0.3"),
-                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    wait_for(lambda: (run / "checkpoint-2").exists() and (run / "pid-0-1").exists(), "checkpoint-2")
-    frozen, waiting = (json.loads((run / f"pid-0-{rank}").read_text())["pid"] for rank in (1, 0))
-    os.kill(frozen, signal.SIGSTOP)
-    try:
-        wait_for(lambda: not Path(f"/proc/{waiting}").exists() or _is_zombie(waiting), "process 0 to stop",
-                 timeout=120)  # ddp_timeout is 8 s; torch's own default would be 30 minutes
-    finally:
-        os.kill(frozen, signal.SIGKILL)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    message = " ".join(log.read_text().split())
-    assert "failed: process 0 waited" in message and "(ddp_timeout 8 s) in optimizer step" in message
-    assert "process 1 gave no sign of life for" in message
-    waited = float(message.split("failed: process 0 waited ")[1].split(" s")[0])
-    assert waited >= 8
-    newest = max((p for p in run.glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
-    assert verify_checkpoint(newest) == []
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except OSError:
-        return True
-
-
 def test_processes_that_do_not_see_the_same_output_dir_are_refused_before_training(tiny_config, tmp_path):
     """Two nodes with a disk each, simulated by a working folder each and a relative output_dir."""
     config = tiny_config(output_dir="run", max_steps=1)
@@ -179,3 +153,25 @@ def test_processes_that_do_not_see_the_same_output_dir_are_refused_before_traini
     assert "process 0 on" in message and "does not see those of processes [1]" in message
     assert "exitcode: 2" in message
     assert [list((tmp_path / f"node{rank}").iterdir()) for rank in (0, 1)] == [[], []]  # nothing written
+
+
+@pytest.mark.parametrize(("saved", "processes", "configured", "expected"), [
+    ((4, 1, 2), 1, 1, 2),  # a node of two lost: twice the accumulation
+    ((4, 2, 1), 2, 1, 1),  # it joined again: the accumulation goes back
+    ((4, 2, 1), 1, 1, 2),  # restarted again on one node: the checkpoint's global batch, not the config's
+    ((4, 1, 3), 2, 1, 1),  # 12 rows do not split into steps of 4 x 2: the config's accumulation
+    ((2, 2, 2), 1, 1, 1),  # per_device_train_batch_size changed (2 -> 4): the config as written
+])
+def test_an_elastic_restart_keeps_the_checkpoint_global_batch_where_it_divides(saved, processes, configured,
+                                                                               expected, tmp_path):
+    from lmtune.config import TrainConfig
+    from lmtune.resume import ResumePoint, elastic_batch
+    from lmtune.state import TrainState
+
+    per_device, accumulation, written_by = saved
+    state = TrainState(step=2, rng=[{}] * written_by, run_config={"per_device_train_batch_size": per_device,
+                                                                  "gradient_accumulation_steps": accumulation})
+    config = TrainConfig(model_name_or_path=str(tmp_path), dataset="d", output_dir=str(tmp_path / "run"),
+                         per_device_train_batch_size=4, gradient_accumulation_steps=configured)
+    chosen = elastic_batch(ResumePoint(tmp_path / "checkpoint-2", state), config, processes)
+    assert chosen.gradient_accumulation_steps == expected

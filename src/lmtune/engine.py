@@ -172,7 +172,6 @@ def set_up(config: TrainConfig, accelerator: Accelerator | None = None, peers: P
     data = _prepare_training_data(config, tokenizer, accelerator)
     if peers is not None:
         peers.wait_for_all("preparing the data")
-        peers.doing("set-up (model, checkpoint, optimizer)")
     clock.lap("data")
     fingerprint = data_fingerprint(data_files(config), tokenizer)
     user_callbacks = load_user_callbacks(config.callbacks)
@@ -183,6 +182,9 @@ def set_up(config: TrainConfig, accelerator: Accelerator | None = None, peers: P
         log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does
     clock.lap("data fingerprint, callbacks, preview")
     model = load_model(model_path, config)
+    if peers is not None:  # the set-up's collectives begin together: a slow load is no timeout
+        peers.wait_for_all("loading the model")
+        peers.doing("set-up (reference model, checkpoint, optimizer)")
     clock.lap("model")
     reference = _preference_reference(config, model, data, tokenizer, accelerator)  # before a checkpoint's weights
     if point is not None:

@@ -138,8 +138,8 @@ class Peers:
 
     def hang_message(self, silent: dict[int, tuple[float, str]]) -> str:
         waited = time.monotonic() - self.since
-        names = "; ".join(f"process {rank} gave no sign of life for {seconds:.0f} s (its last operation: {operation})"
-                          for rank, (seconds, operation) in sorted(silent.items()))
+        names = "; ".join(f"process {rank} gave no sign of life in the last {seconds:.0f} s (its last operation: "
+                          f"{operation})" for rank, (seconds, operation) in sorted(silent.items()))
         return (f"process {self.rank} waited {waited:.0f} s (ddp_timeout {self.timeout:g} s) in {self.operation}: "
                 f"{names}; it is frozen or gone (a lost node, a stopped process); the newest checkpoint is intact "
                 "and the same command resumes from it (torchrun --max-restarts does that by itself)")
@@ -199,18 +199,24 @@ class Peers:
         """Every process reached `what`, waited for in the store rather than in a collective: as long as the
         others keep their heartbeat (preparing data may take hours), with a line now and then."""
         self.doing(f"waiting for every process to finish {what}")
-        self.store.add(f"reached/{what}", 1)
+        if self.store.add(f"reached/{what}", 1) == self.world:  # the last to arrive lets every process go
+            self.store.set(f"all/{what}", "1")
         told = started = time.monotonic()
         seen: dict[int, tuple[int, float]] = {}
-        while (arrived := self.store.add(f"reached/{what}", 0)) < self.world:
+        while True:
+            try:
+                self.store.wait([f"all/{what}"], timedelta(seconds=self.interval))
+                return
+            except dist.DistError:
+                pass
             silent = self.silent_peers(seen, self.timeout)
             if silent:
                 raise RunFailed(self.hang_message(silent))
             if time.monotonic() - told > 60:
                 told = time.monotonic()
+                arrived = self.store.add(f"reached/{what}", 0)
                 log.info("waiting for %d of %d processes to finish %s (%.0f s)", self.world - arrived, self.world,
                          what, told - started)
-            time.sleep(min(self.interval, 1.0))
 
 
 def _nearest_existing(path: Path) -> Path:
