@@ -175,3 +175,33 @@ def test_an_elastic_restart_keeps_the_checkpoint_global_batch_where_it_divides(s
                          per_device_train_batch_size=4, gradient_accumulation_steps=configured)
     chosen = elastic_batch(ResumePoint(tmp_path / "checkpoint-2", state), config, processes)
     assert chosen.gradient_accumulation_steps == expected
+
+
+def test_the_data_is_prepared_once_while_the_other_processes_wait_on_its_lock(tiny_config, tokenizer, monkeypatch,
+                                                                              caplog):
+    """Four processes of a node (threads here: each takes the file lock on a file of its own) start at once."""
+    import threading
+
+    import lmtune.data.processing as processing
+    from lmtune.config import load_config
+
+    config = load_config(tiny_config(), [])
+    process, calls = processing._process, []
+
+    def slow_process(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(1.0)  # long enough for every other process to find the lock taken
+        return process(*args, **kwargs)
+
+    monkeypatch.setattr(processing, "_process", slow_process)
+    results: list = []
+    workers = [threading.Thread(target=lambda: results.append(processing.prepare_data(config, tokenizer)))
+               for _ in range(4)]
+    with caplog.at_level("INFO", logger="lmtune"):
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert len(calls) == 1 and len(results) == 4
+    assert [len(data.train) for data in results] == [32] * 4
+    assert sum("another process is preparing the processed data" in r.getMessage() for r in caplog.records) == 3
