@@ -59,7 +59,7 @@ class Peers:
         self.token = token  # this start's own: keys and marker files of an earlier start never count
         self.restarted = restarted  # the most restarts any node's torchrun made: > 0 after an elastic restart
         self.interval = heartbeat_interval(ddp_timeout)
-        self.operation, self.since = "set-up", time.monotonic()
+        self.current = ("set-up", time.monotonic())  # the operation and when it began, set as one
         self._beats = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lmtune-heartbeat", daemon=True)
@@ -89,7 +89,7 @@ class Peers:
 
     def doing(self, operation: str) -> None:
         """The main thread begins `operation` (one that may wait for the other processes)."""
-        self.operation, self.since = operation, time.monotonic()
+        self.current = (operation, time.monotonic())
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,8 +101,9 @@ class Peers:
         while not self._stop.wait(self.interval):
             with contextlib.suppress(Exception):  # the store's host may be gone: the launcher handles that
                 self._beats += 1
-                self.store.set(f"alive/{self.rank}", json.dumps({"beats": self._beats, "operation": self.operation}))
-                waited = time.monotonic() - self.since
+                operation, since = self.current
+                self.store.set(f"alive/{self.rank}", json.dumps({"beats": self._beats, "operation": operation}))
+                waited = time.monotonic() - since
                 if waited <= self.timeout / 2:  # the others are looked at only in a long wait
                     seen.clear()
                     continue
@@ -137,10 +138,11 @@ class Peers:
         os._exit(RunFailed.exit_code)
 
     def hang_message(self, silent: dict[int, tuple[float, str]]) -> str:
-        waited = time.monotonic() - self.since
+        operation, since = self.current
+        waited = time.monotonic() - since
         names = "; ".join(f"process {rank} gave no sign of life in the last {seconds:.0f} s (its last operation: "
-                          f"{operation})" for rank, (seconds, operation) in sorted(silent.items()))
-        return (f"process {self.rank} waited {waited:.0f} s (ddp_timeout {self.timeout:g} s) in {self.operation}: "
+                          f"{theirs})" for rank, (seconds, theirs) in sorted(silent.items()))
+        return (f"process {self.rank} waited {waited:.0f} s (ddp_timeout {self.timeout:g} s) in {operation}: "
                 f"{names}; it is frozen or gone (a lost node, a stopped process); the newest checkpoint is intact "
                 "and the same command resumes from it (torchrun --max-restarts does that by itself)")
 
@@ -154,7 +156,7 @@ class Peers:
         first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         who = "; ".join(f"process {rank} stopped answering (its last operation: {operation})"
                         for rank, (_, operation) in sorted(silent.items())) or "every process still answers"
-        return (f"process {self.rank}: a collective failed in {self.operation} ({first_line}): {who}; the newest "
+        return (f"process {self.rank}: a collective failed in {self.current[0]} ({first_line}): {who}; the newest "
                 "checkpoint is intact and the same command resumes from it (torchrun --max-restarts does that by "
                 "itself)")
 
