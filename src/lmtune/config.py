@@ -230,6 +230,10 @@ class TrainConfig(BaseModel):
         json_schema_extra=on_resume("neutral"))
     fsdp_offload: bool = Field(False, description="with fsdp: keep the weights and AdamW state in CPU memory, "
                                "the GPU holds one layer at a time", json_schema_extra=on_resume("neutral"))
+    ddp_timeout: int = Field(
+        1800, gt=0, description="seconds a process waits for the others in a collective (a step's gradient "
+        "all-reduce, a save, an evaluation) before the run stops with an error naming the operation and the "
+        "process that stopped answering; preparing the data is not bound by it", json_schema_extra=on_resume("neutral"))
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = Field(
         "auto", description="attention kernel: auto (on a GPU, flash-attn or flex attention for padding-free and "
         "packed rows, else transformers' pick), disabled (eager), sdpa, fa2 (flash-attn)",
