@@ -355,7 +355,7 @@ def test_the_served_prompt_is_the_tokens_training_gives_the_same_turns(served, t
                                                                        template):
     """A multi-turn conversation: the tokens the server decodes from are those training put before the last
     reply (each turn tokenised on its own), not the whole rendered text tokenised at once."""
-    from lmtune.data.templates import conversation_format, encode_turns
+    from lmtune.data.templates import conversation_format, encode_conversation
     from lmtune.serving import batcher
 
     server, root = served
@@ -373,6 +373,8 @@ def test_the_served_prompt_is_the_tokens_training_gives_the_same_turns(served, t
                {"role": "user", "content": "And 4 plus 4?"}]
     server.client.chat.completions.create(model=name, messages=history, max_tokens=1, temperature=0)
     own = load_tokenizer(str(root / name))
-    turns = encode_turns(own, conversation_format(own, template), [*history, {"role": "assistant", "content": "8"}])
+    sequences = encode_conversation(own, conversation_format(own, template),
+                                    [*history, {"role": "assistant", "content": "8"}])
+    turns = sequences[-1]  # the sequence that trains the last reply
     trained_prompt = [token for prompt, reply in turns[:-1] for token in prompt + reply] + turns[-1][0]
     assert seen == [trained_prompt]
