@@ -1,5 +1,6 @@
 """Data as LLaMA-Factory reads it: dataset_info.json entries, column renames, tags, folders of shards,
-identity placeholders, and what is refused (preference data, tool calls) with a clear message."""
+identity placeholders, and what is refused (preference data for sft, tool calls for a template without a tool
+format) with a clear message."""
 
 from __future__ import annotations
 
@@ -95,11 +96,11 @@ def test_identity_placeholders_without_values_are_left_and_named(tmp_path, tiny_
     ({"file_name": "p.json", "columns": {"prompt": "instruction", "response": "output", "images": "images"}},
      [{"instruction": "q", "output": "a", "images": []}], ["images", "text only"]),
     ({"file_name": "p.json", "columns": {"prompt": "instruction", "response": "output", "tools": "tools"}},
-     [{"instruction": "q", "output": "a", "tools": "[{\"name\": \"f\"}]"}], ["row 1", "tool-call data"]),
+     [{"instruction": "q", "output": "a", "tools": "[{\"name\": \"f\"}]"}], ["row 1", "has no tool format"]),
     ({"file_name": "p.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}},
-     [{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"},
+     [{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{\"name\": \"f\"}"},
                          {"from": "observation", "value": "1"}, {"from": "gpt", "value": "a"}]}],
-     ["row 1", "tool-call data"]),
+     ["row 1", "the tokenizer's own chat template (template: null) has no tool format", "qwen3"]),
 ])
 def test_what_lmtune_cannot_train_is_refused_clearly(tmp_path, tiny_model_dir, tokenizer, entry, rows, words):
     (tmp_path / "p.json").write_text(json.dumps(rows))
@@ -145,3 +146,19 @@ def test_kto_data_under_sft_is_refused_so_that_no_answer_tagged_bad_is_trained(t
                          output_dir=str(tmp_path / "run"))
     with pytest.raises(UserError, match="kto_tag.*the bad ones too"):
         prepare_data(config, tokenizer, use_cache=False)
+
+
+def test_columns_no_stage_reads_are_named_once_in_the_log(tmp_path, tiny_model_dir, tokenizer, caplog):
+    rows = [{"q": f"Question {i}", "a": "An answer", "source": "web", "score": i, "sys": None} for i in range(3)]
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+    write_info(tmp_path, {"qa": {"file_name": "qa.json", "columns": {
+        "prompt": "q", "response": "a", "system": "sys", "chosen": "better"}}})
+    config = config_for(tmp_path, tiny_model_dir, dataset="qa")
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        prepare_data(config, tokenizer, use_cache=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("qa: ")]
+    assert lines == ["qa: columns score, source are not read by stage sft (no alpaca key of dataset_info's columns "
+                     "names them)",
+                     "qa: dataset_info columns.system: 'sys' is in none of the rows",
+                     "qa: dataset_info columns.chosen: 'better' is not read by stage sft"]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.getMessage().startswith("qa: "))

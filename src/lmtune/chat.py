@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class Target:
     model_path: str  # the folder with the weights (or a hub id / resolved built-in)
     base_model: str | None = None  # for an adapter: the base model it is applied to
     run_dir: Path | None = None
+    template: str | None = None  # a template named by a LLaMA-Factory inference config
 
     @property
     def is_adapter(self) -> bool:
@@ -49,6 +50,8 @@ def resolve_target(target: str) -> Target:
     from lmtune.models import resolve_model_path
 
     folder = Path(target).expanduser()
+    if folder.suffix in (".yaml", ".yml") and folder.is_file():
+        return _target_of_config(folder)
     if target == BUILTIN_MODEL or folder.suffix == ".gguf":
         return Target(target, "model", resolve_model_path(target))
     if not folder.exists():
@@ -73,6 +76,26 @@ def resolve_target(target: str) -> Target:
         raise UserError(f"{folder} is a run folder without a final model (adapter_config.json or config.json): "
                         f"the run has not finished{hint}")
     raise UserError(f"{folder} holds no model: expected {EXPECTED}")
+
+
+def _target_of_config(path: Path) -> Target:
+    """A LLaMA-Factory inference or export config (examples/inference/*.yaml): model_name_or_path, with
+    adapter_name_or_path applied to it, in its template. Its other keys (infer_backend, export_*) are not
+    read: lmtune chats with transformers and `lmtune export` takes --out."""
+    from lmtune.config import read_yaml
+    from lmtune.models import resolve_model_path
+
+    values = read_yaml(path)
+    model, adapter = values.get("model_name_or_path"), values.get("adapter_name_or_path")
+    if not model:
+        raise UserError(f"{path}: no model_name_or_path; expected a LLaMA-Factory inference config, or {EXPECTED}")
+    if adapter is None:
+        return replace(resolve_target(str(model)), given=str(path), template=values.get("template"))
+    if "," in str(adapter) or not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        raise UserError(f"{path}: adapter_name_or_path: {adapter} is not one LoRA adapter folder "
+                        "(adapter_config.json)")
+    return Target(str(path), "adapter", str(Path(adapter).expanduser()), resolve_model_path(str(model)),
+                  template=values.get("template"))
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:
@@ -176,9 +199,24 @@ class ChatSession:
     model: Any
     tokenizer: Any
     template: str | None
+    tools: list[dict[str, Any]] | None = None  # shown to the model through the template
+    enable_thinking: bool = True  # the run's: a run trained without reasoning is prompted as it was trained
 
 
-def load_for_chat(target: str) -> ChatSession:
+def read_tools(path: Path) -> list[dict[str, Any]]:
+    """`--tools FILE.json`: a list of tool definitions (OpenAI's, or LLaMA-Factory's bare functions)."""
+    from lmtune.data.tool_formats import as_function
+
+    try:
+        tools = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"--tools {path}: not a readable JSON file ({error})") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise UserError(f"--tools {path}: expected a JSON list of tool definitions")
+    return [as_function(tool) for tool in tools]
+
+
+def load_for_chat(target: str, tools: list[dict[str, Any]] | None = None) -> ChatSession:
     from lmtune.models import is_reward_model
 
     resolved = resolve_target(target)
@@ -186,16 +224,21 @@ def load_for_chat(target: str) -> ChatSession:
         raise UserError(f"{target} is a reward model (stage rm): it scores texts and does not write; score "
                         "pairs with `lmtune eval`, or load it with AutoModelForSequenceClassification")
     model, tokenizer = load_model_for_inference(resolved)
-    return ChatSession(model, tokenizer, run_template(resolved))
+    return ChatSession(model, tokenizer, run_template(resolved), tools, run_setting(resolved, "enable_thinking", True))
 
 
 def run_template(target: Target) -> str | None:
     """The named template the run trained with, if any (null: the tokenizer's own)."""
+    return run_setting(target, "template", None)
+
+
+def run_setting(target: Target, key: str, default: Any) -> Any:
+    """A key of the run's resolved config; `default` for a model that is no run."""
     import yaml
 
     if target.run_dir is None:
-        return None
-    return (yaml.safe_load((target.run_dir / "run_config.yaml").read_text()) or {}).get("template")
+        return target.template if key == "template" else default
+    return (yaml.safe_load((target.run_dir / "run_config.yaml").read_text()) or {}).get(key, default)
 
 
 def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -213,7 +256,8 @@ def generate(session: ChatSession, messages: list[dict[str, str]], max_new_token
     from lmtune.generation import Sampling, reply
 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    return reply(session.model, session.tokenizer, session.template, messages, sampling, on_text)
+    return reply(session.model, session.tokenizer, session.template, messages, sampling, on_text, session.tools,
+                 session.enable_thinking)
 
 
 def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None:

@@ -213,19 +213,23 @@ def _size(value) -> str:
 
 @app.command()
 def chat(
-    target: Annotated[str, typer.Argument(help="a base model, a run folder or a checkpoint folder")],
+    target: Annotated[str, typer.Argument(help="a base model, a run folder, a checkpoint folder, an adapter folder "
+                                            "or a LLaMA-Factory inference config (.yaml)")],
     prompt: Annotated[str | None, typer.Option("--prompt", help="answer this once and exit")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 256,
     temperature: Annotated[float, typer.Option(help="0 answers greedily")] = 0.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    tools: Annotated[Path | None, typer.Option(help="a JSON file of tool definitions (OpenAI's shape) the "
+                                                    "template shows the model")] = None,
 ) -> None:
     """Talk to a base model, a run's final model or any checkpoint (adapter applied)."""
-    from lmtune.chat import chat_loop, check_settings, load_for_chat, quiet_transformers
+    from lmtune.chat import chat_loop, check_settings, load_for_chat, quiet_transformers, read_tools
 
     setup_logging("warning")
     check_settings(max_new_tokens, temperature, top_p)
+    definitions = read_tools(tools) if tools else None
     quiet_transformers()
-    session = load_for_chat(target)
+    session = load_for_chat(target, definitions)
     chat_loop(session, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
 
