@@ -600,7 +600,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         train_rows = [r for r in M.read_rows(workdir / "runs" / "sums") if r["type"] == "train"]
         assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))  # step numbers go on
         ui.wait_for(lambda: {"stopped", "resumed"} <= plot_drawn(ui, "loss"), "the stop and the resume on the plot")
-        ui.shot("5-monitor-resumed")
+        ui.shot("5-monitor-resumed", required=False)  # a live page under load can outlast a screenshot
         page.locator("#stop-monitor").click()
         ui.wait_text("progress", "stopped at step", "exit code 130")
 
