@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,29 +201,44 @@ def run_template(target: Target) -> str | None:
 
 def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+        raise UserError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     if temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more (got {temperature})")
+        raise UserError(f"temperature must be 0 (greedy) or more (got {temperature})")
     if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
+        raise UserError(f"top_p must be in (0, 1] (got {top_p})")
 
 
-def generate(session: ChatSession, messages: list[dict[str, str]], max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, on_text: Any = None) -> str:
-    """The answer to the conversation, streamed piece by piece to on_text as it is generated."""
-    from lmtune.generation import Sampling, reply
+def sampling_of(max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                stop: Sequence[str] = ()) -> Any:
+    """The checked settings of one answer, as `lmtune chat` and the web UI's Chat tab take them."""
+    from lmtune.generation import Sampling
 
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    return reply(session.model, session.tokenizer, session.template, messages, sampling, on_text)
+    check_settings(max_new_tokens, temperature, top_p)
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    stop=tuple(s for s in stop if s))
 
 
-def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None:
+def with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def generate(session: ChatSession, messages: list[dict[str, str]], sampling: Any = None, on_text: Any = None,
+             cancelled: Any = None) -> Any:
+    """The answer to the conversation (a generation.Completion), streamed piece by piece to on_text as it is
+    generated; cancelled() -> True ends it early."""
+    from lmtune.generation import reply
+
+    return reply(session.model, session.tokenizer, session.template, messages, sampling or sampling_of(), on_text,
+                 cancelled)
+
+
+def chat_loop(session: ChatSession, prompt: str | None, sampling: Any = None, system: str | None = None) -> None:
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     if prompt is not None:
-        generate(session, [{"role": "user", "content": prompt}], on_text=show, **settings)
+        generate(session, with_system(system, [{"role": "user", "content": prompt}]), sampling, on_text=show)
         sys.stdout.write("\n")
         return
     print("chat: /reset starts over, /exit leaves")
@@ -243,6 +259,6 @@ def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None
             continue
         messages.append({"role": "user", "content": text})
         sys.stdout.write("model> ")
-        answer = generate(session, messages, on_text=show, **settings)
+        answer = generate(session, with_system(system, messages), sampling, on_text=show)
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "assistant", "content": answer.text})
