@@ -100,9 +100,10 @@ def send(ui: Page, text: str) -> None:
     box.press("Enter")
 
 
-def settle(ui: Page, timeout: float = 90) -> None:
-    """Wait until nothing is written or waiting."""
-    ui.wait_for(lambda: not re.search(r"writing|waiting", ui.text("chat-queue")), "every answer written", timeout)
+def settle(ui: Page, asked: int, timeout: float = 90) -> None:
+    """Wait until the page shows `asked` messages, and nothing is written or waiting."""
+    ui.wait_for(lambda: len(questions(ui)) == asked and not re.search(r"writing|waiting", ui.text("chat-queue")),
+                "every answer written", timeout)
 
 
 def letters(text: str) -> str:
@@ -153,12 +154,16 @@ def set_max_tokens(ui: Page, count: int) -> None:
     box.press("Enter")
 
 
+def load(ui: Page, option: str, loaded: str) -> None:
+    ui.page.get_by_role("tab", name="Chat").click()
+    ui.pick("chat-target", option)
+    ui.page.locator("#chat-load").click()
+    ui.wait_text("chat-status", f"loaded {loaded}")
+
+
 def test_three_messages_sent_while_an_answer_streams_are_answered_in_order(opened, ui, monkeypatch):
     monkeypatch.chdir(opened[1])  # the working folder, as `lmtune webui` runs in it
-    ui.page.get_by_role("tab", name="Chat").click()
-    ui.pick("chat-target", "runs/lora (final model)")
-    ui.page.locator("#chat-load").click()
-    ui.wait_text("chat-status", "loaded runs/lora")
+    load(ui, "runs/lora (final model)", "runs/lora")
     set_max_tokens(ui, 250)
     send(ui, PROMPTS[0])
     ui.wait_for(lambda: answers(ui) and answers(ui)[0], "the first answer streaming")
@@ -167,44 +172,46 @@ def test_three_messages_sent_while_an_answer_streams_are_answered_in_order(opene
     send(ui, PROMPTS[2])
     assert ui.page.locator("#chat-input textarea").input_value() == ""  # the box empties at once
     ui.wait_for(lambda: questions(ui) == PROMPTS, "the three messages shown")
-    settle(ui)
+    settle(ui, 3)
     expected = replay("runs/lora", PROMPTS, 250)
     assert questions(ui) == PROMPTS
     assert [letters(a) for a in answers(ui)] == [letters(a) for a in expected]
 
 
 def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
+    load(ui, "runs/lora (final model)", "runs/lora")
+    ui.page.locator("#chat-clear").click()
+    ui.wait_for(lambda: not questions(ui), "an empty chat")
     set_max_tokens(ui, 1024)
     send(ui, "Count to a thousand.")
     send(ui, "And back.")
-    ui.wait_for(lambda: len(answers(ui)) == 4 and answers(ui)[-1], "the answer streaming")
+    ui.wait_for(lambda: len(answers(ui)) == 1 and answers(ui)[-1], "the answer streaming")
     ui.page.locator("#chat-stop-button").click()
     ui.wait_text("chat-queue", "stopped")
     # the answer being written ends where it was; a message still waiting is not answered
     stopped = answers(ui)
-    assert stopped[-2].endswith("[stopped]") and stopped[-1] == "[not answered: stopped]" or (
-        stopped[-1].endswith("[stopped]")), stopped
+    assert stopped[0].endswith("[stopped]") and stopped[1] == "[not answered: stopped]" or (
+        stopped[1].endswith("[stopped]")), stopped
     ui.page.wait_for_timeout(1000)
     assert answers(ui) == stopped  # nothing is written after Stop
 
     send(ui, "Count to a thousand again.")
-    ui.wait_for(lambda: len(answers(ui)) == 7 and answers(ui)[-1], "a new answer streaming")
+    ui.wait_for(lambda: len(answers(ui)) == 3 and answers(ui)[-1], "a new answer streaming")
     ui.page.locator("#chat-clear").click()
     ui.wait_for(lambda: not questions(ui) and not answers(ui), "the chat cleared")
     ui.page.wait_for_timeout(1500)  # longer than the answer took to show its first words
     assert not questions(ui) and not answers(ui)
     set_max_tokens(ui, 20)
     send(ui, PROMPTS[0])
-    settle(ui)
-    assert questions(ui) == [PROMPTS[0]] and len(answers(ui)) == 1  # the cleared exchange is not context
+    settle(ui, 1)
+    assert questions(ui) == [PROMPTS[0]] and len(answers(ui)) == 1  # only the new exchange
 
 
 def test_two_checkpoints_answer_the_same_prompt_side_by_side(opened, ui, monkeypatch):
     monkeypatch.chdir(opened[1])
+    load(ui, "runs/lora/checkpoint-5 (checkpoint, step 5)", "runs/lora/checkpoint-5")
     ui.page.locator("#chat-clear").click()
-    ui.pick("chat-target", "runs/lora/checkpoint-5 (checkpoint, step 5)")
-    ui.page.locator("#chat-load").click()
-    ui.wait_text("chat-status", "loaded runs/lora/checkpoint-5")
+    ui.wait_for(lambda: not questions(ui), "an empty chat")
     ui.pick("chat-compare", "runs/lora/checkpoint-6 (checkpoint, step 6)")
     ui.page.locator("#chat-load-compare").click()
     ui.wait_text("chat-status", "loaded runs/lora/checkpoint-6", "side by side")
@@ -213,7 +220,7 @@ def test_two_checkpoints_answer_the_same_prompt_side_by_side(opened, ui, monkeyp
     settings.locator("#chat-stop textarea").fill("ou")
     set_max_tokens(ui, 24)
     send(ui, PROMPTS[0])
-    settle(ui)
+    settle(ui, 1)
     assert questions(ui, "chatbot") == questions(ui, "chatbot-b") == [PROMPTS[0]]
     for side, target in (("chatbot", "checkpoint-5"), ("chatbot-b", "checkpoint-6")):
         [shown] = answers(ui, side)
@@ -262,7 +269,7 @@ def test_export_tab_merges_casts_and_writes_gguf(opened, ui):
     _, workdir = opened
     ui.page.get_by_role("tab", name="Export").click()
     ui.pick("export-source", "runs/lora (final model)")
-    assert ui.page.locator("#export-out input").input_value() == "exports/runs-lora"
+    ui.wait_text("export-out", "exports/runs-lora")
     ui.radio("export-dtype", "fp16")
     ui.page.locator("#export-gguf input").check()
     ui.page.locator("#export-button").click()

@@ -53,7 +53,8 @@ class ChatTab:
         if self.models["A"].session is None:
             busy = "a model is still loading: send again once it is loaded" if self.models["A"].loading else (
                 "load a model, run or checkpoint first")
-            return self.view(conversation, message=message, status=f"**not sent**: {busy}")
+            conversation.note = f"**not sent**: {busy}"
+            return self.view(conversation, message=message)
         settings = dict(system=(system or "").strip(), max_new_tokens=int(max_new_tokens),
                         temperature=float(temperature), top_p=float(top_p),
                         stop=tuple(line for line in (stop or "").splitlines() if line))
@@ -79,12 +80,12 @@ class ChatTab:
     def show(self, request: gr.Request):
         return self.view(self.conversation(request))
 
-    def view(self, conversation: Conversation, message: str | None = None, status: str | None = None):
+    def view(self, conversation: Conversation, message: str | None = None):
         comparing = self.models["B"].session is not None or any("B" in turn.answers for turn in conversation.turns)
         names = {side: model.name and Path(model.name).name for side, model in self.models.items()}
         shown = [gr.update(value=conversation.history("A"), label=f"A: {names['A']}" if comparing else "chat"),
                  gr.update(value=conversation.history("B"), visible=comparing, label=f"B: {names['B']}"),
-                 status if status is not None else conversation.status()]
+                 conversation.status()]
         return shown + ([gr.update()] if message is None else [message])
 
 
