@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import read_jsonl, run_lmtune, torchrun
 from test_loss import assert_same_training
-from test_resume import assert_same_run
+from test_resume import assert_same_run, straight_and_resumed
 
 from lmtune.config import build_config, load_config
 from lmtune.data import prepare_data
@@ -92,15 +92,8 @@ def test_metric_for_best_model_names_a_reward_metric(dpo_config, tmp_path):
     {"finetuning_type": "full", "learning_rate": 1e-3, "precompute_ref_log_probs": True},
 ])
 def test_a_resumed_dpo_run_continues_with_the_same_losses_bit_for_bit(dpo_config, tmp_path, method):
-    import shutil
-
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    settings = dict(max_steps=5, save_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method)
-    assert run_lmtune("train", dpo_config(output_dir=str(straight), **settings)) == 0
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_lmtune("train", dpo_config(output_dir=str(resumed), resume_from_checkpoint=str(
-        resumed / "checkpoint-2"), **settings)) == 0
+    settings = dict(max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method)
+    straight, resumed = straight_and_resumed(dpo_config, tmp_path, 2, **settings)
     assert_same_run(straight, resumed, from_step=2)
     expected = {r["step"]: r["rewards/margins"] for r in train_rows(straight)}
     assert {r["step"]: r["rewards/margins"] for r in train_rows(resumed)} == {s: expected[s] for s in (3, 4, 5)}

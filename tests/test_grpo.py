@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from conftest import EXAMPLES, read_jsonl, run_lmtune, torchrun
-from test_resume import assert_same_run
+from test_resume import assert_same_run, straight_and_resumed
 
 from lmtune.config import build_config
 from lmtune.grpo import clipped_token_losses, group_advantages, kl_to_reference, summed_loss
@@ -132,13 +132,7 @@ def completions_by_step(run_dir) -> dict[int, list]:
     {"num_iterations": 2, "beta": 0.1, "loss_type": "grpo", "finetuning_type": "full"},
 ], ids=["dapo", "num_iterations-beta-full"])
 def test_a_resumed_run_samples_the_same_completions_and_losses_bit_for_bit(grpo_config, tmp_path, settings):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    settings = dict(save_steps=1, **settings)
-    assert run_lmtune("train", grpo_config(output_dir=str(straight), **settings)) == 0
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
-    assert run_lmtune("train", grpo_config(output_dir=str(resumed), resume_from_checkpoint=str(
-        resumed / "checkpoint-3"), **settings)) == 0
+    straight, resumed = straight_and_resumed(grpo_config, tmp_path, 3, **settings)
     assert_same_run(straight, resumed, from_step=3)
     expected, got = completions_by_step(straight), completions_by_step(resumed)
     assert got == {step: rows for step, rows in expected.items() if step > 3}

@@ -6,6 +6,7 @@ configs on its demo data; resume bit for bit; data errors that name the row."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from conftest import read_jsonl, run_lmtune, torchrun
 from test_dpo import pair_rows
 from test_loss import assert_same_training
-from test_resume import assert_same_run
+from test_resume import assert_same_run, straight_and_resumed
 
 from lmtune.config import build_config
 from lmtune.preference import KTOLoss, kto_losses
@@ -115,13 +116,8 @@ def test_kto_raises_the_desirable_answers_reward_and_lmtune_eval_gives_the_runs_
 ])
 def test_a_resumed_run_continues_bit_for_bit(kto_config, rm_config, tmp_path, stage, method):
     make = kto_config if stage == "kto" else rm_config
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    settings = dict(max_steps=4, save_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method)
-    assert run_lmtune("train", make(output_dir=str(straight), **settings)) == 0
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_lmtune("train", make(output_dir=str(resumed), resume_from_checkpoint=str(resumed / "checkpoint-2"),
-                                    **settings)) == 0
+    settings = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, **method)
+    straight, resumed = straight_and_resumed(make, tmp_path, 2, **settings)
     assert_same_run(straight, resumed, from_step=2)
     metric = "rewards/chosen" if stage == "kto" else "margin"
     expected = {r["step"]: r.get(metric) for r in train_rows(straight)}
@@ -255,111 +251,26 @@ def test_a_reward_model_learns_separable_pairs_and_loads_as_a_sequence_classifie
 
 # --- LLaMA-Factory's example configs ---------------------------------------------------------------
 
-# examples/train_lora/qwen3_lora_kto.yaml and qwen3_lora_reward.yaml as LLaMA-Factory ships them; what differs:
-# the model path, dataset_dir and output_dir (this machine's), and preprocessing_num_workers and
-# dataloader_num_workers (16 and 4 processes for a few rows on a 2-core test machine would only be slow).
-LORA_KTO = """\
-### model
-model_name_or_path: {model}
-trust_remote_code: true
-
-### method
-stage: kto
-do_train: true
-finetuning_type: lora
-lora_rank: 8
-lora_target: all
-pref_beta: 0.1
-
-### dataset
-dataset: kto_en_demo
-dataset_dir: {data}
-template: qwen3_nothink
-cutoff_len: 2048
-max_samples: 1000
-preprocessing_num_workers: 1
-dataloader_num_workers: 0
-
-### output
-output_dir: {out}
-logging_steps: 10
-save_steps: 500
-plot_loss: true
-overwrite_output_dir: true
-report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
-
-### train
-per_device_train_batch_size: 1
-gradient_accumulation_steps: 8
-learning_rate: 5.0e-6
-num_train_epochs: 3.0
-lr_scheduler_type: cosine
-warmup_ratio: 0.1
-bf16: true
-ddp_timeout: 180000000
-
-### eval
-# val_size: 0.1
-# per_device_eval_batch_size: 1
-# eval_strategy: steps
-# eval_steps: 500
-"""
-
-LORA_REWARD = """\
-### model
-model_name_or_path: {model}
-trust_remote_code: true
-
-### method
-stage: rm
-do_train: true
-finetuning_type: lora
-lora_rank: 8
-lora_target: all
-
-### dataset
-dataset: dpo_en_demo
-dataset_dir: {data}
-template: qwen3_nothink
-cutoff_len: 2048
-max_samples: 1000
-preprocessing_num_workers: 1
-dataloader_num_workers: 0
-
-### output
-output_dir: {out}
-logging_steps: 10
-save_steps: 500
-plot_loss: true
-overwrite_output_dir: true
-save_only_model: false
-report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
-
-### train
-per_device_train_batch_size: 1
-gradient_accumulation_steps: 8
-learning_rate: 1.0e-4
-num_train_epochs: 3.0
-lr_scheduler_type: cosine
-warmup_ratio: 0.1
-bf16: true
-ddp_timeout: 180000000
-resume_from_checkpoint: null
-
-### eval
-# eval_dataset: dpo_en_demo
-# val_size: 0.1
-# per_device_eval_batch_size: 1
-# eval_strategy: steps
-# eval_steps: 500
-"""
+LLAMAFACTORY_EXAMPLES = Path(__file__).parent / "fixtures" / "llamafactory_examples" / "train_lora"
 
 
-@pytest.mark.parametrize("text, unit", [(LORA_KTO, "examples"), (LORA_REWARD, "pairs")])
-def test_llamafactorys_kto_and_reward_examples_train_on_its_demo_data(text, unit, tmp_path, tiny_model_dir, capsys):
+def on_this_machine(example: str, model, data, out) -> str:
+    """LLaMA-Factory's example as it ships, comments kept; what differs: the model path, dataset_dir and
+    output_dir (this machine's), and the worker counts (16 and 4 processes for a few rows on a 2-core test
+    machine would only be slow)."""
+    text = (LLAMAFACTORY_EXAMPLES / example).read_text()
+    text = re.sub(r"(?m)^model_name_or_path: .*$", f"model_name_or_path: {model}", text)
+    text = re.sub(r"(?m)^output_dir: .*$", f"output_dir: {out}", text)
+    text = re.sub(r"(?m)^preprocessing_num_workers: .*$", "preprocessing_num_workers: 1", text)
+    text = re.sub(r"(?m)^dataloader_num_workers: .*$", "dataloader_num_workers: 0", text)
+    return text.replace("### dataset\n", f"### dataset\ndataset_dir: {data}\n", 1)
+
+
+@pytest.mark.parametrize("example, unit", [("qwen3_lora_kto.yaml", "examples"), ("qwen3_lora_reward.yaml", "pairs")])
+def test_llamafactorys_kto_and_reward_examples_train_on_its_demo_data(example, unit, tmp_path, tiny_model_dir, capsys):
     config = tmp_path / "example.yaml"
     out = tmp_path / "saves"
-    config.write_text(text.format(model=tiny_model_dir, data=LLAMAFACTORY_DATA, out=out))
+    config.write_text(on_this_machine(example, tiny_model_dir, LLAMAFACTORY_DATA, out))
     capsys.readouterr()
     assert run_lmtune("plan", config, "--json") == 0
     plan = json.loads(capsys.readouterr().out)
