@@ -51,6 +51,10 @@ def train_lora(workdir: Path, max_steps: int) -> Path:
 def opened(tmp_path_factory, tiny_model_dir, browser):
     """(page, working folder): the server started and the page opened before any run exists."""
     workdir = make_workdir(tmp_path_factory.mktemp("after-training") / "work", tiny_model_dir)
+    # the tiny model with a longer context: answers long enough to stop or clear while they are written
+    shutil.copytree(tiny_model_dir, workdir / "models" / "long")
+    config = json.loads((workdir / "models" / "long" / "config.json").read_text())
+    (workdir / "models" / "long" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     server, url = start_server(workdir)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     ui = Page(page, workdir.parent / "webui-shots")
@@ -146,12 +150,13 @@ def replay(target: str, prompts: list[str], max_new_tokens: int) -> list[str]:
 
 
 def set_max_tokens(ui: Page, count: int) -> None:
-    settings = ui.page.locator("#chat-settings")
     if not ui.page.locator("#chat-max-tokens").is_visible():
-        settings.get_by_text("settings: system prompt").click()
+        ui.page.locator("#chat-settings").get_by_text("settings: system prompt").click()
     box = ui.page.locator("#chat-max-tokens input[type=number]")
     box.fill(str(count))
-    box.press("Enter")
+    box.blur()
+    slider = ui.page.locator("#chat-max-tokens input[type=range]")
+    ui.wait_for(lambda: slider.input_value() == str(count), f"max_new_tokens {count}", timeout=10)
 
 
 def load(ui: Page, option: str, loaded: str) -> None:
@@ -179,23 +184,22 @@ def test_three_messages_sent_while_an_answer_streams_are_answered_in_order(opene
 
 
 def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
-    load(ui, "runs/lora (final model)", "runs/lora")
+    load(ui, "models/long (folder)", "models/long")
     ui.page.locator("#chat-clear").click()
     ui.wait_for(lambda: not questions(ui), "an empty chat")
-    set_max_tokens(ui, 1024)
-    send(ui, "Count to a thousand.")
+    set_max_tokens(ui, 1024)  # seconds of writing
+    send(ui, PROMPTS[0])  # which the tiny model answers without an end of sequence
     send(ui, "And back.")
     ui.wait_for(lambda: len(answers(ui)) == 1 and answers(ui)[-1], "the answer streaming")
     ui.page.locator("#chat-stop-button").click()
-    ui.wait_text("chat-queue", "stopped")
-    # the answer being written ends where it was; a message still waiting is not answered
-    stopped = answers(ui)
-    assert stopped[0].endswith("[stopped]") and stopped[1] == "[not answered: stopped]" or (
-        stopped[1].endswith("[stopped]")), stopped
+    ui.wait_text("chat-queue", "stopped; 1 waiting answer(s) not written")
+    # the answer being written ends where it was; the message still waiting is not answered
+    stopped = ui.wait_for(lambda: len(a := answers(ui)) == 2 and a, "both answers shown")
+    assert stopped[0].endswith("[stopped]") and stopped[1] == "[not answered: stopped]", stopped
     ui.page.wait_for_timeout(1000)
     assert answers(ui) == stopped  # nothing is written after Stop
 
-    send(ui, "Count to a thousand again.")
+    send(ui, PROMPTS[1])
     ui.wait_for(lambda: len(answers(ui)) == 3 and answers(ui)[-1], "a new answer streaming")
     ui.page.locator("#chat-clear").click()
     ui.wait_for(lambda: not questions(ui) and not answers(ui), "the chat cleared")
@@ -250,7 +254,7 @@ def test_eval_tab_measures_a_checkpoint_as_lmtune_eval_does(opened, ui):
     ui.pick("eval-run", "runs/lora")
     ui.pick("eval-model", "runs/lora/checkpoint-5 (checkpoint, step 5)")
     ui.page.locator("#eval-button").click()
-    ui.wait_text("eval-status", "done: lmtune eval runs/lora --checkpoint", timeout=120)
+    ui.wait_text("eval-status", "done: lmtune eval runs/lora --checkpoint runs/lora/checkpoint-5", timeout=120)
     report = json.loads(ui.page.locator("#eval-report .cm-content").inner_text())
     assert report["model"]["step"] == 5 and report["data"]["split"].startswith("eval (val_size 8")
     assert report["examples"] == 8 and math.isclose(report["perplexity"], math.exp(report["loss"]), rel_tol=1e-6)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from lmtune.config import BUILTIN_MODEL
 from lmtune.errors import UserError
 from lmtune.webui import form as F
 
@@ -100,7 +101,7 @@ def eval_args(root: Path, run: str, model: str, dataset: str) -> list[str]:
     config = run_config(root, run)
     args = ["eval", F.relative(root, F.inside(root, run, "run"))]
     if (model or "").strip():
-        args += ["--checkpoint", F.chat_target(root, model)]
+        args += ["--checkpoint", model_arg(root, model)]
     if (dataset or "").strip():
         args += ["--dataset", _dataset_inside(root, dataset.strip(), config.get("dataset_dir") or "data")]
     return args
@@ -116,6 +117,12 @@ def _dataset_inside(root: Path, name: str, dataset_dir: str) -> str:
             return name
     raise UserError(f"dataset '{name}' is neither a name in {dataset_dir}/dataset_info.json nor a data file in the "
                     "working folder")
+
+
+def model_arg(root: Path, value: str) -> str:
+    """A model, run or checkpoint as the command takes it: relative to the working folder it runs in."""
+    target = F.chat_target(root, value)
+    return target if target == BUILTIN_MODEL else F.relative(root, Path(target))
 
 
 def eval_report(done: Finished) -> dict[str, Any]:
@@ -151,7 +158,7 @@ def export_args(root: Path, source: str, out: str, dtype: str, gguf: bool, max_s
     folder = F.inside(root, out, "out")
     if folder == Path(root).resolve():
         raise UserError("out: choose a new folder inside the working folder, not the working folder itself")
-    args = ["export", F.chat_target(root, source), "--out", F.relative(root, folder), "--dtype", dtype,
+    args = ["export", model_arg(root, source), "--out", F.relative(root, folder), "--dtype", dtype,
             "--max-shard-size", (max_shard_size or "").strip() or "5GB"]
     return args + (["--gguf"] if gguf else [])
 
