@@ -201,11 +201,11 @@ def run_template(target: Target) -> str | None:
 
 def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if temperature < 0:
-        raise UserError(f"temperature must be 0 (greedy) or more (got {temperature})")
+        raise UserError(f"--temperature must be 0 (greedy) or more (got {temperature})")
     if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (got {top_p})")
+        raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
 
 
 def sampling_of(max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
