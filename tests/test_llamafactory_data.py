@@ -1,5 +1,6 @@
 """Data as LLaMA-Factory reads it: dataset_info.json entries, column renames, tags, folders of shards,
-identity placeholders, and what is refused (preference data, tool calls) with a clear message."""
+identity placeholders, and what is refused (preference data for sft, tool calls for a template without a tool
+format) with a clear message."""
 
 from __future__ import annotations
 
@@ -95,11 +96,11 @@ def test_identity_placeholders_without_values_are_left_and_named(tmp_path, tiny_
     ({"file_name": "p.json", "columns": {"prompt": "instruction", "response": "output", "images": "images"}},
      [{"instruction": "q", "output": "a", "images": []}], ["images", "text only"]),
     ({"file_name": "p.json", "columns": {"prompt": "instruction", "response": "output", "tools": "tools"}},
-     [{"instruction": "q", "output": "a", "tools": "[{\"name\": \"f\"}]"}], ["row 1", "tool-call data"]),
+     [{"instruction": "q", "output": "a", "tools": "[{\"name\": \"f\"}]"}], ["row 1", "has no tool format"]),
     ({"file_name": "p.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}},
-     [{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"},
+     [{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{\"name\": \"f\"}"},
                          {"from": "observation", "value": "1"}, {"from": "gpt", "value": "a"}]}],
-     ["row 1", "tool-call data"]),
+     ["row 1", "the tokenizer's own chat template (template: null) has no tool format", "qwen3"]),
 ])
 def test_what_lmtune_cannot_train_is_refused_clearly(tmp_path, tiny_model_dir, tokenizer, entry, rows, words):
     (tmp_path / "p.json").write_text(json.dumps(rows))

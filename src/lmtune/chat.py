@@ -177,9 +177,24 @@ class ChatSession:
     model: Any
     tokenizer: Any
     template: str | None
+    tools: list[dict[str, Any]] | None = None  # shown to the model through the template
+    enable_thinking: bool = True  # the run's: a run trained without reasoning is prompted as it was trained
 
 
-def load_for_chat(target: str) -> ChatSession:
+def read_tools(path: Path) -> list[dict[str, Any]]:
+    """`--tools FILE.json`: a list of tool definitions (OpenAI's, or LLaMA-Factory's bare functions)."""
+    from lmtune.data.tool_formats import as_function
+
+    try:
+        tools = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"--tools {path}: not a readable JSON file ({error})") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise UserError(f"--tools {path}: expected a JSON list of tool definitions")
+    return [as_function(tool) for tool in tools]
+
+
+def load_for_chat(target: str, tools: list[dict[str, Any]] | None = None) -> ChatSession:
     from lmtune.models import is_reward_model
 
     resolved = resolve_target(target)
@@ -187,16 +202,21 @@ def load_for_chat(target: str) -> ChatSession:
         raise UserError(f"{target} is a reward model (stage rm): it scores texts and does not write; score "
                         "pairs with `lmtune eval`, or load it with AutoModelForSequenceClassification")
     model, tokenizer = load_model_for_inference(resolved)
-    return ChatSession(model, tokenizer, run_template(resolved))
+    return ChatSession(model, tokenizer, run_template(resolved), tools, run_setting(resolved, "enable_thinking", True))
 
 
 def run_template(target: Target) -> str | None:
     """The named template the run trained with, if any (null: the tokenizer's own)."""
+    return run_setting(target, "template", None)
+
+
+def run_setting(target: Target, key: str, default: Any) -> Any:
+    """A key of the run's resolved config; `default` for a model that is no run."""
     import yaml
 
     if target.run_dir is None:
-        return None
-    return (yaml.safe_load((target.run_dir / "run_config.yaml").read_text()) or {}).get("template")
+        return default
+    return (yaml.safe_load((target.run_dir / "run_config.yaml").read_text()) or {}).get(key, default)
 
 
 def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -229,7 +249,7 @@ def generate(session: ChatSession, messages: list[dict[str, str]], sampling: Any
     from lmtune.generation import reply
 
     return reply(session.model, session.tokenizer, session.template, messages, sampling or sampling_of(), on_text,
-                 cancelled)
+                 session.tools, session.enable_thinking, cancelled)
 
 
 def chat_loop(session: ChatSession, prompt: str | None, sampling: Any = None, system: str | None = None) -> None:

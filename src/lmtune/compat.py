@@ -152,7 +152,6 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "do_train": _ignore("`lmtune train` trains; `lmtune plan` and `lmtune preview` look without training"),
     "do_eval": _ignore("lmtune evaluates by val_size / eval_dataset and the eval rules; `lmtune eval` measures a run"),
     "do_predict": _ignore("lmtune has no predict stage; `lmtune chat` and `lmtune eval` work on a run"),
-    "ddp_timeout": _ignore("lmtune keeps torch.distributed's default process-group timeout"),
     "logging_dir": _ignore("TensorBoard events go to output_dir/runs"),
     "logging_first_step": _ignore("lmtune logs every logging_steps from step logging_steps on"),
     "enable_liger_kernel": _ignore("lmtune uses the model's own kernels; the result is the same, only speed differs"),

@@ -110,6 +110,10 @@ class TrainConfig(BaseModel):
         None, description="chat template name (chatml, llama3, mistral, qwen, alpaca, ...); "
         "null uses the tokenizer's own chat template", json_schema_extra=on_resume("run", data=True)
     )
+    enable_thinking: bool = Field(
+        True, description="reasoning templates (qwen3, or a chat template that reads enable_thinking): true trains "
+        "each reply's reasoning (an empty thought where it has none); false leaves reasoning out, the empty thought "
+        "in the untrained prompt (LLaMA-Factory's meaning)", json_schema_extra=on_resume("run", data=True))
     trust_remote_code: bool = Field(False, description="allow code shipped with a model folder to run",
                                     json_schema_extra=on_resume("run", data=True))
 
@@ -226,6 +230,10 @@ class TrainConfig(BaseModel):
         json_schema_extra=on_resume("neutral"))
     fsdp_offload: bool = Field(False, description="with fsdp: keep the weights and AdamW state in CPU memory, "
                                "the GPU holds one layer at a time", json_schema_extra=on_resume("neutral"))
+    ddp_timeout: int = Field(
+        1800, gt=0, description="seconds a process waits for the others in a collective (a step's gradient "
+        "all-reduce, a save, an evaluation) before the run stops with an error naming the operation and the "
+        "process that stopped answering; preparing the data is not bound by it", json_schema_extra=on_resume("neutral"))
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = Field(
         "auto", description="attention kernel: auto (on a GPU, flash-attn or flex attention for padding-free and "
         "packed rows, else transformers' pick), disabled (eager), sdpa, fa2 (flash-attn)",

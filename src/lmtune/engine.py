@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
 from lmtune.batching import Collator, Counts, EpochRows, batching_of, epoch_batches
@@ -61,6 +62,7 @@ from lmtune.data.streaming import prepare_stream, stream_size, with_planned_step
 from lmtune.errors import RunFailed, Stopped, UserError
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
 from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
+from lmtune.peers import Peers, named_failures, process_group_timeout, restarts
 from lmtune.phases import PhaseClock, log_moment
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
 from lmtune.preference import precompute_reference, reference_for
@@ -70,11 +72,14 @@ from lmtune.resume import (
     check_compatible,
     data_fingerprint,
     describe_changes,
+    elastic_batch,
     epoch_origin,
     find_resume_point,
+    last_trained_step,
     load_optimizer_state,
     load_sharded_checkpoint,
     load_weights,
+    restart_details,
     restore_rng_of_process,
     rng_state,
     seed_everything,
@@ -115,41 +120,59 @@ class Setup:
     resume: ResumePoint | None = None
     reference: Any = None  # dpo, kto, grpo: the model the loss compares with (None: none, or precomputed)
     rewards: list[Any] | None = None  # grpo: the reward functions, loaded and checked
+    peers: Peers | None = None  # the other processes (None: one process)
+    configured: TrainConfig | None = None  # the config as written, before an elastic restart changed it
 
 
 def train(config: TrainConfig) -> Path:
     """Run `config` to the end; returns the output folder."""
-    setup = set_up(config)
-    state = RunState(config=config, output_dir=setup.output_dir, is_main_process=setup.accelerator.is_main_process,
-                     total_steps=setup.plan.total_steps, steps_per_epoch=setup.plan.steps_per_epoch)
-    if setup.resume is not None:
-        setup.resume.state.restore_into(state)
-    state.schedule, state.data_fingerprint, state.run_config = setup.schedule, setup.fingerprint, config.to_yaml_dict()
-    return TrainingLoop(setup, state).run()
+    accelerator = accelerator_for(config)  # the process group, with ddp_timeout
+    peers = Peers.start(config.ddp_timeout)
+    with named_failures(peers):
+        setup = set_up(config, accelerator, peers)
+        config = setup.config
+        state = RunState(config=config, output_dir=setup.output_dir,
+                         is_main_process=setup.accelerator.is_main_process,
+                         total_steps=setup.plan.total_steps, steps_per_epoch=setup.plan.steps_per_epoch)
+        if setup.resume is not None:
+            setup.resume.state.restore_into(state)
+        state.schedule, state.data_fingerprint = setup.schedule, setup.fingerprint
+        state.run_config = config.to_yaml_dict()
+        return TrainingLoop(setup, state).run()
 
 
-def set_up(config: TrainConfig) -> Setup:
+def accelerator_for(config: TrainConfig) -> Accelerator:
+    timeout = InitProcessGroupKwargs(timeout=process_group_timeout(config.ddp_timeout))
+    return Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+def set_up(config: TrainConfig, accelerator: Accelerator | None = None, peers: Peers | None = None) -> Setup:
     """Everything a run needs, every check made: config, data, model, callbacks, the checkpoint to resume
     and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
     clock = PhaseClock("set-up")
-    config = take_accelerate_fsdp(config)
-    precision = _mixed_precision(config)
-    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False,
-                              cpu=not torch.cuda.is_available())
-    sharding = strategy_for(config, accelerator.num_processes, bf16=precision == "bf16")
+    accelerator = accelerator or accelerator_for(config)
+    config = configured = take_accelerate_fsdp(config)
+    sharding = strategy_for(config, accelerator.num_processes, bf16=_mixed_precision(config) == "bf16")
     output_dir = Path(config.output_dir)
+    if peers is not None:
+        peers.check_shared_folder(output_dir)
     check_not_running(output_dir)
     point = find_resume_point(config, output_dir)
+    if point is not None and restarts(peers):
+        config = elastic_batch(point, config, accelerator.num_processes)
     starts_fresh_here = point is None or point.path.parent.resolve() != output_dir.resolve()
     to_clear = _earlier_run_files(config, output_dir) if starts_fresh_here else []
     seed_everything(config.seed)
     clock.lap("accelerator, resume point")
-    with accelerator.main_process_first():
-        model_path = resolve_model_path(config.model_name_or_path)
-        tokenizer = load_tokenizer(model_path, config.trust_remote_code)
-        clock.lap("tokenizer")
-        data = _prepare_training_data(config, tokenizer, accelerator)
-        clock.lap("data")
+    # each process on its own: a cache entry is built by one process while the others wait on its file lock
+    model_path = resolve_model_path(config.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    clock.lap("tokenizer")
+    data = _prepare_training_data(config, tokenizer, accelerator)
+    if peers is not None:
+        peers.wait_for_all("preparing the data")
+    clock.lap("data")
     fingerprint = data_fingerprint(data_files(config), tokenizer)
     user_callbacks = load_user_callbacks(config.callbacks)
     rewards = _checked_rewards(config, data)
@@ -159,6 +182,9 @@ def set_up(config: TrainConfig) -> Setup:
         log_sample(config, data, tokenizer)  # preview_samples rows, rendered as `lmtune preview` does
     clock.lap("data fingerprint, callbacks, preview")
     model = load_model(model_path, config)
+    if peers is not None:  # the set-up's collectives begin together: a slow load is no timeout
+        peers.wait_for_all("loading the model")
+        peers.doing("set-up (reference model, checkpoint, optimizer)")
     clock.lap("model")
     reference = _preference_reference(config, model, data, tokenizer, accelerator)  # before a checkpoint's weights
     if point is not None:
@@ -203,7 +229,8 @@ def set_up(config: TrainConfig) -> Setup:
         collator = PromptCollator()  # the loader's micro-batches are prompts; the stage collates what it generates
     clock.lap("optimizer, schedule, checkpoint state")
     return Setup(accelerator, config, output_dir, tokenizer, data, model, optimizer, scheduler, schedule, plan,
-                 collator, user_callbacks, fingerprint, to_clear, sharding, point, reference, rewards)
+                 collator, user_callbacks, fingerprint, to_clear, sharding, point, reference, rewards, peers,
+                 configured)
 
 
 def _checked_rewards(config: TrainConfig, data: ProcessedData) -> list[Any] | None:
@@ -405,6 +432,7 @@ class TrainingLoop:
                 plan.total_steps, config.per_device_train_batch_size,
                 config.gradient_accumulation_steps, self.accelerator.num_processes,
             )
+        self._doing("the start of training")
         self.accelerator.wait_for_everyone()
         self.callbacks.fire("on_train_begin", self.state, self.s.model)
         log_moment("the first optimizer step begins")
@@ -455,7 +483,13 @@ class TrainingLoop:
         return self.s.output_dir
 
     def _log_resume(self, point: ResumePoint) -> None:
+        reached = last_trained_step(self.metrics.path)  # before the rows past the checkpoint go
         truncate_metrics(self.metrics.path, point.step)
+        if restarts(self.s.peers):
+            details = restart_details(point, self.s.configured, self.config, self.accelerator.num_processes,
+                                      restarts(self.s.peers), reached)
+            log.warning("%s", details["line"])
+            self.metrics.event(self.state, "restart", **details)
         for folder, problems in point.skipped:
             self.metrics.event(self.state, "checkpoint_skipped", path=folder, problems=problems)
         details: dict[str, Any] = {"from": str(point.path),
@@ -582,6 +616,7 @@ class TrainingLoop:
 
     def _optimizer_step(self, group: list[tuple[dict, Counts]] | None) -> None:
         accelerator, model = self.accelerator, self.s.model
+        self._doing(f"optimizer step {self.state.step + 1} (forward, backward, the gradient all-reduce)")
         model.train()
         group = self.stage.prepare(group, self.state.step)  # grpo: generated and scored here
         local = [sum(getattr(c, k) for _, c in group) for k in (self.loss.divided_by, "tokens", "samples")]
@@ -641,6 +676,11 @@ class TrainingLoop:
             return (self.state.step - self.s.plan.epoch_origin) / self.s.plan.steps_per_epoch
         return self._stream_progress.epoch if self.config.streaming else None
 
+    def _doing(self, operation: str) -> None:
+        """Named for the error a frozen or lost process causes (see peers.py)."""
+        if self.s.peers is not None:
+            self.s.peers.doing(operation)
+
     def _stop_requested(self) -> bool:
         """Every process stops at the same step, when any of them was signalled."""
         flag = self._signals.requested
@@ -687,6 +727,7 @@ class TrainingLoop:
 
     def _evaluate(self) -> None:
         accelerator, model, data = self.accelerator, self.s.model, self.s.data.eval
+        self._doing(f"the evaluation at step {self.state.step}")
         model.eval()
         names = self.loss.metric_names
         sums = torch.zeros(2 + len(names), device=accelerator.device, dtype=torch.float64)
@@ -725,6 +766,7 @@ class TrainingLoop:
     # --- saving -----------------------------------------------------------------------------------
 
     def _save_checkpoint(self, reasons: list[str]) -> None:
+        self._doing(f"saving {PREFIX}{self.state.step}")
         self._last_save_time = time.monotonic()
         self._saved_step = self.state.step
         positions = self._all_positions()  # every process takes part
@@ -799,6 +841,7 @@ class TrainingLoop:
 
     def _write_final_model(self) -> None:
         """On the main process; a sharded model is gathered from every process first (all take part)."""
+        self._doing("writing the final model")
         sharded = self.s.sharding.sharded
         if not (sharded or self.accelerator.is_main_process):
             return

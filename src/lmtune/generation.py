@@ -191,12 +191,13 @@ def _advance_text(tokenizer: Any, row: _Row, index: int, on_text: OnText | None)
 
 
 def render_prompt(tokenizer: Any, template: str | None, messages: list[dict[str, Any]],
-                  tools: list[dict] | None = None) -> str:
+                  tools: list[dict] | None = None, enable_thinking: bool = True) -> str:
     """The conversation as the run's template (None: the tokenizer's own) renders it in training, with the
     generation prompt for the answer; tool definitions go to templates that use them."""
     from lmtune.data.templates import chat_template_for, render
 
-    return render(tokenizer, chat_template_for(tokenizer, template), messages, generation_prompt=True, tools=tools)
+    return render(tokenizer, chat_template_for(tokenizer, template), messages, generation_prompt=True, tools=tools,
+                  enable_thinking=enable_thinking)
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -204,7 +205,8 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, Any]]) -> list[int]:
+def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, Any]],
+               tools: list[dict] | None = None, enable_thinking: bool = True) -> list[int]:
     """A conversation's generation prompt as token ids, tokenised as training tokenised it: a named template
     piece by piece as LLaMA-Factory does (so the model sees the tokens it was trained on), the tokenizer's own
     template rendered whole."""
@@ -212,15 +214,17 @@ def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, An
 
     chosen = conversation_format(tokenizer, template)
     if isinstance(chosen, str):
-        return encode_prompt(tokenizer, render_prompt(tokenizer, template, messages))
-    return generation_prompt_ids(tokenizer, chosen, [{**m, "content": text_of(m.get("content"))} for m in messages])
+        return encode_prompt(tokenizer, render_prompt(tokenizer, template, messages, tools, enable_thinking))
+    return generation_prompt_ids(tokenizer, chosen, [{**m, "content": text_of(m.get("content"))} for m in messages],
+                                 tools, enable_thinking)
 
 
 def reply(model: Any, tokenizer: Any, template: str | None, messages: list[dict[str, Any]], sampling: Sampling,
-          on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] | None = None) -> Completion:
-    """One answer to a conversation (its text stripped), streamed piece by piece to on_text; it ends early,
-    finish_reason "cancelled", once cancelled() says so."""
-    prompt = prompt_ids(tokenizer, template, messages)
+          on_text: Callable[[str], None] | None = None, tools: list[dict] | None = None,
+          enable_thinking: bool = True, cancelled: Callable[[], bool] | None = None) -> Completion:
+    """One answer to a conversation (its text stripped), streamed piece by piece to on_text; `tools`: definitions
+    the template shows. It ends early, finish_reason "cancelled", once cancelled() says so."""
+    prompt = prompt_ids(tokenizer, template, messages, tools, enable_thinking)
     [done] = generate(model, tokenizer, [prompt], [sampling],
                       on_text=None if on_text is None else lambda _row, piece, _lp: on_text(piece),
                       cancelled=None if cancelled is None else lambda _row: cancelled())

@@ -17,7 +17,7 @@ import torch
 
 from lmtune.config import BUILTIN_MODEL, TrainConfig
 from lmtune.errors import UserError
-from lmtune.paths import cache_home
+from lmtune.paths import building, cache_home
 
 log = logging.getLogger("lmtune")
 
@@ -83,20 +83,23 @@ def import_gguf(gguf: Path, out: Path | None = None) -> Path:
     if (out / "config.json").is_file():
         repair_null_quantization(out / "config.json")
         return out
-    log.info("converting %s into a Hugging Face folder at %s", gguf.name, out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as error:
-        raise UserError(f"{gguf}: could not be read as a GGUF model: {error}") from None
-    drop_quantization(model.config)
-    model.save_pretrained(str(partial))
-    tokenizer.save_pretrained(str(partial))
-    partial.rename(out)
+    with building(out, "converted model"):
+        if (out / "config.json").is_file():  # another process converted it meanwhile
+            return out
+        log.info("converting %s into a Hugging Face folder at %s", gguf.name, out)
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as error:
+            raise UserError(f"{gguf}: could not be read as a GGUF model: {error}") from None
+        drop_quantization(model.config)
+        model.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        partial.rename(out)
     return out
 
 

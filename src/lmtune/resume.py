@@ -12,6 +12,7 @@ the seed and the step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -144,6 +145,44 @@ def batch_lines(point: ResumePoint, config: TrainConfig, num_processes: int, ste
                         "would"]
     per_epoch = f"; {steps_per_epoch} steps per epoch from here" if steps_per_epoch else ""
     return lines + [f"global batch changed: {old} -> {new} {split}: steps count on from step {point.step}{per_epoch}"]
+
+
+def elastic_batch(point: ResumePoint, config: TrainConfig, num_processes: int) -> TrainConfig:
+    """After torchrun restarted the workers (an elastic restart, maybe on fewer or more nodes): the
+    checkpoint's global batch, kept by gradient_accumulation_steps where this number of processes divides it
+    (per_device_train_batch_size as the checkpoint's); otherwise the config as it is."""
+    saved, per_device = point.saved_config, config.per_device_train_batch_size
+    if saved.get("per_device_train_batch_size") != per_device or not saved.get("gradient_accumulation_steps"):
+        return config
+    kept = per_device * saved["gradient_accumulation_steps"] * len(point.state.rng)
+    accumulation, rest = divmod(kept, per_device * num_processes)
+    if rest or accumulation < 1 or accumulation == config.gradient_accumulation_steps:
+        return config
+    return config.model_copy(update={"gradient_accumulation_steps": accumulation})
+
+
+def restart_details(point: ResumePoint, configured: TrainConfig, config: TrainConfig, num_processes: int,
+                    restart: int, reached_step: int | None) -> dict[str, Any]:
+    """The `restart` event of an elastic restart, with its log line: what changed, what was lost."""
+    saved = point.saved_config
+    reached = max(reached_step or point.step, point.step)
+    details = {
+        "restart": restart, "processes": {"saved": len(point.state.rng), "now": num_processes},
+        "gradient_accumulation_steps": {"saved": saved.get("gradient_accumulation_steps"),
+                                        "config": configured.gradient_accumulation_steps,
+                                        "now": config.gradient_accumulation_steps},
+        "global_batch": {"saved": saved.get("per_device_train_batch_size", 0) * saved.get(
+            "gradient_accumulation_steps", 0) * len(point.state.rng), "now": global_batch(config, num_processes)},
+        "reached_step": reached, "steps_lost": reached - point.step,
+    }
+    batch = details["global_batch"]
+    kept = "kept" if batch["saved"] == batch["now"] else f"changed {batch['saved']} ->"
+    details["line"] = (
+        f"elastic restart {restart} (torchrun): {_processes(len(point.state.rng))} -> {num_processes}, "
+        f"gradient_accumulation_steps {details['gradient_accumulation_steps']['saved']} -> "
+        f"{config.gradient_accumulation_steps}, global batch {kept} {batch['now']}; {reached - point.step} steps "
+        f"lost (the run had reached step {reached}; it continues from {point.path.name})")
+    return details
 
 
 def _processes(count: int) -> str:
@@ -329,6 +368,22 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if _step_of_row(line) <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def last_trained_step(path: Path) -> int | None:
+    """The step of the last train row of metrics.jsonl (None: no such row)."""
+    if not path.is_file():
+        return None
+    steps = [row.get("step", 0) for row in _rows(path) if row.get("type") == "train"]
+    return max(steps, default=None)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def _step_of_row(line: str) -> float:

@@ -15,7 +15,16 @@ from typing import Any
 
 from lmtune.config import TrainConfig
 from lmtune.data.registry import DatasetSpec, standard_row
-from lmtune.data.templates import IGNORE_INDEX, TEMPLATES, NamedTemplate, encode_turns, generation_prompt_ids
+from lmtune.data.templates import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    NamedTemplate,
+    Turn,
+    encode_conversation,
+    generation_prompt_ids,
+    no_tool_format,
+    takes_tools,
+)
 from lmtune.errors import UserError
 
 
@@ -59,21 +68,29 @@ class RowEncoder:
         names no template of its own."""
         self.tokenizer = tokenizer
         self.format = TEMPLATES[config.template] if config.template in TEMPLATES else template
+        self.template_name = config.template
         self.cutoff_len = config.cutoff_len
+        self.enable_thinking = config.enable_thinking
 
     def examples(self, spec: DatasetSpec, row: dict[str, Any], where: str) -> list[Example]:
         """`where` names the row in an error message: `file.json, row 3`."""
-        return self._examples_of(_standard(spec, row, where))
+        return self._examples_of(self._checked(_standard(spec, row, where), where))
 
     def batch_examples(self, spec: DatasetSpec, rows: list[dict[str, Any]], wheres: list[str]) -> list[list[Example]]:
         """The examples of each of a batch of rows. KTO rows take the answer of the row before them in the
         batch (the first takes the last's) for their KL sequence, as LLaMA-Factory and TRL pair them."""
-        standards = [_standard(spec, row, where) for row, where in zip(rows, wheres, strict=True)]
+        standards = [self._checked(_standard(spec, row, where), where) for row, where in zip(rows, wheres, strict=True)]
         if spec.feedback:
             answers = [standard["completion"] for standard in standards]
             for standard, other in zip(standards, answers[-1:] + answers[:-1], strict=True):
                 standard["kl_completion"] = other
         return [self._examples_of(standard) for standard in standards]
+
+    def _checked(self, standard: dict[str, Any], where: str) -> dict[str, Any]:
+        """A row with tools needs a template that writes them: refused, naming the template, where it has none."""
+        if uses_tools(standard) and not takes_tools(self.format):
+            raise UserError(f"{where}: {no_tool_format(self.template_name)}")
+        return standard
 
     def _examples_of(self, standard: dict[str, Any]) -> list[Example]:
         if "chosen" in standard:
@@ -81,17 +98,19 @@ class RowEncoder:
         if "completion" in standard:
             return [self._feedback(standard)]
         if "messages" in standard:
-            return [self._conversation(standard["messages"])]
+            return [self._conversation(turns) for turns in self._sequences(standard["messages"], standard.get("tools"))]
         return [Example(chunk, [IGNORE_INDEX, *chunk[1:]], len(chunk), 0) for chunk in self._chunks(standard["text"])]
 
     @property
     def _efficient_eos(self) -> bool:
         return isinstance(self.format, NamedTemplate) and self.format.efficient_eos
 
-    def _conversation(self, messages: list[dict[str, str]]) -> Example:
+    def _sequences(self, messages: list[dict[str, Any]], tools: list[dict] | None) -> list[list[Turn]]:
+        return encode_conversation(self.tokenizer, self.format, messages, tools, self.enable_thinking)
+
+    def _conversation(self, turns: list[Turn]) -> Example:
         """Turn after turn, each cut by LLaMA-Factory's rule: the turns share cutoff_len in order, each turn's
         prompt and reply share what is left (`truncated_lengths`); a turn that no longer fits is left out."""
-        turns = encode_turns(self.tokenizer, self.format, messages)
         eos = self.tokenizer.eos_token_id
         total = 1 if self._efficient_eos else 0
         input_ids: list[int] = []
@@ -127,11 +146,9 @@ class RowEncoder:
     def prompt(self, spec: DatasetSpec, row: dict[str, Any], where: str, max_length: int) -> tuple[list[int], dict]:
         """Stage grpo: the token ids of the prompt with the template's generation prompt after it, as `lmtune
         chat` renders it, and what the reward functions receive of the row: its prompt and its other columns."""
-        try:
-            standard = standard_row(spec, row)
-        except ValueError as error:
-            raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
-        ids = generation_prompt_ids(self.tokenizer, self.format, standard["messages"])
+        standard = self._checked(_standard(spec, row, where), where)
+        ids = generation_prompt_ids(self.tokenizer, self.format, standard["messages"], standard.get("tools"),
+                                    self.enable_thinking)
         if len(ids) > max_length:
             raise UserError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length {max_length}; "
                             "raise max_prompt_length, or shorten or leave out this row")
@@ -153,7 +170,7 @@ class RowEncoder:
         """The prompt's ids and the answer's, as LLaMA-Factory's `encode_oneturn` gives them (with EOS after
         the answer under an efficient-EOS template)."""
         messages = [*standard["messages"], {"role": "assistant", "content": standard[answer]}]
-        turns = encode_turns(self.tokenizer, self.format, messages)
+        turns = self._sequences(messages, standard.get("tools"))[-1]
         prompt = [token for earlier, reply in turns[:-1] for token in earlier + reply] + turns[-1][0]
         return prompt, turns[-1][1] + ([self.tokenizer.eos_token_id] if self._efficient_eos else [])
 
@@ -178,6 +195,12 @@ def _standard(spec: DatasetSpec, row: dict[str, Any], where: str) -> dict[str, A
         return standard_row(spec, row)
     except ValueError as error:
         raise UserError(f"{where}: {error} (data set '{spec.name}')") from None
+
+
+def uses_tools(standard: dict[str, Any]) -> bool:
+    """Tool definitions, tool calls or tool results in a row."""
+    return bool(standard.get("tools")) or any(message["role"] == "tool" or message.get("tool_calls")
+                                              for message in standard.get("messages", []))
 
 
 def truncated_lengths(prompt: int, answer: int, cutoff_len: int) -> tuple[int, int]:

@@ -23,10 +23,10 @@ from lmtune.data.encoding import RowEncoder, row_of
 from lmtune.data.registry import DatasetSpec, left_placeholders, load_rows, resolve_datasets
 from lmtune.data.templates import IGNORE_INDEX, chat_template_for
 from lmtune.errors import UserError
-from lmtune.paths import cache_home
+from lmtune.paths import building, cache_home
 
 log = logging.getLogger("lmtune")
-CACHE_VERSION = 3  # 3: prompts and replies tokenised apart, cutoff_len as LLaMA-Factory cuts
+CACHE_VERSION = 4  # 4: tool calls, reasoning; each prompt as its generation prompt tokenises
 
 
 @dataclass
@@ -73,16 +73,22 @@ def prepare_data(config: TrainConfig, tokenizer: Any, use_cache: bool = True) ->
         log.info("chat template: %s", f"'{config.template}', LLaMA-Factory's by that name" if config.template
                  else "the tokenizer's own (template: null)")
     cache_dir = cache_home() / "data" / _cache_key(config, specs + eval_specs, tokenizer, template)
-    if use_cache and not config.overwrite_cache and (cache_dir / "done").exists():
+    if not use_cache:
+        return _process(config, specs, eval_specs, tokenizer, template)
+    if not config.overwrite_cache and (cache_dir / "done").exists():
         log.info("using processed data from the cache: %s", cache_dir)
         return _load_cached(cache_dir)
-    data = _process(config, specs, eval_specs, tokenizer, template)
-    if use_cache:
+    with building(cache_dir, "processed data") as waited:
+        # overwrite_cache: the process that waited takes what the one before it has just processed again
+        if (waited or not config.overwrite_cache) and (cache_dir / "done").exists():
+            log.info("using processed data from the cache: %s", cache_dir)
+            return _load_cached(cache_dir)
+        data = _process(config, specs, eval_specs, tokenizer, template)
         if config.overwrite_cache:  # the entry is replaced only once the data has been processed again
             shutil.rmtree(cache_dir, ignore_errors=True)
         _save_cached(data, cache_dir)
-        data = _load_cached(cache_dir)  # memory-mapped from the cache, as every later run reads it
-        data.from_cache = False
+    data = _load_cached(cache_dir)  # memory-mapped from the cache, as every later run reads it
+    data.from_cache = False
     return data
 
 

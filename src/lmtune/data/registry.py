@@ -15,6 +15,7 @@ from typing import Any
 import datasets
 
 from lmtune.config import PAIRED_STAGES
+from lmtune.data.tool_formats import as_function
 from lmtune.errors import UserError
 
 FILE_LOADERS = {
@@ -241,8 +242,6 @@ def _root_cause(error: BaseException) -> str:
 # --- rows to one shape ------------------------------------------------------------------------
 
 
-TOOLS_REFUSED = ("tool-call data (a tools column, function_call / observation turns) is not supported by lmtune "
-                 "yet; leave those rows out")
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -255,12 +254,13 @@ def standard_row(spec: DatasetSpec, row: dict[str, Any]) -> dict[str, Any]:
         convert = _feedback_row
     elif spec.prompt_only:
         convert = _prompt_row
-    if spec.formatting != "text" and row.get(spec.columns.get("tools", "tools")):
-        raise ValueError(TOOLS_REFUSED)
     try:
         standard = convert(row, spec)
     except (KeyError, TypeError, AttributeError, IndexError) as error:
         raise ValueError(f"malformed row ({error})") from None
+    tools = _tools(row, spec) if spec.formatting != "text" else None
+    if tools:
+        standard["tools"] = tools
     return _fill_placeholders(standard, spec.placeholders) if spec.placeholders else standard
 
 
@@ -288,6 +288,27 @@ def left_placeholders(spec: DatasetSpec, rows: Any, limit: int = 200) -> set[str
         texts += [standard[key] for key in (*ANSWERS, "completion") if key in standard]
         left.update(match for text in texts for match in PLACEHOLDER.findall(text))
     return left
+
+
+def _tools(row: dict[str, Any], spec: DatasetSpec) -> list[dict[str, Any]] | None:
+    """The tool definitions of a row (the `tools` column: a JSON string as in LLaMA-Factory's data, or a list), in
+    OpenAI's shape."""
+    column = spec.columns.get("tools", "tools")
+    tools = row.get(column)
+    if isinstance(tools, str):
+        tools = _json(tools, f"'{column}'") if tools.strip() else None
+    if not tools:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise ValueError(f"'{column}' is not a list of tool definitions (JSON objects with a name and parameters)")
+    return [as_function(tool) for tool in tools]
+
+
+def _json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is not valid JSON ({error.msg} at character {error.pos})") from None
 
 
 def _column(row: dict[str, Any], spec: DatasetSpec, defaults: dict[str, str], key: str) -> Any:
@@ -344,19 +365,49 @@ def _sharegpt_messages(row: dict[str, Any], spec: DatasetSpec, keys: tuple[str, 
     return messages + [_message(turn, spec) for turn in turns]
 
 
-def _message(turn: dict[str, Any], spec: DatasetSpec) -> dict[str, str]:
-    """One turn in sharegpt (from / value) or OpenAI (role / content) tags, as {role, content}."""
+def _message(turn: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    """One turn in sharegpt (from / value) or OpenAI (role / content) tags, as {role, content}, with
+    `tool_calls` and `reasoning_content` where it has them. A sharegpt function_call turn is the assistant's
+    tool calls (its value: a JSON call or list of calls, LLaMA-Factory's); an observation or `tool` turn is
+    a tool result (role `tool`)."""
     tags = {**(OPENAI_TAGS if "role" in turn else SHAREGPT_TAGS), **spec.tags}
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
+             tags["function_tag"]: "function_call", tags["observation_tag"]: "tool", "tool": "tool"}
     role = roles.get(turn.get(tags["role_tag"]))
     content = turn.get(tags["content_tag"])
-    if role is None and turn.get(tags["role_tag"]) in (tags["function_tag"], tags["observation_tag"]):
-        raise ValueError(TOOLS_REFUSED)
     if role is None:
         raise ValueError(f"unknown role {turn.get(tags['role_tag'])!r} (expected one of {sorted(roles)})")
+    calls = turn.get("tool_calls")
+    if role == "function_call":
+        role, content, calls = "assistant", "", _json(content, f"the {tags['function_tag']} turn") \
+            if isinstance(content, str) else content
+    if calls:
+        return {"role": "assistant", "content": content or "", "tool_calls": _tool_calls(calls),
+                **_reasoning(turn)}
     if not isinstance(content, str):
         raise ValueError(f"a message without '{tags['content_tag']}' text")
-    return {"role": role, "content": content}
+    return {"role": role, "content": content, **(_reasoning(turn) if role == "assistant" else {})}
+
+
+def _reasoning(turn: dict[str, Any]) -> dict[str, str]:
+    reasoning = turn.get("reasoning_content")
+    return {"reasoning_content": reasoning} if isinstance(reasoning, str) else {}
+
+
+def _tool_calls(calls: Any) -> list[dict[str, Any]]:
+    """Tool calls in OpenAI's shape, their arguments parsed: from OpenAI's `tool_calls` or LLaMA-Factory's
+    function_call value (`{"name": ..., "arguments": {...}}` or a list of them)."""
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"a tool call without a function name: {call!r}")
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):
+            arguments = _json(arguments, f"the arguments of the call to '{function['name']}'") if arguments else {}
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 ANSWERS = ("chosen", "rejected")

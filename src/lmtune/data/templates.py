@@ -14,8 +14,11 @@ reply starts and ends, and each piece tokenised on its own.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from lmtune.data.tool_formats import LLAMA3_TOOLS, QWEN_TOOLS, ToolFormat
+from lmtune.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -41,13 +44,18 @@ class NamedTemplate:
     # gemma2, glm4: the reply has no end-of-turn marker of its own; EOS is its label where the next turn
     # starts, and EOS ends the conversation (LLaMA-Factory's `efficient_eos`)
     efficient_eos: bool = False
+    tools: ToolFormat | None = None  # how tool definitions, calls and results are written; None: no tool format
+    drops_past_thoughts: bool = False  # qwen3: the reasoning of replies before the last user message is not shown
+    strips_thoughts: bool = False  # enable_thinking: false: no reply keeps its reasoning
 
 
 _CHATML = dict(user="<|im_start|>user\n{content}<|im_end|>\n", header="<|im_start|>assistant\n",
                assistant="{content}<|im_end|>\n", system="<|im_start|>system\n{content}<|im_end|>\n")
 _GEMMA = dict(prefix="{bos}", user="<start_of_turn>user\n{content}<end_of_turn>\n", header="<start_of_turn>model\n",
               assistant="{content}<end_of_turn>\n", system="{content}\n\n", system_in_first_user=True)
-_QWEN = NamedTemplate(**_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+_QWEN_CHATML = dict(_CHATML, tools=QWEN_TOOLS)
+_QWEN = NamedTemplate(**_QWEN_CHATML,
+                      default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
 _PHI = NamedTemplate(user="<|user|>\n{content}<|end|>\n", header="<|assistant|>\n", assistant="{content}<|end|>\n",
                      system="<|system|>\n{content}<|end|>\n")
 
@@ -69,8 +77,8 @@ TEMPLATES: dict[str, NamedTemplate] = {
     "qwen": _QWEN,
     "qwen2": _QWEN,  # not a LLaMA-Factory name: Qwen2 and Qwen2.5 use its `qwen`
     "qwen2_5": _QWEN,
-    "qwen3": NamedTemplate(**_CHATML, empty_thought="<think>\n\n</think>\n\n"),
-    "qwen3_nothink": NamedTemplate(**_CHATML),
+    "qwen3": NamedTemplate(**_QWEN_CHATML, empty_thought="<think>\n\n</think>\n\n", drops_past_thoughts=True),
+    "qwen3_nothink": NamedTemplate(**_QWEN_CHATML),
     "yi": NamedTemplate(**_CHATML),
     "smollm": NamedTemplate(**_CHATML),
     "smollm2": NamedTemplate(**_CHATML, default_system="You are a helpful AI assistant named SmolLM, trained by "
@@ -78,7 +86,7 @@ TEMPLATES: dict[str, NamedTemplate] = {
     "llama3": NamedTemplate(
         prefix="{bos}", user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
         header="<|start_header_id|>assistant<|end_header_id|>\n\n", assistant="{content}<|eot_id|>",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>", tools=LLAMA3_TOOLS,
     ),
     "llama2": NamedTemplate(user="{bos}[INST] {content} [/INST]", assistant="{content}{eos}",
                             system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_first_user=True),
@@ -117,37 +125,102 @@ def _literal(text: str) -> str:
 
 
 def named_jinja(template: NamedTemplate) -> str:
-    """The Jinja chat template of a named template: it renders the text the encoding tokenises."""
+    """The Jinja chat template of a named template: it renders the text the encoding tokenises, tools, tool
+    calls, tool results and reasoning included, and reads `enable_thinking` as the encoding does."""
     out = "{{ " + _jinja(template.prefix) + " }}" if template.prefix else ""
     if template.default_system:
         out += "{% set system_message = " + _jinja(template.default_system) + " %}"
     out += ("{% if messages and messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
             "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% endif %}")
+    if template.tools:
+        out += _tools_jinja(template.tools)
     has_system = "system_message is defined and system_message"
     if not template.system_in_first_user:
         out += "{% if " + has_system + " %}{{ " + _jinja(template.system, "system_message") + " }}{% endif %}"
-    out += "{% for message in loop_messages %}{% set content = message['content'] %}"
+    header = _jinja(template.header)
+    if template.empty_thought:
+        out += ("{% set thinking = enable_thinking is not defined or enable_thinking %}"
+                "{% set header = " + header + " + ('' if thinking else " + _jinja(template.empty_thought) + ") %}")
+        header = "header"
+    out += ("{% set ns = namespace(last_user=-1) %}{% for message in loop_messages %}"
+            "{% if message['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+            "{% for message in loop_messages %}{% set content = message['content'] or '' %}")
     if template.system_in_first_user:
         out += ("{% if loop.first and " + has_system + " %}{% set content = "
                 + _jinja(template.system, "system_message") + " + content %}{% endif %}")
+    out += ("{% if message['role'] == 'assistant' and message['reasoning_content'] is defined and "
+            "message['reasoning_content'] is not none %}{% set content = '<think>\\n' + "
+            "message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') %}{% endif %}")
+    strip = []
     if template.empty_thought:
-        out += ("{% if message['role'] == 'assistant' and '<think>' not in content and '</think>' not in content %}"
-                "{% set content = " + _jinja(template.empty_thought) + " + content %}{% endif %}")
-    out += ("{% if message['role'] == 'user' %}{{ " + _jinja(template.user) + " }}"
-            "{% elif message['role'] == 'assistant' %}{{ " + _jinja(template.header + template.assistant) + " }}"
+        strip.append("not thinking")
+    if template.drops_past_thoughts:
+        strip.append("loop.index0 < ns.last_user")
+    if strip:
+        out += ("{% if message['role'] == 'assistant' and '</think>' in content and (" + " or ".join(strip) + ") %}"
+                "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}")
+    if template.tools:
+        out += _tool_calls_jinja(template.tools)
+    if template.empty_thought:
+        out += ("{% if thinking and message['role'] == 'assistant' and '<think>' not in content and "
+                "'</think>' not in content %}{% set content = " + _jinja(template.empty_thought) + " + content %}"
+                "{% endif %}")
+    out += "{% if message['role'] == 'user' %}{{ " + _jinja(template.user) + " }}"
+    if template.tools:
+        out += _tool_results_jinja(template.tools)
+    out += ("{% elif message['role'] == 'assistant' %}{{ " + header + " + " + _jinja(template.assistant) + " }}"
             "{% endif %}{% endfor %}")
     if template.header:
-        out += "{% if add_generation_prompt %}{{ " + _jinja(template.header) + " }}{% endif %}"
+        out += "{% if add_generation_prompt %}{{ " + header + " }}{% endif %}"
     if template.efficient_eos:
         out += "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
     return out
 
 
+def _tools_jinja(tool_format: ToolFormat) -> str:
+    """The tool definitions after the system text (the system message is written whenever there are tools)."""
+    each = "'\\n' + (tool | tojson)" if tool_format.tool_indent is None else \
+        f"(tool | tojson(indent={tool_format.tool_indent})) + '\\n\\n'"
+    return ("{% if tools %}{% set listed = namespace(text=" + _literal(tool_format.tools_before) + ") %}"
+            "{% for tool in tools %}{% set listed.text = listed.text + " + each + " %}{% endfor %}"
+            "{% set system_message = (system_message + " + _literal(tool_format.system_joiner) + " if system_message "
+            "is defined and system_message else '') + listed.text + " + _literal(tool_format.tools_after) + " %}"
+            "{% endif %}")
+
+
+def _tool_calls_jinja(tool_format: ToolFormat) -> str:
+    """An assistant message's tool calls after its content, as ToolFormat.reply_text writes them."""
+    arguments = "(f['arguments'] if f['arguments'] is string else f['arguments'] | tojson)"
+    if tool_format.name == "qwen":
+        each = ("('\\n' if not loop.first else '') + '<tool_call>\\n{\"name\": \"' + f['name'] "
+                "+ '\", \"arguments\": ' + " + arguments + " + '}\\n</tool_call>'")
+        joined = "{% set content = (content + '\\n' if content else '') + calls.text %}"
+    else:
+        each = ("(', ' if not loop.first else '') + '{\"name\": \"' + f['name'] + '\", \"parameters\": ' + "
+                + arguments + " + '}'")
+        joined = ("{% set content = calls.text if message['tool_calls'] | length == 1 else '[' + calls.text + ']' %}")
+    return ("{% if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+            "{% set calls = namespace(text='') %}{% for call in message['tool_calls'] %}"
+            "{% set f = call['function'] if call['function'] is defined else call %}"
+            "{% set calls.text = calls.text + " + each + " %}{% endfor %}" + joined + "{% endif %}")
+
+
+def _tool_results_jinja(tool_format: ToolFormat) -> str:
+    """A tool message: a block of its own, or (Qwen) one block for consecutive results."""
+    opening, closing = tool_format.observation.split("{content}")
+    if tool_format.results_joiner is None:
+        return ("{% elif message['role'] == 'tool' %}{{ " + _literal(opening) + " + content + " + _literal(closing)
+                + " }}")
+    joiner = tool_format.results_joiner
+    return ("{% elif message['role'] == 'tool' %}"
+            "{% if loop.first or loop.previtem['role'] != 'tool' %}{{ " + _literal(opening) + " }}"
+            "{% else %}{{ " + _literal(joiner) + " }}{% endif %}{{ content }}"
+            "{% if loop.last or loop.nextitem['role'] != 'tool' %}{{ " + _literal(closing) + " }}{% endif %}")
+
+
 def conversation_format(tokenizer: Any, name: str | None) -> NamedTemplate | str:
     """What `template` stands for: the named template (always: a name means that family's format, as in
     LLaMA-Factory), or for `null` the tokenizer's own Jinja template; a clear error when there is none."""
-    from lmtune.errors import UserError
-
     if name is None:
         own = getattr(tokenizer, "chat_template", None)
         if not own:
@@ -166,17 +239,143 @@ def chat_template_for(tokenizer: Any, name: str | None) -> str:
 
 
 def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], generation_prompt: bool,
-           tools: list[dict] | None = None) -> str:
+           tools: list[dict] | None = None, enable_thinking: bool = True) -> str:
+    """The conversation as the Jinja template writes it; `enable_thinking` goes to the templates that read it."""
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt, tools=tools
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt, tools=tools or None,
+        enable_thinking=enable_thinking,
     )
 
 
-def encode_turns(tokenizer: Any, template: NamedTemplate | str, messages: list[dict[str, str]]) -> list[Turn]:
-    """(prompt ids, reply ids) for each assistant reply, in order; messages after the last reply are left out."""
+def encode_conversation(tokenizer: Any, template: NamedTemplate | str, messages: list[dict[str, Any]],
+                        tools: list[dict] | None = None, enable_thinking: bool = True) -> list[list[Turn]]:
+    """The conversation's training sequences, each a list of (prompt ids, reply ids), one per assistant reply;
+    messages after the last reply are left out.
+
+    Every reply's prompt (all of its sequence before it) is exactly the generation prompt of the
+    conversation up to it (`generation_prompt_ids`): what a server feeds the model. Where a template renders
+    earlier turns differently once the conversation goes on (Qwen3 drops the reasoning of replies before the
+    last user message), the reply starts a sequence of its own: the conversation is trained turn by turn."""
     if isinstance(template, NamedTemplate):
-        return _named_turns(tokenizer, template, messages)
-    return _jinja_turns(tokenizer, template, messages)
+        template = thinking(template, enable_thinking)
+        if not _rewrites_history(template, messages):
+            return [_named_encoding(tokenizer, template, messages, tools)[0]]
+    sequences: list[list[Turn]] = []
+    before: list[int] = []  # the ids of the sequence so far
+    for prompt, reply in _turns_at_inference(tokenizer, template, messages, tools, enable_thinking):
+        if sequences and prompt[:len(before)] == before:
+            sequences[-1].append((prompt[len(before):], reply))
+        else:
+            sequences.append([(prompt, reply)])
+        before = prompt + reply
+    if isinstance(template, NamedTemplate):
+        return sequences
+    return [_with_closers(tokenizer, turns) for turns in sequences]
+
+
+def thinking(template: NamedTemplate, enable_thinking: bool) -> NamedTemplate:
+    """A reasoning template with `enable_thinking: false` (LLaMA-Factory's meaning): the replies' reasoning is
+    left out, and the empty thought goes to the prompt, untrained, as Qwen3's generation prompt writes it."""
+    if enable_thinking or not template.empty_thought:
+        return template
+    return replace(template, header=template.header + template.empty_thought, empty_thought="", strips_thoughts=True)
+
+
+def generation_prompt_ids(tokenizer: Any, template: NamedTemplate | str, messages: list[dict[str, Any]],
+                          tools: list[dict] | None = None, enable_thinking: bool = True) -> list[int]:
+    """The token ids of a conversation that ends with the user's turn (or tool results), the reply's header
+    after it: what the model is fed at inference, and what training gives the same turns before a reply."""
+    if isinstance(template, str):
+        text = render(tokenizer, template, messages, True, tools, enable_thinking)
+        return tokenizer.encode(text, add_special_tokens=False)
+    template = thinking(template, enable_thinking)
+    turns, prompt = _named_encoding(tokenizer, template, _as_at_inference(template, messages), tools)
+    return [token for earlier, reply in turns for token in earlier + reply] + prompt
+
+
+def _turns_at_inference(tokenizer: Any, template: NamedTemplate | str, messages: list[dict[str, Any]],
+                        tools: list[dict] | None, enable_thinking: bool) -> list[Turn]:
+    """For each reply: its whole generation prompt and the reply, each as the template writes them then."""
+    turns = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if isinstance(template, NamedTemplate):
+            earlier, (prompt, reply) = _split_last(_named_encoding(
+                tokenizer, template, _as_at_inference(template, messages[: index + 1]), tools)[0])
+            turns.append((earlier + prompt, reply))
+            continue
+        if not enable_thinking:
+            message = {**message, "content": strip_thought(assistant_content(message))}
+            message.pop("reasoning_content", None)
+        before = render(tokenizer, template, messages[:index], True, tools, enable_thinking) if index else ""
+        upto = render(tokenizer, template, [*messages[:index], message], False, tools, enable_thinking)
+        if not upto.startswith(before):
+            raise UserError("the chat template writes a reply differently from the generation prompt before it "
+                            f"(message {index + 1}); set `template` to a named template")
+        turns.append((_text_ids(tokenizer, before), _text_ids(tokenizer, upto[len(before):])))
+    return turns
+
+
+def _split_last(turns: list[Turn]) -> tuple[list[int], Turn]:
+    return [token for prompt, reply in turns[:-1] for token in prompt + reply], turns[-1]
+
+
+def _with_closers(tokenizer: Any, turns: list[Turn]) -> list[Turn]:
+    """A marker that closes a reply by opening the next turn (GLM-4's <|user|>, or EOS) is trained with the
+    reply: the model learns to stop there."""
+    closers = {tokenizer.convert_tokens_to_ids(marker) for marker in TURN_CLOSERS} | {tokenizer.eos_token_id}
+    closers.discard(tokenizer.unk_token_id)
+    closers.discard(None)
+    out = list(turns)
+    for index in range(1, len(out)):
+        prompt, reply = out[index]
+        previous_prompt, previous_reply = out[index - 1]
+        if prompt and prompt[0] in closers and (not previous_reply or previous_reply[-1] not in closers):
+            out[index - 1] = (previous_prompt, previous_reply + prompt[:1])
+            out[index] = (prompt[1:], reply)
+    return out
+
+
+def assistant_content(message: dict[str, Any]) -> str:
+    """An assistant message's text with its reasoning (`reasoning_content`) before it, as Qwen3 writes it."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    if reasoning is None:
+        return content
+    return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+
+
+def strip_thought(content: str) -> str:
+    """The text after the reasoning (Qwen3's rule: what follows the last </think>)."""
+    return content.split("</think>")[-1].lstrip("\n") if "</think>" in content else content
+
+
+def has_thought(content: str) -> bool:
+    return "<think>" in content or "</think>" in content
+
+
+def _last_user(messages: list[dict[str, Any]]) -> int:
+    return max((index for index, message in enumerate(messages) if message["role"] == "user"), default=-1)
+
+
+def _as_at_inference(template: NamedTemplate, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation as the template shows it to the model: without the reasoning of replies before the
+    last user message, where the template drops it."""
+    if not template.drops_past_thoughts:
+        return messages
+    last_user = _last_user(messages)
+    return [{**message, "content": strip_thought(assistant_content(message)), "reasoning_content": None}
+            if message["role"] == "assistant" and index < last_user else message
+            for index, message in enumerate(messages)]
+
+
+def _rewrites_history(template: NamedTemplate, messages: list[dict[str, Any]]) -> bool:
+    if not template.drops_past_thoughts:
+        return False
+    last_user = _last_user(messages)
+    return any(message["role"] == "assistant" and index < last_user and has_thought(assistant_content(message))
+               for index, message in enumerate(messages))
 
 
 def _slot_ids(tokenizer: Any, slot: str, content: str = "") -> list[int]:
@@ -193,82 +392,91 @@ def _slot_ids(tokenizer: Any, slot: str, content: str = "") -> list[int]:
     return ids
 
 
-def _named_turns(tokenizer: Any, template: NamedTemplate, messages: list[dict[str, str]]) -> list[Turn]:
-    turns, _ = _named_encoding(tokenizer, template, messages)
-    return turns
-
-
-def _named_encoding(tokenizer: Any, template: NamedTemplate,
-                    messages: list[dict[str, str]]) -> tuple[list[Turn], list[int]]:
+def _named_encoding(tokenizer: Any, template: NamedTemplate, messages: list[dict[str, Any]],
+                    tools: list[dict] | None = None) -> tuple[list[Turn], list[int]]:
     """The turns, and the prompt after the last reply (what a generation prompt ends with)."""
     system = template.default_system
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
+    if tools:
+        system = tool_format_of(template).system_text(system, tools)
     turns: list[Turn] = []
     prompt: list[int] = []
-    for index, message in enumerate(messages):
-        content = message["content"]
+    index = 0
+    while index < len(messages):
+        message = messages[index]
+        content = message.get("content") or ""
         if index == 0:
             prompt += _slot_ids(tokenizer, template.prefix)
             if system and template.system_in_first_user:
                 content = template.system.replace("{content}", system, 1) + content
             elif system:
                 prompt += _slot_ids(tokenizer, template.system, system)
-        if message["role"] != "assistant":
+        if message["role"] == "tool":
+            results = [message.get("content") or ""]
+            while index + 1 < len(messages) and messages[index + 1]["role"] == "tool":
+                index += 1
+                results.append(messages[index].get("content") or "")
+            prompt += _text_ids(tokenizer, tool_results_text(template, results) + template.header)
+        elif message["role"] != "assistant":
             slot = template.user + template.header if message["role"] == "user" else template.system
             prompt += _slot_ids(tokenizer, slot, content)
-            continue
-        reply = _slot_ids(tokenizer, template.assistant, content)
-        if template.empty_thought and "<think>" not in content and "</think>" not in content:
-            reply = tokenizer.encode(template.empty_thought, add_special_tokens=False) + reply
-        turns.append((prompt, reply))
-        prompt = []
+        else:
+            turns.append((prompt, _reply_ids(tokenizer, template, message)))
+            prompt = []
+        index += 1
     return turns, prompt
 
 
-def generation_prompt_ids(tokenizer: Any, template: NamedTemplate | str, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids of a conversation that ends with the user's turn, the reply's header after it: the
-    same tokens training gives the same turns, so the model sees at inference what it was trained on."""
-    if isinstance(template, str):
-        return tokenizer.encode(render(tokenizer, template, messages, generation_prompt=True), add_special_tokens=False)
-    turns, prompt = _named_encoding(tokenizer, template, messages)
-    return [token for earlier, reply in turns for token in earlier + reply] + prompt
+def _reply_ids(tokenizer: Any, template: NamedTemplate, message: dict[str, Any]) -> list[int]:
+    content = assistant_content(message)
+    if template.strips_thoughts:
+        content = strip_thought(content)
+    if message.get("tool_calls"):
+        content = tool_format_of(template).reply_text(content, message["tool_calls"])
+    reply = _slot_ids(tokenizer, template.assistant, content)
+    if template.empty_thought and not has_thought(content):
+        reply = tokenizer.encode(template.empty_thought, add_special_tokens=False) + reply
+    return reply
 
 
-def _jinja_turns(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[Turn]:
-    text, spans = reply_spans(tokenizer, template, messages)
-    turns, previous_end = [], 0
-    for index, span in enumerate(spans):
-        end = len(text) if index == len(spans) - 1 else span.stop  # what follows the last reply is its end
-        turns.append((_text_ids(tokenizer, text[previous_end:span.start]), _text_ids(tokenizer, text[span.start:end])))
-        previous_end = end
-    return turns
+def tool_format_of(template: NamedTemplate, name: str | None = None) -> ToolFormat:
+    """The template's tool format; a clear error for a template that has none."""
+    if template.tools is None:
+        raise UserError(no_tool_format(name))
+    return template.tools
+
+
+def takes_tools(template: NamedTemplate | str) -> bool:
+    """Whether the template writes tool definitions and calls: a named template with a tool format, or a Jinja
+    template that reads `tools`."""
+    if isinstance(template, NamedTemplate):
+        return template.tools is not None
+    return re.search(r"\btools\b", template) is not None
+
+
+def reply_tool_format(tokenizer: Any, name: str | None) -> ToolFormat | None:
+    """How a model's replies write tool calls, to read them back: the named template's tool format, or for the
+    tokenizer's own template Qwen's where it writes <tool_call> blocks."""
+    chosen = conversation_format(tokenizer, name)
+    if isinstance(chosen, NamedTemplate):
+        return chosen.tools
+    return QWEN_TOOLS if "<tool_call>" in chosen else None
+
+
+def no_tool_format(name: str | None) -> str:
+    with_tools = ", ".join(sorted(known for known, named in TEMPLATES.items() if named.tools))
+    which = f"template '{name}'" if name else "the tokenizer's own chat template (template: null)"
+    return (f"{which} has no tool format; rows with tools or tool calls need one of {with_tools}, or template: null "
+            "with a tokenizer whose chat template takes tools")
+
+
+def tool_results_text(template: NamedTemplate, results: list[str]) -> str:
+    """Consecutive tool results, as the template's tool format writes them (before the reply's header)."""
+    tool_format = tool_format_of(template)
+    return "".join(tool_format.observation.replace("{content}", block, 1)
+                   for block in tool_format.results_blocks(results))
 
 
 def _text_ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
-
-
-def reply_spans(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> tuple[str, list[range]]:
-    """The rendered conversation and the character ranges of the assistant replies in it: each from the
-    end of its generation prompt to where the next turn starts."""
-    text = render(tokenizer, template, messages, generation_prompt=False)
-    closers = tuple(t for t in (*TURN_CLOSERS, tokenizer.eos_token) if t)
-    spans: list[range] = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(tokenizer, template, messages[:index], generation_prompt=True) if index else ""
-        upto = render(tokenizer, template, messages[: index + 1], generation_prompt=False)
-        previous_end = spans[-1].stop if spans else 0
-        start = len(before) if text.startswith(before) and len(before) >= previous_end else \
-            text.find(message["content"], previous_end)
-        if text.startswith(upto) and upto.startswith(before):
-            end = max(len(upto), start)
-        else:
-            # A template that renders a turn differently once more follow it: up to the end of the reply text.
-            end = text.find(message["content"], start) + len(message["content"])
-        # A marker that closes the reply right after it (EOS, or GLM-4's next-turn marker) is its end.
-        closer = next((c for c in closers if text.startswith(c, end)), None)
-        spans.append(range(start, end + len(closer) if closer else end))
-    return text, spans

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lmtune.chat import Target
+from lmtune.data.templates import reply_tool_format
+from lmtune.data.tool_formats import ToolFormat, dumps
 from lmtune.errors import UserError
 from lmtune.generation import (
     Completion,
@@ -99,6 +101,7 @@ class ChatRequest(Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: {"enable_thinking": false} reaches the template
 
 
 class CompletionRequest(Common):
@@ -146,9 +149,14 @@ def build_app(catalog: Catalog, batcher: Batcher, api_key: str | None = None, ma
         wanted = body.max_completion_tokens or body.max_tokens or max_tokens_cap
         sampling = sampling_rows(body, min(wanted, max_tokens_cap), body.top_logprobs or 0 if body.logprobs else None)
 
+        reading = {}  # how the served model writes tool calls, to return them parsed
+
         def prepare(ready: Ready) -> list[list[int]]:
+            if body.tools:
+                reading["tools"] = reply_tool_format(ready.tokenizer, ready.template)
             try:
-                prompt = render_prompt(ready.tokenizer, ready.template, messages, body.tools)
+                thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+                prompt = render_prompt(ready.tokenizer, ready.template, messages, body.tools, thinking)
             except (UserError, Exception) as error:  # a template may refuse a conversation (jinja raises)
                 raise ValueError(f"the model's chat template cannot render these messages: {error}") from None
             return [checked_prompt(encode_prompt(ready.tokenizer, prompt), ready)] * body.n
@@ -157,7 +165,7 @@ def build_app(catalog: Catalog, batcher: Batcher, api_key: str | None = None, ma
         shape = ChatShape(body.model, tokenizer, body.n)
         if body.stream:
             return stream(job, shape, body.n, wants_usage(body))
-        return shape.whole(await collect(job))
+        return with_tool_calls(shape.whole(await collect(job)), reading.get("tools"))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
@@ -181,6 +189,20 @@ def build_app(catalog: Catalog, batcher: Batcher, api_key: str | None = None, ma
         return shape.whole(await collect(job))
 
     return app
+
+
+def with_tool_calls(response: dict[str, Any], tool_format: ToolFormat | None) -> dict[str, Any]:
+    """Replies that call tools (in the template's tool format) as OpenAI's `tool_calls`, arguments as JSON text."""
+    if tool_format is None:
+        return response
+    for choice in response["choices"]:
+        text, calls = tool_format.parse(choice["message"]["content"])
+        if calls:
+            for call in calls:
+                call["function"]["arguments"] = dumps(call["function"]["arguments"])
+            choice["message"] = {"role": "assistant", "content": text or None, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,0 +1,207 @@
+"""More than one machine, simulated on this one: two torchrun launchers on a loopback rendezvous act as two
+nodes (gloo, one process each). A run over them trains as one node with two processes; a frozen process
+stops the others within ddp_timeout with an error that names it; when its node is lost for good, the other
+goes on alone from the newest checkpoint with the same global batch; nodes that do not share output_dir
+are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import free_port, read_jsonl, torchrun
+from test_reshard import assert_within_float_noise, train_losses
+
+# Each worker writes its pid (and its launcher's) and the examples (token ids) each step trained, in a file
+# of its own start (torchrun's restart count) and rank; the first start's steps are slowed down, so that a
+# node can be lost in the middle of the run.
+NODE_PROBE = '''
+import json, os, time
+
+class NodeProbe:
+    def on_train_begin(self, state, model):
+        self.start = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        tag = self.start + "-" + os.environ.get("RANK", "0")
+        with open(os.path.join(state.output_dir, "pid-" + tag), "w") as out:
+            json.dump({"pid": os.getpid(), "launcher": os.getppid()}, out)
+        self.rows_file = os.path.join(state.output_dir, "trained-rows-" + tag + ".jsonl")
+        self.examples = []
+        model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        if module.training:  # padding-free rows: an example starts where its position ids restart
+            for ids, positions in zip(kwargs["input_ids"].tolist(), kwargs["position_ids"].tolist()):
+                starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+                self.examples += [ids[a:b] for a, b in zip(starts, starts[1:])]
+
+    def on_step_end(self, state, metrics):
+        with open(self.rows_file, "a") as out:
+            out.write(json.dumps({"step": state.step, "examples": self.examples}) + "\\n")
+        self.examples = []
+        if self.start == "0":
+            time.sleep(float(os.environ.get("PROBE_STEP_SLEEP", "0")))
+'''
+
+
+def probe_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    (tmp_path / "node_probe.py").write_text(NODE_PROBE)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def rows_of(run: Path, start: int) -> dict[int, Counter]:
+    """Step -> the examples all processes of torchrun's start `start` trained in it."""
+    steps: dict[int, Counter] = {}
+    for path in run.glob(f"trained-rows-{start}-*.jsonl"):
+        for row in read_jsonl(path):
+            steps.setdefault(row["step"], Counter()).update(tuple(example) for example in row["examples"])
+    return steps
+
+
+def node(config: Path, port: int, host: bool, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """One node's launcher: `torchrun --nnodes 1:2 --max-restarts 1`, one process, c10d rendezvous on loopback
+    (`host`: this node's launcher holds the rendezvous store)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+               "--rdzv-conf", f"is_host={int(host)},last_call_timeout=8", "--max-restarts", "1",
+               "-m", "lmtune", "train", str(config)]
+    return subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"))
+
+
+def wait_for(predicate, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_two_nodes_train_as_one_node_a_frozen_node_is_named_and_the_other_goes_on_alone(tiny_config, tmp_path):
+    """Node b freezes (SIGSTOP) in the middle of the run, then is lost for good (SIGKILL, launcher too)."""
+    # 32 rows, 4 x 1 x 2 = 8 rows a step: 4 steps an epoch, 8 steps, a checkpoint every 2
+    settings = dict(num_train_epochs=2, save_steps=2, ddp_timeout=15, callbacks=["node_probe:NodeProbe"])
+    env = probe_env(tmp_path)
+    straight = tmp_path / "straight"
+    torchrun(tiny_config(output_dir=str(straight), **settings), env={"PYTHONPATH": env["PYTHONPATH"]})
+
+    run, log_a = tmp_path / "nodes", tmp_path / "node-a.log"
+    config = tiny_config(output_dir=str(run), **settings)
+    port, env["PROBE_STEP_SLEEP"] = free_port(), "1.0"
+    node_a = node(config, port, True, log_a, env)
+    node_b = node(config, port, False, tmp_path / "node-b.log", env)
+    wait_for(lambda: 3 in rows_of(run, 0) and (run / "checkpoint-2").exists(), "step 3 on two nodes")
+    workers = [json.loads(path.read_text()) | {"rank": int(path.name[-1])} for path in run.glob("pid-0-*")]
+    frozen = next(worker for worker in workers if worker["launcher"] == node_b.pid)
+    os.kill(frozen["pid"], signal.SIGSTOP)
+    wait_for(lambda: "failed: process" in log_a.read_text(), "node a's worker to give up", timeout=120)
+    os.kill(frozen["pid"], signal.SIGKILL)  # node b is gone for good: its worker and its launcher
+    os.killpg(node_b.pid, signal.SIGKILL)
+    node_b.wait()
+    assert node_a.wait(timeout=300) == 0, log_a.read_text()[-3000:]
+
+    # node a's worker waited ddp_timeout (not torch's default of 30 minutes) and named node b's process
+    log = " ".join(log_a.read_text().split())
+    waiting = 1 - frozen["rank"]
+    assert f"failed: process {waiting} waited" in log and "(ddp_timeout 15 s) in optimizer step" in log
+    assert float(log.split(f"failed: process {waiting} waited ")[1].split(" s")[0]) >= 15
+    assert f"process {frozen['rank']} gave no sign of life in the last" in log
+    rows = read_jsonl(run / "metrics.jsonl")
+    restart = next(r for r in rows if r.get("event") == "restart")
+    resumed = restart["step"]
+    assert restart["processes"] == {"saved": 2, "now": 1}
+    assert restart["gradient_accumulation_steps"] == {"saved": 1, "config": 1, "now": 2}
+    assert restart["global_batch"] == {"saved": 8, "now": 8}
+    assert restart["steps_lost"] == restart["reached_step"] - resumed >= 1
+    assert "elastic restart 1 (torchrun): 2 processes -> 1, gradient_accumulation_steps 1 -> 2" in log
+
+    # before the loss, two nodes trained as one node with two processes: the same losses, bit for bit
+    expected, got = train_losses(straight), train_losses(run)
+    assert [got[s] for s in range(1, resumed + 1)] == [expected[s] for s in range(1, resumed + 1)]
+    # after it, one process with twice the accumulation trains each step's very rows, once each
+    before, after, straight_rows = rows_of(run, 0), rows_of(run, 1), rows_of(straight, 0)
+    trained = {step: before[step] for step in range(1, resumed + 1)} | after
+    assert sorted(trained) == list(range(1, 9)) and min(after) == resumed + 1
+    for step in trained:
+        assert trained[step] == straight_rows[step], step
+    for epoch in (range(1, 5), range(5, 9)):
+        seen = sum((trained[s] for s in epoch), Counter())
+        assert len(seen) == 32 and set(seen.values()) == {1}
+    loss_difference, weight_difference = assert_within_float_noise(straight, run, 0)
+    print("lost node: largest loss and final weight differences", f"{loss_difference:.2e} {weight_difference:.2e}")
+
+
+def test_processes_that_do_not_see_the_same_output_dir_are_refused_before_training(tiny_config, tmp_path):
+    """Two nodes with a disk each, simulated by a working folder each and a relative output_dir."""
+    config = tiny_config(output_dir="run", max_steps=1)
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    script = f"cd {tmp_path}/node$LOCAL_RANK && exec {sys.executable} -m lmtune train {config}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "--no-python", "sh", "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())
+    assert "error: output_dir run is not one folder for all processes" in message
+    assert "process 0 on" in message and "does not see those of processes [1]" in message
+    assert "exitcode: 2" in message
+    assert [list((tmp_path / f"node{rank}").iterdir()) for rank in (0, 1)] == [[], []]  # nothing written
+
+
+@pytest.mark.parametrize(("saved", "processes", "configured", "expected"), [
+    ((4, 1, 2), 1, 1, 2),  # a node of two lost: twice the accumulation
+    ((4, 2, 1), 2, 1, 1),  # it joined again: the accumulation goes back
+    ((4, 2, 1), 1, 1, 2),  # restarted again on one node: the checkpoint's global batch, not the config's
+    ((4, 1, 3), 2, 1, 1),  # 12 rows do not split into steps of 4 x 2: the config's accumulation
+    ((2, 2, 2), 1, 1, 1),  # per_device_train_batch_size changed (2 -> 4): the config as written
+])
+def test_an_elastic_restart_keeps_the_checkpoint_global_batch_where_it_divides(saved, processes, configured,
+                                                                               expected, tmp_path):
+    from lmtune.config import TrainConfig
+    from lmtune.resume import ResumePoint, elastic_batch
+    from lmtune.state import TrainState
+
+    per_device, accumulation, written_by = saved
+    state = TrainState(step=2, rng=[{}] * written_by, run_config={"per_device_train_batch_size": per_device,
+                                                                  "gradient_accumulation_steps": accumulation})
+    config = TrainConfig(model_name_or_path=str(tmp_path), dataset="d", output_dir=str(tmp_path / "run"),
+                         per_device_train_batch_size=4, gradient_accumulation_steps=configured)
+    chosen = elastic_batch(ResumePoint(tmp_path / "checkpoint-2", state), config, processes)
+    assert chosen.gradient_accumulation_steps == expected
+
+
+def test_the_data_is_prepared_once_while_the_other_processes_wait_on_its_lock(tiny_config, tokenizer, monkeypatch,
+                                                                              caplog):
+    """Four processes of a node (threads here: each takes the file lock on a file of its own) start at once."""
+    import threading
+
+    import lmtune.data.processing as processing
+    from lmtune.config import load_config
+
+    config = load_config(tiny_config(), [])
+    process, calls = processing._process, []
+
+    def slow_process(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(1.0)  # long enough for every other process to find the lock taken
+        return process(*args, **kwargs)
+
+    monkeypatch.setattr(processing, "_process", slow_process)
+    results: list = []
+    workers = [threading.Thread(target=lambda: results.append(processing.prepare_data(config, tokenizer)))
+               for _ in range(4)]
+    with caplog.at_level("INFO", logger="lmtune"):
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert len(calls) == 1 and len(results) == 4
+    assert [len(data.train) for data in results] == [32] * 4
+    assert sum("another process is preparing the processed data" in r.getMessage() for r in caplog.records) == 3
