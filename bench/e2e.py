@@ -2,7 +2,7 @@
 rows, batch 4, cutoff_len 128, 30 steps) with `lmtune train` in a child process; median of 3 runs, split
 into start-up, steps, the final save and the exit.
 
-    python bench/e2e.py [--runs 3] [--steps 30] [--baseline-src PATH] [--smoke]
+    python bench/e2e.py [--runs 3] [--steps 30] [--warmup-steps N] [--baseline-src PATH] [--smoke]
 
 `--baseline-src`: a copy of an earlier lmtune's `src` folder, run as `lmtune-before`, alternating with
 the current one (before/after figures under the same load).
@@ -17,7 +17,8 @@ a line per optimizer step (`logging_steps: 1`) gives the end of each step; `step
 end of step 1 to the end of the last step, scaled to all steps (so a slow first step counts as start-up),
 `start-up` is the time before the first step by that average, `save` is from the last step to lmtune's
 `done` line (LLaMA-Factory: its `train_runtime` summary line ... the last line it prints), and `exit` is
-from there to the process's exit. One uncounted run of each warms the data caches and the disk.
+from there to the process's exit. One uncounted run of each (`--warmup-steps` steps) warms the data caches
+and the disk.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--warmup-steps", type=int, help="steps of the uncounted first run (default: --steps)")
     parser.add_argument("--baseline-src", help="an earlier lmtune's src folder, run alternately as lmtune-before")
     parser.add_argument("--smoke", action="store_true", help="one short run on the tiny model")
     args = parser.parse_args()
@@ -124,14 +126,19 @@ def main() -> None:
         folder = Path(tmp)
         model = model_dir("tiny" if smoke else "smollm2", folder)
         data = write_sft_data(folder / "data.json", rows=args.rows, min_words=10, max_words=90)
-        commands = {tool: lmtune_command(folder, model, data, args.steps, tool) for tool in tools if "lmtune" in tool}
-        if "llamafactory" in tools:
-            commands["llamafactory"] = llamafactory_command(Path(venv), folder, model, data, args.steps)
+        warmup_steps = args.warmup_steps or args.steps
+
+        def command(tool: str, steps: int) -> list[str]:
+            if tool == "llamafactory":
+                return llamafactory_command(Path(venv), folder, model, data, steps)
+            return lmtune_command(folder, model, data, steps, tool)
+
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         results: dict[str, list[dict]] = {tool: [] for tool in tools}
         for run in range(args.runs + (0 if smoke else 1)):  # run 0: warms the caches, not counted
+            steps = warmup_steps if run == 0 and not smoke else args.steps
             for tool in tools:
-                result = timed_run(tool, commands[tool], args.steps, env, args.baseline_src)
+                result = timed_run(tool, command(tool, steps), steps, env, args.baseline_src)
                 if smoke or run > 0:
                     results[tool].append(result)
                 print(f"run {run} {tool}: " + ", ".join(f"{p} {result[p]:.2f} s" for p in PARTS), flush=True)

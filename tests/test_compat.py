@@ -23,6 +23,7 @@ from lmtune.errors import UserError
     ({"optim": "adamw_torch_fused"}, {}),
     ({"fp16": False, "bf16": True}, {"bf16": True}),
     ({"neat_packing": True}, {"packing": True}),
+    ({"pissa_init": True, "pissa_convert": True}, {"pissa_init": True}),
     ({"fsdp": "full_shard", "fsdp_config": {"fsdp_offload_params": True, "fsdp_activation_checkpointing": True}},
      {"fsdp_offload": True, "gradient_checkpointing": True}),
     ({"resume_from_checkpoint": None}, {"resume_from_checkpoint": "auto"}),
@@ -47,7 +48,7 @@ IGNORED = ["do_train", "do_eval", "do_predict", "logging_dir", "logging_first_st
            "fsdp_transformer_layer_cls_to_wrap"]
 # The keys of LLaMA-Factory's examples lmtune refuses (tests/test_llamafactory_configs.py runs the examples)
 LLAMAFACTORY_REFUSED = [
-    "adapter_name_or_path", "apollo_layerwise", "apollo_proj", "apollo_proj_type", "apollo_rank",
+    "apollo_layerwise", "apollo_proj", "apollo_proj_type", "apollo_rank",
     "apollo_scale", "apollo_scale_front", "apollo_scale_type", "apollo_target", "apollo_update_interval",
     "apply_rope_fusion", "asft_alpha", "audio_sampling_rate", "badam_mask_mode", "badam_mode",
     "badam_start_block", "badam_switch_interval", "badam_switch_mode", "badam_update_ratio", "badam_verbose",
@@ -55,13 +56,13 @@ LLAMAFACTORY_REFUSED = [
     "fp8_enable_fsdp_float8_all_gather", "freeze_language_model", "freeze_multi_modal_projector",
     "freeze_trainable_modules", "freeze_vision_tower", "galore_layerwise", "galore_proj_type", "galore_rank",
     "galore_scale", "galore_target", "galore_update_interval", "image_max_pixels", "image_min_pixels",
-    "loraplus_lr_ratio", "mixture_of_depths", "module_dropout", "moe_grouped_gemm",
+    "mixture_of_depths", "module_dropout", "moe_grouped_gemm",
     "moe_token_dispatcher_type", "oft_block_size", "oft_rank", "oft_target", "overlap_grad_reduce",
-    "overlap_param_gather", "pipeline_model_parallel_size", "pissa_convert", "pissa_init", "pissa_iter",
-    "predict_with_generate", "pure_bf16", "ray_num_workers", "recompute_granularity", "sequence_parallel",
+    "overlap_param_gather", "pipeline_model_parallel_size", "predict_with_generate", "pure_bf16", "ray_num_workers",
+    "recompute_granularity", "sequence_parallel",
     "tensor_model_parallel_size", "use_adam_mini", "use_apollo", "use_asft_loss", "use_badam", "use_dft_loss",
-    "use_distributed_optimizer", "use_eaft_loss", "use_galore", "use_kt", "use_llama_pro", "use_muon",
-    "video_fps", "video_max_pixels", "video_maxlen", "video_min_pixels",
+    "use_distributed_optimizer", "use_eaft_loss", "use_galore", "use_kt", "use_llama_pro", "video_fps",
+    "video_max_pixels", "video_maxlen", "video_min_pixels",
 ]
 
 
@@ -111,7 +112,7 @@ def test_refused_keys_name_the_lmtune_way(values, words):
 
 def test_every_table_entry_is_covered_by_a_test():
     mapped = {"warmup_ratio", "eval_strategy", "evaluation_strategy", "optim", "fp16", "neat_packing", "fsdp_config",
-              "deepspeed", "disable_gradient_checkpointing"}
+              "deepspeed", "disable_gradient_checkpointing", "pissa_convert"}
     refused = {"train_on_prompt", "tokenized_path", "push_to_hub", "hub_model_id", "neftune_noise_alpha",
                "lr_scheduler_kwargs", *LLAMAFACTORY_REFUSED}
     assert {k for k, t in FOREIGN_KEYS.items() if t.kind == "mapped"} == mapped

@@ -130,8 +130,8 @@ def test_the_final_model_of_an_fsdp_run_loads_with_transformers_alone(runs):
 def test_one_process_loads_a_checkpoint_two_processes_sharded(runs):
     """DCP reshards: the weights and AdamW state of a 2-process sharded checkpoint, into a whole model."""
     from lmtune.checkpoint import read_state
-    from lmtune.engine import build_optimizer
     from lmtune.models import load_model
+    from lmtune.optimizers import build_optimizer
     from lmtune.resume import ResumePoint, load_sharded_checkpoint
 
     _, fsdp = runs

@@ -258,3 +258,28 @@ def test_examples_grpo_yaml_raises_the_reward_of_the_built_in_model(tmp_path, sm
     first, last = [sum(r["reward"] for r in part) / 5 for part in (rows[:5], rows[-5:])]
     assert last > first, (first, last)
     assert (run / "completions.jsonl").exists()
+
+
+def test_the_rollout_samples_through_the_generation_module_with_top_k_and_its_own_generator(tiny_model_dir,
+                                                                                            tokenizer):
+    """top_k: 1 leaves one token to draw: every completion is the greedy one lmtune chat gives; the
+    rollout's generator, not the global RNG, decides the draws, and its state replays them."""
+    from lmtune.generation import Sampling, generate
+    from lmtune.models import load_model
+    from lmtune.rollout import LocalRollout
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir), "stage": "grpo", "reward_funcs": ["length"],
+                           "max_completion_length": 6, "temperature": 1.0})
+    model = load_model(str(tiny_model_dir), config)
+    prompt = tokenizer("What is 2 plus 3?")["input_ids"]
+    greedy = LocalRollout(model, config.model_copy(update={"top_k": 1}), tokenizer, seed=0).generate([prompt], 3)
+    [expected] = generate(model, tokenizer, [prompt], [Sampling(max_new_tokens=6)])
+    assert greedy.ids == [expected.token_ids] * 3 and greedy.truncated == [expected.finish_reason == "length"] * 3
+
+    rollout = LocalRollout(model, config, tokenizer, seed=0)
+    state = rollout.state_dict()
+    first = rollout.generate([prompt], 4)
+    torch.manual_seed(123)  # the global RNG plays no part
+    rollout.load_state_dict(state)
+    assert rollout.generate([prompt], 4).ids == first.ids
+    assert len({tuple(ids) for ids in first.ids}) > 1  # sampled, not greedy

@@ -250,9 +250,9 @@ REFUSED = {
     "use_adam_mini": "finetuning_type: lora", "use_apollo": "finetuning_type: lora", "use_badam": "fsdp: full_shard",
     "use_galore": "finetuning_type: lora", "use_dft_loss": "cross-entropy", "use_eaft_loss": "cross-entropy",
     "use_asft_loss": "cross-entropy",
-    "fp8": "bf16: true", "freeze_trainable_modules": "freeze_trainable_layers", "loraplus_lr_ratio": "remove",
-    "mixture_of_depths": "remove", "use_muon": "AdamW", "adapter_name_or_path": "lmtune export",
-    "oft_block_size": "finetuning_type: lora", "pissa_init": "remove", "use_kt": "quantization_bit: 4",
+    "fp8": "bf16: true", "freeze_trainable_modules": "freeze_trainable_layers",
+    "mixture_of_depths": "remove", "predict_with_generate": "lmtune eval",
+    "oft_block_size": "finetuning_type: lora", "use_kt": "quantization_bit: 4",
     "tensor_model_parallel_size": "torchrun", "stage": "not available in lmtune yet", "ray_num_workers": "torchrun",
     "tokenized_path": "$LMTUNE_HOME/data",
 }
@@ -327,3 +327,16 @@ def test_a_dora_run_saves_a_dora_adapter(tiny_config, tmp_path):
     assert run_lmtune("train", tiny_config(finetuning_type="lora", use_dora=True, max_steps=2)) == 0
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert adapter["use_dora"] is True
+
+
+@pytest.mark.parametrize("name", ["extras/loraplus/llama3_lora_sft.yaml", "extras/pissa/llama3_lora_sft.yaml",
+                                  "extras/muon/qwen2_full_sft.yaml"])
+def test_the_loraplus_pissa_and_muon_examples_train(name, tmp_path, tiny_model_dir, llamafactory_data):
+    values = yaml.safe_load((EXAMPLES / name).read_text())
+    values.update(model_name_or_path=str(tiny_model_dir), dataset_dir=str(llamafactory_data),
+                  output_dir=str(tmp_path / "out"), preprocessing_num_workers=None, dataloader_num_workers=0,
+                  placeholders={"name": "Lumi", "author": "us"}, max_samples=8)
+    config = tmp_path / "example.yaml"
+    config.write_text(yaml.safe_dump(values))
+    assert run_lmtune("train", config, "max_steps=2", "bf16=false", "gradient_accumulation_steps=1") == 0
+    assert [row["step"] for row in read_jsonl(tmp_path / "out" / "metrics.jsonl") if row["type"] == "train"][-1] == 2

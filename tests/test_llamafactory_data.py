@@ -146,3 +146,19 @@ def test_kto_data_under_sft_is_refused_so_that_no_answer_tagged_bad_is_trained(t
                          output_dir=str(tmp_path / "run"))
     with pytest.raises(UserError, match="kto_tag.*the bad ones too"):
         prepare_data(config, tokenizer, use_cache=False)
+
+
+def test_columns_no_stage_reads_are_named_once_in_the_log(tmp_path, tiny_model_dir, tokenizer, caplog):
+    rows = [{"q": f"Question {i}", "a": "An answer", "source": "web", "score": i, "sys": None} for i in range(3)]
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+    write_info(tmp_path, {"qa": {"file_name": "qa.json", "columns": {
+        "prompt": "q", "response": "a", "system": "sys", "chosen": "better"}}})
+    config = config_for(tmp_path, tiny_model_dir, dataset="qa")
+    with caplog.at_level(logging.INFO, logger="lmtune"):
+        prepare_data(config, tokenizer, use_cache=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("qa: ")]
+    assert lines == ["qa: columns score, source are not read by stage sft (no alpaca key of dataset_info's columns "
+                     "names them)",
+                     "qa: dataset_info columns.system: 'sys' is in none of the rows",
+                     "qa: dataset_info columns.chosen: 'better' is not read by stage sft"]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.getMessage().startswith("qa: "))

@@ -8,8 +8,9 @@ import torch
 from conftest import read_jsonl, run_lmtune, torchrun
 from safetensors.torch import load_file
 
+import lmtune.batching
 import lmtune.loss
-from lmtune.batching import Collator, batching_of, keeps_examples_apart
+from lmtune.batching import Collator, batching_of, keeps_examples_apart, model_keeps_examples_apart
 from lmtune.config import build_config
 from lmtune.data import IGNORE_INDEX
 from lmtune.loss import FullLogitsLoss, TrainedPositionsLoss, batch_loss_for
@@ -165,3 +166,16 @@ def test_a_model_that_cannot_keep_examples_apart_gets_padded_batches(tiny_config
     log = capsys.readouterr().err
     assert log.count("mixes examples laid end to end") == 1 and "batching: padded" in log
     assert batching_of(build_config({}), [3, 5], None)["padding_free"] is True  # the plan, before a model
+
+
+def test_the_verdict_on_keeping_examples_apart_is_checked_once_per_architecture(tiny_model_dir, monkeypatch):
+    checked = []
+    check = lmtune.batching.keeps_examples_apart
+    monkeypatch.setattr(lmtune.batching, "keeps_examples_apart", lambda model: checked.append(1) or check(model))
+    full, lora = build_config({"finetuning_type": "full"}), build_config({"finetuning_type": "lora"})
+    assert model_keeps_examples_apart(load_model(str(tiny_model_dir), full)) is True
+    assert model_keeps_examples_apart(load_model(str(tiny_model_dir), full)) is True  # the next run: no forward
+    assert len(checked) == 1
+    model = load_model(str(tiny_model_dir), full).to(torch.bfloat16)  # another precision is checked again
+    assert model_keeps_examples_apart(model) is True and len(checked) == 2
+    assert model_keeps_examples_apart(load_model(str(tiny_model_dir), lora)) is True

@@ -348,3 +348,33 @@ def test_smollm2_answers_as_transformers_does(smollm2_dir, tokenizer):
     prompt = tokenizer.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
     expected = greedy_with_transformers(smollm2_dir, tokenizer, prompt, 8)
     assert answer.choices[0].message.content == expected and expected.strip()
+
+
+@pytest.mark.parametrize("name, template", [("run", "default"), ("tooled", None)])
+def test_the_served_prompt_is_the_tokens_training_gives_the_same_turns(served, tokenizer, monkeypatch, name,
+                                                                       template):
+    """A multi-turn conversation: the tokens the server decodes from are those training put before the last
+    reply (each turn tokenised on its own), not the whole rendered text tokenised at once."""
+    from lmtune.data.templates import conversation_format, encode_conversation
+    from lmtune.serving import batcher
+
+    server, root = served
+    seen = []
+
+    def recording(model, tokenizer, prompts, *args, **kwargs):
+        seen.extend(list(prompt) for prompt in prompts)
+        return generate(model, tokenizer, prompts, *args, **kwargs)
+
+    generate = batcher.generate
+    monkeypatch.setattr(batcher, "generate", recording)
+    # an earlier reply whose first characters join the template's text before it into one token when the
+    # whole text is tokenised at once (':"' after "Assistant:", " Five" after "assistant: ")
+    history = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": '"Five"'},
+               {"role": "user", "content": "And 4 plus 4?"}]
+    server.client.chat.completions.create(model=name, messages=history, max_tokens=1, temperature=0)
+    own = load_tokenizer(str(root / name))
+    sequences = encode_conversation(own, conversation_format(own, template),
+                                    [*history, {"role": "assistant", "content": "8"}])
+    turns = sequences[-1]  # the sequence that trains the last reply
+    trained_prompt = [token for prompt, reply in turns[:-1] for token in prompt + reply] + turns[-1][0]
+    assert seen == [trained_prompt]

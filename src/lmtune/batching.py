@@ -7,12 +7,15 @@ process takes its own stride of what is left.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmtune.data.templates import IGNORE_INDEX
+from lmtune.paths import cache_home
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
@@ -171,11 +174,36 @@ def keeps_examples_apart(model: torch.nn.Module) -> bool:
     return torch.allclose(together.float(), alone.float(), **tolerance)
 
 
+def model_keeps_examples_apart(model: torch.nn.Module) -> bool:
+    """`keeps_examples_apart`, its verdict kept in the cache for the model's architecture: a run of a model
+    already checked (the same config, attention, precision and library versions) needs no forward pass."""
+    import transformers
+
+    config, weight = model.config, next(model.parameters())
+    described = json.dumps([type(model).__name__, config.to_json_string(use_diff=False),
+                            getattr(config, "_attn_implementation", None), weight.device.type, str(weight.dtype),
+                            transformers.__version__, torch.__version__])
+    verdict_file = cache_home() / "checks" / f"apart-{hashlib.sha256(described.encode()).hexdigest()[:24]}.json"
+    try:
+        return bool(json.loads(verdict_file.read_text())["keeps_examples_apart"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    verdict = keeps_examples_apart(model)
+    try:
+        verdict_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = verdict_file.with_suffix(".tmp")
+        partial.write_text(json.dumps({"keeps_examples_apart": verdict}))
+        partial.replace(verdict_file)
+    except OSError:
+        pass  # a read-only cache: the next run checks again
+    return verdict
+
+
 def batching_of(config: Any, row_lengths: list[int], model: torch.nn.Module | None = None) -> dict[str, Any]:
     """How the run's micro-batches are laid out, and the padding that saves: for the plan, the log and the
     collator. With a model, padding-free batching is checked to keep its examples apart."""
     padding_free, note = config.use_padding_free, None
-    if padding_free and model is not None and not keeps_examples_apart(model):
+    if padding_free and model is not None and not model_keeps_examples_apart(model):
         padding_free = False
         note = (f"padding_free: this {model.config.model_type} model mixes examples laid end to end in one row "
                 "(its layers carry state across the position ids), so its micro-batches are padded instead")

@@ -11,7 +11,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Target:
     model_path: str  # the folder with the weights (or a hub id / resolved built-in)
     base_model: str | None = None  # for an adapter: the base model it is applied to
     run_dir: Path | None = None
+    template: str | None = None  # a template named by a LLaMA-Factory inference config
 
     @property
     def is_adapter(self) -> bool:
@@ -50,6 +51,8 @@ def resolve_target(target: str) -> Target:
     from lmtune.models import resolve_model_path
 
     folder = Path(target).expanduser()
+    if folder.suffix in (".yaml", ".yml") and folder.is_file():
+        return _target_of_config(folder)
     if target == BUILTIN_MODEL or folder.suffix == ".gguf":
         return Target(target, "model", resolve_model_path(target))
     if not folder.exists():
@@ -74,6 +77,26 @@ def resolve_target(target: str) -> Target:
         raise UserError(f"{folder} is a run folder without a final model (adapter_config.json or config.json): "
                         f"the run has not finished{hint}")
     raise UserError(f"{folder} holds no model: expected {EXPECTED}")
+
+
+def _target_of_config(path: Path) -> Target:
+    """A LLaMA-Factory inference or export config (examples/inference/*.yaml): model_name_or_path, with
+    adapter_name_or_path applied to it, in its template. Its other keys (infer_backend, export_*) are not
+    read: lmtune chats with transformers and `lmtune export` takes --out."""
+    from lmtune.config import read_yaml
+    from lmtune.models import resolve_model_path
+
+    values = read_yaml(path)
+    model, adapter = values.get("model_name_or_path"), values.get("adapter_name_or_path")
+    if not model:
+        raise UserError(f"{path}: no model_name_or_path; expected a LLaMA-Factory inference config, or {EXPECTED}")
+    if adapter is None:
+        return replace(resolve_target(str(model)), given=str(path), template=values.get("template"))
+    if "," in str(adapter) or not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        raise UserError(f"{path}: adapter_name_or_path: {adapter} is not one LoRA adapter folder "
+                        "(adapter_config.json)")
+    return Target(str(path), "adapter", str(Path(adapter).expanduser()), resolve_model_path(str(model)),
+                  template=values.get("template"))
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:
@@ -215,7 +238,7 @@ def run_setting(target: Target, key: str, default: Any) -> Any:
     import yaml
 
     if target.run_dir is None:
-        return default
+        return target.template if key == "template" else default
     return (yaml.safe_load((target.run_dir / "run_config.yaml").read_text()) or {}).get(key, default)
 
 

@@ -213,7 +213,8 @@ def _size(value) -> str:
 
 @app.command()
 def chat(
-    target: Annotated[str, typer.Argument(help="a base model, a run folder or a checkpoint folder")],
+    target: Annotated[str, typer.Argument(help="a base model, a run folder, a checkpoint folder, an adapter folder "
+                                            "or a LLaMA-Factory inference config (.yaml)")],
     prompt: Annotated[str | None, typer.Option("--prompt", help="answer this once and exit")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 256,
     temperature: Annotated[float, typer.Option(help="0 answers greedily")] = 0.0,

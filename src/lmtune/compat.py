@@ -127,6 +127,13 @@ def _zero_settings(value: str) -> tuple[int | None, bool]:
     return (int(match.group(1)) if match else None), "offload" in path.name
 
 
+def _pissa_convert(value: Any, values: dict[str, Any]) -> dict[str, Any]:
+    if not value:
+        raise UserError("pissa_convert: false: lmtune's final adapter applies to the unchanged base model (the "
+                        "converted form, as transformers and PEFT load it); remove pissa_convert")
+    return {}
+
+
 def _refuse(message: str) -> Treatment:
     return Treatment("refused", message)
 
@@ -175,16 +182,8 @@ FOREIGN_KEYS: dict[str, Treatment] = {
     "push_to_hub": _refuse("lmtune does not upload; `lmtune export RUN --out DIR` writes a folder to upload"),
     "hub_model_id": _refuse("lmtune does not upload; `lmtune export RUN --out DIR` writes a folder to upload"),
     "neftune_noise_alpha": _refuse(f"NEFTune noise is {NOT_YET}; remove neftune_noise_alpha"),
-    "loraplus_lr_ratio": _refuse(f"LoRA+ (a larger learning rate for LoRA's B matrices) is {NOT_YET}; remove "
-                                 "loraplus_lr_ratio"),
-    "pissa_init": _refuse(f"PiSSA initialisation is {NOT_YET} (it rewrites the base weights, which lmtune's export "
-                          "loads unchanged); remove pissa_init, pissa_iter and pissa_convert"),
-    "pissa_iter": _refuse(f"PiSSA is {NOT_YET}; remove pissa_iter"),
-    "pissa_convert": _refuse(f"PiSSA is {NOT_YET}; remove pissa_convert"),
-    "adapter_name_or_path": _refuse(f"starting from an existing adapter is {NOT_YET}: `lmtune export RUN --out DIR` "
-                                    "merges a LoRA run into a model folder to give as model_name_or_path; remove "
-                                    "adapter_name_or_path"),
-    "use_muon": _refuse(f"the Muon optimizer is {NOT_YET}: lmtune trains with torch's AdamW; remove use_muon"),
+    "pissa_convert": Treatment("mapped", "lmtune always converts a PiSSA run's final adapter to apply to the "
+                               "unchanged base model; false is refused", _pissa_convert),
     "lr_scheduler_kwargs": _refuse("lmtune's schedules take no extra arguments; remove lr_scheduler_kwargs"),
     "disable_gradient_checkpointing": Treatment("mapped", "gradient_checkpointing: the opposite",
                                                 lambda value, values: {"gradient_checkpointing": not value}),

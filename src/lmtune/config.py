@@ -138,6 +138,22 @@ class TrainConfig(BaseModel):
                            "(PEFT's use_dora)", json_schema_extra=on_resume("run", checkpoint_size=True))
     use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling lora_alpha / sqrt(lora_rank) instead "
                              "of lora_alpha / lora_rank (PEFT's use_rslora)", json_schema_extra=on_resume("run"))
+    adapter_name_or_path: str | None = Field(
+        None, description="LoRA: start from this adapter folder (a run, a checkpoint or a PEFT adapter) and train it "
+        "on; its own rank, alpha and target modules are used", json_schema_extra=on_resume("run", checkpoint_size=True))
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: LoRA's B matrices train at learning_rate x this ratio (PEFT's "
+        "create_loraplus_optimizer); null: off", json_schema_extra=on_resume("run"))
+    loraplus_lr_embedding: float = Field(1e-6, gt=0, description="LoRA+: the learning rate of LoRA on embedding "
+                                         "layers", json_schema_extra=on_resume("run"))
+    pissa_init: bool = Field(False, description="LoRA: PiSSA initialisation, the adapter starts from the weights' "
+                             "principal singular vectors; the final adapter is converted to apply to the unchanged "
+                             "base model", json_schema_extra=on_resume("run"))
+    pissa_iter: int = Field(16, ge=-1, description="pissa_init: iterations of the fast (randomised) SVD; -1: the "
+                            "full SVD", json_schema_extra=on_resume("run"))
+    use_muon: bool = Field(False, description="train the hidden layers' weight matrices with torch's Muon optimizer "
+                           "(AdamW for embeddings, the output head, norms and biases)",
+                           json_schema_extra=on_resume("run"))
     freeze_trainable_layers: int = Field(
         2, description="finetuning_type freeze: train the last N decoder layers (negative: the first N)",
         json_schema_extra=on_resume("run", checkpoint_size=True)
@@ -562,10 +578,21 @@ class TrainConfig(BaseModel):
             raise ValueError(f"quantization_bit: {self.quantization_bit} trains LoRA on quantised base weights "
                              f"(QLoRA); finetuning_type {self.finetuning_type} would train the quantised weights "
                              "themselves: set finetuning_type: lora, or remove quantization_bit")
-        lora_only = [key for key in ("use_dora", "use_rslora") if getattr(self, key)]
+        lora_only = [key for key in ("use_dora", "use_rslora", "adapter_name_or_path", "loraplus_lr_ratio",
+                                     "pissa_init") if getattr(self, key)]
         if lora_only and self.finetuning_type != "lora":
             raise ValueError(f"{', '.join(lora_only)} change LoRA adapters; finetuning_type {self.finetuning_type} "
                              "trains none: set finetuning_type: lora, or remove " + " and ".join(lora_only))
+        if self.pissa_init:
+            self._pissa_checks()
+        if self.adapter_name_or_path is not None and "," in self.adapter_name_or_path:
+            raise ValueError(f"adapter_name_or_path: {self.adapter_name_or_path!r}: lmtune starts from one adapter; "
+                             "merge the others into a model folder first (`lmtune export RUN --out DIR`, given as "
+                             "model_name_or_path)")
+        if self.use_muon and (self.fsdp or self.loraplus_lr_ratio is not None):
+            raise ValueError(f"use_muon with {'fsdp' if self.fsdp else 'loraplus_lr_ratio'}: " + (
+                f"Muon on sharded weights is {NOT_YET}" if self.fsdp else "LoRA+ sets AdamW's learning rates")
+                + "; remove one of them")
         if self.fsdp_offload and not self.fsdp:
             raise ValueError("fsdp_offload moves sharded weights to the CPU and fsdp is false: set fsdp: full_shard, "
                              "or remove fsdp_offload")
@@ -600,6 +627,22 @@ class TrainConfig(BaseModel):
         if self.stage == "grpo":
             self._grpo_checks()
         return self  # streaming without max_steps is refused where the file sizes can suggest a value
+
+    def _pissa_checks(self) -> None:
+        """PiSSA moves the weights' principal part from the base weights into the adapter: what reads the base
+        weights as the model's own cannot take it."""
+        clashes = {
+            "quantization_bit": (self.quantization_bit is not None, "PiSSA rewrites the base weights, which QLoRA "
+                                 "holds quantised"),
+            "adapter_name_or_path": (self.adapter_name_or_path is not None, "an existing adapter has its own "
+                                     "initialisation"),
+            "fsdp": (bool(self.fsdp), f"PiSSA with sharded weights is {NOT_YET}"),
+            f"stage: {self.stage}": (self.uses_reference, "the reference is the base model with the adapter off, "
+                                     "which PiSSA has changed"),
+        }
+        for key, (clash, why) in clashes.items():
+            if clash:
+                raise ValueError(f"pissa_init: true with {key}: {why}; remove pissa_init")
 
     def _preference_checks(self) -> None:
         stage = self.stage

@@ -61,7 +61,15 @@ from lmtune.data.registry import data_files
 from lmtune.data.streaming import prepare_stream, stream_size, with_planned_steps
 from lmtune.errors import RunFailed, Stopped, UserError
 from lmtune.lr_schedule import build_scheduler, config_schedule, lr_at, resume_lr_lines, resumed_schedule
-from lmtune.models import count_parameters, inference_config, load_model, load_tokenizer, resolve_model_path
+from lmtune.models import (
+    count_parameters,
+    inference_config,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    save_final_weights,
+)
+from lmtune.optimizers import build_optimizer
 from lmtune.peers import Peers, named_failures, process_group_timeout, restarts
 from lmtune.phases import PhaseClock, log_moment
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
@@ -337,15 +345,6 @@ def _size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
 class TrainingLoop:
@@ -863,7 +862,7 @@ class TrainingLoop:
         model.config.use_cache = True  # training is over: the saved model generates with its KV cache
 
         def write_files(folder: Path) -> None:
-            model.save_pretrained(str(folder), safe_serialization=True, state_dict=weights)
+            save_final_weights(model, folder, weights)
             self.s.tokenizer.save_pretrained(str(folder))
 
         try:

@@ -1,9 +1,11 @@
-"""Generation: token ids in, completions out, for `lmtune chat`, the web UI's chat and `lmtune serve`.
+"""Generation: token ids in, completions out, for `lmtune chat`, the web UI's chat, `lmtune serve` and the
+rollouts of stage grpo.
 
 `generate` decodes a batch of prompts together (left padding, one KV cache), each row with sampling
-settings of its own (temperature, top-p, seed, stop strings, length), and can hand every new piece of
-text to a callback as it is decided and drop rows whose caller has gone. A row's answer does not depend
-on the other rows in its batch: its sampling draws from its own random generator.
+settings of its own (temperature, top-p, top-k, seed, stop strings, length), and can hand every new piece
+of text to a callback as it is decided and drop rows whose caller has gone. A row with a seed does not
+depend on the other rows in its batch: its sampling draws from its own random generator; the others draw
+from the generator the caller passes (a grpo rollout's, saved with its checkpoints), else the global one.
 
 `render_prompt` writes a conversation as the run's chat template wrote it in training.
 """
@@ -27,6 +29,7 @@ class Sampling:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_logprobs: int | None = None
@@ -84,8 +87,11 @@ class _Row:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], sampling: Sequence[Sampling],
              on_text: OnText | None = None, cancelled: Callable[[int], bool] | None = None,
-             on_finish: OnFinish | None = None) -> list[Completion]:
-    """Decode every prompt (a list of token ids) with its own sampling settings, all in one batch."""
+             on_finish: OnFinish | None = None, random: torch.Generator | None = None,
+             synced: bool = False) -> list[Completion]:
+    """Decode every prompt (a list of token ids) with its own sampling settings, all in one batch. `random`:
+    the generator of the rows without a seed. `synced`: every process of a sharded model calls this together
+    and runs as many forward passes (finished rows stay in the batch until every process has finished)."""
     device = next(model.parameters()).device
     rows = [_Row(list(p), s, device) for p, s in zip(prompts, sampling, strict=True)]
     ends = stop_token_ids(model, tokenizer)
@@ -94,44 +100,59 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], sampling:
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    live = list(range(len(rows)))  # the rows still in the batch, in batch order
+    slots = list(range(len(rows)))  # the rows in the batch, in batch order
+    live = set(slots)  # the rows still generating
     cache = DynamicCache()
-    while live:
+    while _any_live(live, synced, device):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
                     use_cache=True, **{_cache_keyword(model): cache})
         logits = out.logits[:, -1, :].float()
-        chosen = _choose(logits, [rows[i] for i in live])
+        chosen = _choose(logits, [rows[i] for i in slots], random)
         wants_logprobs = any(rows[i].sampling.top_logprobs is not None for i in live)
         logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        keep = []
-        for slot, index in enumerate(live):
-            row = rows[index]
-            token = int(chosen[slot])
-            if logprobs is not None and row.sampling.top_logprobs is not None:
-                row.pending.append(_logprob_of(logprobs[slot], token, row.sampling.top_logprobs))
-            row.done.token_ids.append(token)
-            total = row.done.prompt_tokens + len(row.done.token_ids)
-            if token in ends:
-                row.done.finish_reason = "stop"
-            elif len(row.done.token_ids) >= row.sampling.max_new_tokens or (limit and total >= limit):
-                row.done.finish_reason = "length"
-            _advance_text(tokenizer, row, index, on_text)
-            if row.done.finish_reason is None and cancelled is not None and cancelled(index):
-                row.done.finish_reason = "cancelled"
-            if row.done.finish_reason is None:
-                keep.append(slot)
-            elif on_finish is not None:
-                on_finish(index, row.done)
-        if len(keep) < len(live):
-            if not keep:
+        for slot, index in enumerate(slots):
+            if index in live and _take(rows[index], index, int(chosen[slot]), logprobs, slot, ends, limit,
+                                       tokenizer, on_text, cancelled):
+                live.discard(index)
+                if on_finish is not None:
+                    on_finish(index, rows[index].done)
+        if not synced and len(live) < len(slots):
+            if not live:
                 break
+            keep = [slot for slot, index in enumerate(slots) if index in live]
             cache.batch_select_indices(torch.tensor(keep, device=device))
             mask, chosen = mask[keep], chosen[keep]
-            live = [live[slot] for slot in keep]
+            slots = [slots[slot] for slot in keep]
         input_ids = chosen[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
     return [row.done for row in rows]
+
+
+def _take(row: _Row, index: int, token: int, logprobs: torch.Tensor | None, slot: int, ends: set[int],
+          limit: int | None, tokenizer: Any, on_text: OnText | None, cancelled: Callable[[int], bool] | None) -> bool:
+    """The row's next token added (its text handed on); whether the row has ended."""
+    if logprobs is not None and row.sampling.top_logprobs is not None:
+        row.pending.append(_logprob_of(logprobs[slot], token, row.sampling.top_logprobs))
+    row.done.token_ids.append(token)
+    total = row.done.prompt_tokens + len(row.done.token_ids)
+    if token in ends:
+        row.done.finish_reason = "stop"
+    elif len(row.done.token_ids) >= row.sampling.max_new_tokens or (limit and total >= limit):
+        row.done.finish_reason = "length"
+    _advance_text(tokenizer, row, index, on_text)
+    if row.done.finish_reason is None and cancelled is not None and cancelled(index):
+        row.done.finish_reason = "cancelled"
+    return row.done.finish_reason is not None
+
+
+def _any_live(live: set[int], synced: bool, device: torch.device) -> bool:
+    """Whether another forward pass is due: a row of this process is generating, or (synced) of any process."""
+    if not synced:
+        return bool(live)
+    flag = torch.tensor([float(bool(live))], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _cache_keyword(model: Any) -> str:
@@ -140,19 +161,24 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """Each row's next token: the likeliest, or a draw from its tempered, top-p-cut distribution."""
+def _choose(logits: torch.Tensor, rows: list[_Row], random: torch.Generator | None = None) -> torch.Tensor:
+    """Each row's next token: the likeliest, or a draw from its tempered, top-k- and top-p-cut distribution
+    (in transformers' order), from the row's own generator or else `random`."""
     chosen = logits.argmax(dim=-1)
     for slot, row in enumerate(rows):
-        if row.sampling.temperature <= 0:
+        settings = row.sampling
+        if settings.temperature <= 0:
             continue
-        probs = torch.softmax(logits[slot] / row.sampling.temperature, dim=-1)
-        if row.sampling.top_p < 1:
+        probs = torch.softmax(logits[slot] / settings.temperature, dim=-1)
+        if 0 < settings.top_k < probs.shape[-1]:
+            probs[probs < probs.topk(settings.top_k).values[-1]] = 0
+            probs = probs / probs.sum()
+        if settings.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= row.sampling.top_p  # the likeliest always stays
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p  # the likeliest always stays
             sorted_probs[outside] = 0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        chosen[slot] = torch.multinomial(probs, 1, generator=row.random)[0]
+        chosen[slot] = torch.multinomial(probs, 1, generator=row.random if row.random is not None else random)[0]
     return chosen
 
 
@@ -167,8 +193,10 @@ def _logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
 def _advance_text(tokenizer: Any, row: _Row, index: int, on_text: OnText | None) -> None:
     """Decode the row's tokens, cut at a stop string, and hand on the text that can no longer change:
     a tail that could still begin a stop string, or an unfinished character, is held back."""
-    text = tokenizer.decode(row.done.token_ids, skip_special_tokens=True)
     stops = row.sampling.stop
+    if on_text is None and not stops and row.done.finish_reason is None:
+        return  # nothing reads the text before the row ends
+    text = tokenizer.decode(row.done.token_ids, skip_special_tokens=True)
     hits = [text.find(s, max(0, row.sent - len(s))) for s in stops]
     hits = [h for h in hits if h >= 0]
     if hits:
@@ -209,7 +237,7 @@ def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, An
                tools: list[dict] | None = None, enable_thinking: bool = True) -> list[int]:
     """A conversation's generation prompt as token ids, tokenised as training tokenised it: a named template
     piece by piece as LLaMA-Factory does (so the model sees the tokens it was trained on), the tokenizer's own
-    template rendered whole."""
+    template rendered whole (as training tokenises a reply's prompt). Chat and serve both prompt with it."""
     from lmtune.data.templates import conversation_format, generation_prompt_ids
 
     chosen = conversation_format(tokenizer, template)

@@ -58,6 +58,9 @@ LOGITS_PER_CHUNK = 2**26
 # lets pass: the same arithmetic in float32 agrees to ~1e-6; half-precision logits differ in their rounding.
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
 HALF_PRECISION_TOLERANCE = 1e-2
+# Positions the check runs on: enough for every position-wise step after the decoder to show, few enough
+# that its two forwards cost a fraction of a training step (a whole row took two forwards of its length).
+CHECK_POSITIONS = 32
 
 _FULL_LOGITS_TOLD: set[str] = set()  # model classes whose fallback to full logits was logged
 
@@ -268,8 +271,8 @@ def check_against_full_logits(loss: TrainedPositionsLoss, model: torch.nn.Module
     row, every position trained (whatever the data masks: a long prompt leaves nothing out), in eval mode
     (no dropout, no random draw, so the run's random stream is untouched). Raises RunFailed naming the
     model class when they differ. The window holds one chunk of logits: the check costs two forwards of
-    at most that many positions."""
-    width = min(batch["input_ids"].shape[1], max(2, LOGITS_PER_CHUNK // loss.vocab_size))
+    at most CHECK_POSITIONS positions."""
+    width = min(batch["input_ids"].shape[1], CHECK_POSITIONS, max(2, LOGITS_PER_CHUNK // loss.vocab_size))
     # the model's inputs only: a stage's own fields (reference log-probs, kto marks) are not per position
     window = {key: batch[key][:1, :width] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     window["labels"] = window["input_ids"]

@@ -36,8 +36,8 @@ def build_scheduler(optimizer: Any, schedule: Schedule, step: int = 0) -> Any:
     """A LambdaLR over `optimizer` at `step` of `schedule`: the optimizer's rate is the one of `step`."""
     from transformers import get_scheduler
 
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"] = schedule.learning_rate
+    for group in optimizer.param_groups:  # lr_scale: LoRA+'s B matrices train at a multiple of the rate
+        group["initial_lr"] = group["lr"] = schedule.learning_rate * group.get("lr_scale", 1.0)
     scheduler = get_scheduler(schedule.lr_scheduler_type, optimizer, num_warmup_steps=schedule.warmup_steps,
                               num_training_steps=schedule.total_steps)
     scheduler.lr_lambdas = [_HeldAfterEnd(factor, schedule.total_steps) for factor in scheduler.lr_lambdas]

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,8 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
 def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    if config.adapter_name_or_path is not None:
+        return _adapter_trained_on(model, config)
     target = config.lora_target
     lora = LoraConfig(
         r=config.lora_rank,
@@ -357,6 +360,7 @@ def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
         target_modules="all-linear" if target == "all" else ([target] if isinstance(target, str) else target),
         # rm: PEFT trains and saves the score head whole with the adapter (modules_to_save)
         task_type="SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM",
+        init_lora_weights=_pissa_init(config) if config.pissa_init else True,
     )
     try:
         adapted = get_peft_model(model, lora)
@@ -365,6 +369,45 @@ def _lora_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     picked = sorted({name.rsplit(".", 1)[-1] for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
                     - {"base_layer"})
     log.info("lora_target %s: LoRA on %s", target, ", ".join(picked))
+    if config.pissa_init:
+        from peft import get_peft_model_state_dict
+
+        # what the final adapter is converted against (PiSSA's starting adapter, taken from the base weights)
+        adapted.pissa_initial_adapter = {name: value.detach().clone()
+                                         for name, value in get_peft_model_state_dict(adapted).items()}
+        log.info("pissa_init: the adapter starts from the principal singular vectors of the weights (%s); the "
+                 "final adapter is converted to apply to the unchanged base model", lora.init_lora_weights)
+    return adapted
+
+
+def _pissa_init(config: TrainConfig) -> str:
+    """PEFT's name of the PiSSA initialisation: the full SVD, or the fast SVD with pissa_iter iterations."""
+    return "pissa" if config.pissa_iter == -1 else f"pissa_niter_{config.pissa_iter}"
+
+
+def _adapter_trained_on(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """adapter_name_or_path: the adapter (a run's final adapter, a checkpoint's, or a PEFT folder) loaded
+    trainable, with its own LoRA settings."""
+    import json
+
+    from peft import PeftModel
+
+    folder = Path(config.adapter_name_or_path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"adapter_name_or_path: {folder} holds no LoRA adapter (adapter_config.json); give a LoRA "
+                        "run's folder, one of its checkpoint-<step> folders, or a PEFT adapter folder")
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    try:
+        adapted = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise UserError(f"adapter_name_or_path: {folder} does not fit {config.model_name_or_path}: "
+                        f"{str(error).splitlines()[0]}") from None
+    differing = [f"{key} {settings.get(peft_key)}" for key, peft_key, value in (
+        ("lora_rank", "r", config.lora_rank), ("lora_alpha", "lora_alpha", config.effective_lora_alpha),
+        ("lora_dropout", "lora_dropout", config.lora_dropout)) if settings.get(peft_key) != value]
+    log.info("adapter_name_or_path: training on the adapter in %s (made for %s)%s", folder,
+             settings.get("base_model_name_or_path"),
+             f"; its own settings are used: {', '.join(differing)}" if differing else "")
     return adapted
 
 
@@ -386,6 +429,26 @@ def _without_bitsandbytes():
 
         import_utils.is_bnb_available.cache_clear()
         import_utils.is_bnb_4bit_available.cache_clear()
+
+
+def save_final_weights(model: torch.nn.Module, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    """The final model's weights (and adapter config). A PiSSA adapter is converted by PEFT against its
+    starting adapter, so that it applies to the unchanged base model (rank and alpha doubled)."""
+    initial = getattr(model, "pissa_initial_adapter", None)
+    if initial is None:
+        model.save_pretrained(str(folder), safe_serialization=True, state_dict=weights)
+        return
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="lmtune-pissa-") as tmp:
+        start = Path(tmp) / "pissa_init"
+        start.mkdir()
+        save_file({name: value.contiguous() for name, value in initial.items()},
+                  str(start / "adapter_model.safetensors"))
+        with warnings.catch_warnings():  # PEFT warns of PiSSA beside another adapter: the starting one, loaded here
+            warnings.simplefilter("ignore", UserWarning)
+            model.save_pretrained(str(folder), safe_serialization=True, state_dict=weights,
+                                  path_initial_model_for_weight_conversion=str(start))
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

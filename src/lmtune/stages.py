@@ -64,17 +64,7 @@ def stage_for(config: TrainConfig, model: torch.nn.Module, unwrapped: torch.nn.M
     from lmtune.grpo import GRPOStage
     from lmtune.rollout import LocalRollout
 
-    rollout = LocalRollout(unwrapped, config, tokenizer.pad_token_id, eos_token_ids(unwrapped, tokenizer),
-                           seed=config.seed + 1 + accelerator.process_index,
+    rollout = LocalRollout(unwrapped, config, tokenizer, seed=config.seed + 1 + accelerator.process_index,
                            synced_processes=bool(config.fsdp) and accelerator.num_processes > 1)
     return GRPOStage(config, model, unwrapped, tokenizer, rollout, rewards, reference, collator, accelerator,
                      output_dir)
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """Every token that ends a reply: the generation config's (a chat model's end-of-turn) and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids

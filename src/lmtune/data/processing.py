@@ -20,7 +20,7 @@ import datasets
 
 from lmtune.config import TrainConfig, keys_where
 from lmtune.data.encoding import RowEncoder, row_of
-from lmtune.data.registry import DatasetSpec, left_placeholders, load_rows, resolve_datasets
+from lmtune.data.registry import DatasetSpec, left_placeholders, load_rows, resolve_datasets, unused_columns
 from lmtune.data.templates import IGNORE_INDEX, chat_template_for
 from lmtune.errors import UserError
 from lmtune.paths import building, cache_home
@@ -137,6 +137,9 @@ def _tokenize_dataset(
         stats.examples_after_max_samples += len(rows)
         if len(rows) == 0:
             continue
+        if file == spec.files[0]:
+            for line in unused_columns(spec, rows, config.stage):
+                log.info("%s: %s", spec.name, line)
         left = left_placeholders(spec, rows)
         if left:
             shown = ", ".join("{{" + name + "}}" for name in sorted(left))

@@ -290,6 +290,57 @@ def left_placeholders(spec: DatasetSpec, rows: Any, limit: int = 200) -> set[str
     return left
 
 
+class _RecordedRow(dict):
+    """A row that records which of its columns a conversion reads."""
+
+    def __init__(self, row: dict[str, Any]):
+        super().__init__(row)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+    def items(self) -> Any:  # every column (grpo passes the others to the rewards)
+        self.read.update(self.keys())
+        return super().items()
+
+
+def unused_columns(spec: DatasetSpec, rows: Any, stage: str, limit: int = 200) -> list[str]:
+    """What the first `limit` rows hold that the stage does not read, and what the data set's columns mapping
+    (dataset_info.json) names that the stage does not read or the rows do not have: one line each."""
+    read, present = set(), set()
+    for row in rows.select(range(min(limit, len(rows)))):
+        recorded = _RecordedRow(row)
+        try:
+            standard_row(spec, recorded)
+        except ValueError:
+            continue  # the row's fault is reported, with its number, when it is encoded
+        read |= recorded.read
+        present |= {name for name, value in row.items() if value is not None}
+    if not read:
+        return []
+    lines = []
+    unread = sorted(present - read)
+    if unread:
+        lines.append(f"columns {', '.join(unread)} are not read by stage {stage} (no {spec.formatting} key of "
+                     "dataset_info's columns names them)")
+    for key, column in spec.columns.items():
+        if column not in read:
+            lines.append(f"dataset_info columns.{key}: '{column}' is not read by stage {stage}")
+        elif column not in present:
+            lines.append(f"dataset_info columns.{key}: '{column}' is in none of the rows")
+    return lines
+
+
 def _tools(row: dict[str, Any], spec: DatasetSpec) -> list[dict[str, Any]] | None:
     """The tool definitions of a row (the `tools` column: a JSON string as in LLaMA-Factory's data, or a list), in
     OpenAI's shape."""

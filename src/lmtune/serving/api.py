@@ -30,8 +30,7 @@ from lmtune.generation import (
     Sampling,
     TokenLogprob,
     context_length,
-    encode_prompt,
-    render_prompt,
+    prompt_ids,
     text_of,
 )
 from lmtune.serving.batcher import Batcher, Job, QueueFull
@@ -156,10 +155,10 @@ def build_app(catalog: Catalog, batcher: Batcher, api_key: str | None = None, ma
                 reading["tools"] = reply_tool_format(ready.tokenizer, ready.template)
             try:
                 thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-                prompt = render_prompt(ready.tokenizer, ready.template, messages, body.tools, thinking)
+                prompt = prompt_ids(ready.tokenizer, ready.template, messages, body.tools, thinking)
             except (UserError, Exception) as error:  # a template may refuse a conversation (jinja raises)
                 raise ValueError(f"the model's chat template cannot render these messages: {error}") from None
-            return [checked_prompt(encode_prompt(ready.tokenizer, prompt), ready)] * body.n
+            return [checked_prompt(prompt, ready)] * body.n
 
         job, tokenizer = await start(batcher, target, prepare, sampling, body.stream)
         shape = ChatShape(body.model, tokenizer, body.n)
