@@ -156,6 +156,18 @@ def test_chat_base_model_and_generation_settings(lora_run, tiny_model_dir, token
                       "--temperature", "0.8", "--top-p", "0.9") == 0
     assert capsys.readouterr().out.strip()
 
+    # --stop ends the answer before the text; --system puts a system prompt first (the template shows it)
+    stop = long[len(long) // 2:][:3]
+    assert run_lmtune("chat", plain, "--prompt", PROMPT, "--max-new-tokens", "12", "--stop", stop) == 0
+    assert capsys.readouterr().out.strip() == long[:long.index(stop)].strip()
+    from lmtune.chat import generate, load_for_chat, sampling_of, with_system
+
+    session = load_for_chat(str(plain))
+    system = generate(session, with_system("Answer in French.", [{"role": "user", "content": PROMPT}]),
+                      sampling_of(12)).text
+    assert run_lmtune("chat", plain, "--prompt", PROMPT, "--max-new-tokens", "12", "--system", "Answer in French.") == 0
+    assert capsys.readouterr().out.strip() == system
+
 
 def test_chat_interactive_reset_and_exit(lora_run, monkeypatch, capsys):
     assert run_lmtune("chat", lora_run, "--prompt", "hi", "--max-new-tokens", "5") == 0

@@ -152,15 +152,18 @@ def test_fresh_start_and_a_chosen_checkpoint_map_to_resume_keys(workdir):
         F.form_to_values(workdir, tiny_form(output_dir="runs/b", resume_from_checkpoint="checkpoint-6"))
 
 
-def test_a_chat_message_without_a_loaded_model_stays_in_the_box():
-    from lmtune.webui.chat_tab import ChatHolder
+def test_a_chat_message_without_a_loaded_model_stays_in_the_box(tmp_path):
+    from types import SimpleNamespace
 
-    chat = ChatHolder()
-    history, box, status = next(chat.respond("What is 2 plus 3?", [], 8, 0))
-    assert history == [] and box == "What is 2 plus 3?" and "load a model" in status
-    with chat.lock:  # as while a model loads
-        history, box, status = next(chat.respond("What is 2 plus 3?", [], 8, 0))
-    assert history == [] and box == "What is 2 plus 3?" and "still loading" in status
+    from lmtune.webui.chat_tab import ChatTab
+
+    chat, page = ChatTab(tmp_path), SimpleNamespace(session_hash="page")
+    sent = ("What is 2 plus 3?", "", 8, 0, 1, "")
+    *_, status, box = chat.send(*sent, page)
+    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "load a model" in status
+    with chat.models["A"].lock:  # as while a model loads
+        *_, status, box = chat.send(*sent, page)
+    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "still loading" in status
 
 
 @pytest.mark.parametrize("key, value", [
@@ -606,7 +609,6 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
 
         # -- chat with the newest checkpoint
         page.get_by_role("tab", name="Chat").click()
-        page.locator("#chat-refresh").click()
         newest = max(e["step"] for e in json.loads((workdir / "runs" / "sums" / "checkpoints.json").read_text())[
             "checkpoints"] if e["status"] == "kept")
         ui.pick("chat-target", f"runs/sums/checkpoint-{newest} (checkpoint, step {newest})", f"checkpoint-{newest}")

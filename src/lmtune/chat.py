@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -250,23 +251,37 @@ def check_settings(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
 
 
-def generate(session: ChatSession, messages: list[dict[str, str]], max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, on_text: Any = None) -> str:
-    """The answer to the conversation, streamed piece by piece to on_text as it is generated."""
-    from lmtune.generation import Sampling, reply
+def sampling_of(max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                stop: Sequence[str] = ()) -> Any:
+    """The checked settings of one answer, as `lmtune chat` and the web UI's Chat tab take them."""
+    from lmtune.generation import Sampling
 
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    return reply(session.model, session.tokenizer, session.template, messages, sampling, on_text, session.tools,
-                 session.enable_thinking)
+    check_settings(max_new_tokens, temperature, top_p)
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    stop=tuple(s for s in stop if s))
 
 
-def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None:
+def with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def generate(session: ChatSession, messages: list[dict[str, str]], sampling: Any = None, on_text: Any = None,
+             cancelled: Any = None) -> Any:
+    """The answer to the conversation (a generation.Completion), streamed piece by piece to on_text as it is
+    generated; cancelled() -> True ends it early."""
+    from lmtune.generation import reply
+
+    return reply(session.model, session.tokenizer, session.template, messages, sampling or sampling_of(), on_text,
+                 session.tools, session.enable_thinking, cancelled)
+
+
+def chat_loop(session: ChatSession, prompt: str | None, sampling: Any = None, system: str | None = None) -> None:
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     if prompt is not None:
-        generate(session, [{"role": "user", "content": prompt}], on_text=show, **settings)
+        generate(session, with_system(system, [{"role": "user", "content": prompt}]), sampling, on_text=show)
         sys.stdout.write("\n")
         return
     print("chat: /reset starts over, /exit leaves")
@@ -287,6 +302,6 @@ def chat_loop(session: ChatSession, prompt: str | None, **settings: Any) -> None
             continue
         messages.append({"role": "user", "content": text})
         sys.stdout.write("model> ")
-        answer = generate(session, messages, on_text=show, **settings)
+        answer = generate(session, with_system(system, messages), sampling, on_text=show)
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "assistant", "content": answer.text})

@@ -219,18 +219,20 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 256,
     temperature: Annotated[float, typer.Option(help="0 answers greedily")] = 0.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="end the answer at this text (repeatable)")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="a system prompt")] = None,
     tools: Annotated[Path | None, typer.Option(help="a JSON file of tool definitions (OpenAI's shape) the "
                                                     "template shows the model")] = None,
 ) -> None:
     """Talk to a base model, a run's final model or any checkpoint (adapter applied)."""
-    from lmtune.chat import chat_loop, check_settings, load_for_chat, quiet_transformers, read_tools
+    from lmtune.chat import chat_loop, load_for_chat, quiet_transformers, read_tools, sampling_of
 
     setup_logging("warning")
-    check_settings(max_new_tokens, temperature, top_p)
+    sampling = sampling_of(max_new_tokens, temperature, top_p, stop or ())
     definitions = read_tools(tools) if tools else None
     quiet_transformers()
     session = load_for_chat(target, definitions)
-    chat_loop(session, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    chat_loop(session, prompt, sampling, system)
 
 
 @app.command("eval")

@@ -249,12 +249,15 @@ def prompt_ids(tokenizer: Any, template: str | None, messages: list[dict[str, An
 
 def reply(model: Any, tokenizer: Any, template: str | None, messages: list[dict[str, Any]], sampling: Sampling,
           on_text: Callable[[str], None] | None = None, tools: list[dict] | None = None,
-          enable_thinking: bool = True) -> str:
-    """One answer to a conversation, streamed piece by piece to on_text; `tools`: definitions the template shows."""
+          enable_thinking: bool = True, cancelled: Callable[[], bool] | None = None) -> Completion:
+    """One answer to a conversation (its text stripped), streamed piece by piece to on_text; `tools`: definitions
+    the template shows. It ends early, finish_reason "cancelled", once cancelled() says so."""
     prompt = prompt_ids(tokenizer, template, messages, tools, enable_thinking)
     [done] = generate(model, tokenizer, [prompt], [sampling],
-                      on_text=None if on_text is None else lambda _row, piece, _lp: on_text(piece))
-    return done.text.strip()
+                      on_text=None if on_text is None else lambda _row, piece, _lp: on_text(piece),
+                      cancelled=None if cancelled is None else lambda _row: cancelled())
+    done.text = done.text.strip()
+    return done
 
 
 def text_of(content: Any) -> str:

@@ -1,4 +1,4 @@
-"""The gradio page: the Train, Monitor and Chat tabs (one module each), and `lmtune webui`'s server.
+"""The gradio page: the Train, Monitor, Chat, Eval and Export tabs (one module each), and `lmtune webui`'s server.
 
 Runs do not belong to the page or the server: Start launches `lmtune train` in a session of its own,
 and everything shown is read from the run folders, so a run keeps going when the browser or the
@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from lmtune.webui import chat_tab, monitor_tab, train_tab  # noqa: E402
+from lmtune.webui import chat_tab, eval_tab, export_tab, monitor_tab, train_tab  # noqa: E402
 from lmtune.webui.runner import Runner  # noqa: E402
 
 log = logging.getLogger("lmtune")
@@ -48,14 +48,32 @@ def build(root: Path) -> gr.Blocks:
                 train = train_tab.build(root, runner)
             with gr.Tab("Monitor", id="monitor"):
                 monitor = monitor_tab.build(root, runner)
-            with gr.Tab("Chat", id="chat"):
-                chat_choice = chat_tab.build(root)
+            after_training = {}
+            for module, name in ((chat_tab, "Chat"), (eval_tab, "Eval"), (export_tab, "Export")):
+                with gr.Tab(name, id=name.lower()) as tab:
+                    after_training[module] = tab, module.build(root)
         train.start_event.then(lambda run: monitor_tab.show_started(root, run), train.started, monitor.run_choice) \
             .then(lambda run: gr.Tabs(selected="monitor") if run else gr.Tabs(), train.started, tabs)
         train_tab.on_page_load(page, train)
         monitor_tab.on_page_load(page, root, monitor)
-        chat_tab.on_page_load(page, root, chat_choice)
+        for module, (tab, pickers) in after_training.items():
+            module.keep_fresh(page, tab, root, pickers)
     return page
+
+
+def patiently_probe_own_page() -> None:
+    """gradio asks for its own page once before serving, with a 3 s timeout, and gives up ("localhost is not
+    accessible") when the first page takes longer, as it does on a busy machine: wait up to 60 s instead."""
+    import httpx
+    from gradio import networking
+
+    def page_answers(url: str) -> bool:
+        try:
+            return httpx.head(url, timeout=60).status_code in (200, 401, 301, 302, 303, 307, 308)
+        except httpx.HTTPError:
+            return False
+
+    networking.url_ok = page_answers
 
 
 def serve(root: Path, host: str, port: int, auth: tuple[str, str] | None) -> None:
@@ -64,6 +82,7 @@ def serve(root: Path, host: str, port: int, auth: tuple[str, str] | None) -> Non
         log.warning("the web UI listens on %s without --auth: anyone who can reach this port can start runs", host)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the server as Ctrl-C does
     page = build(Path(root))
+    patiently_probe_own_page()
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     try:
         page.queue(default_concurrency_limit=4).launch(

@@ -1,104 +1,152 @@
-"""The Chat tab: load a base model, a run's final model or a checkpoint, and talk to it."""
+"""The Chat tab: load a base model, a run's final model or a checkpoint (and a second one to compare
+answers side by side), and talk to them.
+
+Generation is `lmtune chat`'s (lmtune.chat over lmtune.generation, as `lmtune serve`); the queue, Stop and
+Clear are lmtune.webui.conversation's. The page sends messages and shows the conversation; it never
+writes the history back, so nothing it shows can undo a Clear or drop a waiting message.
+"""
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 
 from lmtune.errors import UserError
 from lmtune.webui import form as F
+from lmtune.webui.conversation import SIDES, ChatModel, Conversation
+
+NONE = ""
 
 
-class ChatHolder:
-    """One loaded model for the Chat tab."""
+class ChatTab:
+    """The models (one per side, shared by the server's pages) and each page's conversation."""
 
-    def __init__(self) -> None:
-        self.session = None
-        self.name = ""
-        self.lock = threading.Lock()  # held while a model loads or answers
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models = {side: ChatModel() for side in SIDES}
+        self.conversations: dict[str, Conversation] = {}
 
-    def load(self, root: Path, value: str) -> str:
-        from lmtune.chat import load_for_chat
+    def conversation(self, request: gr.Request) -> Conversation:
+        return self.conversations.setdefault(request.session_hash, Conversation())
 
+    def forget(self, request: gr.Request) -> None:
+        self.conversations.pop(request.session_hash, None)
+
+    def load(self, side: str, value: str) -> str:
+        model = self.models[side]
+        if side != "A" and not (value or "").strip():
+            model.unload()
+            return "comparison off"
         try:
-            target = F.chat_target(root, value)
-            with self.lock:
-                self.session = None
-                self.session = load_for_chat(target)
-                self.name = value
+            model.load(F.chat_target(self.root, value))
         except UserError as error:
             return f"**error**: {error}"
-        return f"loaded **{value}**"
+        return f"loaded **{value}**" + (" (model B: answers side by side)" if side != "A" else "")
 
-    def respond(self, message: str, history: list, max_new_tokens: float, temperature: float):
-        """Stream the answer into the history. Without a model (none chosen, or one still loading) the
-        history is left as it was and the message stays in the box."""
-        from lmtune.chat import generate
-        from lmtune.generation import text_of
-
-        history = list(history or [])
+    def send(self, message: str, system: str, max_new_tokens: float, temperature: float, top_p: float,
+             stop: str, request: gr.Request):
+        """Queue the message or, without a model, put it back in the box and say why."""
+        conversation = self.conversation(request)
         if not (message or "").strip():
-            yield history, "", gr.update()
-            return
-        if self.session is None:
-            busy = "a model is still loading: send again once it is loaded" if self.lock.locked() else (
+            return self.view(conversation)
+        if self.models["A"].session is None:
+            busy = "a model is still loading: send again once it is loaded" if self.models["A"].loading else (
                 "load a model, run or checkpoint first")
-            yield history, message, f"**not sent**: {busy}"
-            return
-        messages = [{"role": m["role"], "content": text_of(m["content"])} for m in history]
-        messages.append({"role": "user", "content": message})
-        history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        pieces: queue.Queue = queue.Queue()
-        result: dict[str, Any] = {}
+            conversation.note = f"**not sent**: {busy}"
+            return self.view(conversation, message=message)
+        settings = dict(system=(system or "").strip(), max_new_tokens=int(max_new_tokens),
+                        temperature=float(temperature), top_p=float(top_p),
+                        stop=tuple(line for line in (stop or "").splitlines() if line))
+        sides = [side for side, model in self.models.items() if model.session is not None]
+        conversation.send(message, settings, sides)
+        return self.view(conversation)
 
-        def work() -> None:
-            try:
-                with self.lock:
-                    result["text"] = generate(self.session, messages, max_new_tokens=int(max_new_tokens),
-                                              temperature=float(temperature), on_text=pieces.put)
-            finally:
-                pieces.put(None)
+    def answer(self, request: gr.Request):
+        conversation = self.conversation(request)
+        yield self.view(conversation)
+        for _ in conversation.answer_waiting(self.models):
+            yield self.view(conversation)
+        yield self.view(conversation)
 
-        threading.Thread(target=work, daemon=True).start()
-        text = ""
-        while (piece := pieces.get()) is not None:
-            text += piece
-            history[-1] = {"role": "assistant", "content": text}
-            yield history, "", gr.update()
-        history[-1] = {"role": "assistant", "content": result.get("text", text).strip() or "(an empty answer)"}
-        yield history, "", gr.update()
+    def stop(self, request: gr.Request):
+        self.conversation(request).stop()
+        return self.view(self.conversation(request))
+
+    def clear(self, request: gr.Request):
+        self.conversation(request).clear()
+        return self.view(self.conversation(request))
+
+    def show(self, request: gr.Request):
+        return self.view(self.conversation(request))
+
+    def view(self, conversation: Conversation, message: str | None = None):
+        comparing = self.models["B"].session is not None or any("B" in turn.answers for turn in conversation.turns)
+        names = {side: model.name and Path(model.name).name for side, model in self.models.items()}
+        shown = [gr.update(value=conversation.history("A"), label=f"A: {names['A']}" if comparing else "chat"),
+                 gr.update(value=conversation.history("B"), visible=comparing, label=f"B: {names['B']}"),
+                 conversation.status()]
+        return shown + ([gr.update()] if message is None else [message])
 
 
-def build(root: Path) -> gr.Dropdown:
-    """The tab's components and handlers; call inside `gr.Tab`. Returns the pick list (re-read on page load)."""
-    chat = ChatHolder()
+def build(root: Path) -> list[gr.Dropdown]:
+    """The tab's components and handlers; call inside `gr.Tab`. Returns the pick lists (see `keep_fresh`)."""
+    chat = ChatTab(root)
     with gr.Row():
-        choice = gr.Dropdown(F.chat_choices(root), label="model, run or checkpoint", allow_custom_value=True, scale=3,
-                             elem_id="chat-target")
-        refresh = gr.Button("Refresh list", size="sm", scale=1, elem_id="chat-refresh")
+        choice = gr.Dropdown(chat_picks(root, False), label="model, run or checkpoint", allow_custom_value=True,
+                             scale=3, elem_id="chat-target")
         load = gr.Button("Load", variant="primary", scale=1, elem_id="chat-load")
+        compare = gr.Dropdown(chat_picks(root, True), value=NONE, label="compare with (answers side by side)",
+                              allow_custom_value=True, scale=3, elem_id="chat-compare")
+        load_compare = gr.Button("Load B", scale=1, elem_id="chat-load-compare")
     status = gr.Markdown(elem_id="chat-status")
+    with gr.Accordion("settings: system prompt, sampling, stop sequences", open=False, elem_id="chat-settings"):
+        system = gr.Textbox(label="system prompt", lines=2, elem_id="chat-system")
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens", elem_id="chat-max-tokens")
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)",
+                                    elem_id="chat-temperature")
+            top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="top_p", elem_id="chat-top-p")
+        stop = gr.Textbox(label="stop sequences (one a line: the answer ends before the first)", lines=2,
+                          elem_id="chat-stop")
     with gr.Row():
-        max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens")
-        temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)")
-    chatbot = gr.Chatbot(label="chat", height=380, elem_id="chatbot")
+        chatbot = gr.Chatbot(label="chat", height=380, elem_id="chatbot")
+        chatbot_b = gr.Chatbot(label="B", height=380, elem_id="chatbot-b", visible=False)
     with gr.Row():
-        message = gr.Textbox(placeholder="Ask something, then Enter", scale=5, show_label=False, elem_id="chat-input")
+        message = gr.Textbox(placeholder="Ask something, then Enter (send more while an answer is written: "
+                             "they wait their turn)", scale=5, show_label=False, elem_id="chat-input")
         send = gr.Button("Send", scale=1, elem_id="chat-send")
-        clear = gr.Button("Clear", scale=1)
+        stop_button = gr.Button("Stop", scale=1, elem_id="chat-stop-button")
+        clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
+    queue_status = gr.Markdown(elem_id="chat-queue")
 
-    refresh.click(lambda: gr.update(choices=F.chat_choices(root)), None, choice)
-    load.click(lambda: "loading ...", None, status).then(lambda value: chat.load(root, value), choice, status)
-    chat_inputs = [message, chatbot, max_new_tokens, temperature]
-    message.submit(chat.respond, chat_inputs, [chatbot, message, status])
-    send.click(chat.respond, chat_inputs, [chatbot, message, status])
-    clear.click(lambda: [], None, chatbot)
-    return choice
+    shown = [chatbot, chatbot_b, queue_status, message]
+    quick = dict(concurrency_limit=None, show_progress="hidden", trigger_mode="multiple")
+    for side, picker, button in (("A", choice, load), ("B", compare, load_compare)):
+        button.click(lambda: "loading ...", None, status).then(
+            lambda value, side=side: chat.load(side, value), picker, status).then(chat.show, None, shown, **quick)
+    # the box empties in the browser as the message goes (a reply from the server could wipe what is typed
+    # meanwhile); only a message that could not be sent comes back to it
+    sending = gr.Textbox(visible=False)
+    inputs = [sending, system, max_new_tokens, temperature, top_p, stop]
+    for trigger in (message.submit, send.click):
+        trigger(None, message, [message, sending], js="(text) => ['', text]", **quick) \
+            .then(chat.send, inputs, shown, **quick).then(chat.answer, None, shown, **quick)
+    stop_button.click(chat.stop, None, shown, **quick)
+    clear.click(chat.clear, None, shown, **quick)
+    return [choice, compare]
 
 
-def on_page_load(page: gr.Blocks, root: Path, choice: gr.Dropdown) -> None:
-    page.load(lambda: gr.update(choices=F.chat_choices(root)), None, choice, show_progress="hidden")
+def chat_picks(root: Path, optional: bool) -> list[tuple[str, str]]:
+    return ([("(no comparison)", NONE)] if optional else []) + F.chat_choices(root)
+
+
+def keep_fresh(page: gr.Blocks, tab: gr.Tab, root: Path, pickers: list[gr.Dropdown]) -> None:
+    """The pick lists are read again when the page loads, the tab is opened and a list is opened."""
+    def fresh():
+        return [gr.update(choices=chat_picks(root, optional)) for optional in (False, True)]
+
+    page.load(fresh, None, pickers, show_progress="hidden")
+    tab.select(fresh, None, pickers, show_progress="hidden")
+    for picker in pickers:
+        picker.focus(fresh, None, pickers, show_progress="hidden")
