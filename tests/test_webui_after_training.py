@@ -153,10 +153,16 @@ def set_max_tokens(ui: Page, count: int) -> None:
     if not ui.page.locator("#chat-max-tokens").is_visible():
         ui.page.locator("#chat-settings").get_by_text("settings: system prompt").click()
     box = ui.page.locator("#chat-max-tokens input[type=number]")
-    box.fill(str(count))
-    box.blur()
     slider = ui.page.locator("#chat-max-tokens input[type=range]")
-    ui.wait_for(lambda: slider.input_value() == str(count), f"max_new_tokens {count}", timeout=10)
+
+    def typed() -> bool:  # a busy page may drop a keystroke: type again until the slider follows
+        if slider.input_value() != str(count):
+            box.fill(str(count))
+            box.blur()
+            ui.page.wait_for_timeout(500)
+        return slider.input_value() == str(count)
+
+    ui.wait_for(typed, f"max_new_tokens {count}", timeout=60)
 
 
 def load(ui: Page, option: str, loaded: str) -> None:
@@ -191,6 +197,7 @@ def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
     send(ui, PROMPTS[0])  # which the tiny model answers without an end of sequence
     send(ui, "And back.")
     ui.wait_for(lambda: len(answers(ui)) == 1 and answers(ui)[-1], "the answer streaming")
+    ui.wait_text("chat-queue", "writing an answer; 1 waiting")  # the second message has reached the queue
     ui.page.locator("#chat-stop-button").click()
     ui.wait_text("chat-queue", "stopped; 1 waiting answer(s) not written")
     # the answer being written ends where it was; the message still waiting is not answered
