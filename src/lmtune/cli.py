@@ -91,7 +91,6 @@ def _exit_now() -> None:
 
 
 def _print_config_help() -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from lmtune.config import config_help_rows
@@ -102,9 +101,7 @@ def _print_config_help() -> None:
         table.add_column(column, overflow="fold")
     for row in config_help_rows():
         table.add_row(*row)
-    # the width from the live environment (COLUMNS): rich reads a copy of os.environ taken at import, which
-    # datasets' multi-process map replaces
-    Console(width=shutil.get_terminal_size().columns).print(table)
+    _table_console().print(table)
 
 
 @app.command()
@@ -179,8 +176,15 @@ def checkpoints(
         raise typer.Exit(1)
 
 
-def _print_checkpoints(index, entries, verified: bool) -> None:
+def _table_console():
+    """A console as wide as the live environment says (COLUMNS): rich reads a copy of os.environ taken at
+    import, which datasets' multi-process map replaces."""
     from rich.console import Console
+
+    return Console(width=shutil.get_terminal_size().columns)
+
+
+def _print_checkpoints(index, entries, verified: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"checkpoints of {index.run_dir} (save_total_limit {index.save_total_limit})")
@@ -194,7 +198,7 @@ def _print_checkpoints(index, entries, verified: bool) -> None:
         if verified:
             row.append("-" if "problems" not in e else "; ".join(e["problems"]) or "ok: resumable")
         table.add_row(*row)
-    Console().print(table)
+    _table_console().print(table)
 
 
 def _fmt(value) -> str:
