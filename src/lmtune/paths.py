@@ -42,5 +42,8 @@ def building(entry: Path, what: str) -> Iterator[bool]:
                          time.monotonic() - started)
     try:
         yield waited
-    finally:
+    except BaseException:
         lock.release()
+        Path(lock.lock_file).unlink(missing_ok=True)  # a build that failed leaves nothing behind
+        raise
+    lock.release()
