@@ -304,4 +304,4 @@ def render_plan(plan: Plan, config: TrainConfig) -> None:
         table.add_row(str(step), epoch, save, evaluation, fate)
     console.print(table)
     for line in plan_summary_lines(plan, config):
-        console.print(line)
+        console.print(line, soft_wrap=True)  # a path in a line stays whole, to copy
