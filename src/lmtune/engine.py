@@ -134,6 +134,7 @@ class Setup:
 
 def train(config: TrainConfig) -> Path:
     """Run `config` to the end; returns the output folder."""
+    config = take_accelerate_fsdp(config)  # first: accelerate must not build an FSDP plugin of its own
     accelerator = accelerator_for(config)  # the process group, with ddp_timeout
     peers = Peers.start(config.ddp_timeout)
     with named_failures(peers):
@@ -159,8 +160,8 @@ def set_up(config: TrainConfig, accelerator: Accelerator | None = None, peers: P
     """Everything a run needs, every check made: config, data, model, callbacks, the checkpoint to resume
     and the disk. Nothing in output_dir is written or deleted here, so a refused run changes nothing."""
     clock = PhaseClock("set-up")
-    accelerator = accelerator or accelerator_for(config)
     config = configured = take_accelerate_fsdp(config)
+    accelerator = accelerator or accelerator_for(config)
     sharding = strategy_for(config, accelerator.num_processes, bf16=_mixed_precision(config) == "bf16")
     output_dir = Path(config.output_dir)
     if peers is not None:
