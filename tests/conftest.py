@@ -116,6 +116,7 @@ def minutes_pass_after(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lmtune.engine, "time", SteppedClock())
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_steps", raising=False)  # this test's steps, not an earlier test's
 
     def make(steps: tuple[int, ...], minutes: float) -> list[str]:
         (tmp_path / "slow_steps.py").write_text(

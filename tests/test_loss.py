@@ -168,7 +168,9 @@ def test_a_model_that_cannot_keep_examples_apart_gets_padded_batches(tiny_config
     assert batching_of(build_config({}), [3, 5], None)["padding_free"] is True  # the plan, before a model
 
 
-def test_the_verdict_on_keeping_examples_apart_is_checked_once_per_architecture(tiny_model_dir, monkeypatch):
+def test_the_verdict_on_keeping_examples_apart_is_checked_once_per_architecture(tiny_model_dir, monkeypatch,
+                                                                                 tmp_path):
+    monkeypatch.setenv("LMTUNE_HOME", str(tmp_path))  # no verdict from the tests before this one
     checked = []
     check = lmtune.batching.keeps_examples_apart
     monkeypatch.setattr(lmtune.batching, "keeps_examples_apart", lambda model: checked.append(1) or check(model))

@@ -197,7 +197,7 @@ def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
     send(ui, PROMPTS[0])  # which the tiny model answers without an end of sequence
     send(ui, "And back.")
     ui.wait_for(lambda: len(answers(ui)) == 1 and answers(ui)[-1], "the answer streaming")
-    ui.wait_text("chat-queue", "writing an answer; 1 waiting")  # the second message has reached the queue
+    ui.wait_for(lambda: len(questions(ui)) == 2, "the second message shown: it is in the queue")
     ui.page.locator("#chat-stop-button").click()
     ui.wait_text("chat-queue", "stopped; 1 waiting answer(s) not written")
     # the answer being written ends where it was; the message still waiting is not answered
