@@ -181,7 +181,8 @@ def test_three_messages_sent_while_an_answer_streams_are_answered_in_order(opene
     assert ui.text("chat-queue").startswith("writing an answer")
     send(ui, PROMPTS[1])
     send(ui, PROMPTS[2])
-    assert ui.page.locator("#chat-input textarea").input_value() == ""  # the box empties at once
+    box = ui.page.locator("#chat-input textarea")
+    ui.wait_for(lambda: box.input_value() == "", "the box emptied as the message went", timeout=10)
     ui.wait_for(lambda: questions(ui) == PROMPTS, "the three messages shown")
     settle(ui, 3)
     expected = replay("models/long", PROMPTS, 600)
@@ -195,8 +196,8 @@ def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
     ui.wait_for(lambda: not questions(ui), "an empty chat")
     set_max_tokens(ui, 1024)  # seconds of writing
     send(ui, PROMPTS[0])  # which the tiny model answers without an end of sequence
-    send(ui, "And back.")
     ui.wait_for(lambda: len(answers(ui)) == 1 and answers(ui)[-1], "the answer streaming")
+    send(ui, "And back.")
     ui.wait_for(lambda: len(questions(ui)) == 2, "the second message shown: it is in the queue")
     ui.page.locator("#chat-stop-button").click()
     ui.wait_text("chat-queue", "stopped; 1 waiting answer(s) not written")
