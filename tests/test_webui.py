@@ -396,6 +396,7 @@ def opened_ui(workdir: Path, browser, shots: Path, *server_args: str, **page_arg
     at the end."""
     server, url = start_server(workdir, *server_args)
     page = browser.new_page(**page_args)
+    page.set_default_timeout(90_000)  # a click waits for a page that a loaded machine draws slowly
     ui = Page(page, shots)
     try:
         page.goto(url)
