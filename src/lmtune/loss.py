@@ -70,6 +70,15 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decoder_of(causal_lm: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder a causal LM holds (`get_decoder`), or None where transformers gives it none (the method
+    missing, or raising NotImplementedError)."""
+    try:
+        return causal_lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def router_loss_coef(model: torch.nn.Module) -> float | None:
     """The weight of the router's load-balancing loss where the model's forward computes it (a mixture-of-
     experts config with `output_router_logits`), else None."""
@@ -302,11 +311,8 @@ def batch_loss_for(model: torch.nn.Module) -> TrainedPositionsLoss | FullLogitsL
     logits (`logits_to_keep`) and reads the hidden states of a decoder it holds; full logits otherwise."""
     causal_lm = causal_lm_of(model)
     forward = inspect.signature(causal_lm.forward).parameters
-    try:
-        decoder = causal_lm.get_decoder()
-        served = causal_lm.get_output_embeddings() is not None and decoder is not causal_lm
-    except (AttributeError, NotImplementedError):
-        served = False
+    decoder = decoder_of(causal_lm)
+    served = decoder not in (None, causal_lm) and causal_lm.get_output_embeddings() is not None
     if "logits_to_keep" in forward and served:
         return TrainedPositionsLoss(model)
     name = type(causal_lm).__name__

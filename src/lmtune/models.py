@@ -467,11 +467,11 @@ def save_final_weights(model: torch.nn.Module, folder: Path, weights: dict[str, 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of any family: the longest list of modules the model's decoder holds (`layers`,
     `h`, ...), found from the model rather than from a list of names."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        decoder = causal_lm.get_decoder()
-    except (AttributeError, NotImplementedError):
-        decoder = causal_lm
+    from lmtune.loss import causal_lm_of, decoder_of
+
+    causal_lm = causal_lm_of(model)
+    decoder = decoder_of(causal_lm)
+    decoder = causal_lm if decoder is None else decoder
     lists = [module for module in decoder.children() if isinstance(module, torch.nn.ModuleList) and len(module)]
     if not lists:
         raise UserError(f"finetuning_type freeze: {type(causal_lm).__name__} holds no list of decoder layers")
