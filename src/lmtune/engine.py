@@ -70,7 +70,7 @@ from lmtune.models import (
     save_final_weights,
 )
 from lmtune.optimizers import build_optimizer
-from lmtune.peers import Peers, named_failures, process_group_timeout, restarts
+from lmtune.peers import Peers, init_method, named_failures, process_group_timeout, restarts
 from lmtune.phases import PhaseClock, log_moment
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
 from lmtune.preference import precompute_reference, reference_for
@@ -151,7 +151,7 @@ def train(config: TrainConfig) -> Path:
 
 
 def accelerator_for(config: TrainConfig) -> Accelerator:
-    timeout = InitProcessGroupKwargs(timeout=process_group_timeout(config.ddp_timeout))
+    timeout = InitProcessGroupKwargs(init_method=init_method(), timeout=process_group_timeout(config.ddp_timeout))
     return Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
                        cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
 
