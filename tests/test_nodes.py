@@ -241,3 +241,27 @@ def test_the_data_is_prepared_once_while_the_other_processes_wait_on_its_lock(ti
     assert len(calls) == 1 and len(results) == 4
     assert [len(data.train) for data in results] == [32] * 4
     assert sum("another process is preparing the processed data" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_each_start_names_itself_in_the_store_whatever_an_earlier_start_left_there():
+    """torchrun's agent store outlives a restart: the name and the answers of the start before it are still
+    there when process 1 of the next start (here first to arrive) looks."""
+    import threading
+
+    import torch.distributed as dist
+
+    from lmtune.peers import name_this_start
+
+    store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    store.set("lmtune/start", "earlier")
+    store.set("lmtune/answer/1", json.dumps(["earlier", "its-nonce"]))
+    store.set("lmtune/started", json.dumps({"name": "earlier", "nonces": {"1": "its-nonce"}}))
+    names: dict[int, str] = {}
+    deadline = time.monotonic() + 60
+    late = threading.Thread(target=lambda: (time.sleep(0.5), names.update({0: name_this_start(store, 0, 2, deadline)})))
+    early = threading.Thread(target=lambda: names.update({1: name_this_start(store, 1, 2, deadline)}))
+    early.start()
+    late.start()
+    early.join()
+    late.join()
+    assert names[0] == names[1] != "earlier"
