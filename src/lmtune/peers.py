@@ -1,6 +1,7 @@
-"""The other processes of a run, on this machine and on others: how long a collective may wait for them
-(`ddp_timeout`), which of them stopped answering when one waits too long, whether they all see the same
-`output_dir`, and whether torchrun restarted them (an elastic restart).
+"""The other processes of a run, on this machine and on others: how they find each other in torchrun's store
+(a namespace of each start's own), how long a collective may wait for them (`ddp_timeout`), which of them
+stopped answering when one waits too long, whether they all see the same `output_dir`, and whether torchrun
+restarted them (an elastic restart).
 
 Each process publishes a heartbeat (a counter) in torchrun's store from a thread of its own, with the
 operation its main thread is in. A process that waited longer than `ddp_timeout` in an operation while a
