@@ -318,7 +318,7 @@ def test_a_resume_in_a_later_pass_keeps_its_pass_count(stream_config, tmp_path):
     assert not [r for r in read_jsonl(resumed / "metrics.jsonl") if r.get("event") == "stream_pass"]
 
 
-# --- a pass is a pass: 400 rows, the default shuffle buffer, 1.5 passes -----------------------------
+# --- a pass is a pass: every row once a pass, the default shuffle buffer, 1.5 passes ---------------------
 
 
 def numbered(count):
@@ -356,7 +356,7 @@ def test_a_pass_yields_every_row_once_and_the_next_pass_a_new_order(tmp_path, to
 
 @pytest.fixture
 def pass_and_a_half(tiny_config, tmp_path, monkeypatch):
-    """A config for 400 rows, the default buffer, 4 rows a step: 100 steps a pass, 150 steps in all.
+    """A config for 40 rows, the default buffer, 4 rows a step: 10 steps a pass, 15 steps in all.
     One thread: a model this small trains several times faster without torch's second thread."""
     import torch
 
@@ -371,31 +371,31 @@ def _pass_and_a_half(tiny_config, tmp_path, monkeypatch):
     (tmp_path / "save_around.py").write_text(  # a save just before and just after the end of the first pass
         "class SaveAround:\n"
         "    def on_step_end(self, state, metrics):\n"
-        "        if state.step in (99, 101):\n"
+        "        if state.step in (9, 11):\n"
         "            state.save_reasons.add('steps')\n")
-    corpus = write_jsonl(tmp_path / "data" / "rows.jsonl", numbered(400))
+    corpus = write_jsonl(tmp_path / "data" / "rows.jsonl", numbered(40))
 
     def make(**overrides):
-        values = dict(dataset=str(corpus), stage="pt", streaming=True, max_steps=150, packing=False, cutoff_len=32,
+        values = dict(dataset=str(corpus), stage="pt", streaming=True, max_steps=15, packing=False, cutoff_len=32,
                       per_device_train_batch_size=4, callbacks=["save_around:SaveAround"], logging_steps=1)
         return tiny_config(**{**values, **overrides})
 
     yield make
 
 
-def assert_one_and_a_half_passes(run, pass_event_steps=(100,)):
+def assert_one_and_a_half_passes(run, pass_event_steps=(10,)):
     rows = read_jsonl(run / "metrics.jsonl")
     train = [r for r in rows if r["type"] == "train"]
     epochs = [r["epoch"] for r in train]
-    assert [r["step"] for r in train] == list(range(1, 151))
-    assert epochs[0] <= 0.02 and epochs == sorted(epochs) and epochs[-1] == pytest.approx(1.5, abs=0.011)
+    assert [r["step"] for r in train] == list(range(1, 16))
+    assert epochs[0] <= 0.2 and epochs == sorted(epochs) and epochs[-1] == pytest.approx(1.5, abs=0.011)
     assert not train[-1]["epoch_estimated"]  # the whole stream fits in the buffer: its size is known at once
     events = [r for r in rows if r.get("event") == "stream_pass"]
     assert [e["stream_pass"] for e in events] == [2] and events[0]["step"] in pass_event_steps
     passes = {r["step"]: r["stream_pass"] for r in train}
     assert passes[events[0]["step"]] == 1 and passes[events[0]["step"] + 1] == 2
     size = next(r for r in rows if r.get("event") == "stream_size")
-    assert size["rows"] * size["processes"] == 400
+    assert size["rows"] * size["processes"] == 40
 
 
 def assert_same_progress(straight, resumed):
@@ -415,10 +415,10 @@ def test_one_and_a_half_passes_count_what_was_trained_and_resume_exactly(pass_an
     straight = tmp_path / "straight"
     assert run_lmtune("train", pass_and_a_half(output_dir=str(straight), dataloader_num_workers=workers)) == 0
     assert_one_and_a_half_passes(straight)
-    # the epoch counts rows trained: 4 a step of 400, never the 400 rows read into the buffer at once
+    # the epoch counts rows trained: 4 a step of 40, never the 40 rows read into the buffer at once
     epochs = {r["step"]: r["epoch"] for r in read_jsonl(straight / "metrics.jsonl") if r["type"] == "train"}
-    assert (epochs[2], epochs[100], epochs[101], epochs[150]) == (0.02, 1.0, 1.01, 1.5)
-    for step in (99, 101):  # the checkpoint just before the end of the pass, and the one just after
+    assert (epochs[2], epochs[10], epochs[11], epochs[15]) == (0.2, 1.0, 1.1, 1.5)
+    for step in (9, 11):  # the checkpoint just before the end of the pass, and the one just after
         resumed = tmp_path / f"resumed-{step}"
         resumed.mkdir()
         shutil.copytree(straight / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
@@ -428,12 +428,12 @@ def test_one_and_a_half_passes_count_what_was_trained_and_resume_exactly(pass_an
 
 
 def test_two_processes_train_one_and_a_half_passes_and_resume_exactly(pass_and_a_half, tmp_path):
-    settings = dict(per_device_train_batch_size=2, dataloader_num_workers=2)  # 2 x 2 rows a step: 100 a pass
+    settings = dict(per_device_train_batch_size=2, dataloader_num_workers=2)  # 2 x 2 rows a step: 10 a pass
     callbacks_on_path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     straight = tmp_path / "straight"
     torchrun(pass_and_a_half(output_dir=str(straight), **settings), env=callbacks_on_path)
     assert_one_and_a_half_passes(straight)
-    for step in (99, 101):
+    for step in (9, 11):
         resumed = tmp_path / f"resumed-{step}"
         resumed.mkdir()
         shutil.copytree(straight / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
