@@ -133,13 +133,13 @@ def test_padding_free_trains_as_padded_batches_do(tiny_config, tmp_path, capsys,
 
 
 def test_padding_free_with_two_processes_trains_as_padded_batches_do(tiny_config, tmp_path):
-    for name, padding_free in (("free", True), ("padded", False)):
-        torchrun(tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / name), padding_free=padding_free))
+    torchrun(tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / "free"), padding_free=True))
+    # one process with both processes' rows in one padded micro-batch: the two processes' gradients were
+    # averaged token-weighted, and laying the rows end to end changed nothing
+    padded = tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / "padded"), per_device_train_batch_size=8,
+                         padding_free=False)
+    assert run_lmtune("train", padded) == 0
     assert_same_training(tmp_path / "free", tmp_path / "padded")
-    # one process with both processes' rows in its micro-batch: the gradients were averaged, token-weighted
-    one = tiny_config(max_steps=3, seed=5, output_dir=str(tmp_path / "one"), per_device_train_batch_size=8)
-    assert run_lmtune("train", one) == 0
-    assert_same_training(tmp_path / "free", tmp_path / "one")
 
 
 def tiny_lfm2(tokenizer, folder):
