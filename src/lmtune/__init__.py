@@ -8,9 +8,6 @@ from lmtune import transformers_import
 # processes a spinning thread holds the core its partner needs; a SmolLM2 step took 120 s instead of 11 s
 # at a load average of 12 on 2 cores (bench/README.md, "step"). OMP_WAIT_POLICY set by the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Large tensors on the CPU in transparent huge pages: the kernel frees a process's 2 GB in 0.03 s instead
-# of 0.3 to 1 s at its exit (bench/README.md, "Start-up and shutdown"). THP_MEM_ALLOC_ENABLE=0 wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 transformers_import.install()
 
