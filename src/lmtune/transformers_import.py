@@ -34,9 +34,11 @@ class ReuseModelsScan(importlib.abc.MetaPathFinder):
     """Installed once (lmtune/__init__.py): when `transformers.models` is about to be imported, its call
     for the models folder's structure gets the one `import transformers` already made."""
 
+    done = False  # it stays in sys.meta_path: removing it while the import system walks that list would skip a finder
+
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-        if fullname == "transformers.models":
-            sys.meta_path.remove(self)
+        if fullname == "transformers.models" and not self.done:
+            self.done = True
             reuse_models_scan()
         return None  # the import itself goes on as always
 
