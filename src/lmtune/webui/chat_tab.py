@@ -17,6 +17,14 @@ from lmtune.webui import form as F
 from lmtune.webui.conversation import SIDES, ChatModel, Conversation
 
 NONE = ""
+SEND_JS = """(message, ...settings) => {
+    const box = document.querySelector('#chat-input textarea');
+    if (!box) return [message, ...settings];
+    const typed = box.value;
+    box.value = '';
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    return [typed, ...settings];
+}"""
 
 
 class ChatTab:
@@ -31,7 +39,10 @@ class ChatTab:
         return self.conversations.setdefault(request.session_hash, Conversation())
 
     def forget(self, request: gr.Request) -> None:
-        self.conversations.pop(request.session_hash, None)
+        """The page closed: its answer being written ends, its waiting messages go."""
+        conversation = self.conversations.pop(request.session_hash, None)
+        if conversation is not None:
+            conversation.clear()
 
     def load(self, side: str, value: str) -> str:
         model = self.models[side]
@@ -59,15 +70,13 @@ class ChatTab:
                         temperature=float(temperature), top_p=float(top_p),
                         stop=tuple(line for line in (stop or "").splitlines() if line))
         sides = [side for side, model in self.models.items() if model.session is not None]
-        conversation.send(message, settings, sides)
+        conversation.send(message, settings, sides, self.models)
         return self.view(conversation)
 
-    def answer(self, request: gr.Request):
+    def follow(self, request: gr.Request):
         conversation = self.conversation(request)
-        yield self.view(conversation)
-        for _ in conversation.answer_waiting(self.models):
+        for _ in conversation.follow():
             yield self.view(conversation)
-        yield self.view(conversation)
 
     def stop(self, request: gr.Request):
         self.conversation(request).stop()
@@ -89,8 +98,9 @@ class ChatTab:
         return shown + ([gr.update()] if message is None else [message])
 
 
-def build(root: Path) -> list[gr.Dropdown]:
-    """The tab's components and handlers; call inside `gr.Tab`. Returns the pick lists (see `keep_fresh`)."""
+def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
+    """The tab's components and handlers; call inside `gr.Tab` of `page`. Returns the pick lists (see
+    `keep_fresh`)."""
     chat = ChatTab(root)
     with gr.Row():
         choice = gr.Dropdown(chat_picks(root, False), label="model, run or checkpoint", allow_custom_value=True,
@@ -125,15 +135,18 @@ def build(root: Path) -> list[gr.Dropdown]:
     for side, picker, button in (("A", choice, load), ("B", compare, load_compare)):
         button.click(lambda: "loading ...", None, status).then(
             lambda value, side=side: chat.load(side, value), picker, status).then(chat.show, None, shown, **quick)
-    # the box empties in the browser as the message goes (a reply from the server could wipe what is typed
-    # meanwhile); only a message that could not be sent comes back to it
-    sending = gr.Textbox(visible=False)
-    inputs = [sending, system, max_new_tokens, temperature, top_p, stop]
-    for trigger in (message.submit, send.click):
-        trigger(None, message, [message, sending], js="(text) => ['', text]", **quick) \
-            .then(chat.send, inputs, shown, **quick).then(chat.answer, None, shown, **quick)
-    stop_button.click(chat.stop, None, shown, **quick)
-    clear.click(chat.clear, None, shown, **quick)
+    # the message goes as the browser shows it at Enter (read from the box itself, not from a copy that may lag
+    # behind the typing) straight to the server's queue, in the order sent; the box is emptied in the browser
+    # in the same step, so a reply from the server never wipes what is typed next
+    inputs = [message, system, max_new_tokens, temperature, top_p, stop]
+    follows = [trigger(chat.send, inputs, shown, js=SEND_JS, concurrency_id="chat-send", concurrency_limit=1,
+                       show_progress="hidden", trigger_mode="multiple").then(chat.follow, None, shown[:3], **quick)
+               for trigger in (message.submit, send.click)]
+    # Stop and Clear go past the queue, and end the page's stream of the answer: nothing it had sent before and
+    # a busy page draws late can show the cleared or stopped conversation again
+    for button, handler in ((stop_button, chat.stop), (clear, chat.clear)):
+        button.click(handler, None, shown, queue=False, cancels=follows, show_progress="hidden")
+    page.unload(chat.forget)
     return [choice, compare]
 
 
