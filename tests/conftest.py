@@ -56,6 +56,25 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer) -> Path:
     return save_tiny_llama(tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
+# Every family's chat markers and tool/reasoning tags, each one token as in the family's own tokenizer.
+FAMILY_MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>",
+                  "[INST]", "[/INST]", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[gMASK]", "<sop>",
+                  "<|observation|>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+                  "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<<SYS>>", "<</SYS>>", "<think>", "</think>",
+                  "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+
+@pytest.fixture(scope="session")
+def marked_tokenizer(tokenizer):
+    """The SmolLM2 tokenizer without a chat template of its own and with every family's markers."""
+    import copy
+
+    marked = copy.deepcopy(tokenizer)
+    marked.chat_template = None
+    marked.add_special_tokens({"additional_special_tokens": FAMILY_MARKERS}, replace_extra_special_tokens=False)
+    return marked
+
+
 ALPACA_ROWS = [
     {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
     for a in range(1, 9) for b in range(1, 5)

@@ -26,22 +26,6 @@ TWO_TURNS = [
     {"role": "user", "content": "How are you?"},
     {"role": "assistant", "content": "Fine."},
 ]
-MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "[INST]",
-           "[/INST]", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[gMASK]", "<sop>", "<|observation|>",
-           "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
-           "<|SYSTEM_TOKEN|>", "<<SYS>>", "<</SYS>>", "<think>", "</think>"]
-
-
-@pytest.fixture(scope="module")
-def bare_tokenizer(tokenizer):
-    """The SmolLM2 tokenizer without a chat template of its own, each family's markers one token, as in
-    the family's own tokenizer."""
-    bare = copy.deepcopy(tokenizer)
-    bare.chat_template = None
-    bare.add_special_tokens({"additional_special_tokens": MARKERS}, replace_extra_special_tokens=False)
-    return bare
-
-
 def encode(tokenizer, name, messages, cutoff_len=1024):
     """A conversation's ids and labels, as a run with this template encodes it."""
     config = build_config({"stage": "sft", "template": name, "cutoff_len": cutoff_len})
@@ -100,11 +84,11 @@ def test_every_named_template_has_a_mask_test():
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_two_turns_train_each_reply_and_its_end_marker_only(bare_tokenizer, name):
-    template = chat_template_for(bare_tokenizer, name)
-    ids, labels = encode(bare_tokenizer, name, TWO_TURNS)
-    assert trained_runs(bare_tokenizer, ids, labels) == FAMILIES[name]
-    text = render(bare_tokenizer, template, TWO_TURNS, generation_prompt=False)
+def test_two_turns_train_each_reply_and_its_end_marker_only(marked_tokenizer, name):
+    template = chat_template_for(marked_tokenizer, name)
+    ids, labels = encode(marked_tokenizer, name, TWO_TURNS)
+    assert trained_runs(marked_tokenizer, ids, labels) == FAMILIES[name]
+    text = render(marked_tokenizer, template, TWO_TURNS, generation_prompt=False)
     assert "Be brief." in text and "Hi there" in text and "How are you?" in text
 
 
@@ -124,8 +108,8 @@ def test_two_turns_train_each_reply_and_its_end_marker_only(bare_tokenizer, name
                "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi there<|END_OF_TURN_TOKEN|>"
                "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello!</s>"),
 ])
-def test_named_templates_render_as_llama_factory_does(bare_tokenizer, name, expected):
-    tokenizer = copy.copy(bare_tokenizer)
+def test_named_templates_render_as_llama_factory_does(marked_tokenizer, name, expected):
+    tokenizer = copy.copy(marked_tokenizer)
     special = {"bos_token": "<s>", "eos_token": "</s>"} if name != "llama3" else {"bos_token": "<|begin_of_text|>"}
     if name == "gemma":
         special = {"bos_token": "<bos>"}
@@ -134,13 +118,15 @@ def test_named_templates_render_as_llama_factory_does(bare_tokenizer, name, expe
     assert rendered == expected
 
 
-def test_a_generation_prompt_opens_the_reply(bare_tokenizer):
-    prompt = render(bare_tokenizer, chat_template_for(bare_tokenizer, "llama3"), TWO_TURNS[:2], generation_prompt=True)
+def test_a_generation_prompt_opens_the_reply(marked_tokenizer):
+    template = chat_template_for(marked_tokenizer, "llama3")
+    prompt = render(marked_tokenizer, template, TWO_TURNS[:2], generation_prompt=True)
     assert prompt.endswith("Hi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_the_default_system_prompt_is_used_when_the_data_has_none(bare_tokenizer):
-    text = render(bare_tokenizer, chat_template_for(bare_tokenizer, "qwen"), TWO_TURNS[1:3], generation_prompt=False)
+def test_the_default_system_prompt_is_used_when_the_data_has_none(marked_tokenizer):
+    template = chat_template_for(marked_tokenizer, "qwen")
+    text = render(marked_tokenizer, template, TWO_TURNS[1:3], generation_prompt=False)
     assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
 
 
@@ -163,18 +149,18 @@ def test_null_uses_the_tokenizers_own_template(tokenizer):
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_the_prompt_is_tokenised_at_inference_as_in_training(bare_tokenizer, name):
+def test_the_prompt_is_tokenised_at_inference_as_in_training(marked_tokenizer, name):
     """No token straddles a prompt and its reply: the ids trained before the second reply are the ids of
     the generation prompt chat gives the model for the same conversation."""
     conversation = [{"role": "system", "content": "Quote."}, {"role": "user", "content": 'Say "yes".'},
                     {"role": "assistant", "content": '"Yes."'}, {"role": "user", "content": "Again:"},
                     {"role": "assistant", "content": '"Yes."'}]
-    ids, labels = encode(bare_tokenizer, name, conversation)
+    ids, labels = encode(marked_tokenizer, name, conversation)
     second_reply = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX) + 1
-    prompt = generation_prompt_ids(bare_tokenizer, conversation_format(bare_tokenizer, name), conversation[:4])
+    prompt = generation_prompt_ids(marked_tokenizer, conversation_format(marked_tokenizer, name), conversation[:4])
     assert ids[:second_reply] == prompt
 
 
-def test_an_unknown_template_lists_the_names(bare_tokenizer):
+def test_an_unknown_template_lists_the_names(marked_tokenizer):
     with pytest.raises(UserError, match="qwen3_nothink"):
-        chat_template_for(bare_tokenizer, "qwen4")
+        chat_template_for(marked_tokenizer, "qwen4")

@@ -30,12 +30,6 @@ from lmtune.errors import UserError
 FIXTURES = Path(__file__).parent / "fixtures"
 LLAMAFACTORY_DATA = Path(__file__).parent / "data" / "llamafactory"
 QWEN3_TEMPLATE = (FIXTURES / "qwen3" / "chat_template.jinja").read_text()
-MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "[INST]",
-           "[/INST]", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[gMASK]", "<sop>", "<|observation|>",
-           "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
-           "<|SYSTEM_TOKEN|>", "<<SYS>>", "<</SYS>>", "<think>", "</think>", "<tool_call>", "</tool_call>",
-           "<tool_response>", "</tool_response>"]
-
 RATE = {"type": "function", "function": {
     "name": "get_exchange_rate", "description": "The exchange rate between two currencies",
     "parameters": {"type": "object", "properties": {"base": {"type": "string"}, "target": {"type": "string"}},
@@ -63,10 +57,9 @@ THINKING_ROW = {"messages": [
 
 
 @pytest.fixture(scope="module")
-def qwen3_tokenizer(tokenizer):
+def qwen3_tokenizer(marked_tokenizer):
     """SmolLM2's tokenizer (ChatML's markers are its own) with Qwen3's added tokens and Qwen3's chat template."""
-    qwen3 = copy.deepcopy(tokenizer)
-    qwen3.add_special_tokens({"additional_special_tokens": MARKERS}, replace_extra_special_tokens=False)
+    qwen3 = copy.deepcopy(marked_tokenizer)
     qwen3.chat_template = QWEN3_TEMPLATE
     return qwen3
 
