@@ -17,14 +17,29 @@ from lmtune.webui import form as F
 from lmtune.webui.conversation import SIDES, ChatModel, Conversation
 
 NONE = ""
-SEND_JS = """(message, ...settings) => {
-    const box = document.querySelector('#chat-input textarea');
-    if (!box) return [message, ...settings];
-    const typed = box.value;
-    box.value = '';
-    box.dispatchEvent(new Event('input', {bubbles: true}));
-    return [typed, ...settings];
+# The box's text is taken in the moment Enter is pressed or Send clicked, and the box emptied: the send event that
+# follows is handled later (much later on a busy page), when the box may already hold the next message.
+TAKE_JS = """() => {
+    window.lmtuneOutbox = [];
+    const take = () => {
+        const box = document.querySelector('#chat-input textarea');
+        window.lmtuneOutbox.push(box ? box.value : '');
+        if (box) {
+            box.value = '';
+            box.dispatchEvent(new Event('input', {bubbles: true}));
+        }
+    };
+    document.addEventListener('keydown', (event) => {
+        if (event.key === 'Enter' && !event.shiftKey && !event.isComposing && event.target.closest('#chat-input')) {
+            take();
+        }
+    }, true);
+    document.addEventListener('click', (event) => {
+        if (event.target.closest('#chat-send')) take();
+    }, true);
 }"""
+# each send event takes the oldest message taken from the box
+SEND_JS = "(message, ...settings) => [window.lmtuneOutbox?.length ? window.lmtuneOutbox.shift() : message, ...settings]"
 
 
 class ChatTab:
@@ -76,7 +91,7 @@ class ChatTab:
     def follow(self, request: gr.Request):
         conversation = self.conversation(request)
         for _ in conversation.follow():
-            yield self.view(conversation)
+            yield self.view(conversation)[:3]
 
     def stop(self, request: gr.Request):
         self.conversation(request).stop()
@@ -135,9 +150,9 @@ def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
     for side, picker, button in (("A", choice, load), ("B", compare, load_compare)):
         button.click(lambda: "loading ...", None, status).then(
             lambda value, side=side: chat.load(side, value), picker, status).then(chat.show, None, shown, **quick)
-    # the message goes as the browser shows it at Enter (read from the box itself, not from a copy that may lag
-    # behind the typing) straight to the server's queue, in the order sent; the box is emptied in the browser
-    # in the same step, so a reply from the server never wipes what is typed next
+    # each message goes as the box showed it at Enter (see TAKE_JS) straight to the server's queue, in the order
+    # sent; the box is emptied in the browser at once, so no reply from the server wipes what is typed next
+    page.load(None, None, None, js=TAKE_JS)
     inputs = [message, system, max_new_tokens, temperature, top_p, stop]
     follows = [trigger(chat.send, inputs, shown, js=SEND_JS, concurrency_id="chat-send", concurrency_limit=1,
                        show_progress="hidden", trigger_mode="multiple").then(chat.follow, None, shown[:3], **quick)
