@@ -329,9 +329,9 @@ def test_a_run_picked_before_the_page_has_loaded_stays_picked(served):
         served.pick("run-folder", "runs/flat")
         served.wait_text("progress", "runs/flat")
     finally:
-        page.unroute("**/queue/join*")
         for route in held:
             route.continue_()
+        page.unroute("**/queue/join*")
     served.wait_text("runs", "runs/pref", "runs/rl")
     time.sleep(3)  # the opening's answer lands and the Monitor polls (every second) what it shows
-    assert "runs/flat" in served.text("progress") and "runs/flat" in served.text("run-folder")
+    assert "runs/flat" in served.text("progress") and page.locator("#run-folder input").input_value() == "runs/flat"
