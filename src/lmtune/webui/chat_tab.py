@@ -18,12 +18,16 @@ from lmtune.webui.conversation import SIDES, ChatModel, Conversation
 
 NONE = ""
 # The box's text is taken in the moment Enter is pressed or Send clicked, and the box emptied: the send event that
-# follows is handled later (much later on a busy page), when the box may already hold the next message.
+# follows is handled later (much later on a busy page), when the box may already hold the next message. Each
+# send, Stop and Clear is numbered in the order the user made them: the server follows that order, whichever
+# of their events reaches it first.
 TAKE_JS = """() => {
+    let count = 0;
+    window.lmtuneNext = () => ++count;
     window.lmtuneOutbox = [];
     const take = () => {
         const box = document.querySelector('#chat-input textarea');
-        window.lmtuneOutbox.push(box ? box.value : '');
+        window.lmtuneOutbox.push({text: box ? box.value : '', order: window.lmtuneNext()});
         if (box) {
             box.value = '';
             box.dispatchEvent(new Event('input', {bubbles: true}));
@@ -39,7 +43,11 @@ TAKE_JS = """() => {
     }, true);
 }"""
 # each send event takes the oldest message taken from the box
-SEND_JS = "(message, ...settings) => [window.lmtuneOutbox?.length ? window.lmtuneOutbox.shift() : message, ...settings]"
+SEND_JS = """(message, ...settings) => {
+    const taken = window.lmtuneOutbox?.shift() ?? {text: message, order: window.lmtuneNext?.() ?? 0};
+    return [taken.text, ...settings.slice(0, -1), taken.order];
+}"""
+NUMBERED_JS = "(order) => [window.lmtuneNext?.() ?? 0]"
 
 
 class ChatTab:
@@ -71,7 +79,7 @@ class ChatTab:
         return f"loaded **{value}**" + (" (model B: answers side by side)" if side != "A" else "")
 
     def send(self, message: str, system: str, max_new_tokens: float, temperature: float, top_p: float,
-             stop: str, request: gr.Request):
+             stop: str, order: float, request: gr.Request):
         """Queue the message or, without a model, put it back in the box and say why."""
         conversation = self.conversation(request)
         if not (message or "").strip():
@@ -85,7 +93,7 @@ class ChatTab:
                         temperature=float(temperature), top_p=float(top_p),
                         stop=tuple(line for line in (stop or "").splitlines() if line))
         sides = [side for side, model in self.models.items() if model.session is not None]
-        conversation.send(message, settings, sides, self.models)
+        conversation.send(message, settings, sides, self.models, int(order or 0))
         return self.view(conversation)
 
     def follow(self, request: gr.Request):
@@ -93,12 +101,12 @@ class ChatTab:
         for _ in conversation.follow():
             yield self.view(conversation)[:3]
 
-    def stop(self, request: gr.Request):
-        self.conversation(request).stop()
+    def stop(self, order: float, request: gr.Request):
+        self.conversation(request).stop(int(order or 0))
         return self.view(self.conversation(request))
 
-    def clear(self, request: gr.Request):
-        self.conversation(request).clear()
+    def clear(self, order: float, request: gr.Request):
+        self.conversation(request).clear(int(order or 0))
         return self.view(self.conversation(request))
 
     def show(self, request: gr.Request):
@@ -153,14 +161,15 @@ def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
     # each message goes as the box showed it at Enter (see TAKE_JS) straight to the server's queue, in the order
     # sent; the box is emptied in the browser at once, so no reply from the server wipes what is typed next
     page.load(None, None, None, js=TAKE_JS)
-    inputs = [message, system, max_new_tokens, temperature, top_p, stop]
+    order = gr.Number(visible=False, precision=0)  # its value is never used: the page's number of each action
+    inputs = [message, system, max_new_tokens, temperature, top_p, stop, order]
     follows = [trigger(chat.send, inputs, shown, js=SEND_JS, concurrency_id="chat-send", concurrency_limit=1,
                        show_progress="hidden", trigger_mode="multiple").then(chat.follow, None, shown[:3], **quick)
                for trigger in (message.submit, send.click)]
     # Stop and Clear go past the queue, and end the page's stream of the answer: nothing it had sent before and
     # a busy page draws late can show the cleared or stopped conversation again
     for button, handler in ((stop_button, chat.stop), (clear, chat.clear)):
-        button.click(handler, None, shown, queue=False, cancels=follows, show_progress="hidden")
+        button.click(handler, order, shown, js=NUMBERED_JS, queue=False, cancels=follows, show_progress="hidden")
     page.unload(chat.forget)
     return [choice, compare]
 

@@ -35,6 +35,7 @@ class Turn:
     message: str
     settings: dict[str, Any]
     answers: dict[str, Answer] = field(default_factory=dict)
+    order: int = 0  # where the page put it among its sends, Stops and Clears
 
 
 class ChatModel:
@@ -75,6 +76,7 @@ class Conversation:
         self.worker: threading.Thread | None = None
         self.cancel = threading.Event()  # ends the answer being written
         self.note = ""
+        self.cleared = 0  # the order of the last Clear
         self.viewer = 0  # the newest page stream following the conversation; older ones end
 
     def _touch(self) -> None:
@@ -82,35 +84,58 @@ class Conversation:
         self.version += 1
         self.changed.notify_all()
 
-    def send(self, message: str, settings: dict[str, Any], sides: list[str], models: dict[str, ChatModel]) -> None:
+    def send(self, message: str, settings: dict[str, Any], sides: list[str], models: dict[str, ChatModel],
+             order: int = 0) -> None:
+        """Queue a message. `order` is the page's count of its actions: a message that reaches the server after
+        a later one (or after a later Clear) takes its place as the page had it."""
         with self.lock:
-            self.turns.append(Turn(message, settings, {side: Answer() for side in sides}))
+            if order and order < self.cleared:
+                return  # sent before a Clear that is already done
+            turn = Turn(message, settings, {side: Answer() for side in sides}, order)
+            at = len(self.turns)
+            while at > 0 and self.turns[at - 1].order > order and self._waiting(self.turns[at - 1]):
+                at -= 1
+            self.turns.insert(at, turn)
             self.note = ""
             self._touch()
             if self.worker is None:
                 self.worker = threading.Thread(target=self._answer_waiting, args=(models,), daemon=True)
                 self.worker.start()
 
-    def clear(self) -> None:
-        """Everything goes, the answer being written and the waiting messages included."""
+    @staticmethod
+    def _waiting(turn: Turn) -> bool:
+        return all(answer.state == WAITING for answer in turn.answers.values())
+
+    def clear(self, order: int = 0) -> None:
+        """Everything the page sent before the Clear goes, the answer being written and the waiting messages
+        included."""
         with self.lock:
-            self.turns = []
-            self.cancel.set()
+            self.cleared = max(self.cleared, order)
+            gone = [turn for turn in self.turns if not order or turn.order < order]
+            if any(answer.state == WRITING for turn in gone for answer in turn.answers.values()):
+                self.cancel.set()
+            self.turns = [turn for turn in self.turns if all(turn is not other for other in gone)]
             self.note = ""
             self._touch()
 
-    def stop(self) -> None:
-        """The answer being written ends where it is; the waiting messages are not answered."""
+    def stop(self, order: int = 0) -> None:
+        """The answer being written ends where it is; the messages sent before the Stop and still waiting are
+        not answered."""
         with self.lock:
             skipped = 0
-            for answer in self._answers():
-                if answer.state == WAITING:
-                    answer.state, skipped = SKIPPED, skipped + 1
-            self.cancel.set()
+            for turn in self.turns:
+                if order and turn.order > order:
+                    continue
+                for answer in turn.answers.values():
+                    if answer.state == WAITING:
+                        answer.state, skipped = SKIPPED, skipped + 1
+                    elif answer.state == WRITING:
+                        self.cancel.set()
             self.note = "stopped" + (f"; {skipped} waiting answer(s) not written" if skipped else "")
             self._touch()
             # the answer being written ends at its next piece: wait for it, so the page sees it stopped
-            self.changed.wait_for(lambda: all(answer.state != WRITING for answer in self._answers()), timeout=30)
+            self.changed.wait_for(lambda: not self.cancel.is_set() or all(
+                answer.state != WRITING for answer in self._answers()), timeout=30)
 
     def _answers(self) -> Iterator[Answer]:
         for turn in self.turns:
