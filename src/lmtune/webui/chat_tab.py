@@ -136,7 +136,7 @@ def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
     with gr.Accordion("settings: system prompt, sampling, stop sequences", open=False, elem_id="chat-settings"):
         system = gr.Textbox(label="system prompt", lines=2, elem_id="chat-system")
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens", elem_id="chat-max-tokens")
+            max_new_tokens = gr.Slider(1, 4096, value=128, step=1, label="max_new_tokens", elem_id="chat-max-tokens")
             temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)",
                                     elem_id="chat-temperature")
             top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="top_p", elem_id="chat-top-p")
