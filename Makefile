@@ -28,10 +28,11 @@ $(OLDEST_TRANSFORMERS): pyproject.toml
 		"transformers==$$(sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)"
 
 # Test files run side by side (pytest-xdist): much of a test's time is a subprocess starting or a browser
-# waiting, not arithmetic. A file stays on one worker, so its module fixtures are built once.
+# waiting, not arithmetic. A file stays on one worker, so its module fixtures are built once; files go to the
+# workers longest first (tests/conftest.py's LONGEST_FILES).
 test: setup $(OLDEST_TRANSFORMERS)
 	LMTUNE_OLD_TRANSFORMERS=$(CURDIR)/$(OLDEST_TRANSFORMERS) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 \
-		--dist loadfile --durations 25
+		--dist loadfile --no-loadscope-reorder --durations 25
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -18,6 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
+# The files that take longest, longest first. `make test` hands files to its workers in collection order
+# (--no-loadscope-reorder): started first, no long file is left running alone at the end.
+LONGEST_FILES = ["test_webui.py", "test_bench.py", "test_nodes.py", "test_webui_train.py", "test_fsdp.py",
+                 "test_streaming.py", "test_webui_after_training.py", "test_resume.py", "test_grpo.py",
+                 "test_families.py", "test_dpo.py", "test_kto_rm.py", "test_reshard.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Processed data goes to a fresh cache; converted models are shared with the user's cache."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -222,12 +223,50 @@ def test_padded_pairs_train_as_padding_free_ones_do(dpo_config, tmp_path, capsys
     assert_same_metrics(tmp_path / "free", tmp_path / "padded")
 
 
+# Loaded as a callback (before the reference is computed): computing the reference log-probabilities takes
+# longer than ddp_timeout and the process group's timeout after it (10 s and 3 heartbeats of 1 s).
+SLOW_REFERENCE = '''
+import os
+import time
+
+import lmtune.preference as preference
+
+computing = preference._log_probs_of
+
+
+def slow_log_probs(rows, *args, **kwargs):
+    with open(os.path.join(os.path.dirname(__file__), "computed-by-" + os.environ["RANK"]), "a") as out:
+        out.write(str(len(rows)) + "\\n")
+    time.sleep(14)
+    return computing(rows, *args, **kwargs)
+
+
+preference._log_probs_of = slow_log_probs
+
+
+class SlowReference:
+    def on_train_begin(self, state, model):
+        pass
+'''
+
+
 def test_two_processes_train_pairs_as_one_process_with_both_their_pairs(dpo_config, tmp_path):
     """The loss and the metrics of a step are means over the pairs of every process. 7 pairs: the last step's
-    3 do not split over 2 processes, and the repeat that pads them counts in no loss and no metric."""
-    torchrun(dpo_config(output_dir=str(tmp_path / "two"), max_steps=2, max_samples=7, per_device_train_batch_size=2))
-    assert run_lmtune("train", dpo_config(output_dir=str(tmp_path / "one"), max_steps=2, max_samples=7,
-                                          per_device_train_batch_size=4)) == 0
+    3 do not split over 2 processes, and the repeat that pads them counts in no loss and no metric. The
+    reference log-probabilities are computed by one process while the other waits on its file lock, not in a
+    collective: computing them for longer than ddp_timeout stops nothing."""
+    (tmp_path / "slow_reference.py").write_text(SLOW_REFERENCE)
+    common = dict(max_steps=2, max_samples=7, precompute_ref_log_probs=True)
+    two = torchrun(dpo_config(output_dir=str(tmp_path / "two"), per_device_train_batch_size=2, ddp_timeout=10,
+                              callbacks=["slow_reference:SlowReference"], **common),
+                   env={"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))})
+    assert [path.read_text() for path in tmp_path.glob("computed-by-*")] == ["7\n"]  # one process, once
+    log = " ".join(two.stderr.split())  # process 0's: it computed them, or waited and read them
+    assert ("reference log-probabilities of 7 pairs computed" in log) != (
+        "another process is preparing the reference log-probabilities" in log
+        and "reference log-probabilities read from" in log)
+    assert run_lmtune("train", dpo_config(output_dir=str(tmp_path / "one"), per_device_train_batch_size=4,
+                                          **common)) == 0
     assert [r["samples_seen"] for r in train_rows(tmp_path / "two")] == [4, 7]
     assert_same_training(tmp_path / "two", tmp_path / "one")
     assert_same_metrics(tmp_path / "two", tmp_path / "one")

@@ -70,7 +70,7 @@ from lmtune.models import (
     save_final_weights,
 )
 from lmtune.optimizers import build_optimizer
-from lmtune.peers import Peers, named_failures, process_group_timeout, restarts
+from lmtune.peers import Peers, init_method, named_failures, process_group_timeout, restarts
 from lmtune.phases import PhaseClock, log_moment
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
 from lmtune.preference import precompute_reference, reference_for
@@ -151,7 +151,7 @@ def train(config: TrainConfig) -> Path:
 
 
 def accelerator_for(config: TrainConfig) -> Accelerator:
-    timeout = InitProcessGroupKwargs(timeout=process_group_timeout(config.ddp_timeout))
+    timeout = InitProcessGroupKwargs(init_method=init_method(), timeout=process_group_timeout(config.ddp_timeout))
     return Accelerator(mixed_precision=_mixed_precision(config), step_scheduler_with_optimizer=False,
                        cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
 
@@ -195,7 +195,8 @@ def set_up(config: TrainConfig, accelerator: Accelerator | None = None, peers: P
         peers.wait_for_all("loading the model")
         peers.doing("set-up (reference model, checkpoint, optimizer)")
     clock.lap("model")
-    reference = _preference_reference(config, model, data, tokenizer, accelerator)  # before a checkpoint's weights
+    # before a checkpoint's weights are loaded into the model
+    reference = _preference_reference(config, model, data, tokenizer, accelerator, peers)
     if point is not None:
         check_compatible(point, config, accelerator.num_processes)
         settle_data_position(point, None if config.streaming else len(data.train))
@@ -255,7 +256,7 @@ def _checked_rewards(config: TrainConfig, data: ProcessedData) -> list[Any] | No
 
 
 def _preference_reference(config: TrainConfig, model: torch.nn.Module, data: ProcessedData, tokenizer: Any,
-                          accelerator: Accelerator) -> Any:
+                          accelerator: Accelerator, peers: Peers | None) -> Any:
     """dpo, kto, grpo: the reference model, taken from the model as loaded; or the reference log-probabilities,
     computed with it once and added to the data (precompute_ref_log_probs)."""
     if not config.uses_reference:
@@ -265,8 +266,10 @@ def _preference_reference(config: TrainConfig, model: torch.nn.Module, data: Pro
             model.to(accelerator.device)
         collator = Collator(tokenizer.pad_token_id, packed=False,
                             padding_free=batching_of(config, [], model)["padding_free"])
-        with accelerator.main_process_first():
-            precompute_reference(config, model, data, collator, accelerator)
+        precompute_reference(config, model, data, collator, accelerator)
+        if peers is not None:
+            peers.wait_for_all("computing the reference log-probabilities")
+            peers.doing("set-up (checkpoint, optimizer)")
     return reference_for(model, config, accelerator.device)
 
 

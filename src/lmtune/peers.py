@@ -1,6 +1,7 @@
-"""The other processes of a run, on this machine and on others: how long a collective may wait for them
-(`ddp_timeout`), which of them stopped answering when one waits too long, whether they all see the same
-`output_dir`, and whether torchrun restarted them (an elastic restart).
+"""The other processes of a run, on this machine and on others: how they find each other in torchrun's store
+(a namespace of each start's own), how long a collective may wait for them (`ddp_timeout`), which of them
+stopped answering when one waits too long, whether they all see the same `output_dir`, and whether torchrun
+restarted them (an elastic restart).
 
 Each process publishes a heartbeat (a counter) in torchrun's store from a thread of its own, with the
 operation its main thread is in. A process that waited longer than `ddp_timeout` in an operation while a
@@ -23,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.rendezvous import register_rendezvous_handler
 
 from lmtune.errors import RunFailed, UserError
 
@@ -38,6 +40,71 @@ def heartbeat_interval(ddp_timeout: float) -> float:
 def process_group_timeout(ddp_timeout: float) -> timedelta:
     """The process group's timeout: ddp_timeout and three heartbeats, so that a frozen peer is named first."""
     return timedelta(seconds=ddp_timeout + 3 * heartbeat_interval(ddp_timeout))
+
+
+# --- one store namespace for each start ----------------------------------------------------------
+
+
+def init_method() -> str | None:
+    """How the processes find each other: `lmtune://` under torchrun's agent store (the default of its c10d
+    rendezvous), torch's own `env://` (None) otherwise. The agent store outlives a restart and holds the keys of
+    the processes before it, so a process group built on it after torchrun restarted the processes can reach for
+    one that is gone (pytorch/pytorch#135712): `lmtune://` gives each start a namespace of its own in it."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    return f"{START_SCHEME}://"
+
+
+def _this_start_store(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs: object) -> Iterator[tuple]:
+    """A rendezvous handler (torch.distributed.rendezvous): torchrun's agent store, under this start's name."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    name = name_this_start(store, rank, world, time.monotonic() + timeout.total_seconds())
+    yield dist.PrefixStore(f"lmtune/start-{name}", store), rank, world
+    raise RuntimeError("lmtune:// does not rendezvous again: torchrun restarts the processes instead")
+
+
+def name_this_start(store: dist.Store, rank: int, world: int, deadline: float) -> str:
+    """Process 0 names this start, every other process answers the name with a nonce of its own, and process 0
+    confirms with their nonces: a name or an answer an earlier start left in the store is never taken for this
+    start's. Returns the name."""
+    nonce = secrets.token_hex(8)
+    if rank == 0:
+        store.set("lmtune/start", nonce)
+        answers: dict[str, str] = {}
+        while len(answers) < world - 1:
+            for other in map(str, range(1, world)):
+                if other not in answers and store.check([f"lmtune/answer/{other}"]):
+                    named, theirs = json.loads(store.get(f"lmtune/answer/{other}"))
+                    if named == nonce:
+                        answers[other] = theirs
+            _pause_before(deadline, len(answers) + 1, world)
+        store.set("lmtune/started", json.dumps({"name": nonce, "nonces": answers}))
+        return nonce
+    answered = None
+    while True:
+        named = store.get("lmtune/start").decode() if store.check(["lmtune/start"]) else None
+        if named is not None and named != answered:
+            store.set(f"lmtune/answer/{rank}", json.dumps([named, nonce]))
+            answered = named
+        started = json.loads(store.get("lmtune/started")) if store.check(["lmtune/started"]) else {}
+        if started.get("nonces", {}).get(str(rank)) == nonce:
+            return started["name"]
+        _pause_before(deadline, None, world)
+
+
+def _pause_before(deadline: float, arrived: int | None, world: int) -> None:
+    if time.monotonic() > deadline:
+        count = f"{arrived} of {world}" if arrived is not None else f"not all {world}"
+        raise RunFailed(f"the processes did not all start: {count} met within the process group's timeout "
+                        "(ddp_timeout); torchrun restarts them where --max-restarts allows")
+    time.sleep(0.05)
+
+
+START_SCHEME = "lmtune"
+with contextlib.suppress(RuntimeError):  # registered once a process
+    register_rendezvous_handler(START_SCHEME, _this_start_store)
 
 
 def restart_count() -> int:

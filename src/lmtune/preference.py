@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lmtune.config import KTO_METRICS, PREFERENCE_METRICS, TrainConfig
 from lmtune.loss import TokenSumLoss, batch_loss_for
+from lmtune.paths import building
 
 log = logging.getLogger("lmtune")
 
@@ -258,24 +259,41 @@ def reference_for(model: torch.nn.Module, config: TrainConfig, device: torch.dev
 def precompute_reference(config: TrainConfig, model: torch.nn.Module, data: Any, collator: Any,
                          accelerator: Any) -> None:
     """Adds `ref_logps` (chosen, rejected) to every pair of the train and eval data, computed with the model
-    as loaded, or read from where an earlier run stored them with the processed data."""
+    as loaded, or read from where an earlier run stored them with the processed data. Like the processed
+    data, they are computed by one process per cache while the others wait on its file lock, outside any
+    collective: a long computation is never a ddp_timeout."""
     stored = _stored_path(config, data.cache_dir)
-    if stored is not None and stored.exists():
-        values = json.loads(stored.read_text())
-        log.info("precompute_ref_log_probs: reference log-probabilities read from %s", stored)
-    else:
-        reference = AdapterOff(model) if hasattr(model, "disable_adapter") else FrozenModel(model)
-        values = {split: _log_probs_of(rows, reference, collator, config, accelerator)
-                  for split, rows in (("train", data.train), ("eval", data.eval)) if rows is not None}
-        reference.token_loss.remove()
-        if stored is not None and accelerator.is_main_process:
-            partial = stored.with_name(f"{stored.name}.partial-{os.getpid()}")
-            partial.write_text(json.dumps(values))
-            partial.replace(stored)
-        log.info("precompute_ref_log_probs: reference log-probabilities of %d pairs computed", len(values["train"]))
+    values = _read_stored(stored)
+    if values is None and stored is None:
+        values = _reference_log_probs(config, model, data, collator, accelerator)
+    elif values is None:
+        with building(stored, "reference log-probabilities"):
+            values = _read_stored(stored)  # another process computed them while this one waited
+            if values is None:
+                values = _reference_log_probs(config, model, data, collator, accelerator)
+                partial = stored.with_name(f"{stored.name}.partial-{os.getpid()}")
+                partial.write_text(json.dumps(values))
+                partial.replace(stored)
     data.train = data.train.add_column("ref_logps", values["train"])
     if data.eval is not None:
         data.eval = data.eval.add_column("ref_logps", values["eval"])
+
+
+def _read_stored(stored: Path | None) -> dict | None:
+    if stored is None or not stored.exists():
+        return None
+    log.info("precompute_ref_log_probs: reference log-probabilities read from %s", stored)
+    return json.loads(stored.read_text())
+
+
+def _reference_log_probs(config: TrainConfig, model: torch.nn.Module, data: Any, collator: Any,
+                         accelerator: Any) -> dict[str, list]:
+    reference = AdapterOff(model) if hasattr(model, "disable_adapter") else FrozenModel(model)
+    values = {split: _log_probs_of(rows, reference, collator, config, accelerator)
+              for split, rows in (("train", data.train), ("eval", data.eval)) if rows is not None}
+    reference.token_loss.remove()
+    log.info("precompute_ref_log_probs: reference log-probabilities of %d pairs computed", len(values["train"]))
+    return values
 
 
 def _log_probs_of(rows: Any, reference: Any, collator: Any, config: TrainConfig, accelerator: Any) -> list:
