@@ -57,6 +57,7 @@ def opened(tmp_path_factory, tiny_model_dir, browser):
     (workdir / "models" / "long" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     server, url = start_server(workdir)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(90_000)  # a click waits for a page that a loaded machine draws slowly
     ui = Page(page, workdir.parent / "webui-shots")
     try:
         page.goto(url)
@@ -174,7 +175,7 @@ def load(ui: Page, option: str, loaded: str) -> None:
 
 
 @contextlib.contextmanager
-def busy(ui: Page, slower: float = 8):
+def busy(ui: Page, slower: float = 4):
     """The page's CPU `slower` times slower, as in a browser on a loaded machine: late drawing and late events."""
     cdp = ui.page.context.new_cdp_session(ui.page)
     cdp.send("Emulation.setCPUThrottlingRate", {"rate": slower})
@@ -190,7 +191,7 @@ def test_three_messages_sent_in_quick_succession_are_answered_in_order(opened, u
     load(ui, "models/long (folder)", "models/long")
     ui.page.locator("#chat-clear").click()
     ui.wait_for(lambda: not questions(ui), "an empty chat")
-    set_max_tokens(ui, 600)  # seconds of writing for the first answer
+    set_max_tokens(ui, 300)  # seconds of writing for the first answer
     # three Enters in quick succession on a busy page: the first answer starts streaming while they are sent
     with busy(ui):
         for prompt in PROMPTS:
@@ -198,8 +199,8 @@ def test_three_messages_sent_in_quick_succession_are_answered_in_order(opened, u
         box = ui.page.locator("#chat-input textarea")
         ui.wait_for(lambda: box.input_value() == "", "the box emptied as the message went", timeout=10)
         ui.wait_for(lambda: questions(ui) == PROMPTS, "the messages shown, in the order sent")
-    settle(ui, 3)
-    expected = replay("models/long", PROMPTS, 600)
+    settle(ui, 3, timeout=300)  # three answers of 300 tokens each, on a loaded machine
+    expected = replay("models/long", PROMPTS, 300)
     assert questions(ui) == PROMPTS
     assert [letters(a) for a in answers(ui)] == [letters(a or "(an empty answer)") for a in expected]
 
