@@ -230,8 +230,8 @@ def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
     # nothing the page had been sent before brings the exchange back
     send(ui, PROMPTS[1])
     ui.wait_for(lambda: len(answers(ui)) == 4 and answers(ui)[-1], "a new answer streaming")
-    with busy(ui, slower=8):
-        ui.page.wait_for_timeout(8000)  # the page falls behind the answer
+    with busy(ui):
+        ui.page.wait_for_timeout(3000)  # the page falls behind the answer
         ui.page.locator("#chat-clear").click()
         ui.wait_for(lambda: not questions(ui) and not answers(ui), "the chat cleared")
         ui.page.wait_for_timeout(3000)

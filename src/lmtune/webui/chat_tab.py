@@ -169,7 +169,8 @@ def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
     # Stop and Clear go past the queue, and end the page's stream of the answer: nothing it had sent before and
     # a busy page draws late can show the cleared or stopped conversation again
     for button, handler in ((stop_button, chat.stop), (clear, chat.clear)):
-        button.click(handler, order, shown, js=NUMBERED_JS, queue=False, cancels=follows, show_progress="hidden")
+        button.click(None, None, None, cancels=follows)  # first: the page stops drawing the stream at once
+        button.click(handler, order, shown, js=NUMBERED_JS, queue=False, show_progress="hidden")
     page.unload(chat.forget)
     return [choice, compare]
 

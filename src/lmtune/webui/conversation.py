@@ -200,7 +200,7 @@ class Conversation:
             answer.text, answer.state = text, state
             self._touch()
 
-    def follow(self, every_s: float = 0.25) -> Iterator[None]:
+    def follow(self, every_s: float = 0.5) -> Iterator[None]:
         """Yield at each change while messages are answered, at most once every `every_s` seconds so that a
         slow page is never sent more than it can draw; ends when nothing is written or waiting, or when a
         newer stream follows the conversation instead."""
