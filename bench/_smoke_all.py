@@ -5,7 +5,8 @@
 Each script runs as `python SCRIPT --smoke` would run it (`runpy` as `__main__`, with LMTUNE_BENCH_SMOKE=1),
 but the imports of torch, transformers, datasets and lmtune are paid once for all of them instead of once a
 script. What each printed, its exit status (a SystemExit's code; 1 for an exception, with its traceback)
-and its wall time go to RESULTS.json. The environment, the working folder and torch's thread count are
+its wall time and its CPU time (this process's and that of the child processes it waited for: the steadier
+figure on a shared machine) go to RESULTS.json. The environment, the working folder and torch's thread count are
 put back after each script, and accelerate's process-wide state is reset, so one script's settings do not
 reach the next.
 """
@@ -16,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import runpy
 import sys
 import time
@@ -37,11 +39,16 @@ def exit_code(stop: SystemExit) -> int:
     return 1
 
 
+def cpu_seconds() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def run_one(script: Path) -> dict:
     environment, folder, argv = dict(os.environ), os.getcwd(), sys.argv
     threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     printed, errors = io.StringIO(), io.StringIO()
-    started = time.monotonic()
+    started, cpu = time.monotonic(), cpu_seconds()
     sys.argv = [str(script), "--smoke"]
     os.environ["LMTUNE_BENCH_SMOKE"] = "1"
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
@@ -62,7 +69,7 @@ def run_one(script: Path) -> dict:
     if "accelerate.state" in sys.modules:  # the next script's Accelerator may ask for another precision
         sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
     return {"code": code, "stdout": printed.getvalue(), "stderr": errors.getvalue()[-8000:],
-            "seconds": round(time.monotonic() - started, 2)}
+            "seconds": round(time.monotonic() - started, 2), "cpu_seconds": round(cpu_seconds() - cpu, 2)}
 
 
 def main() -> None:
@@ -72,7 +79,8 @@ def main() -> None:
     for script in chosen:
         results[script.stem] = run_one(script)
         results_file.write_text(json.dumps(results, indent=1))  # what finished so far, should a script hang
-        print(f"{script.stem}: exit {results[script.stem]['code']} in {results[script.stem]['seconds']} s",
+        result = results[script.stem]
+        print(f"{script.stem}: exit {result['code']} in {result['seconds']} s ({result['cpu_seconds']} s of CPU)",
               flush=True)
 
 

@@ -182,7 +182,7 @@ def main() -> int:
     import torch
 
     if args.smoke:
-        args.steps, args.batch_size, args.cutoff_len = 2, 4, 128
+        args.steps, args.batch_size, args.cutoff_len = 2, 2, 64
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu" and not args.smoke:
         raise SystemExit("gpu_check: no CUDA device is visible (--smoke runs the CPU check)")

@@ -11,7 +11,7 @@
 4. Tokens per second of the data pipeline, streamed against the same rows loaded in memory.
 
 The last line is `resume_ratio`: the whole resume time at the late position over that at the early one.
-`--smoke`: a 2 MB corpus in a temporary folder, 2 steps, positions 1,000 and 5,000, 2,000 rows for the
+`--smoke`: a 2 MB corpus in a temporary folder, 1 step, positions 1,000 and 5,000, 500 rows for the
 pipeline.
 """
 
@@ -162,13 +162,13 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "lmtune-bench-corpus.jsonl")
-    parser.add_argument("--smoke", action="store_true", help="a 2 MB corpus, 2 steps, near positions")
+    parser.add_argument("--smoke", action="store_true", help="a 2 MB corpus, 1 step, near positions")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmtune-stream-bench-"))
     positions, pipeline_rows = (1_000, 1_000_000), 20_000
     if smoke_requested(args):
-        args.gb, args.steps, args.corpus = 0.002, 2, work / "corpus.jsonl"
-        positions, pipeline_rows = (1_000, 5_000), 2_000
+        args.gb, args.steps, args.corpus = 0.002, 1, work / "corpus.jsonl"
+        positions, pipeline_rows = (1_000, 5_000), 500
     if not args.corpus.exists() or args.corpus.stat().st_size < args.gb * 0.95e9:
         generate_corpus(args.corpus, args.gb)
     model = model_dir("tiny", work)

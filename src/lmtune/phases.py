@@ -39,6 +39,7 @@ class PhaseClock:
         now = time.perf_counter()
         if log.isEnabledFor(logging.DEBUG):
             started = since_process_start()
-            at = f" ({started:.2f} s since the process started)" if started is not None else ""
-            log.debug("%s: %s %.2f s%s", self.what, name, now - self.last, at)
+            at = f"{started:.2f} s since the process started, " if started is not None else ""
+            log.debug("%s: %s %.2f s (%s%.2f s of CPU time)", self.what, name, now - self.last, at,
+                      time.process_time())
         self.last = now
