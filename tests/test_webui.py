@@ -1,6 +1,7 @@
 """The web UI: the form's YAML and its path sandbox (pure), and in Chromium (Playwright) the whole
 round a user makes: fill in the form, read the plan, start, watch, stop, resume with a new
-learning rate, chat. Screenshots go to the test's tmp folder (webui-shots/)."""
+learning rate (the Chat, Eval and Export tabs: test_webui_after_training). Screenshots go to the test's tmp
+folder (webui-shots/)."""
 
 from __future__ import annotations
 
@@ -158,12 +159,41 @@ def test_a_chat_message_without_a_loaded_model_stays_in_the_box(tmp_path):
     from lmtune.webui.chat_tab import ChatTab
 
     chat, page = ChatTab(tmp_path), SimpleNamespace(session_hash="page")
-    sent = ("What is 2 plus 3?", "", 8, 0, 1, "")
+    sent = ("What is 2 plus 3?", "", 8, 0, 1, "", 1)
     *_, status, box = chat.send(*sent, page)
     assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "load a model" in status
     with chat.models["A"].lock:  # as while a model loads
         *_, status, box = chat.send(*sent, page)
     assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "still loading" in status
+
+
+def test_the_chat_queue_follows_the_order_of_the_page_not_of_arrival():
+    from lmtune.webui.conversation import FAILED, SKIPPED, ChatModel, Conversation
+
+    model, chat = ChatModel(), Conversation()
+    models = {"A": model}
+
+    def send(text: str, order: int) -> None:
+        chat.send(text, {}, ["A"], models, order)
+
+    with model.lock:  # nothing is written while the test holds the model: every other message waits
+        send("one", 1)
+        send("three", 3)
+        send("two", 2)  # sent before "three", reached the server after it
+        assert [turn.message for turn in chat.turns] == ["one", "two", "three"]
+        send("six", 6)
+        chat.clear(5)  # a Clear pressed before "six" and handled after it
+        send("four", 4)  # sent before that Clear, handled after it: cleared with the rest
+        assert [turn.message for turn in chat.turns] == ["six"]
+        send("eight", 8)
+        chat.stop(7)  # a Stop pressed before "eight" leaves it waiting
+        assert [turn.answers["A"].state for turn in chat.turns] == [SKIPPED, "waiting"]
+    deadline = time.monotonic() + 120  # the worker imports the generation code first
+    while chat.worker is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # the server answered what waited (no model is loaded: each answer says so), and then stopped
+    assert chat.worker is None and chat.turns[-1].answers["A"].state == FAILED
+    assert "unloaded" in chat.turns[-1].answers["A"].text
 
 
 @pytest.mark.parametrize("key, value", [
@@ -496,7 +526,7 @@ def checkpoint_rows(ui: Page) -> list[list[str]]:
 
 
 @needs_chromium
-def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, browser, tmp_path):
+def test_train_watch_stop_resume_with_a_new_learning_rate(workdir, browser, tmp_path):
     with opened_ui(workdir, browser, tmp_path / "webui-shots", viewport={"width": 1440, "height": 1000}) as ui:
         page = ui.page
         ui.wait_text("plan", "pick at least one data set")
@@ -607,20 +637,6 @@ def test_train_watch_stop_resume_with_a_new_learning_rate_and_chat(workdir, brow
         ui.shot("5-monitor-resumed", required=False)  # a live page under load can outlast a screenshot
         page.locator("#stop-monitor").click()
         ui.wait_text("progress", "stopped at step", "exit code 130")
-
-        # -- chat with the newest checkpoint
-        page.get_by_role("tab", name="Chat").click()
-        newest = max(e["step"] for e in json.loads((workdir / "runs" / "sums" / "checkpoints.json").read_text())[
-            "checkpoints"] if e["status"] == "kept")
-        ui.pick("chat-target", f"runs/sums/checkpoint-{newest} (checkpoint, step {newest})", f"checkpoint-{newest}")
-        page.locator("#chat-load").click()
-        ui.wait_text("chat-status", f"loaded runs/sums/checkpoint-{newest}")
-        ui.fill("chat-input", "What is 2 plus 3?")
-        page.locator("#chat-send").click()
-        ui.wait_text("chatbot", "What is 2 plus 3?")
-        bot = page.locator("#chatbot .bot")
-        ui.wait_for(lambda: bot.count() >= 1 and bot.last.inner_text().strip(), "an answer from the model")
-        ui.shot("6-chat")
 
 
 @needs_chromium

@@ -303,3 +303,35 @@ def test_monitor_plots_every_metric_on_readable_axes_with_stops_and_resumes(ui):
     ui.wait_for(lambda: plot(ui, "reward")["drawn"] == {"reward", "reward std", "groups with no reward spread"},
                 "the grpo reward")
     assert not {"rewards", "accuracy"} & visible_plots(ui), header
+
+
+def test_a_run_picked_before_the_page_has_loaded_stays_picked(served):
+    """The Monitor's opening choice (the running or newest run) never overwrites a run the user picked first."""
+    page = served.page
+    config = page.request.get(served.url + "config").json()
+    ids = {c.get("props", {}).get("elem_id"): c["id"] for c in config["components"]}
+    opening = {d["id"] for d in config["dependencies"]
+               if any(event == "load" for _, event in d["targets"]) and ids["runs"] in d["outputs"]}
+    assert len(opening) == 1
+    held = []
+
+    def hold_opening(route):  # the server's answer comes after the user's pick, as on a busy machine
+        if (route.request.post_data_json or {}).get("fn_index") in opening:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/queue/join*", hold_opening)
+    try:
+        page.goto(served.url)
+        page.get_by_role("tab", name="Monitor").click()
+        served.wait_for(lambda: held, "the page's opening asked for")
+        served.pick("run-folder", "runs/flat")
+        served.wait_text("progress", "runs/flat")
+    finally:
+        for route in held:
+            route.continue_()
+        page.unroute("**/queue/join*")
+    served.wait_text("runs", "runs/pref", "runs/rl")
+    time.sleep(3)  # the opening's answer lands and the Monitor polls (every second) what it shows
+    assert "runs/flat" in served.text("progress") and page.locator("#run-folder input").input_value() == "runs/flat"

@@ -49,7 +49,9 @@ def build(root: Path) -> gr.Blocks:
             with gr.Tab("Monitor", id="monitor"):
                 monitor = monitor_tab.build(root, runner)
             after_training = {}
-            for module, name in ((chat_tab, "Chat"), (eval_tab, "Eval"), (export_tab, "Export")):
+            with gr.Tab("Chat", id="chat") as tab:
+                after_training[chat_tab] = tab, chat_tab.build(root, page)
+            for module, name in ((eval_tab, "Eval"), (export_tab, "Export")):
                 with gr.Tab(name, id=name.lower()) as tab:
                     after_training[module] = tab, module.build(root)
         train.start_event.then(lambda run: monitor_tab.show_started(root, run), train.started, monitor.run_choice) \

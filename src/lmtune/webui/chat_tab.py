@@ -17,6 +17,37 @@ from lmtune.webui import form as F
 from lmtune.webui.conversation import SIDES, ChatModel, Conversation
 
 NONE = ""
+# The box's text is taken in the moment Enter is pressed or Send clicked, and the box emptied: the send event that
+# follows is handled later (much later on a busy page), when the box may already hold the next message. Each
+# send, Stop and Clear is numbered in the order the user made them: the server follows that order, whichever
+# of their events reaches it first.
+TAKE_JS = """() => {
+    let count = 0;
+    window.lmtuneNext = () => ++count;
+    window.lmtuneOutbox = [];
+    const take = () => {
+        const box = document.querySelector('#chat-input textarea');
+        window.lmtuneOutbox.push({text: box ? box.value : '', order: window.lmtuneNext()});
+        if (box) {
+            box.value = '';
+            box.dispatchEvent(new Event('input', {bubbles: true}));
+        }
+    };
+    document.addEventListener('keydown', (event) => {
+        if (event.key === 'Enter' && !event.shiftKey && !event.isComposing && event.target.closest('#chat-input')) {
+            take();
+        }
+    }, true);
+    document.addEventListener('click', (event) => {
+        if (event.target.closest('#chat-send')) take();
+    }, true);
+}"""
+# each send event takes the oldest message taken from the box
+SEND_JS = """(message, ...settings) => {
+    const taken = window.lmtuneOutbox?.shift() ?? {text: message, order: window.lmtuneNext?.() ?? 0};
+    return [taken.text, ...settings.slice(0, -1), taken.order];
+}"""
+NUMBERED_JS = "(order) => [window.lmtuneNext?.() ?? 0]"
 
 
 class ChatTab:
@@ -31,7 +62,10 @@ class ChatTab:
         return self.conversations.setdefault(request.session_hash, Conversation())
 
     def forget(self, request: gr.Request) -> None:
-        self.conversations.pop(request.session_hash, None)
+        """The page closed: its answer being written ends, its waiting messages go."""
+        conversation = self.conversations.pop(request.session_hash, None)
+        if conversation is not None:
+            conversation.clear()
 
     def load(self, side: str, value: str) -> str:
         model = self.models[side]
@@ -45,7 +79,7 @@ class ChatTab:
         return f"loaded **{value}**" + (" (model B: answers side by side)" if side != "A" else "")
 
     def send(self, message: str, system: str, max_new_tokens: float, temperature: float, top_p: float,
-             stop: str, request: gr.Request):
+             stop: str, order: float, request: gr.Request):
         """Queue the message or, without a model, put it back in the box and say why."""
         conversation = self.conversation(request)
         if not (message or "").strip():
@@ -59,22 +93,20 @@ class ChatTab:
                         temperature=float(temperature), top_p=float(top_p),
                         stop=tuple(line for line in (stop or "").splitlines() if line))
         sides = [side for side, model in self.models.items() if model.session is not None]
-        conversation.send(message, settings, sides)
+        conversation.send(message, settings, sides, self.models, int(order or 0))
         return self.view(conversation)
 
-    def answer(self, request: gr.Request):
+    def follow(self, request: gr.Request):
         conversation = self.conversation(request)
-        yield self.view(conversation)
-        for _ in conversation.answer_waiting(self.models):
-            yield self.view(conversation)
-        yield self.view(conversation)
+        for _ in conversation.follow():
+            yield self.view(conversation)[:3]
 
-    def stop(self, request: gr.Request):
-        self.conversation(request).stop()
+    def stop(self, order: float, request: gr.Request):
+        self.conversation(request).stop(int(order or 0))
         return self.view(self.conversation(request))
 
-    def clear(self, request: gr.Request):
-        self.conversation(request).clear()
+    def clear(self, order: float, request: gr.Request):
+        self.conversation(request).clear(int(order or 0))
         return self.view(self.conversation(request))
 
     def show(self, request: gr.Request):
@@ -89,8 +121,9 @@ class ChatTab:
         return shown + ([gr.update()] if message is None else [message])
 
 
-def build(root: Path) -> list[gr.Dropdown]:
-    """The tab's components and handlers; call inside `gr.Tab`. Returns the pick lists (see `keep_fresh`)."""
+def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
+    """The tab's components and handlers; call inside `gr.Tab` of `page`. Returns the pick lists (see
+    `keep_fresh`)."""
     chat = ChatTab(root)
     with gr.Row():
         choice = gr.Dropdown(chat_picks(root, False), label="model, run or checkpoint", allow_custom_value=True,
@@ -103,7 +136,7 @@ def build(root: Path) -> list[gr.Dropdown]:
     with gr.Accordion("settings: system prompt, sampling, stop sequences", open=False, elem_id="chat-settings"):
         system = gr.Textbox(label="system prompt", lines=2, elem_id="chat-system")
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens", elem_id="chat-max-tokens")
+            max_new_tokens = gr.Slider(1, 4096, value=128, step=1, label="max_new_tokens", elem_id="chat-max-tokens")
             temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)",
                                     elem_id="chat-temperature")
             top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="top_p", elem_id="chat-top-p")
@@ -125,15 +158,20 @@ def build(root: Path) -> list[gr.Dropdown]:
     for side, picker, button in (("A", choice, load), ("B", compare, load_compare)):
         button.click(lambda: "loading ...", None, status).then(
             lambda value, side=side: chat.load(side, value), picker, status).then(chat.show, None, shown, **quick)
-    # the box empties in the browser as the message goes (a reply from the server could wipe what is typed
-    # meanwhile); only a message that could not be sent comes back to it
-    sending = gr.Textbox(visible=False)
-    inputs = [sending, system, max_new_tokens, temperature, top_p, stop]
-    for trigger in (message.submit, send.click):
-        trigger(None, message, [message, sending], js="(text) => ['', text]", **quick) \
-            .then(chat.send, inputs, shown, **quick).then(chat.answer, None, shown, **quick)
-    stop_button.click(chat.stop, None, shown, **quick)
-    clear.click(chat.clear, None, shown, **quick)
+    # each message goes as the box showed it at Enter (see TAKE_JS) straight to the server's queue, in the order
+    # sent; the box is emptied in the browser at once, so no reply from the server wipes what is typed next
+    page.load(None, None, None, js=TAKE_JS)
+    order = gr.Number(visible=False, precision=0)  # its value is never used: the page's number of each action
+    inputs = [message, system, max_new_tokens, temperature, top_p, stop, order]
+    follows = [trigger(chat.send, inputs, shown, js=SEND_JS, concurrency_id="chat-send", concurrency_limit=1,
+                       show_progress="hidden", trigger_mode="multiple").then(chat.follow, None, shown[:3], **quick)
+               for trigger in (message.submit, send.click)]
+    # Stop and Clear go past the queue, and end the page's stream of the answer: nothing it had sent before and
+    # a busy page draws late can show the cleared or stopped conversation again
+    for button, handler in ((stop_button, chat.stop), (clear, chat.clear)):
+        button.click(None, None, None, cancels=follows)  # first: the page stops drawing the stream at once
+        button.click(handler, order, shown, js=NUMBERED_JS, queue=False, show_progress="hidden")
+    page.unload(chat.forget)
     return [choice, compare]
 
 

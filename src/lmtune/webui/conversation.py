@@ -3,13 +3,15 @@
 A conversation is the list of what the user sent, each with one answer per model it was sent to (two when
 comparing). The page never holds the history: it shows what the conversation says, so a message sent while
 an answer streams waits its turn instead of being lost, and Clear cannot be undone by an answer still
-streaming. One worker at a time answers a conversation (`answer_waiting`); Stop and Clear end the answer
-being written through the generation's `cancelled` check.
+streaming. One server thread at a time answers a conversation, started by the message that finds none
+writing; pages only follow it (`follow`), so a page stream that ends or is cancelled loses nothing. Stop and
+Clear end the answer being written through the generation's `cancelled` check.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ class Turn:
     message: str
     settings: dict[str, Any]
     answers: dict[str, Answer] = field(default_factory=dict)
+    order: int = 0  # where the page put it among its sends, Stops and Clears
 
 
 class ChatModel:
@@ -62,34 +65,77 @@ class ChatModel:
 
 
 class Conversation:
+    """A page's conversation. The server answers it: `send` starts a worker thread when none is writing, and
+    that thread answers every waiting message in order, whether or not a page is watching."""
+
     def __init__(self) -> None:
         self.turns: list[Turn] = []
         self.lock = threading.Lock()
-        self.answering = False  # a worker is answering the waiting messages
+        self.changed = threading.Condition(self.lock)  # notified at each change the page shows
+        self.version = 0
+        self.worker: threading.Thread | None = None
         self.cancel = threading.Event()  # ends the answer being written
         self.note = ""
+        self.cleared = 0  # the order of the last Clear
+        self.viewer = 0  # the newest page stream following the conversation; older ones end
 
-    def send(self, message: str, settings: dict[str, Any], sides: list[str]) -> None:
+    def _touch(self) -> None:
+        """Call with the lock held."""
+        self.version += 1
+        self.changed.notify_all()
+
+    def send(self, message: str, settings: dict[str, Any], sides: list[str], models: dict[str, ChatModel],
+             order: int = 0) -> None:
+        """Queue a message. `order` is the page's count of its actions: a message that reaches the server after
+        a later one (or after a later Clear) takes its place as the page had it."""
         with self.lock:
-            self.turns.append(Turn(message, settings, {side: Answer() for side in sides}))
+            if order and order < self.cleared:
+                return  # sent before a Clear that is already done
+            turn = Turn(message, settings, {side: Answer() for side in sides}, order)
+            at = len(self.turns)
+            while at > 0 and self.turns[at - 1].order > order and self._waiting(self.turns[at - 1]):
+                at -= 1
+            self.turns.insert(at, turn)
             self.note = ""
+            self._touch()
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._answer_waiting, args=(models,), daemon=True)
+                self.worker.start()
 
-    def clear(self) -> None:
-        """Everything goes, the answer being written and the waiting messages included."""
+    @staticmethod
+    def _waiting(turn: Turn) -> bool:
+        return all(answer.state == WAITING for answer in turn.answers.values())
+
+    def clear(self, order: int = 0) -> None:
+        """Everything the page sent before the Clear goes, the answer being written and the waiting messages
+        included."""
         with self.lock:
-            self.turns = []
-            self.cancel.set()
+            self.cleared = max(self.cleared, order)
+            gone = [turn for turn in self.turns if not order or turn.order < order]
+            if any(answer.state == WRITING for turn in gone for answer in turn.answers.values()):
+                self.cancel.set()
+            self.turns = [turn for turn in self.turns if all(turn is not other for other in gone)]
             self.note = ""
+            self._touch()
 
-    def stop(self) -> None:
-        """The answer being written ends where it is; the waiting messages are not answered."""
+    def stop(self, order: int = 0) -> None:
+        """The answer being written ends where it is; the messages sent before the Stop and still waiting are
+        not answered."""
         with self.lock:
             skipped = 0
-            for answer in self._answers():
-                if answer.state == WAITING:
-                    answer.state, skipped = SKIPPED, skipped + 1
-            self.cancel.set()
+            for turn in self.turns:
+                if order and turn.order > order:
+                    continue
+                for answer in turn.answers.values():
+                    if answer.state == WAITING:
+                        answer.state, skipped = SKIPPED, skipped + 1
+                    elif answer.state == WRITING:
+                        self.cancel.set()
             self.note = "stopped" + (f"; {skipped} waiting answer(s) not written" if skipped else "")
+            self._touch()
+            # the answer being written ends at its next piece: wait for it, so the page sees it stopped
+            self.changed.wait_for(lambda: not self.cancel.is_set() or all(
+                answer.state != WRITING for answer in self._answers()), timeout=30)
 
     def _answers(self) -> Iterator[Answer]:
         for turn in self.turns:
@@ -113,33 +159,21 @@ class Conversation:
                     return turn, side
         return None
 
-    def answer_waiting(self, models: dict[str, ChatModel], tick: float = 0.1) -> Iterator[None]:
-        """Answer every waiting message, in order, yielding while an answer grows. A second call while one
-        is answering returns at once: the first answers what it sent."""
-        with self.lock:
-            if self.answering:
-                return
-            self.answering = True
-        try:
-            while True:
-                with self.lock:
-                    job = self._next()
-                    if job is None:
-                        self.answering = False
-                        return
-                    turn, side = job
-                    turn.answers[side].state = WRITING
-                    self.cancel.clear()
-                    messages = self.context(side, turn)
-                worker = threading.Thread(target=self._write, args=(models[side], turn, side, messages), daemon=True)
-                worker.start()
-                while worker.is_alive():
-                    worker.join(tick)
-                    yield
-        finally:
-            self.cancel.set()  # the page went away: the answer being written ends
+    def _answer_waiting(self, models: dict[str, ChatModel]) -> None:
+        """The worker: every waiting message, in order, until none waits."""
+        while True:
             with self.lock:
-                self.answering = False
+                job = self._next()
+                if job is None:
+                    self.worker = None
+                    self._touch()
+                    return
+                turn, side = job
+                turn.answers[side].state = WRITING
+                self.cancel.clear()
+                messages = self.context(side, turn)
+                self._touch()
+            self._write(models[side], turn, side, messages)
 
     def _write(self, model: ChatModel, turn: Turn, side: str, messages: list[dict[str, str]]) -> None:
         from lmtune.chat import generate, sampling_of, with_system
@@ -149,7 +183,9 @@ class Conversation:
         system = settings.pop("system", "")
 
         def grow(piece: str) -> None:
-            answer.text += piece
+            with self.lock:
+                answer.text += piece
+                self._touch()
 
         try:
             with model.lock:
@@ -157,10 +193,30 @@ class Conversation:
                     raise UserError(f"model {side} was unloaded")
                 done = generate(model.session, with_system(system, messages), sampling_of(**settings), grow,
                                 self.cancel.is_set)
-            answer.text = done.text or "(an empty answer)"
-            answer.state = STOPPED if done.finish_reason == "cancelled" else DONE
+            text, state = done.text or "(an empty answer)", STOPPED if done.finish_reason == "cancelled" else DONE
         except Exception as error:  # shown in the chat: the page has no other place for it
-            answer.text, answer.state = f"(no answer: {error})", FAILED
+            text, state = f"(no answer: {error})", FAILED
+        with self.lock:
+            answer.text, answer.state = text, state
+            self._touch()
+
+    def follow(self, every_s: float = 0.5) -> Iterator[None]:
+        """Yield at each change while messages are answered, at most once every `every_s` seconds so that a
+        slow page is never sent more than it can draw; ends when nothing is written or waiting, or when a
+        newer stream follows the conversation instead."""
+        with self.lock:
+            self.viewer += 1
+            me, seen = self.viewer, -1
+        while True:
+            with self.lock:
+                self.changed.wait_for(lambda shown=seen: self.version != shown or self.viewer != me, timeout=5)
+                if self.viewer != me:
+                    return
+                seen, busy = self.version, self.worker is not None
+            yield
+            if not busy:
+                return
+            time.sleep(every_s)
 
     def status(self) -> str:
         with self.lock:

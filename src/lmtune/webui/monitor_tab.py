@@ -35,6 +35,7 @@ PLOT_EVERY_S = 5.0  # plots are the page's heaviest part to draw: a running run'
 class MonitorTab:
     run_choice: gr.Dropdown
     runs_table: gr.HTML
+    suggested: gr.Textbox  # the run the page opens with, as the server sees it
 
 
 def build(root: Path, runner: Runner) -> MonitorTab:
@@ -120,7 +121,7 @@ def build(root: Path, runner: Runner) -> MonitorTab:
         return text, {"run": run, "pid": pid, "text": text}
 
     stop.click(stop_watched, run_choice, [stop_status, stop_sent])
-    return MonitorTab(run_choice, runs_table)
+    return MonitorTab(run_choice, runs_table, gr.Textbox(visible=False))
 
 
 def plot_update(view: M.RunView, spec: M.PlotSpec):
@@ -138,13 +139,15 @@ def stop_message(sent: dict, run: str | None, running_pid: int | None):
 
 
 def on_page_load(page: gr.Blocks, root: Path, tab: MonitorTab) -> None:
-    """Every run as the disk has it now, and the running one opened."""
-
-    def opening(chosen: str | None):
+    """Every run as the disk has it now, and the running one opened, unless a run was picked meanwhile: the
+    choice is made in the browser once the server's answer is there, so an answer slower than the user's pick
+    (a busy machine) never overwrites it."""
+    def opening():
         runs = runs_newest_first(root)
-        return gr.update(choices=runs, value=opened_run(root, runs, chosen)), M.runs_html(root, runs)
+        return gr.update(choices=runs), M.runs_html(root, runs), opened_run(root, runs, None) or ""
 
-    page.load(opening, tab.run_choice, [tab.run_choice, tab.runs_table], show_progress="hidden")
+    page.load(opening, None, [tab.run_choice, tab.runs_table, tab.suggested], show_progress="hidden").then(
+        None, [tab.suggested, tab.run_choice], tab.run_choice, js="(suggested, chosen) => chosen || suggested || null")
 
 
 def show_started(root: Path, run: str):
