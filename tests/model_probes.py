@@ -4,6 +4,7 @@ check a feature is really on: what each records is kept on its class, since runs
 from __future__ import annotations
 
 import functools
+import gc
 import json
 from typing import Any
 
@@ -88,3 +89,16 @@ class ModelLayout:
         causal_lm = _causal_lm(model)
         ModelLayout.attention = causal_lm.config._attn_implementation
         ModelLayout.compiled = [layer._compiled_call_impl is not None for layer in decoder_layers(causal_lm)]
+
+
+class CollectorStates:
+    """Whether Python's garbage collector ran as training began and after step 1, and how many objects it
+    had frozen then, written to `collector_states.json` in the run's folder (for a run in another process)."""
+
+    def on_train_begin(self, state: Any, model: torch.nn.Module) -> None:
+        self.seen = {"start-up": gc.isenabled()}
+
+    def on_step_end(self, state: Any, metrics: Any) -> None:
+        if state.step == 1:
+            self.seen.update({"training": gc.isenabled(), "frozen": gc.get_freeze_count()})
+            (state.output_dir / "collector_states.json").write_text(json.dumps(self.seen))

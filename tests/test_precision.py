@@ -17,11 +17,13 @@ def losses_of(run) -> list[float]:
 
 
 def test_bf16_trains_in_bfloat16_with_losses_close_to_float32(tiny_config, tmp_path):
-    """bf16 in a process of its own: accelerate keeps one mixed-precision setting per process."""
+    """bf16 in a process of its own: accelerate keeps one mixed-precision setting per process. The same
+    process shows the command's start-up without the garbage collector."""
     common = {"max_steps": 3, "callbacks": ["model_probes:ComputeDtypes"]}
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     assert run_lmtune("train", tiny_config(output_dir=str(fp32), **common)) == 0
-    config = tiny_config(output_dir=str(bf16), bf16=True, **common)
+    config = tiny_config(output_dir=str(bf16), bf16=True,
+                         **{**common, "callbacks": [*common["callbacks"], "model_probes:CollectorStates"]})
     path = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-m", "lmtune", "train", str(config)], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONPATH": path})
@@ -31,6 +33,10 @@ def test_bf16_trains_in_bfloat16_with_losses_close_to_float32(tiny_config, tmp_p
     # on a CPU, bf16 is autocast: the weights (and AdamW's state) stay float32, the matrix products run in bfloat16
     assert json.loads((bf16 / "compute_dtypes.json").read_text()) == {"weight": "torch.float32",
                                                                       "output": "torch.bfloat16"}
+    # the command's start-up (imports, model) ran without the cyclic garbage collector, and training with it,
+    # the start-up's objects frozen out of its scans
+    states = json.loads((bf16 / "collector_states.json").read_text())
+    assert states["start-up"] is False and states["training"] is True and states["frozen"] > 100_000
     plain, mixed = losses_of(fp32), losses_of(bf16)
     assert len(mixed) == 3 and mixed != plain
     assert mixed == pytest.approx(plain, rel=2e-2)  # bfloat16 keeps 8 bits of mantissa: about 3 digits

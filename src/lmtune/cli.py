@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from lmtune.errors import RunFailed, Stopped, UserError
-from lmtune.phases import log_moment
+from lmtune.phases import log_moment, pause_garbage_collection
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune causal language models from one YAML file.")
@@ -368,6 +368,8 @@ def _stop_on_signals() -> None:
 def main(argv: list[str] | None = None) -> None:
     if (argv if argv is not None else sys.argv[1:])[:1] == ["train"]:
         _stop_on_signals()  # from the first moment: a signal while the heavy libraries load
+        if argv is None:  # the process's own command (not a caller's process, whose objects it would freeze)
+            pause_garbage_collection()
     try:
         app(args=argv)
     except SystemExit as end:

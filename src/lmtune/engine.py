@@ -71,7 +71,7 @@ from lmtune.models import (
 )
 from lmtune.optimizers import build_optimizer
 from lmtune.peers import Peers, init_method, named_failures, process_group_timeout, restarts
-from lmtune.phases import PhaseClock, log_moment
+from lmtune.phases import PhaseClock, log_moment, resume_garbage_collection
 from lmtune.planning import check_disk, checkpoint_bytes, final_model_bytes, plan_summary_lines
 from lmtune.preference import precompute_reference, reference_for
 from lmtune.resume import (
@@ -438,6 +438,7 @@ class TrainingLoop:
         self._doing("the start of training")
         self.accelerator.wait_for_everyone()
         self.callbacks.fire("on_train_begin", self.state, self.s.model)
+        resume_garbage_collection()
         log_moment("the first optimizer step begins")
         self._start = time.monotonic() - self.state.elapsed_s
         with self._signals:

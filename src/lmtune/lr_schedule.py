@@ -34,7 +34,10 @@ class _HeldAfterEnd:
 
 def build_scheduler(optimizer: Any, schedule: Schedule, step: int = 0) -> Any:
     """A LambdaLR over `optimizer` at `step` of `schedule`: the optimizer's rate is the one of `step`."""
-    from transformers import get_scheduler
+    from lmtune.models import without_bitsandbytes
+
+    with without_bitsandbytes():  # transformers' schedules module imports peft (a full run's 2 s of CPU with it)
+        from transformers import get_scheduler
 
     for group in optimizer.param_groups:  # lr_scale: LoRA+'s B matrices train at a multiple of the rate
         group["initial_lr"] = group["lr"] = schedule.learning_rate * group.get("lr_scale", 1.0)

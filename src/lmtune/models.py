@@ -341,7 +341,7 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> torch.n
 
 
 def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
-    with contextlib.nullcontext() if config.quantization_bit is not None else _without_bitsandbytes():
+    with contextlib.nullcontext() if config.quantization_bit is not None else without_bitsandbytes():
         return _lora_model(model, config)
 
 
@@ -425,11 +425,12 @@ def _check_lora_target(model: torch.nn.Module, names: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _without_bitsandbytes():
-    """peft imports bitsandbytes whenever it is installed (as peft is imported and as LoRA layers are made),
-    and bitsandbytes compiles its kernels with torch.compile as it is imported: seconds of a run's start-up
-    that only QLoRA needs. Within this block bitsandbytes looks not installed; after it, it is findable
-    again and peft's cached checks for it are asked afresh (a later QLoRA model in the process loads it)."""
+def without_bitsandbytes():
+    """peft imports bitsandbytes whenever it is installed (as peft is imported, by lmtune or by transformers'
+    trainer utilities, and as LoRA layers are made), and bitsandbytes compiles its kernels with torch.compile
+    as it is imported: seconds of a run's start-up that only QLoRA needs. Within this block bitsandbytes
+    looks not installed; after it, it is findable again and peft's cached checks for it are asked afresh (a
+    later QLoRA model in the process loads it)."""
     if "bitsandbytes" in sys.modules:
         yield
         return
