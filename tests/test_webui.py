@@ -160,11 +160,13 @@ def test_a_chat_message_without_a_loaded_model_stays_in_the_box(tmp_path):
 
     chat, page = ChatTab(tmp_path), SimpleNamespace(session_hash="page")
     sent = ("What is 2 plus 3?", "", 8, 0, 1, "", 1)
-    *_, status, box = chat.send(*sent, page)
-    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "load a model" in status
+    box, _ = chat.send(*sent, page)
+    shown = chat.conversation(page).status()  # the line under the box
+    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "load a model" in shown
     with chat.models["A"].lock:  # as while a model loads
-        *_, status, box = chat.send(*sent, page)
-    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "still loading" in status
+        box, _ = chat.send(*sent, page)
+    shown = chat.conversation(page).status()
+    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "still loading" in shown
 
 
 def test_the_chat_queue_follows_the_order_of_the_page_not_of_arrival():
