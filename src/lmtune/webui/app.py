@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -79,23 +81,32 @@ def patiently_probe_own_page() -> None:
 
 
 def serve(root: Path, host: str, port: int, auth: tuple[str, str] | None) -> None:
-    """Serve until Ctrl-C or SIGTERM: both end the server alone; the runs it started keep running."""
+    """Serve until Ctrl-C or SIGTERM: both end the server alone, at once; the runs it started keep running."""
     if host not in LOOPBACK and auth is None:
         log.warning("the web UI listens on %s without --auth: anyone who can reach this port can start runs", host)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the server as Ctrl-C does
     page = build(Path(root))
     patiently_probe_own_page()
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    page.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, auth=auth, ssr_mode=False, theme=theme, css=CSS, show_error=True,
+        footer_links=[], inbrowser=False, prevent_thread_lock=True,
+        # gradio's own check that the page answers (one request, 3 s timeout) fails on a busy machine,
+        # where the first page takes longer to render; the server is up either way
+        _frontend=False,
+    )
     try:
-        page.queue(default_concurrency_limit=4).launch(
-            server_name=host, server_port=port, auth=auth, ssr_mode=False, theme=theme, css=CSS, show_error=True,
-            footer_links=[], inbrowser=False,
-            # gradio's own check that the page answers (one request, 3 s timeout) fails on a busy machine,
-            # where the first page takes longer to render; the server is up either way
-            _frontend=False,
-        )
+        while page.is_running:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    finally:
-        log.info("web UI stopped; runs it started keep running (lmtune webui finds them again; stop one with its "
-                 "Stop button or kill -INT PID)")
+    page.close(verbose=False)  # the queue, the pages' streams and the port
+    log.info("web UI stopped; runs it started keep running (lmtune webui finds them again; stop one with its "
+             "Stop button or kill -INT PID)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Nothing of the server's is left to save (runs are processes of their own). What may still run is not
+    # ours to wait for: a chat answer being generated, gradio's worker threads (not daemons) serving a page;
+    # waiting for them held the exit for a minute, and torch's threads torn down mid-answer abort it.
+    os._exit(0)
