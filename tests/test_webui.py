@@ -414,12 +414,17 @@ def start_server(workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 
 
 def stop_server(server: subprocess.Popen, signum: int = signal.SIGINT) -> None:
-    """Ctrl-C (SIGINT) or SIGTERM: either ends the server alone, the runs it started keep running."""
+    """Ctrl-C (SIGINT) or SIGTERM: either ends the server alone (exit 0), the runs it started keep running."""
+    if server.poll() is not None:
+        return
     server.send_signal(signum)
     try:
-        server.wait(timeout=60)
+        code = server.wait(timeout=60)  # generous: it exits in seconds, on a loaded machine too
     except subprocess.TimeoutExpired:
         server.kill()
+        server.wait()
+        raise AssertionError(f"the web UI did not exit within 60 s of signal {signum}") from None
+    assert code == 0, f"the web UI ended with exit code {code} on signal {signum}"
 
 
 @contextlib.contextmanager

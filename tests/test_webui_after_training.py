@@ -59,6 +59,7 @@ def opened(tmp_path_factory, tiny_model_dir, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(90_000)  # a click waits for a page that a loaded machine draws slowly
     ui = Page(page, workdir.parent / "webui-shots")
+    ui.server = server
     try:
         page.goto(url)
         page.locator("#plan").wait_for(timeout=60_000)
@@ -319,3 +320,16 @@ def test_export_tab_merges_casts_and_writes_gguf(opened, ui):
     ui.page.locator("#export-button").click()
     ui.wait_text("export-status", "failed", "is not empty", timeout=120)
     assert {p.name: p.stat().st_mtime for p in folder.iterdir()} == written
+
+
+# --- the server's end -----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_ends_the_server_while_an_answer_is_written(opened, ui):
+    load(ui, "models/long (folder)", "models/long")
+    ui.page.locator("#chat-clear").click()
+    ui.wait_for(lambda: not questions(ui), "an empty chat")
+    set_max_tokens(ui, 4096)  # a minute of writing
+    send(ui, PROMPTS[0])
+    ui.wait_for(lambda: answers(ui) and answers(ui)[0], "an answer streaming")
+    stop_server(ui.server)  # exit 0 within the bound, the page still open and the answer still written
