@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -50,19 +51,30 @@ def build(root: Path) -> gr.Blocks:
                 train = train_tab.build(root, runner)
             with gr.Tab("Monitor", id="monitor"):
                 monitor = monitor_tab.build(root, runner)
-            after_training = {}
+            after_training = []  # (tab, its pick lists of runs, checkpoints and models)
             with gr.Tab("Chat", id="chat") as tab:
-                after_training[chat_tab] = tab, chat_tab.build(root, page)
+                after_training.append((tab, chat_tab.build(root, page)))
             for module, name in ((eval_tab, "Eval"), (export_tab, "Export")):
                 with gr.Tab(name, id=name.lower()) as tab:
-                    after_training[module] = tab, module.build(root)
+                    after_training.append((tab, module.build(root)))
         train.start_event.then(lambda run: monitor_tab.show_started(root, run), train.started, monitor.run_choice) \
             .then(lambda run: gr.Tabs(selected="monitor") if run else gr.Tabs(), train.started, tabs)
         train_tab.on_page_load(page, train)
         monitor_tab.on_page_load(page, root, monitor)
-        for module, (tab, pickers) in after_training.items():
-            module.keep_fresh(page, tab, root, pickers)
+        for tab, pickers in after_training:
+            keep_fresh(page, tab, pickers)
     return page
+
+
+def keep_fresh(page: gr.Blocks, tab: gr.Tab, pickers: list[tuple[gr.Dropdown, Callable[[], list]]]) -> None:
+    """Each pick list is read again when the page loads, its tab is opened and the list is opened: a checkpoint
+    deleted since is not offered, a run finished since is."""
+    for picker, choices in pickers:
+        def fresh(choices=choices):
+            return gr.update(choices=choices())
+
+        for event in (page.load, tab.select, picker.focus):
+            event(fresh, None, picker, show_progress="hidden")
 
 
 def patiently_probe_own_page() -> None:

@@ -9,6 +9,8 @@ writes the history back, so nothing it shows can undo a Clear or drop a waiting 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -124,9 +126,9 @@ class ChatTab:
                 conversation.status()]
 
 
-def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
-    """The tab's components and handlers; call inside `gr.Tab` of `page`. Returns the pick lists (see
-    `keep_fresh`)."""
+def build(root: Path, page: gr.Blocks) -> list[tuple[gr.Dropdown, Callable[[], list]]]:
+    """The tab's components and handlers; call inside `gr.Tab` of `page`. Returns the pick lists, each with
+    what it offers (read again by `app.keep_fresh`)."""
     chat = ChatTab(root)
     with gr.Row():
         choice = gr.Dropdown(chat_picks(root, False), label="model, run or checkpoint", allow_custom_value=True,
@@ -177,19 +179,8 @@ def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
     for button, handler in ((stop_button, chat.stop), (clear, chat.clear)):
         button.click(handler, order, changed, js=NUMBERED_JS, **quick)
     page.unload(chat.forget)
-    return [choice, compare]
+    return [(choice, partial(chat_picks, root, False)), (compare, partial(chat_picks, root, True))]
 
 
 def chat_picks(root: Path, optional: bool) -> list[tuple[str, str]]:
     return ([("(no comparison)", NONE)] if optional else []) + F.chat_choices(root)
-
-
-def keep_fresh(page: gr.Blocks, tab: gr.Tab, root: Path, pickers: list[gr.Dropdown]) -> None:
-    """The pick lists are read again when the page loads, the tab is opened and a list is opened."""
-    def fresh():
-        return [gr.update(choices=chat_picks(root, optional)) for optional in (False, True)]
-
-    page.load(fresh, None, pickers, show_progress="hidden")
-    tab.select(fresh, None, pickers, show_progress="hidden")
-    for picker in pickers:
-        picker.focus(fresh, None, pickers, show_progress="hidden")
