@@ -1,7 +1,7 @@
 """The web UI: the form's YAML and its path sandbox (pure), and in Chromium (Playwright) the whole
 round a user makes: fill in the form, read the plan, start, watch, stop, resume with a new
-learning rate (the Chat, Eval and Export tabs: test_webui_after_training). Screenshots go to the test's tmp
-folder (webui-shots/)."""
+learning rate (the Chat, Eval and Export tabs: test_webui_after_training). A failed test's screenshot goes to
+its tmp folder (webui-shots/); with LMTUNE_WEBUI_SHOTS set, each step of a round is shot there too."""
 
 from __future__ import annotations
 
@@ -160,11 +160,13 @@ def test_a_chat_message_without_a_loaded_model_stays_in_the_box(tmp_path):
 
     chat, page = ChatTab(tmp_path), SimpleNamespace(session_hash="page")
     sent = ("What is 2 plus 3?", "", 8, 0, 1, "", 1)
-    *_, status, box = chat.send(*sent, page)
-    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "load a model" in status
+    box, _ = chat.send(*sent, page)
+    shown = chat.conversation(page).status()  # the line under the box
+    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "load a model" in shown
     with chat.models["A"].lock:  # as while a model loads
-        *_, status, box = chat.send(*sent, page)
-    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "still loading" in status
+        box, _ = chat.send(*sent, page)
+    shown = chat.conversation(page).status()
+    assert chat.conversation(page).turns == [] and box == "What is 2 plus 3?" and "still loading" in shown
 
 
 def test_the_chat_queue_follows_the_order_of_the_page_not_of_arrival():
@@ -412,19 +414,22 @@ def start_server(workdir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 
 
 def stop_server(server: subprocess.Popen, signum: int = signal.SIGINT) -> None:
-    """Ctrl-C (SIGINT) or SIGTERM: either ends the server alone, the runs it started keep running."""
+    """Ctrl-C (SIGINT) or SIGTERM: either ends the server alone (exit 0), the runs it started keep running."""
+    if server.poll() is not None:
+        return
     server.send_signal(signum)
     try:
-        server.wait(timeout=60)
+        code = server.wait(timeout=60)  # generous: it exits in seconds, on a loaded machine too
     except subprocess.TimeoutExpired:
         server.kill()
+        server.wait()
+        raise AssertionError(f"the web UI did not exit within 60 s of signal {signum}") from None
+    assert code == 0, f"the web UI ended with exit code {code} on signal {signum}"
 
 
 @contextlib.contextmanager
-def opened_ui(workdir: Path, browser, shots: Path, *server_args: str, **page_args):
-    """The web UI served from `workdir`, a browser page on it (a screenshot if the test fails); both closed
-    at the end."""
-    server, url = start_server(workdir, *server_args)
+def opened_page(url: str, browser, shots: Path, **page_args):
+    """A browser page on the web UI at `url` (a screenshot if the test fails), closed at the end."""
     page = browser.new_page(**page_args)
     page.set_default_timeout(90_000)  # a click waits for a page that a loaded machine draws slowly
     ui = Page(page, shots)
@@ -436,7 +441,46 @@ def opened_ui(workdir: Path, browser, shots: Path, *server_args: str, **page_arg
         raise
     finally:
         page.close()
+
+
+@contextlib.contextmanager
+def opened_ui(workdir: Path, browser, shots: Path, *server_args: str, **page_args):
+    """The web UI served from `workdir`, a browser page on it (a screenshot if the test fails); both closed
+    at the end."""
+    server, url = start_server(workdir, *server_args)
+    try:
+        with opened_page(url, browser, shots, **page_args) as ui:
+            yield ui
+    finally:
         stop_server(server)
+
+
+class Served:
+    """The module's web UI server on its working folder: started once (a start is 10-20 s of imports), for
+    the tests that need no server of their own. A test may end it; the next one to ask starts another."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.server, self.address = workdir, None, ""
+
+    def url(self) -> str:
+        if self.server is None or self.server.poll() is not None:
+            self.server, self.address = start_server(self.workdir)
+        return self.address
+
+    def end(self, signum: int = signal.SIGINT) -> None:
+        if self.server is not None:
+            stop_server(self.server, signum)
+            self.server = None
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    """One working folder and its web UI for the module; runs still going at the end are stopped."""
+    served = Served(make_workdir(tmp_path_factory.mktemp("webui") / "work", tiny_model_dir))
+    yield served
+    served.end()
+    for pid_file in served.workdir.rglob("train.pid"):
+        stop_run(pid_file.parent)
 
 
 @pytest.fixture(scope="module")
@@ -501,6 +545,12 @@ class Page:
             time.sleep(0.3)
         return value
 
+    def step_shot(self, name: str) -> None:
+        """A screenshot of a step of the round, only with LMTUNE_WEBUI_SHOTS set: a full-page shot of a live
+        page takes tens of seconds on a busy machine, and a passing test's tmp folder is deleted."""
+        if os.environ.get("LMTUNE_WEBUI_SHOTS"):
+            self.shot(name, required=False)
+
     def shot(self, name: str, required: bool = True) -> Path:
         """A full-page screenshot; one taken because a test failed never hides why it failed."""
         path = self.shots / f"{name}.png"
@@ -526,8 +576,9 @@ def checkpoint_rows(ui: Page) -> list[list[str]]:
 
 
 @needs_chromium
-def test_train_watch_stop_resume_with_a_new_learning_rate(workdir, browser, tmp_path):
-    with opened_ui(workdir, browser, tmp_path / "webui-shots", viewport={"width": 1440, "height": 1000}) as ui:
+def test_train_watch_stop_resume_with_a_new_learning_rate(served, browser, tmp_path):
+    workdir = served.workdir
+    with opened_page(served.url(), browser, tmp_path / "webui-shots", viewport={"width": 1440, "height": 1000}) as ui:
         page = ui.page
         ui.wait_text("plan", "pick at least one data set")
 
@@ -565,7 +616,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate(workdir, browser, tmp_
         assert "kept after rotation: 5997, 6000" in plan
         # the YAML follows the last edit (output_dir) once its refresh lands; wait for it, not for the first one
         ui.wait_text("yaml", "save_epochs: 0.5", "save_total_limit: 2", "output_dir: runs/sums")
-        ui.shot("1-form-and-plan")
+        ui.step_shot("1-form-and-plan")
 
         # the data preview: processed examples with the masked prompt and the trained answer
         page.locator("#preview-button").click()
@@ -588,7 +639,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate(workdir, browser, tmp_
         assert "/ 6000" in progress and "samples" in progress and "tokens" in progress and "ETA" in progress
         # the tail is the last 20 lines: whichever steps the run has reached by now
         ui.wait_for(lambda: re.search(r"step \d+/6000 epoch", ui.text("log-tail")), "a step line in the log tail")
-        ui.shot("2-monitor-running")
+        ui.step_shot("2-monitor-running")
 
         # -- stop: SIGINT, a resumable checkpoint, exit 130; the confirmation stays, the ETA goes
         page.locator("#stop-monitor").click()
@@ -604,7 +655,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate(workdir, browser, tmp_
         assert [e["step"] for e in index["checkpoints"] if e["status"] == "kept"][-1] == stopped_at
         ui.wait_text("events", f"step {stopped_at}: stopped (SIGINT or SIGTERM); saved checkpoint-{stopped_at}")
         assert "stop requested" in ui.text("monitor-status")  # not overwritten by the monitor's refresh
-        ui.shot("3-monitor-stopped")
+        ui.step_shot("3-monitor-stopped")
 
         # -- the Train tab has re-read the run folder: the note names the stop's checkpoint, the rate in effect
         page.get_by_role("tab", name="Train").click()
@@ -619,7 +670,7 @@ def test_train_watch_stop_resume_with_a_new_learning_rate(workdir, browser, tmp_
                      f"0.005 -> 0.001 at step {stopped_at}")
         ui.wait_text("plan", f"resumes from runs/sums/checkpoint-{stopped_at} at step {stopped_at}")
         ui.wait_text("yaml", "resume_lr: config", "learning_rate: 0.001")
-        ui.shot("4-resume-form")
+        ui.step_shot("4-resume-form")
         page.locator("#start").click()
         # while the resumed run loads, no ETA of the process that stopped; its stop message goes with it
         deadline = time.monotonic() + 90
@@ -634,25 +685,9 @@ def test_train_watch_stop_resume_with_a_new_learning_rate(workdir, browser, tmp_
         train_rows = [r for r in M.read_rows(workdir / "runs" / "sums") if r["type"] == "train"]
         assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))  # step numbers go on
         ui.wait_for(lambda: {"stopped", "resumed"} <= plot_drawn(ui, "loss"), "the stop and the resume on the plot")
-        ui.shot("5-monitor-resumed", required=False)  # a live page under load can outlast a screenshot
+        ui.step_shot("5-monitor-resumed")
         page.locator("#stop-monitor").click()
         ui.wait_text("progress", "stopped at step", "exit code 130")
-
-
-@needs_chromium
-def test_auth_asks_for_a_login(workdir, browser, tmp_path):
-    with opened_ui(workdir, browser, tmp_path / "webui-shots", "--auth", "alice:s3cret") as ui:
-        page = ui.page
-        page.get_by_label("username").fill("alice")
-        page.get_by_label("password").fill("wrong")
-        page.get_by_role("button", name="Login").click()
-        page.get_by_text("Incorrect Credentials").wait_for(timeout=15_000)
-        assert page.locator("#plan").count() == 0
-        page.get_by_label("username").fill("alice")  # the login page clears it after a failed try
-        page.get_by_label("password").fill("s3cret")
-        page.get_by_role("button", name="Login").click()
-        page.locator("#plan").wait_for(timeout=30_000)
-        ui.shot("login")
 
 
 def test_an_existing_yaml_loads_into_the_form_and_writes_back_the_same(workdir, monkeypatch):
@@ -687,12 +722,14 @@ preview_samples: 0        # not a field of the form
 
 
 @needs_chromium
-def test_a_loaded_yaml_is_never_rewritten_and_a_run_outlives_the_web_ui(workdir, browser, tmp_path):
+def test_a_loaded_yaml_is_never_rewritten_a_run_outlives_the_web_ui_and_auth_asks_for_a_login(
+        served, browser, tmp_path):
     from lmtune.runlock import running_pid
 
+    workdir = served.workdir
     (workdir / "mine.yaml").write_text(MINE)
     shots, viewport = tmp_path / "webui-shots", {"width": 1440, "height": 1000}
-    server, url = start_server(workdir)
+    url = served.url()
     page = browser.new_page(viewport=viewport)
     ui = Page(page, shots)
     try:
@@ -712,7 +749,7 @@ def test_a_loaded_yaml_is_never_rewritten_and_a_run_outlives_the_web_ui(workdir,
         ui.wait_text("dataset", "data/sums.json")
         ui.wait_text("plan", "8000 optimizer steps", "save_total_limit 3")
         ui.wait_text("yaml", "dataset: data/sums.json", "preview_samples: 0", "learning_rate: 0.002")
-        ui.shot("loaded-yaml")
+        ui.step_shot("loaded-yaml")
 
         # Start runs the form's own file in the run folder; the loaded file keeps every byte
         page.locator("#start").click()
@@ -734,11 +771,22 @@ def test_a_loaded_yaml_is_never_rewritten_and_a_run_outlives_the_web_ui(workdir,
     finally:
         page.close()
 
-    # SIGTERM ends the server and not the run; a new server and a new page find the run running
-    stop_server(server, signal.SIGTERM)
+    # SIGTERM ends the server and not the run; a new server (with --auth) and a new page find the run running
+    served.end(signal.SIGTERM)
     pid = running_pid(run_dir)
     assert pid is not None
-    with opened_ui(workdir, browser, shots, viewport=viewport) as ui:
+    with opened_ui(workdir, browser, shots, "--auth", "alice:s3cret", viewport=viewport) as ui:
+        # --auth: a login first; a wrong password shows no part of the page
+        page = ui.page
+        page.get_by_label("username").fill("alice")
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_text("Incorrect Credentials").wait_for(timeout=30_000)
+        assert page.locator("#plan").count() == 0
+        page.get_by_label("username").fill("alice")  # the login page clears it after a failed try
+        page.get_by_label("password").fill("s3cret")
+        page.get_by_role("button", name="Login").click()
+        page.locator("#plan").wait_for(timeout=60_000)
         # the Train tab shows the running run's config, read only, and its Stop stops it
         ui.wait_text("lock-note", f"runs/mine is running (pid {pid})")
         assert ui.page.locator("#output-dir textarea, #output-dir input").first.input_value() == "runs/mine"
@@ -748,8 +796,8 @@ def test_a_loaded_yaml_is_never_rewritten_and_a_run_outlives_the_web_ui(workdir,
         ui.page.get_by_role("tab", name="Monitor").click()
         ui.wait_text("progress", f"runs/mine: running (pid {pid})")
         ui.wait_text("runs", "runs/mine", "running")
-        ui.shot("reopened-monitor")
-        # opened_ui's first server ended with SIGTERM: the run is still the same process
+        ui.step_shot("reopened-monitor")
+        # the first server ended with SIGTERM: the run is still the same process
         assert running_pid(run_dir) == pid
         ui.page.get_by_role("tab", name="Train").click()
         ui.page.locator("#stop-train").click()

@@ -59,6 +59,7 @@ def opened(tmp_path_factory, tiny_model_dir, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(90_000)  # a click waits for a page that a loaded machine draws slowly
     ui = Page(page, workdir.parent / "webui-shots")
+    ui.server = server
     try:
         page.goto(url)
         page.locator("#plan").wait_for(timeout=60_000)
@@ -205,8 +206,6 @@ def test_three_messages_sent_in_quick_succession_are_answered_in_order(opened, u
     assert [letters(a) for a in answers(ui)] == [letters(a or "(an empty answer)") for a in expected]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 28, open: a Clear pressed while an answer streams to a slowed page "
-                   "was once answered with gradio's Error in the chat and the answer kept being written")
 def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
     load(ui, "models/long (folder)", "models/long")
     ui.page.locator("#chat-clear").click()
@@ -229,15 +228,16 @@ def test_stop_ends_the_answer_and_clear_stays_cleared(opened, ui):
     assert answers(ui) == stopped  # nothing is written after Stop
 
     # Clear while an answer streams to a busy page, which draws what it was sent late: the chat empties, and
-    # nothing the page had been sent before brings the exchange back
+    # nothing the page had been sent before brings the exchange back, nor shows an error
     send(ui, PROMPTS[1])
     ui.wait_for(lambda: len(answers(ui)) == 4 and answers(ui)[-1], "a new answer streaming")
-    with busy(ui):
+    with busy(ui, slower=6):  # at 4 times slower, a Clear that cancelled the page's stream failed 1 time in 5
         ui.page.wait_for_timeout(3000)  # the page falls behind the answer
         ui.page.locator("#chat-clear").click()
         ui.wait_for(lambda: not questions(ui) and not answers(ui), "the chat cleared")
         ui.page.wait_for_timeout(3000)
         assert not questions(ui) and not answers(ui)
+        assert not re.search(r"writing|waiting|Error", ui.text("chat-queue")), ui.text("chat-queue")
     set_max_tokens(ui, 20)
     send(ui, PROMPTS[0])
     settle(ui, 1)
@@ -321,3 +321,16 @@ def test_export_tab_merges_casts_and_writes_gguf(opened, ui):
     ui.page.locator("#export-button").click()
     ui.wait_text("export-status", "failed", "is not empty", timeout=120)
     assert {p.name: p.stat().st_mtime for p in folder.iterdir()} == written
+
+
+# --- the server's end -----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_ends_the_server_while_an_answer_is_written(opened, ui):
+    load(ui, "models/long (folder)", "models/long")
+    ui.page.locator("#chat-clear").click()
+    ui.wait_for(lambda: not questions(ui), "an empty chat")
+    set_max_tokens(ui, 4096)  # a minute of writing
+    send(ui, PROMPTS[0])
+    ui.wait_for(lambda: answers(ui) and answers(ui)[0], "an answer streaming")
+    stop_server(ui.server)  # exit 0 within the bound, the page still open and the answer still written

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -48,19 +51,30 @@ def build(root: Path) -> gr.Blocks:
                 train = train_tab.build(root, runner)
             with gr.Tab("Monitor", id="monitor"):
                 monitor = monitor_tab.build(root, runner)
-            after_training = {}
+            after_training = []  # (tab, its pick lists of runs, checkpoints and models)
             with gr.Tab("Chat", id="chat") as tab:
-                after_training[chat_tab] = tab, chat_tab.build(root, page)
+                after_training.append((tab, chat_tab.build(root, page)))
             for module, name in ((eval_tab, "Eval"), (export_tab, "Export")):
                 with gr.Tab(name, id=name.lower()) as tab:
-                    after_training[module] = tab, module.build(root)
+                    after_training.append((tab, module.build(root)))
         train.start_event.then(lambda run: monitor_tab.show_started(root, run), train.started, monitor.run_choice) \
             .then(lambda run: gr.Tabs(selected="monitor") if run else gr.Tabs(), train.started, tabs)
         train_tab.on_page_load(page, train)
         monitor_tab.on_page_load(page, root, monitor)
-        for module, (tab, pickers) in after_training.items():
-            module.keep_fresh(page, tab, root, pickers)
+        for tab, pickers in after_training:
+            keep_fresh(page, tab, pickers)
     return page
+
+
+def keep_fresh(page: gr.Blocks, tab: gr.Tab, pickers: list[tuple[gr.Dropdown, Callable[[], list]]]) -> None:
+    """Each pick list is read again when the page loads, its tab is opened and the list is opened: a checkpoint
+    deleted since is not offered, a run finished since is."""
+    for picker, choices in pickers:
+        def fresh(choices=choices):
+            return gr.update(choices=choices())
+
+        for event in (page.load, tab.select, picker.focus):
+            event(fresh, None, picker, show_progress="hidden")
 
 
 def patiently_probe_own_page() -> None:
@@ -79,23 +93,32 @@ def patiently_probe_own_page() -> None:
 
 
 def serve(root: Path, host: str, port: int, auth: tuple[str, str] | None) -> None:
-    """Serve until Ctrl-C or SIGTERM: both end the server alone; the runs it started keep running."""
+    """Serve until Ctrl-C or SIGTERM: both end the server alone, at once; the runs it started keep running."""
     if host not in LOOPBACK and auth is None:
         log.warning("the web UI listens on %s without --auth: anyone who can reach this port can start runs", host)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the server as Ctrl-C does
     page = build(Path(root))
     patiently_probe_own_page()
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    page.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, auth=auth, ssr_mode=False, theme=theme, css=CSS, show_error=True,
+        footer_links=[], inbrowser=False, prevent_thread_lock=True,
+        # gradio's own check that the page answers (one request, 3 s timeout) fails on a busy machine,
+        # where the first page takes longer to render; the server is up either way
+        _frontend=False,
+    )
     try:
-        page.queue(default_concurrency_limit=4).launch(
-            server_name=host, server_port=port, auth=auth, ssr_mode=False, theme=theme, css=CSS, show_error=True,
-            footer_links=[], inbrowser=False,
-            # gradio's own check that the page answers (one request, 3 s timeout) fails on a busy machine,
-            # where the first page takes longer to render; the server is up either way
-            _frontend=False,
-        )
+        while page.is_running:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    finally:
-        log.info("web UI stopped; runs it started keep running (lmtune webui finds them again; stop one with its "
-                 "Stop button or kill -INT PID)")
+    page.close(verbose=False)  # the queue, the pages' streams and the port
+    log.info("web UI stopped; runs it started keep running (lmtune webui finds them again; stop one with its "
+             "Stop button or kill -INT PID)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Nothing of the server's is left to save (runs are processes of their own). What may still run is not
+    # ours to wait for: a chat answer being generated, gradio's worker threads (not daemons) serving a page;
+    # waiting for them held the exit for a minute, and torch's threads torn down mid-answer abort it.
+    os._exit(0)

@@ -8,6 +8,9 @@ writes the history back, so nothing it shows can undo a Clear or drop a waiting 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -57,6 +60,7 @@ class ChatTab:
         self.root = root
         self.models = {side: ChatModel() for side in SIDES}
         self.conversations: dict[str, Conversation] = {}
+        self.ticks = itertools.count(1)
 
     def conversation(self, request: gr.Request) -> Conversation:
         return self.conversations.setdefault(request.session_hash, Conversation())
@@ -80,50 +84,51 @@ class ChatTab:
 
     def send(self, message: str, system: str, max_new_tokens: float, temperature: float, top_p: float,
              stop: str, order: float, request: gr.Request):
-        """Queue the message or, without a model, put it back in the box and say why."""
+        """Queue the message or, without a model, put it back in the box and say why. Returns the box and a
+        new `changed` tick."""
         conversation = self.conversation(request)
         if not (message or "").strip():
-            return self.view(conversation)
+            return gr.update(), self.tick()
         if self.models["A"].session is None:
             busy = "a model is still loading: send again once it is loaded" if self.models["A"].loading else (
                 "load a model, run or checkpoint first")
             conversation.note = f"**not sent**: {busy}"
-            return self.view(conversation, message=message)
+            return message, self.tick()
         settings = dict(system=(system or "").strip(), max_new_tokens=int(max_new_tokens),
                         temperature=float(temperature), top_p=float(top_p),
                         stop=tuple(line for line in (stop or "").splitlines() if line))
         sides = [side for side, model in self.models.items() if model.session is not None]
         conversation.send(message, settings, sides, self.models, int(order or 0))
-        return self.view(conversation)
+        return gr.update(), self.tick()
+
+    def stop(self, order: float, request: gr.Request) -> int:
+        self.conversation(request).stop(int(order or 0))
+        return self.tick()
+
+    def clear(self, order: float, request: gr.Request) -> int:
+        self.conversation(request).clear(int(order or 0))
+        return self.tick()
+
+    def tick(self) -> int:
+        """A value the page's `changed` state never had: setting it starts the page's `follow`."""
+        return next(self.ticks)
 
     def follow(self, request: gr.Request):
         conversation = self.conversation(request)
         for _ in conversation.follow():
-            yield self.view(conversation)[:3]
+            yield self.view(conversation)
 
-    def stop(self, order: float, request: gr.Request):
-        self.conversation(request).stop(int(order or 0))
-        return self.view(self.conversation(request))
-
-    def clear(self, order: float, request: gr.Request):
-        self.conversation(request).clear(int(order or 0))
-        return self.view(self.conversation(request))
-
-    def show(self, request: gr.Request):
-        return self.view(self.conversation(request))
-
-    def view(self, conversation: Conversation, message: str | None = None):
+    def view(self, conversation: Conversation):
         comparing = self.models["B"].session is not None or any("B" in turn.answers for turn in conversation.turns)
         names = {side: model.name and Path(model.name).name for side, model in self.models.items()}
-        shown = [gr.update(value=conversation.history("A"), label=f"A: {names['A']}" if comparing else "chat"),
-                 gr.update(value=conversation.history("B"), visible=comparing, label=f"B: {names['B']}"),
-                 conversation.status()]
-        return shown + ([gr.update()] if message is None else [message])
+        return [gr.update(value=conversation.history("A"), label=f"A: {names['A']}" if comparing else "chat"),
+                gr.update(value=conversation.history("B"), visible=comparing, label=f"B: {names['B']}"),
+                conversation.status()]
 
 
-def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
-    """The tab's components and handlers; call inside `gr.Tab` of `page`. Returns the pick lists (see
-    `keep_fresh`)."""
+def build(root: Path, page: gr.Blocks) -> list[tuple[gr.Dropdown, Callable[[], list]]]:
+    """The tab's components and handlers; call inside `gr.Tab` of `page`. Returns the pick lists, each with
+    what it offers (read again by `app.keep_fresh`)."""
     chat = ChatTab(root)
     with gr.Row():
         choice = gr.Dropdown(chat_picks(root, False), label="model, run or checkpoint", allow_custom_value=True,
@@ -153,38 +158,29 @@ def build(root: Path, page: gr.Blocks) -> list[gr.Dropdown]:
         clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
     queue_status = gr.Markdown(elem_id="chat-queue")
 
-    shown = [chatbot, chatbot_b, queue_status, message]
+    # The conversation is shown by one stream per page, `follow`, and by nothing else: what the page draws last
+    # is what the server holds last, however late a busy page draws. Each send, Stop, Clear and Load sets
+    # `changed`, which starts `follow`, or runs it once more after the one running (trigger_mode always_last).
+    changed = gr.State(0)
     quick = dict(concurrency_limit=None, show_progress="hidden", trigger_mode="multiple")
+    changed.change(chat.follow, None, [chatbot, chatbot_b, queue_status], concurrency_limit=None,
+                   show_progress="hidden", trigger_mode="always_last")
     for side, picker, button in (("A", choice, load), ("B", compare, load_compare)):
         button.click(lambda: "loading ...", None, status).then(
-            lambda value, side=side: chat.load(side, value), picker, status).then(chat.show, None, shown, **quick)
+            lambda value, side=side: chat.load(side, value), picker, status).then(chat.tick, None, changed, **quick)
     # each message goes as the box showed it at Enter (see TAKE_JS) straight to the server's queue, in the order
     # sent; the box is emptied in the browser at once, so no reply from the server wipes what is typed next
     page.load(None, None, None, js=TAKE_JS)
     order = gr.Number(visible=False, precision=0)  # its value is never used: the page's number of each action
     inputs = [message, system, max_new_tokens, temperature, top_p, stop, order]
-    follows = [trigger(chat.send, inputs, shown, js=SEND_JS, concurrency_id="chat-send", concurrency_limit=1,
-                       show_progress="hidden", trigger_mode="multiple").then(chat.follow, None, shown[:3], **quick)
-               for trigger in (message.submit, send.click)]
-    # Stop and Clear go past the queue, and end the page's stream of the answer: nothing it had sent before and
-    # a busy page draws late can show the cleared or stopped conversation again
+    for trigger in (message.submit, send.click):
+        trigger(chat.send, inputs, [message, changed], js=SEND_JS, concurrency_id="chat-send", concurrency_limit=1,
+                show_progress="hidden", trigger_mode="multiple")
     for button, handler in ((stop_button, chat.stop), (clear, chat.clear)):
-        button.click(None, None, None, cancels=follows)  # first: the page stops drawing the stream at once
-        button.click(handler, order, shown, js=NUMBERED_JS, queue=False, show_progress="hidden")
+        button.click(handler, order, changed, js=NUMBERED_JS, **quick)
     page.unload(chat.forget)
-    return [choice, compare]
+    return [(choice, partial(chat_picks, root, False)), (compare, partial(chat_picks, root, True))]
 
 
 def chat_picks(root: Path, optional: bool) -> list[tuple[str, str]]:
     return ([("(no comparison)", NONE)] if optional else []) + F.chat_choices(root)
-
-
-def keep_fresh(page: gr.Blocks, tab: gr.Tab, root: Path, pickers: list[gr.Dropdown]) -> None:
-    """The pick lists are read again when the page loads, the tab is opened and a list is opened."""
-    def fresh():
-        return [gr.update(choices=chat_picks(root, optional)) for optional in (False, True)]
-
-    page.load(fresh, None, pickers, show_progress="hidden")
-    tab.select(fresh, None, pickers, show_progress="hidden")
-    for picker in pickers:
-        picker.focus(fresh, None, pickers, show_progress="hidden")

@@ -77,7 +77,6 @@ class Conversation:
         self.cancel = threading.Event()  # ends the answer being written
         self.note = ""
         self.cleared = 0  # the order of the last Clear
-        self.viewer = 0  # the newest page stream following the conversation; older ones end
 
     def _touch(self) -> None:
         """Call with the lock held."""
@@ -133,9 +132,6 @@ class Conversation:
                         self.cancel.set()
             self.note = "stopped" + (f"; {skipped} waiting answer(s) not written" if skipped else "")
             self._touch()
-            # the answer being written ends at its next piece: wait for it, so the page sees it stopped
-            self.changed.wait_for(lambda: not self.cancel.is_set() or all(
-                answer.state != WRITING for answer in self._answers()), timeout=30)
 
     def _answers(self) -> Iterator[Answer]:
         for turn in self.turns:
@@ -201,17 +197,12 @@ class Conversation:
             self._touch()
 
     def follow(self, every_s: float = 0.5) -> Iterator[None]:
-        """Yield at each change while messages are answered, at most once every `every_s` seconds so that a
-        slow page is never sent more than it can draw; ends when nothing is written or waiting, or when a
-        newer stream follows the conversation instead."""
-        with self.lock:
-            self.viewer += 1
-            me, seen = self.viewer, -1
+        """Yield now and at each change while messages are answered, at most once every `every_s` seconds so
+        that a slow page is never sent more than it can draw; ends once nothing is written or waiting."""
+        seen = -1
         while True:
             with self.lock:
-                self.changed.wait_for(lambda shown=seen: self.version != shown or self.viewer != me, timeout=5)
-                if self.viewer != me:
-                    return
+                self.changed.wait_for(lambda shown=seen: self.version != shown, timeout=5)
                 seen, busy = self.version, self.worker is not None
             yield
             if not busy:

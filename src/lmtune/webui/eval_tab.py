@@ -4,6 +4,7 @@ another data set; the report is shown as `lmtune eval` prints it and as a table.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def evaluate(root: Path, run: str, model: str, dataset: str):
         yield f"done: `{command}`", C.report_markdown(report), json.dumps(report, indent=1)
 
 
-def build(root: Path) -> list[gr.Dropdown]:
-    """The tab's components and handlers; call inside `gr.Tab`. Returns the run list, read again when opened."""
+def build(root: Path) -> list[tuple[gr.Dropdown, Callable[[], list]]]:
+    """The tab's components and handlers; call inside `gr.Tab`. Returns the run list with what it offers (read
+    again by `app.keep_fresh`)."""
     gr.Markdown("Loss and perplexity (preference runs: their reward metrics) of a run's model or any checkpoint, "
                 "on the run's eval split or another data set, measured as in training: this runs `lmtune eval`.")
     with gr.Row():
@@ -56,14 +58,4 @@ def build(root: Path) -> list[gr.Dropdown]:
     run.change(follow_run, run, [model, dataset], show_progress="hidden")
     button.click(partial(evaluate, root), [run, model, dataset],
                  [status, table, report])
-    return [run]
-
-
-def keep_fresh(page: gr.Blocks, tab: gr.Tab, root: Path, pickers: list[gr.Dropdown]) -> None:
-    [run] = pickers
-
-    def fresh():
-        return gr.update(choices=F.run_choices(root))
-
-    for event in (page.load, tab.select, run.focus):
-        event(fresh, None, run, show_progress="hidden")
+    return [(run, partial(F.run_choices, root))]

@@ -3,6 +3,7 @@ folder (a LoRA adapter merged into its base model's weights), in a chosen dtype,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def export(root: Path, source: str, out: str, dtype: str, gguf: bool, max_shard_
             yield f"done: `{command}`", C.files_markdown(root, out)
 
 
-def build(root: Path) -> list[gr.Dropdown]:
-    """The tab's components and handlers; call inside `gr.Tab`. Returns the source list, read again when opened."""
+def build(root: Path) -> list[tuple[gr.Dropdown, Callable[[], list]]]:
+    """The tab's components and handlers; call inside `gr.Tab`. Returns the source list with what it offers (read
+    again by `app.keep_fresh`)."""
     gr.Markdown("A standalone Hugging Face model folder that transformers loads alone: a LoRA adapter is merged into "
                 "its base model's weights, a full model is copied; this runs `lmtune export`.")
     with gr.Row():
@@ -51,14 +53,4 @@ def build(root: Path) -> list[gr.Dropdown]:
     source.change(lambda chosen: C.export_folder_for(chosen), source, out, show_progress="hidden")
     button.click(partial(export, root), [source, out, dtype, gguf, max_shard_size],
                  [status, files])
-    return [source]
-
-
-def keep_fresh(page: gr.Blocks, tab: gr.Tab, root: Path, pickers: list[gr.Dropdown]) -> None:
-    [source] = pickers
-
-    def fresh():
-        return gr.update(choices=F.chat_choices(root))
-
-    for event in (page.load, tab.select, source.focus):
-        event(fresh, None, source, show_progress="hidden")
+    return [(source, partial(F.chat_choices, root))]
